@@ -1,0 +1,247 @@
+"""One typed configuration object for every stage.
+
+Why one object: a stage started on its own (``livectr join``) and the same stage started by
+``livectr run`` must agree on topic names, window, semantics and so on. Every field has a
+default here, can be overridden by an environment variable and then by a CLI flag:
+
+    default  <  LIVECTR_<SECTION>__<FIELD> env var  <  --flag
+
+e.g. ``LIVECTR_JOIN__WINDOW_S=300`` or ``LIVECTR_KAFKA__BOOTSTRAP_SERVERS=kafka:9092``.
+The resolved object is hashed (:func:`config_hash`) into every snapshot manifest so a model
+can be traced to the settings that trained it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+ENV_PREFIX = "LIVECTR_"
+
+
+@dataclass
+class KafkaConfig:
+    """Where the broker is and how topics are named and laid out."""
+
+    #: Empty means: start the embedded tansu broker (``livectr run``) and use it.
+    bootstrap_servers: str = ""
+    topic_prefix: str = "livectr."
+    #: Impressions and clicks must have the same count: the join relies on co-partitioning.
+    partitions: int = 4
+    replication_factor: int = 1
+    #: Smallest value a stock Kafka accepts; keeps consumer-group joins fast (≈3 s on tansu).
+    session_timeout_ms: int = 6000
+    #: Extra librdkafka properties, "key=value,key=value" (e.g. security settings).
+    extra: str = ""
+
+    def topic(self, name: str) -> str:
+        """Full topic name for a logical name such as ``impressions``."""
+        return f"{self.topic_prefix}{name}"
+
+    def client_properties(self) -> dict[str, str]:
+        """librdkafka properties common to every client."""
+        props = {"bootstrap.servers": self.bootstrap_servers}
+        for pair in filter(None, (p.strip() for p in self.extra.split(","))):
+            key, _, value = pair.partition("=")
+            props[key.strip()] = value.strip()
+        return props
+
+
+@dataclass
+class SimulatorConfig:
+    """Synthetic traffic (and replay speed) settings."""
+
+    events: int = 600_000
+    seed: int = 7
+    users: int = 5_000
+    items: int = 2_000
+    #: New items keep appearing: fraction of the catalogue that is born after the start.
+    new_item_fraction: float = 0.3
+    latent_dim: int = 8
+    #: Impressions per simulated second (sets how event time relates to event count).
+    impressions_per_s: float = 200.0
+    zipf_a: float = 1.1
+    base_ctr: float = 0.05
+    #: Replay speed: 0 = as fast as possible, 1.0 = real time, 60 = a minute per second.
+    speed: float = 0.0
+    progress: bool = True
+
+
+@dataclass
+class JoinConfig:
+    """The impression/click join."""
+
+    window_s: float = 600.0
+    #: ``wait`` or ``fake-negative`` (see README).
+    policy: str = "wait"
+    group_id: str = "livectr-join"
+    #: Commit (and checkpoint the pending state) at most this often.
+    commit_interval_s: float = 2.0
+    workers: int = 1
+
+
+@dataclass
+class LearnerConfig:
+    """The student model and its online training."""
+
+    batch_size: int = 512
+    lr: float = 0.003
+    embedding_dim: int = 16
+    hidden: str = "64,32"
+    cross_layers: int = 2
+    #: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+    device: str = "auto"
+    threads: int = 1
+    #: Publish a snapshot every N seconds or M examples, whichever comes first.
+    snapshot_every_s: float = 30.0
+    snapshot_every_examples: int = 200_000
+    keep_snapshots: int = 5
+    #: Buckets of the hashed context-feature table.
+    context_buckets: int = 1 << 18
+    #: Weight of the distillation loss beside the CTR loss.
+    distill_weight: float = 0.5
+
+
+@dataclass
+class SemanticConfig:
+    """The semantic cache, its teacher and the refresher."""
+
+    enabled: bool = True
+    teacher: str = "minilm"
+    #: Dimension of the reduced vectors that travel with each example.
+    reduced_dim: int = 32
+    refresh_batch: int = 64
+    #: Optional LLM enrichment: "", "openai" or "hf".
+    enrich: str = ""
+    enrich_url: str = ""
+    enrich_model: str = ""
+    user_decay: float = 0.8
+    #: Exact FAISS search below this many items, HNSW above.
+    faiss_exact_below: int = 50_000
+    neighbours: int = 10
+
+
+@dataclass
+class Config:
+    """Everything livectr needs to run any stage."""
+
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
+    join: JoinConfig = field(default_factory=JoinConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    semantic: SemanticConfig = field(default_factory=SemanticConfig)
+    data_dir: Path = Path("./livectr-data")
+
+    @property
+    def topics(self) -> "Topics":
+        """Resolved topic names."""
+        return Topics.from_kafka(self.kafka)
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Every topic livectr reads or writes."""
+
+    impressions: str
+    clicks: str
+    items: str
+    examples: str
+    dead_letters: str
+    semantic: str
+    semantic_misses: str
+
+    @classmethod
+    def from_kafka(cls, kafka: KafkaConfig) -> "Topics":
+        names = [f.name for f in dataclasses.fields(cls)]
+        return cls(**{n: kafka.topic(n.replace("_", "-")) for n in names})
+
+
+def _coerce(value: str, annotation: Any) -> Any:
+    """Turn an environment string into the field's declared type."""
+    target = annotation
+    if target is bool:
+        if value.lower() in {"1", "true", "yes", "on"}:
+            return True
+        if value.lower() in {"0", "false", "no", "off"}:
+            return False
+        raise ValueError(f"not a boolean: {value!r}")
+    if target in (int, float, str):
+        return target(value)
+    if target is Path:
+        return Path(value)
+    raise TypeError(f"unsupported config type {target!r}")
+
+
+def _section_types() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {name: t for name, t in hints.items() if dataclasses.is_dataclass(t)}
+
+
+def apply_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:
+    """Set ``section.field`` (or top-level ``field``) keys; values may be strings or typed."""
+    sections = _section_types()
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        section_name, _, field_name = dotted.rpartition(".")
+        target = getattr(cfg, section_name) if section_name else cfg
+        cls = sections[section_name] if section_name else Config
+        hints = typing.get_type_hints(cls)
+        if field_name not in hints:
+            raise KeyError(f"unknown config key {dotted!r}")
+        if isinstance(value, str) and hints[field_name] is not str:
+            value = _coerce(value, hints[field_name])
+        setattr(target, field_name, value)
+    return cfg
+
+
+def from_env(environ: Mapping[str, str] | None = None) -> Config:
+    """A config with defaults overridden by ``LIVECTR_<SECTION>__<FIELD>`` variables."""
+    environ = os.environ if environ is None else environ
+    overrides: dict[str, str] = {}
+    for key, value in environ.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        rest = key[len(ENV_PREFIX):].lower()
+        section, sep, name = rest.partition("__")
+        overrides[f"{section}.{name}" if sep else section] = value
+    return apply_overrides(Config(), overrides)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain-JSON view of the config (paths as strings)."""
+
+    def convert(obj: Any) -> Any:
+        if dataclasses.is_dataclass(obj):
+            return {f.name: convert(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        if isinstance(obj, Path):
+            return str(obj)
+        return obj
+
+    return convert(cfg)
+
+
+def from_dict(data: Mapping[str, Any]) -> Config:
+    """Inverse of :func:`to_dict` (used to hand a config to a child process)."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    cfg = apply_overrides(Config(), {k: v for k, v in flat.items() if not k.startswith("data_dir")})
+    if "data_dir" in data:
+        cfg.data_dir = Path(data["data_dir"])
+    return cfg
+
+
+def config_hash(cfg: Config, sections: tuple[str, ...] = ("learner", "semantic", "join")) -> str:
+    """Stable hash of the settings that shape a model (not of paths or broker addresses)."""
+    view = {name: to_dict(cfg)[name] for name in sections}
+    return hashlib.sha256(json.dumps(view, sort_keys=True).encode()).hexdigest()[:16]

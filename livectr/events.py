@@ -1,0 +1,177 @@
+"""The event types every stage shares, and their wire codecs.
+
+Why one module: the simulator, the join worker, the semantic refresher and the learner all
+exchange these records over Kafka. Defining them once (as ``msgspec`` structs, which validate
+while they decode at C speed) means a schema change is one edit and a malformed record is
+rejected identically everywhere.
+
+Wire formats:
+
+* Input events (impressions, clicks, items, end markers) are JSON objects tagged by a
+  ``"type"`` field, so producers in any language can write them by hand.
+* Joined examples travel as MessagePack (compact; they carry int8 semantic vectors as raw
+  bytes) between the join worker and the learner.
+"""
+
+from __future__ import annotations
+
+from typing import Final, Union
+
+import msgspec
+
+ContextValue = Union[str, int, float, bool]
+
+#: Largest accepted encoded event. Anything bigger is dead-lettered as "oversized" before
+#: decoding so one absurd record cannot blow up a stage's memory.
+MAX_EVENT_BYTES: Final[int] = 64 * 1024
+
+
+class Impression(msgspec.Struct, tag="impression", tag_field="type", frozen=True):
+    """An item shown to a user; the unit that gets a label."""
+
+    impression_id: str
+    ts: float
+    user_id: str
+    item_id: str
+    context: dict[str, ContextValue] = {}
+
+
+class Click(msgspec.Struct, tag="click", tag_field="type", frozen=True):
+    """A click on an impression; only the impression id and the event time are needed."""
+
+    impression_id: str
+    ts: float
+
+
+class Item(msgspec.Struct, tag="item", tag_field="type", frozen=True):
+    """An item's description, new or changed; the semantic teacher encodes ``text``."""
+
+    item_id: str
+    ts: float
+    text: str
+    attributes: dict[str, ContextValue] = {}
+
+
+class EndOfStream(msgspec.Struct, tag="end", tag_field="type", frozen=True):
+    """Marks the end of a bounded stream on one partition.
+
+    Watermarks of a real broker can lag the last batch (see README), so a bounded run never
+    decides it is finished from watermarks: every producer writes one marker per partition
+    with the number of data records it wrote there, and consumers count.
+
+    ``partition`` is the partition the marker describes; ``count`` how many records precede
+    it there (from this producer); ``producer`` identifies the writer so that several
+    producers on one topic are counted separately.
+    """
+
+    producer: str
+    partition: int
+    count: int
+    ts: float = 0.0
+
+
+InputEvent = Union[Impression, Click, Item, EndOfStream]
+
+
+class Example(msgspec.Struct, tag="ex", array_like=True, frozen=True):
+    """A labelled training example produced by the join worker.
+
+    ``kind`` says how the label was decided (see :data:`KIND_FINAL` and friends);
+    ``decided_at`` is the wall-clock time (unix seconds) at which the producer published the
+    event that decided the label: the click, or the event whose event time closed the
+    attribution window. The learner measures freshness against it.
+
+    ``item_sem``/``user_sem`` are the teacher's reduced vectors (int8, raw bytes) when the
+    semantic cache had them; ``sem_flags`` records misses (see ``SEM_*``) so the learner can
+    tell a fallback from a real vector.
+    """
+
+    impression_id: str
+    ts: float
+    user_id: str
+    item_id: str
+    context: dict[str, ContextValue]
+    label: int
+    kind: int
+    decided_at: float
+    click_delay: float = -1.0
+    item_sem: bytes | None = None
+    user_sem: bytes | None = None
+    sem_flags: int = 0
+    sem_version: str = ""
+
+
+class ExampleEnd(msgspec.Struct, tag="end", array_like=True, frozen=True):
+    """End marker on the examples topic: input partition ``source_partition`` is fully joined.
+
+    A join worker writes one to every examples partition after it has delivered every example
+    of that input partition, so a learner that has seen markers for all input partitions on all
+    examples partitions has consumed everything.
+    """
+
+    source_partition: int
+    source_partitions: int
+    examples: int
+    worker: str
+    ts: float = 0.0
+
+
+#: ``Example.kind``: label decided once (click within the window, or window closed) — policy ``wait``.
+KIND_FINAL: Final[int] = 0
+#: ``Example.kind``: the at-once negative of policy ``fake-negative``.
+KIND_FAKE_NEGATIVE: Final[int] = 1
+#: ``Example.kind``: the positive copy sent on click under policy ``fake-negative``.
+KIND_POSITIVE_COPY: Final[int] = 2
+
+#: ``Example.sem_flags`` bits.
+SEM_ITEM_MISS: Final[int] = 1
+SEM_USER_MISS: Final[int] = 2
+
+
+class DecodeError(ValueError):
+    """An event could not be accepted; ``reason`` is what goes to the dead-letter topic."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+_input_decoder = msgspec.json.Decoder(InputEvent)
+_json_encoder = msgspec.json.Encoder()
+_example_decoder = msgspec.msgpack.Decoder(Union[Example, ExampleEnd])
+_msgpack_encoder = msgspec.msgpack.Encoder()
+
+
+def decode_event(raw: bytes | None) -> InputEvent:
+    """Decode and validate one input event, raising :class:`DecodeError` with a reason."""
+    if raw is None:
+        raise DecodeError("empty message (null value)")
+    if len(raw) > MAX_EVENT_BYTES:
+        raise DecodeError(f"oversized event: {len(raw)} bytes > {MAX_EVENT_BYTES}")
+    try:
+        event = _input_decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        raise DecodeError(f"invalid event: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise DecodeError(f"malformed JSON: {exc}") from None
+    if type(event) is not EndOfStream and not (event.ts == event.ts and abs(event.ts) < 1e11):
+        raise DecodeError(f"invalid event: ts {event.ts!r} is not a unix time in seconds")
+    return event
+
+
+def encode_event(event: InputEvent) -> bytes:
+    """Encode an input event as tagged JSON."""
+    return _json_encoder.encode(event)
+
+
+def encode_example(example: Example | ExampleEnd) -> bytes:
+    """Encode a joined example (or end marker) as MessagePack."""
+    return _msgpack_encoder.encode(example)
+
+
+def decode_example(raw: bytes) -> Example | ExampleEnd:
+    """Decode a joined example or end marker; raises :class:`DecodeError`."""
+    try:
+        return _example_decoder.decode(raw)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise DecodeError(f"invalid example: {exc}") from None
