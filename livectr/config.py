@@ -71,6 +71,18 @@ class SimulatorConfig:
     #: Replay speed: 0 = as fast as possible, 1.0 = real time, 60 = a minute per second.
     speed: float = 0.0
     progress: bool = True
+    #: Fraction of clicked impressions that are clicked a second time (the join must dedupe).
+    duplicate_click_rate: float = 0.005
+    #: Malformed raw records per valid impression/click record (0 = none); they must be dead-lettered.
+    malformed_rate: float = 0.0
+    #: Click delays are log-normal: median and sigma of the underlying normal (≈2 % beyond 10 min).
+    click_delay_median_s: float = 20.0
+    click_delay_sigma: float = 1.6
+    #: New items get this much extra popularity (× the mean item's weight), decaying over ``new_item_boost_s``.
+    new_item_boost: float = 2.0
+    new_item_boost_s: float = 900.0
+    #: User tastes drift (Ornstein-Uhlenbeck) with this time constant in event-time seconds.
+    user_drift_tau_s: float = 21_600.0
 
 
 @dataclass
@@ -84,6 +96,15 @@ class JoinConfig:
     #: Commit (and checkpoint the pending state) at most this often.
     commit_interval_s: float = 2.0
     workers: int = 1
+    #: Unbounded runs: a source at the end of its partition this long (wall seconds) stops
+    #: holding the watermark back (like Flink's ``withIdleness``); 0 disables.
+    idle_timeout_s: float = 60.0
+    #: Recently closed impression ids remembered (two generations of this size) so a late
+    #: click is reported as late rather than as an orphan.
+    closed_memory: int = 100_000
+    #: One ExampleBatch record per consume batch and input partition (True) or one record per
+    #: example (False; measured slower, see ``python -m streams.bench``).
+    batch_examples: bool = True
 
 
 @dataclass
@@ -106,6 +127,24 @@ class LearnerConfig:
     context_buckets: int = 1 << 18
     #: Weight of the distillation loss beside the CTR loss.
     distill_weight: float = 0.5
+    #: Learning rate of the sparse embedding tables (SparseAdam). Higher than ``lr``: each row
+    #: sees only the examples of its id, so it needs bigger steps to learn within a stream.
+    embedding_lr: float = 0.02
+    #: Context fields that get their own embedding slot (first seen, first served; extra fields are
+    #: counted and ignored so an unbounded set of field names cannot grow the model).
+    context_fields: int = 4
+    #: Price of using the semantic branch on one example, in loss units (DynMM resource cost).
+    gate_cost: float = 0.02
+    #: Hidden width of the semantic branch.
+    sem_hidden: int = 32
+    #: A neighbour counts as "trained" for cold-start initialisation after this many impressions.
+    cold_start_min_count: int = 5
+    #: cold_start_auc covers each item's first N impressions seen by the learner.
+    cold_start_impressions: int = 20
+    #: Train a partial mini-batch when the oldest buffered example has waited this long.
+    partial_batch_ms: float = 100.0
+    #: The scorer checks the ``latest`` snapshot pointer at most this often.
+    scorer_reload_ms: int = 500
 
 
 @dataclass
@@ -125,6 +164,20 @@ class SemanticConfig:
     #: Exact FAISS search below this many items, HNSW above.
     faiss_exact_below: int = 50_000
     neighbours: int = 10
+    #: Teacher device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+    teacher_device: str = "auto"
+    #: CPU threads for the teacher (the refresher shares the machine with the join and learner).
+    teacher_threads: int = 1
+    #: Fit the PCA reducer once this many item vectors exist (or on idle with all there are).
+    reducer_fit_min: int = 512
+    reducer_fit_idle_s: float = 3.0
+    #: Enrichment: per-request timeout and bound on generated tokens.
+    enrich_timeout_s: float = 20.0
+    enrich_max_tokens: int = 64
+    #: Client: how long its constructor waits to catch up with the semantic topic.
+    client_catchup_s: float = 5.0
+    #: Client: a missed id is reported at most once per this many seconds.
+    miss_retry_s: float = 5.0
 
 
 @dataclass

@@ -1,0 +1,346 @@
+"""The ``livectr`` command line: one command per stage, plus ``run`` that wires them all.
+
+Every stage command (``produce``, ``join``, ``refresh``, ``learn``, ``serve``) is what
+``livectr run`` starts as a child process, so a user can scale out by starting the same
+commands on several machines against one Kafka cluster. Flags override environment
+variables (``LIVECTR_<SECTION>__<FIELD>``), which override defaults (see ``livectr.config``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from livectr import config as config_mod
+from livectr.config import Config
+from livectr.status import StatusFile, write_json_atomic
+
+log = logging.getLogger("livectr")
+
+#: flag → (config key, type, help). Only flags the user actually gives override the config.
+CONFIG_FLAGS: dict[str, tuple[str, type, str]] = {
+    "--bootstrap-servers": ("kafka.bootstrap_servers", str, "Kafka bootstrap servers HOST:PORT (default: start the embedded broker)"),
+    "--topic-prefix": ("kafka.topic_prefix", str, "prefix of every topic name (default livectr.)"),
+    "--partitions": ("kafka.partitions", int, "partitions of the topics livectr creates"),
+    "--data-dir": ("data_dir", Path, "snapshots and state (default ./livectr-data)"),
+    "--events": ("simulator.events", int, "synthetic events to publish (impressions + clicks)"),
+    "--seed": ("simulator.seed", int, "seed of the synthetic world"),
+    "--users": ("simulator.users", int, "synthetic users"),
+    "--items-count": ("simulator.items", int, "synthetic items"),
+    "--speed": ("simulator.speed", float, "replay speed: 0 = as fast as possible, 1 = real time, 60 = a minute per second"),
+    "--window-s": ("join.window_s", float, "attribution window in event-time seconds (default 600)"),
+    "--policy": ("join.policy", str, "labelling policy: wait | fake-negative"),
+    "--group-id": ("join.group_id", str, "consumer group of the join workers"),
+    "--batch-size": ("learner.batch_size", int, "learner mini-batch size"),
+    "--lr": ("learner.lr", float, "learning rate"),
+    "--device": ("learner.device", str, "auto | cpu | cuda"),
+    "--threads": ("learner.threads", int, "torch threads of the learner"),
+    "--snapshot-every-s": ("learner.snapshot_every_s", float, "publish a snapshot every N seconds"),
+    "--snapshot-every-examples": ("learner.snapshot_every_examples", int, "… or every M examples"),
+    "--enrich": ("semantic.enrich", str, "LLM enrichment back-end: '' | openai | hf"),
+    "--enrich-url": ("semantic.enrich_url", str, "OpenAI-compatible endpoint base URL"),
+    "--enrich-model": ("semantic.enrich_model", str, "model name (openai) or local path (hf)"),
+}
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
+    for flag in names:
+        key, typ, help_text = CONFIG_FLAGS[flag]
+        parser.add_argument(flag, dest=f"cfg:{key}", type=typ, default=None, help=help_text)
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    _add_config_flags(parser, ["--bootstrap-servers", "--topic-prefix", "--partitions", "--data-dir"])
+    parser.add_argument("--semantics", choices=["on", "off"], default=None, help="semantic cache and distillation (default on)")
+    parser.add_argument("--config-json", type=Path, default=None, help="start from a config written by `livectr run`")
+    parser.add_argument("--status-file", type=Path, default=None, help="write live counters here (JSON)")
+    parser.add_argument("--summary-json", type=Path, default=None, help="write the final summary here (JSON)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+
+
+def build_config(args: argparse.Namespace) -> Config:
+    """Defaults < env < --config-json < flags."""
+    if args.config_json is not None:
+        cfg = config_mod.from_dict(json.loads(args.config_json.read_text()))
+    else:
+        cfg = config_mod.from_env()
+    overrides = {k.split(":", 1)[1]: v for k, v in vars(args).items() if k.startswith("cfg:") and v is not None}
+    config_mod.apply_overrides(cfg, overrides)
+    if getattr(args, "semantics", None) is not None:
+        cfg.semantic.enabled = args.semantics == "on"
+    if cfg.join.policy not in {"wait", "fake-negative"}:
+        raise SystemExit(f"--policy must be wait or fake-negative, not {cfg.join.policy!r}")
+    return cfg
+
+
+def _require_broker(cfg: Config) -> None:
+    if not cfg.kafka.bootstrap_servers:
+        raise SystemExit("this command needs --bootstrap-servers (or LIVECTR_KAFKA__BOOTSTRAP_SERVERS); "
+                         "`livectr run` and `livectr broker` start an embedded one")
+
+
+def _stop_on_signals() -> threading.Event:
+    """A stop event set by SIGINT/SIGTERM so stages finish their current step and exit cleanly."""
+    stop = threading.Event()
+
+    def handler(signum: int, frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    return stop
+
+
+def _run_stage(args: argparse.Namespace, body: Callable[[Config, StatusFile, threading.Event], dict[str, Any]]) -> int:
+    """Common wrapper of a stage command: config, signals, status file, summary output."""
+    cfg = build_config(args)
+    _require_broker(cfg)
+    stop = _stop_on_signals()
+    status = StatusFile(args.status_file)
+    summary = body(cfg, status, stop)
+    status.close()
+    if args.summary_json is not None:
+        write_json_atomic(args.summary_json, summary)
+    print(json.dumps(summary, indent=2, default=float))
+    return 0
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    from livectr import bus
+    from simulators.publish import publish
+    from simulators.sources import open_source
+
+    def body(cfg: Config, status: StatusFile, stop: threading.Event) -> dict[str, Any]:
+        bus.ensure_topics(cfg)
+        source = open_source(cfg, log=args.log, items=args.items)
+        log.info("publishing %s", source.description)
+        return publish(cfg, source.events, producer_id=args.producer_id, speed=cfg.simulator.speed,
+                       progress=cfg.simulator.progress and not args.no_progress, on_status=status, stop=stop)
+
+    return _run_stage(args, body)
+
+
+def cmd_join(args: argparse.Namespace) -> int:
+    from livectr import bus
+    from streams.worker import run_join_worker
+
+    def body(cfg: Config, status: StatusFile, stop: threading.Event) -> dict[str, Any]:
+        bus.ensure_topics(cfg)
+        semantics = None
+        if cfg.semantic.enabled:
+            from semantic_cache.client import SemanticCacheClient
+
+            semantics = SemanticCacheClient(cfg)
+        try:
+            summary = run_join_worker(cfg, worker_id=args.worker_id, semantics=semantics, on_status=status,
+                                      stop=stop, bounded=not args.forever)
+        finally:
+            if semantics is not None:
+                semantics.close()
+        if semantics is not None:
+            summary.update({f"semantic_{k}": v for k, v in semantics.stats().items()})
+        return summary
+
+    return _run_stage(args, body)
+
+
+def cmd_refresh(args: argparse.Namespace) -> int:
+    from livectr import bus
+    from semantic_cache.refresher import run_refresher
+
+    def body(cfg: Config, status: StatusFile, stop: threading.Event) -> dict[str, Any]:
+        bus.ensure_topics(cfg)
+        return run_refresher(cfg, on_status=status, stop=stop)
+
+    return _run_stage(args, body)
+
+
+def cmd_learn(args: argparse.Namespace) -> int:
+    from livectr import bus
+    from learner.loop import run_learner
+
+    def body(cfg: Config, status: StatusFile, stop: threading.Event) -> dict[str, Any]:
+        bus.ensure_topics(cfg)
+        return run_learner(cfg, on_status=status, stop=stop, bounded=not args.forever)
+
+    return _run_stage(args, body)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from livectr.pipeline import run_pipeline
+
+    cfg = build_config(args)
+    summary = run_pipeline(cfg, log_path=args.log, items_path=args.items, forever=args.forever,
+                           join_workers=args.join_workers, quiet=args.quiet)
+    if args.summary_json is not None:
+        write_json_atomic(args.summary_json, summary)
+    return 0 if summary.get("ok", False) else 1
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from livectr.broker import EmbeddedBroker
+
+    stop = _stop_on_signals()
+    with EmbeddedBroker(port=args.port) as broker:
+        print(f"embedded Kafka broker (tansu, in memory) on {broker.bootstrap_servers}; Ctrl-C stops it", flush=True)
+        while not stop.wait(0.5):
+            pass
+    return 0
+
+
+def cmd_topics(args: argparse.Namespace) -> int:
+    from livectr import bus
+
+    cfg = build_config(args)
+    _require_broker(cfg)
+    topics = bus.ensure_topics(cfg)
+    print(json.dumps(topics.__dict__, indent=2))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from learner.scorer import serve
+
+    cfg = build_config(args)
+    serve(cfg, args.host, args.port)
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    """Score impressions (JSON lines on stdin) with the latest snapshot; one probability per line."""
+    from learner.scorer import Scorer
+    from livectr.events import DecodeError, Impression, decode_event
+
+    cfg = build_config(args)
+    scorer = Scorer(cfg.data_dir)
+    for line in sys.stdin.buffer:
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            event = decode_event(line)
+            if not isinstance(event, Impression):
+                raise DecodeError(f"expected an impression, got {type(event).__name__.lower()}")
+        except DecodeError as exc:
+            print(json.dumps({"error": exc.reason}), flush=True)
+            continue
+        score = float(scorer.score([event])[0])
+        print(json.dumps({"impression_id": event.impression_id, "score": score, "version": scorer.version}), flush=True)
+    return 0
+
+
+def cmd_similar(args: argparse.Namespace) -> int:
+    from semantic_cache.similar import similar
+
+    cfg = build_config(args)
+    neighbours = similar(cfg, args.item_id, k=args.k)
+    if not neighbours:
+        print(f"no vector stored for item {args.item_id!r} under {cfg.data_dir / 'semantic'}", file=sys.stderr)
+        return 1
+    for item_id, score, text in neighbours:
+        print(f"{score:6.3f}  {item_id:>10}  {text}")
+    return 0
+
+
+def cmd_convert_ml100k(args: argparse.Namespace) -> int:
+    from simulators.ml100k import convert_ml100k
+
+    events, items = convert_ml100k(args.src, args.out)
+    print(f"events: {events}\nitems:  {items}\nrun:    livectr run --log {events} --items {items}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="livectr", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="the whole pipeline: broker (embedded by default) → simulator/replay → join → learner")
+    _add_common(run)
+    _add_config_flags(run, [f for f in CONFIG_FLAGS if f not in {"--bootstrap-servers", "--topic-prefix", "--partitions", "--data-dir"}])
+    run.add_argument("--log", type=Path, default=None, help="replay this recorded events log instead of synthetic traffic")
+    run.add_argument("--items", type=Path, default=None, help="items file of the recorded log")
+    run.add_argument("--forever", action="store_true", help="run until stopped instead of a bounded demo")
+    run.add_argument("--join-workers", type=int, default=None, help="join worker processes (one consumer group)")
+    run.add_argument("--quiet", action="store_true", help="no live progress line")
+    run.set_defaults(func=cmd_run)
+
+    produce = sub.add_parser("produce", help="publish synthetic traffic or replay a recorded log")
+    _add_common(produce)
+    _add_config_flags(produce, ["--events", "--seed", "--users", "--items-count", "--speed"])
+    produce.add_argument("--log", type=Path, default=None)
+    produce.add_argument("--items", type=Path, default=None)
+    produce.add_argument("--producer-id", default="producer-0")
+    produce.add_argument("--no-progress", action="store_true")
+    produce.set_defaults(func=cmd_produce)
+
+    join = sub.add_parser("join", help="join worker: impressions × clicks → training examples (scale out: same --group-id)")
+    _add_common(join)
+    _add_config_flags(join, ["--window-s", "--policy", "--group-id"])
+    join.add_argument("--worker-id", default=f"join-{socket.gethostname()}-{os.getpid()}")
+    join.add_argument("--forever", action="store_true", help="keep running after end-of-stream markers")
+    join.set_defaults(func=cmd_join)
+
+    refresh = sub.add_parser("refresh", help="semantic refresher: encode item texts with the teacher, publish vectors")
+    _add_common(refresh)
+    _add_config_flags(refresh, ["--enrich", "--enrich-url", "--enrich-model"])
+    refresh.set_defaults(func=cmd_refresh)
+
+    learn = sub.add_parser("learn", help="learner: train the student online and publish snapshots")
+    _add_common(learn)
+    _add_config_flags(learn, ["--batch-size", "--lr", "--device", "--threads", "--snapshot-every-s", "--snapshot-every-examples"])
+    learn.add_argument("--forever", action="store_true", help="keep running after end-of-stream markers")
+    learn.set_defaults(func=cmd_learn)
+
+    serve = sub.add_parser("serve", help="HTTP scorer that hot-reloads the latest snapshot (POST /score)")
+    _add_common(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.set_defaults(func=cmd_serve)
+
+    score = sub.add_parser("score", help="score impressions given as JSON lines on stdin")
+    _add_common(score)
+    score.set_defaults(func=cmd_score)
+
+    similar = sub.add_parser("similar", help="an item's nearest semantic neighbours, with their texts")
+    _add_common(similar)
+    similar.add_argument("item_id")
+    similar.add_argument("-k", type=int, default=10)
+    similar.set_defaults(func=cmd_similar)
+
+    broker = sub.add_parser("broker", help="run the embedded Kafka-compatible broker (tansu) in the foreground")
+    broker.add_argument("--port", type=int, default=9092)
+    broker.set_defaults(func=cmd_broker)
+
+    topics = sub.add_parser("topics", help="create livectr's topics on a cluster")
+    _add_common(topics)
+    topics.set_defaults(func=cmd_topics)
+
+    conv = sub.add_parser("convert-ml100k", help="convert MovieLens 100K into a replayable log")
+    conv.add_argument("--src", type=Path, default=Path("../shared/data/ml-100k"))
+    conv.add_argument("--out", type=Path, default=Path("./livectr-data/ml-100k"))
+    conv.set_defaults(func=cmd_convert_ml100k)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``livectr`` script."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""``livectr run``: the whole pipeline on one machine, each stage in its own process.
+
+Why processes and not threads: the stages are Python and CPU-bound; on the 2-core reference
+machine the producer, the join worker and the learner only overlap if the GIL does not
+serialise them. Each child is the very command a user would start by hand (``livectr
+produce``, ``join``, ``refresh``, ``learn``), given the resolved config as a JSON file, so
+what the demo exercises is what a multi-machine deployment runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from livectr import bus
+from livectr import config as config_mod
+from livectr.broker import EmbeddedBroker
+from livectr.config import Config
+from livectr.status import read_json
+
+log = logging.getLogger(__name__)
+
+#: Keys every run summary carries (the issue's contract), in display order.
+SUMMARY_KEYS = (
+    "events_published", "impressions", "clicks", "examples_trained", "positives",
+    "progressive_auc", "progressive_logloss", "cold_start_auc", "events_per_second",
+    "freshness_p50_s", "freshness_p99_s", "snapshots_published", "dead_letters",
+)
+
+
+@dataclass
+class Stage:
+    """One child process and the files through which it reports."""
+
+    name: str
+    args: list[str]
+    run_dir: Path
+    proc: subprocess.Popen[bytes] | None = None
+    ended_at: float | None = None
+    log_file: Any = field(default=None, repr=False)
+
+    @property
+    def status_path(self) -> Path:
+        return self.run_dir / f"{self.name}.status.json"
+
+    @property
+    def summary_path(self) -> Path:
+        return self.run_dir / f"{self.name}.summary.json"
+
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir / f"{self.name}.log"
+
+    def start(self, config_path: Path) -> None:
+        self.log_file = open(self.log_path, "wb")
+        cmd = [sys.executable, "-m", "livectr", *self.args, "--config-json", str(config_path),
+               "--status-file", str(self.status_path), "--summary-json", str(self.summary_path)]
+        self.proc = subprocess.Popen(cmd, stdout=self.log_file, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def poll(self) -> int | None:
+        code = self.proc.poll() if self.proc is not None else None
+        if code is not None and self.ended_at is None:
+            self.ended_at = time.time()
+        return code
+
+    def terminate(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout_s: float) -> None:
+        if self.proc is None:
+            return
+        try:
+            self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.poll()
+        if self.log_file is not None:
+            self.log_file.close()
+
+    def status(self) -> dict[str, Any]:
+        return read_json(self.status_path)
+
+    def summary(self) -> dict[str, Any]:
+        return read_json(self.summary_path)
+
+    def log_tail(self, lines: int = 25) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def reset_stream_state(data_dir: Path) -> None:
+    """Forget positions in a previous stream (join checkpoints, snapshots).
+
+    The embedded broker keeps its log in memory, so every ``livectr run`` without
+    ``--bootstrap-servers`` is a new stream whose offsets mean nothing to old checkpoints.
+    The semantic store is kept: teacher vectors stay valid across streams.
+    """
+    for name in ("join-state", "snapshots", "run"):
+        path = data_dir / name
+        if path.exists():
+            shutil.rmtree(path)
+
+
+class Progress:
+    """One live progress line (redrawn in place on a terminal, a line every few seconds otherwise)."""
+
+    def __init__(self, out: TextIO, quiet: bool) -> None:
+        self.out = out
+        self.quiet = quiet
+        self.tty = out.isatty()
+        self._last_line = 0.0
+        self.started = time.time()
+
+    def show(self, stages: dict[str, Stage]) -> None:
+        if self.quiet:
+            return
+        now = time.time()
+        if not self.tty and now - self._last_line < 5.0:
+            return
+        self._last_line = now
+        prod = stages["produce"].status() if "produce" in stages else {}
+        joins = [s.status() for n, s in stages.items() if n.startswith("join")]
+        learn = stages["learn"].status() if "learn" in stages else {}
+        refresh = stages["refresh"].status() if "refresh" in stages else {}
+        parts = [f"[{now - self.started:6.1f}s]",
+                 f"published {prod.get('events_published', 0):,} ({prod.get('events_per_second', 0) / 1000:.1f}k/s)",
+                 f"joined {sum(j.get('examples_out', 0) for j in joins):,}",
+                 f"trained {learn.get('examples_trained', 0):,} ({learn.get('examples_per_second', 0) / 1000:.1f}k/s)",
+                 f"AUC {learn.get('progressive_auc', float('nan')):.4f}",
+                 f"logloss {learn.get('progressive_logloss', float('nan')):.4f}"]
+        if refresh:
+            parts.append(f"teacher {refresh.get('texts_encoded', 0):,} texts")
+        dead = prod.get("dead_letters", 0) + sum(j.get("dead_letters", 0) for j in joins) + learn.get("dead_letters", 0)
+        parts.append(f"dead letters {dead}")
+        line = " | ".join(parts)
+        if self.tty:
+            self.out.write("\r\033[K" + line)
+        else:
+            self.out.write(line + "\n")
+        self.out.flush()
+
+    def done(self) -> None:
+        if self.tty and not self.quiet:
+            self.out.write("\n")
+            self.out.flush()
+
+
+def _plan(cfg: Config, log_path: Path | None, items_path: Path | None, forever: bool, join_workers: int) -> dict[str, list[str]]:
+    """The stage commands, in start order (consumers first, so nothing waits on a producer)."""
+    tail = ["--forever"] if forever else []
+    plan: dict[str, list[str]] = {}
+    if cfg.semantic.enabled:
+        plan["refresh"] = ["refresh"]
+    for i in range(join_workers):
+        plan[f"join-{i}"] = ["join", "--worker-id", f"join-{i}", *tail]
+    plan["learn"] = ["learn", *tail]
+    produce = ["produce", "--no-progress"]
+    if log_path is not None:
+        produce += ["--log", str(log_path)]
+        if items_path is not None:
+            produce += ["--items", str(items_path)]
+    plan["produce"] = produce
+    return plan
+
+
+def merge_summaries(stages: dict[str, Stage], cfg: Config, started: float) -> dict[str, Any]:
+    """The run summary: the issue's keys first, then per-stage details."""
+    prod = stages["produce"].summary()
+    learn = stages["learn"].summary()
+    joins = {n: s.summary() for n, s in stages.items() if n.startswith("join")}
+    refresh = stages["refresh"].summary() if "refresh" in stages else {}
+    first = prod.get("first_publish_wall") or started
+    end = stages["learn"].ended_at or time.time()
+    dead = prod.get("dead_letters", 0) + sum(j.get("dead_letters", 0) for j in joins.values()) + learn.get("dead_letters", 0) \
+        + refresh.get("dead_letters", 0)
+    summary: dict[str, Any] = {
+        "events_published": prod.get("events_published", 0),
+        "impressions": prod.get("impressions", 0),
+        "clicks": prod.get("clicks", 0),
+        "examples_trained": learn.get("examples_trained", 0),
+        "positives": learn.get("positives", 0),
+        "progressive_auc": learn.get("progressive_auc"),
+        "progressive_logloss": learn.get("progressive_logloss"),
+        "cold_start_auc": learn.get("cold_start_auc"),
+        "events_per_second": prod.get("events_published", 0) / max(end - first, 1e-9),
+        "freshness_p50_s": learn.get("freshness_p50_s"),
+        "freshness_p99_s": learn.get("freshness_p99_s"),
+        "snapshots_published": learn.get("snapshots_published", 0),
+        "dead_letters": dead,
+        "policy": cfg.join.policy,
+        "semantics": cfg.semantic.enabled,
+        "elapsed_s": time.time() - started,
+        "stages": {"produce": prod, **joins, "learn": learn, **({"refresh": refresh} if refresh else {})},
+    }
+    for key in ("semantic_miss_rate", "semantic_staleness_p50_s", "semantic_staleness_p99_s"):
+        values = [j[key] for j in joins.values() if key in j]
+        if values:
+            summary[key] = sum(values) / len(values)
+    for key in ("gate_usage", "distill_loss", "items_cold_started"):
+        if key in learn:
+            summary[key] = learn[key]
+    return summary
+
+
+def print_summary(summary: dict[str, Any], out: TextIO) -> None:
+    """Human-readable summary table."""
+    out.write("\nlivectr run summary\n")
+    keys = [*SUMMARY_KEYS, "semantic_miss_rate", "gate_usage", "elapsed_s"]
+    for key in keys:
+        if key not in summary or summary[key] is None:
+            continue
+        value = summary[key]
+        text = f"{value:,.4f}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else str(value)
+        out.write(f"  {key:<22} {text}\n")
+    out.flush()
+
+
+def run_pipeline(cfg: Config, *, log_path: Path | None = None, items_path: Path | None = None, forever: bool = False,
+                 join_workers: int | None = None, quiet: bool = False) -> dict[str, Any]:
+    """Start the broker if needed, every stage as a child process, show progress, return the summary."""
+    started = time.time()
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    broker: EmbeddedBroker | None = None
+    if not cfg.kafka.bootstrap_servers:
+        reset_stream_state(cfg.data_dir)
+        broker = EmbeddedBroker(log_path=cfg.data_dir / "broker.log").start()
+        cfg.kafka.bootstrap_servers = broker.bootstrap_servers
+        log.info("embedded broker (tansu) on %s", broker.bootstrap_servers)
+    stages: dict[str, Stage] = {}
+    progress = Progress(sys.stderr, quiet)
+    interrupted = False
+    try:
+        bus.ensure_topics(cfg)
+        run_dir = cfg.data_dir / "run"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_path = run_dir / "config.json"
+        config_path.write_text(json.dumps(config_mod.to_dict(cfg), indent=2))
+        for name, args in _plan(cfg, log_path, items_path, forever, join_workers or cfg.join.workers).items():
+            stage = Stage(name, args, run_dir)
+            stage.start(config_path)
+            stages[name] = stage
+        bounded = [s for n, s in stages.items() if n != "refresh"]
+        failed = None
+        try:
+            while True:
+                progress.show(stages)
+                codes = {s.name: s.poll() for s in stages.values()}
+                failed = next((n for n, c in codes.items() if c not in (None, 0)), None)
+                if failed or all(s.poll() is not None for s in bounded):
+                    break
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            interrupted = True
+        progress.done()
+        for stage in stages.values():
+            stage.terminate()
+        for stage in stages.values():
+            stage.wait(timeout_s=60)
+        summary = merge_summaries(stages, cfg, started)
+        summary["ok"] = failed is None
+        summary["interrupted"] = interrupted
+        if failed:
+            summary["failed_stage"] = failed
+            sys.stderr.write(f"\nstage {failed} failed (exit {stages[failed].proc.returncode}); its log:\n"
+                             f"{stages[failed].log_tail()}\n")
+        print_summary(summary, sys.stdout)
+        return summary
+    finally:
+        for stage in stages.values():
+            stage.terminate()
+            stage.wait(timeout_s=10)
+        if broker is not None:
+            broker.stop()

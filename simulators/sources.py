@@ -1,0 +1,41 @@
+"""The one entry point the CLI uses to get events: synthetic traffic or a recorded log."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from livectr.config import Config
+from simulators.records import SourceRecord
+from simulators.replay import load_replay
+from simulators.synthetic import GroundTruth, SyntheticTraffic
+
+
+@dataclass
+class Source:
+    """An event stream in event-time order (bad records included) and what is known about it.
+
+    ``truth`` is the synthetic ground truth (complete once ``events`` is exhausted), None for
+    recorded logs.
+    """
+
+    events: Iterator[SourceRecord]
+    truth: GroundTruth | None
+    description: str
+
+
+def open_source(cfg: Config, log: Path | None = None, items: Path | None = None) -> Source:
+    """Synthetic traffic from ``cfg.simulator``, or the replay of ``log`` (with its ``items`` file)."""
+    if log is None:
+        if items is not None:
+            raise ValueError("an items file only makes sense with a log to replay (--log)")
+        sim = cfg.simulator
+        traffic = SyntheticTraffic(sim)
+        desc = (f"synthetic traffic: {sim.events:,} impressions+clicks, {sim.users:,} users, "
+                f"{sim.items:,} items ({sim.new_item_fraction:.0%} born during the run), seed {sim.seed}")
+        return Source(events=iter(traffic), truth=traffic.truth, description=desc)
+    records, counts = load_replay(Path(log), Path(items) if items is not None else None)
+    desc = (f"replay of {log}: {counts['impressions']:,} impressions, {counts['clicks']:,} clicks, "
+            f"{counts['items']:,} items, {counts['bad_records']:,} bad records")
+    return Source(events=iter(records), truth=None, description=desc)
