@@ -1,0 +1,325 @@
+"""The join worker's view of the semantic cache: a dict filled from the semantic topic.
+
+Why this shape: the join must never wait on the teacher. ``item()`` and ``user()`` are one
+dict lookup (≈100 ns); everything slow happens on a background thread that
+
+* consumes the semantic topic from the beginning (``assign``, no group: every join worker
+  needs *all* vectors, not a share of them) into the dict, and
+* sends the ids the join missed — deduplicated, batched, at most once per
+  ``miss_retry_s`` per id — to the semantic-misses topic, where the refresher picks them up
+  and encodes them first.
+
+User vectors are computed here, not by the teacher: the decayed mean (``user_decay`` per
+click) of the reduced vectors of the items the user clicked, folded in by
+``observe_click``. It needs no extra topic and follows the user's clicks immediately.
+
+Staleness, defined (all in seconds, reported as p50/p99 by :meth:`SemanticCacheClient.stats`):
+
+* ``staleness``: from the *request* of a vector — the publication of the Item record that
+  introduced or changed its text, or the miss report that asked for it again — to the vector
+  being available to this client: its arrival here, or, for records that were already on the
+  topic when this client started, the time the refresher published them. It covers queueing,
+  enrichment, encoding, the wait for the PCA fit and Kafka transport.
+* ``miss_fill``: from this client's first miss of an id to the vector arriving here: how long
+  the join actually ran without that item's vector.
+* ``vector_age``: ``now - computed_at`` of the vectors currently held: how old served vectors are.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message, TopicPartition
+
+from livectr import bus
+from livectr.config import Config
+from livectr.events import DecodeError
+from semantic_cache import wire
+from semantic_cache.codec import dequantize, to_bytes
+from semantic_cache.store import VectorStore
+
+log = logging.getLogger(__name__)
+
+#: Most ids in one miss report record.
+MISS_BATCH = 500
+#: Latency samples kept for the percentiles.
+SAMPLES = 50_000
+
+
+def _percentile(samples: Any, q: float) -> float:
+    values = np.fromiter(samples, dtype=np.float64)
+    return float(np.percentile(values, q)) if values.size else float("nan")
+
+
+def _warm_rows(cfg: Config) -> tuple[str, dict[str, tuple[bytes, float]]]:
+    """Reduced item vectors from the persisted store: the newest (version, dim) group, if any."""
+    directory = Path(cfg.data_dir) / "semantic"
+    if not (directory / VectorStore.FILE).exists():
+        return "", {}
+    store = VectorStore(directory)
+    try:
+        groups: dict[tuple[str, str], list[Any]] = {}
+        for row in store.rows("item"):
+            if row.reduced is not None and row.reducer and len(row.reduced) == cfg.semantic.reduced_dim:
+                groups.setdefault((row.teacher_version, row.reducer), []).append(row)
+    finally:
+        store.close()
+    if not groups:
+        return "", {}
+    (teacher_version, reducer), rows = max(groups.items(), key=lambda kv: max(r.updated_at for r in kv[1]))
+    version = f"{teacher_version}/pca{cfg.semantic.reduced_dim}-{reducer}"
+    return version, {r.id: (r.reduced, r.updated_at) for r in rows}
+
+
+class SemanticCacheClient:
+    """Implements :class:`semantic_cache.lookup.SemanticLookup` over the semantic topic.
+
+    The constructor starts the background thread and waits (at most
+    ``cfg.semantic.client_catchup_s``) until the vectors already on the topic are loaded, so
+    a restarted join worker does not begin with a burst of misses.
+    """
+
+    def __init__(self, cfg: Config, *, warm_from_store: bool = True, reporter: str = "",
+                 catchup_s: float | None = None) -> None:
+        self.cfg = cfg
+        self.dim = cfg.semantic.reduced_dim
+        self.decay = cfg.semantic.user_decay
+        self.reporter = reporter or f"client-{id(self):x}"
+        self.topics = cfg.topics
+        #: Version of the vectors held; a newer version on the topic replaces them all.
+        self.version = ""
+        self._items: dict[str, bytes] = {}
+        self._computed_at: dict[str, float] = {}
+        self._users: dict[str, bytes] = {}
+        self._profiles: dict[str, tuple[np.ndarray, float]] = {}
+        self._version_computed = 0.0
+        self._miss_queue: collections.deque[str] = collections.deque()
+        self._reported: dict[str, float] = {}
+        self._first_miss: dict[str, float] = {}
+        self._staleness: collections.deque[float] = collections.deque(maxlen=SAMPLES)
+        self._fill: collections.deque[float] = collections.deque(maxlen=SAMPLES)
+        self.item_lookups = 0
+        self.item_misses = 0
+        self.user_lookups = 0
+        self.user_misses = 0
+        self.clicks_folded = 0
+        self.clicks_without_vector = 0
+        self.records = 0
+        self.stale_version_records = 0
+        self.version_switches = 0
+        self.ids_reported = 0
+        self.reports_sent = 0
+        self.warmed = 0
+        if warm_from_store:
+            self._warm(cfg)
+        self._producer = bus.producer(cfg.kafka)
+        self._delivery = bus.DeliveryTracker()
+        self._dead_letters = bus.DeadLetterSink(self._producer, self.topics.dead_letters, stage="semantic-client")
+        self._consumer = bus.consumer(cfg.kafka)
+        self._remaining: dict[int, int] = {}
+        self.caught_up = threading.Event()
+        self._stop = threading.Event()
+        self._assign()
+        self._thread = threading.Thread(target=self._run, name="semantic-client", daemon=True)
+        self._thread.start()
+        self.caught_up.wait(cfg.semantic.client_catchup_s if catchup_s is None else catchup_s)
+
+    # -- hot path ------------------------------------------------------------------------------
+
+    def item(self, item_id: str) -> bytes | None:
+        """The item's reduced vector, or ``None`` (counted and reported in the background)."""
+        self.item_lookups += 1
+        vec = self._items.get(item_id)
+        if vec is None:
+            self.item_misses += 1
+            self._miss_queue.append(item_id)
+        return vec
+
+    def user(self, user_id: str) -> bytes | None:
+        """The user's profile vector (decayed mean of clicked items), or ``None`` before any click."""
+        self.user_lookups += 1
+        vec = self._users.get(user_id)
+        if vec is None:
+            self.user_misses += 1
+        return vec
+
+    def observe_click(self, user_id: str, item_id: str) -> None:
+        """Fold a clicked item into the user's profile: ``mean = Σ decay^age · v / Σ decay^age``."""
+        blob = self._items.get(item_id)
+        if blob is None:
+            self.clicks_without_vector += 1
+            return
+        vec = dequantize(blob, self.dim)
+        num, den = self._profiles.get(user_id, (None, 0.0))
+        num = vec if num is None else self.decay * num + vec
+        den = self.decay * den + 1.0
+        self._profiles[user_id] = (num, den)
+        self._users[user_id] = to_bytes(num / den)
+        self.clicks_folded += 1
+
+    # -- background ----------------------------------------------------------------------------
+
+    def _warm(self, cfg: Config) -> None:
+        version, rows = _warm_rows(cfg)
+        if not rows:
+            return
+        self.version = version
+        self._items = {item_id: blob for item_id, (blob, _) in rows.items()}
+        self._computed_at = {item_id: at for item_id, (_, at) in rows.items()}
+        self._version_computed = max(self._computed_at.values())
+        self.warmed = len(rows)
+
+    def _assign(self) -> None:
+        tps = bus.assign_all(self._consumer, self.cfg.kafka, [self.topics.semantic])
+        if not tps:
+            log.warning("semantic topic %s does not exist: no vectors will arrive", self.topics.semantic)
+        for tp in tps:
+            low, high = self._consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=10.0,
+                                                             cached=False)
+            if high > low:
+                self._remaining[tp.partition] = high
+        if not self._remaining:
+            self.caught_up.set()
+
+    def _run(self) -> None:
+        last_flush = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                for msg in self._consumer.consume(1000, timeout=0.1):
+                    if msg.error() is None:
+                        self._apply(msg)
+                    else:
+                        log.warning("semantic consumer error: %s", msg.error())
+                if time.monotonic() - last_flush >= 0.1:
+                    last_flush = time.monotonic()
+                    self._report_misses()
+                    self._producer.poll(0)
+        except Exception:  # noqa: BLE001 - the hot path keeps working from the dict; log loudly
+            log.exception("semantic cache client thread failed; vectors stop updating")
+
+    def _apply(self, msg: Message) -> None:
+        now = time.time()
+        self.records += 1
+        partition = msg.partition()
+        if partition in self._remaining and msg.offset() + 1 >= self._remaining[partition]:
+            del self._remaining[partition]
+            if not self._remaining:
+                self.caught_up.set()
+        try:
+            record = wire.decode_vector(msg.value())
+            if record.kind != "item" or len(record.reduced) != self.dim:
+                raise DecodeError(f"invalid semantic vector: kind {record.kind!r}, {len(record.reduced)} bytes, "
+                                  f"expected item with {self.dim}")
+        except DecodeError as exc:
+            self._dead_letters.send(msg.value(), exc.reason, source=msg)
+            return
+        if record.version != self.version:
+            if record.computed_at <= self._version_computed:
+                self.stale_version_records += 1
+                return
+            self._switch_version(record.version)
+        self._version_computed = max(self._version_computed, record.computed_at)
+        self._items[record.id] = record.reduced
+        self._computed_at[record.id] = record.computed_at
+        kind, ms = msg.timestamp()
+        published = ms / 1000.0 if kind != TIMESTAMP_NOT_AVAILABLE and ms > 0 else now
+        available = now if self.caught_up.is_set() else published
+        self._staleness.append(max(0.0, available - record.requested_at))
+        first = self._first_miss.pop(record.id, None)
+        if first is not None:
+            self._fill.append(max(0.0, time.monotonic() - first))
+        self._reported.pop(record.id, None)
+
+    def _switch_version(self, version: str) -> None:
+        """Vectors of different versions live in different spaces: drop the old ones entirely."""
+        if self.version:
+            self.version_switches += 1
+            log.info("semantic version %s replaces %s", version, self.version)
+        self.version = version
+        self._items = {}
+        self._computed_at = {}
+        self._users = {}
+        self._profiles = {}
+
+    def _report_misses(self) -> None:
+        """Send missed ids not reported within ``miss_retry_s`` (and still missing)."""
+        now = time.monotonic()
+        retry = self.cfg.semantic.miss_retry_s
+        batch: list[str] = []
+        seen: set[str] = set()
+        while self._miss_queue:
+            item_id = self._miss_queue.popleft()
+            if item_id in seen or item_id in self._items:
+                continue
+            seen.add(item_id)
+            last = self._reported.get(item_id)
+            if last is not None and now - last < retry:
+                continue
+            self._reported[item_id] = now
+            self._first_miss.setdefault(item_id, now)
+            batch.append(item_id)
+        for start in range(0, len(batch), MISS_BATCH):
+            ids = batch[start:start + MISS_BATCH]
+            record = wire.MissReport(kind="item", ids=ids, ts=time.time(), reporter=self.reporter)
+            bus.produce(self._producer, self.topics.semantic_misses, wire.encode(record),
+                        on_delivery=self._delivery.callback)
+            self.ids_reported += len(ids)
+            self.reports_sent += 1
+
+    # -- reporting -----------------------------------------------------------------------------
+
+    def wait_for(self, item_ids: list[str], timeout_s: float) -> bool:
+        """Block until every id has a vector (or the timeout passes); for start-up and tests, never the hot path."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if all(i in self._items for i in item_ids):
+                return True
+            time.sleep(0.02)
+        return all(i in self._items for i in item_ids)
+
+    def stats(self) -> dict[str, float]:
+        """Counters and latency percentiles (NaN where there are no samples yet)."""
+        now = time.time()
+        ages = [now - at for at in list(self._computed_at.values())]
+        return {
+            "lookups": float(self.item_lookups),
+            "misses": float(self.item_misses),
+            "miss_rate": self.item_misses / self.item_lookups if self.item_lookups else 0.0,
+            "user_lookups": float(self.user_lookups),
+            "user_misses": float(self.user_misses),
+            "user_miss_rate": self.user_misses / self.user_lookups if self.user_lookups else 0.0,
+            "vectors": float(len(self._items)),
+            "users": float(len(self._users)),
+            "warmed_from_store": float(self.warmed),
+            "clicks_folded": float(self.clicks_folded),
+            "clicks_without_vector": float(self.clicks_without_vector),
+            "ids_reported": float(self.ids_reported),
+            "miss_reports_sent": float(self.reports_sent),
+            "records_consumed": float(self.records),
+            "stale_version_records": float(self.stale_version_records),
+            "version_switches": float(self.version_switches),
+            "staleness_p50_s": _percentile(list(self._staleness), 50),
+            "staleness_p99_s": _percentile(list(self._staleness), 99),
+            "miss_fill_p50_s": _percentile(list(self._fill), 50),
+            "miss_fill_p99_s": _percentile(list(self._fill), 99),
+            "vector_age_p50_s": _percentile(ages, 50),
+            "vector_age_p99_s": _percentile(ages, 99),
+            "caught_up": float(self.caught_up.is_set()),
+            "dead_letters": float(self._dead_letters.count),
+        }
+
+    def close(self) -> None:
+        """Stop the thread, send pending miss reports, flush the producer."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self._report_misses()
+        self._consumer.close()
+        self._producer.flush(10)

@@ -1,0 +1,68 @@
+"""Records on the semantic topics (MessagePack, validated by msgspec).
+
+* ``semantic`` topic, key ``f"{kind}:{id}"``: :class:`SemanticVector` — one reduced vector.
+  Keyed so that a compacted topic keeps the latest vector per item.
+* ``semantic-misses`` topic: :class:`MissReport` — ids a join worker asked for and did not
+  have, batched and deduplicated by the client.
+
+Times: ``requested_at`` is the wall-clock time at which the vector was asked for (the Kafka
+timestamp of the Item record that introduced/changed the text, or of the miss report that
+asked again); ``computed_at`` when the refresher produced it; ``source_ts`` the Item's event
+time. The client's staleness is measured from ``requested_at``.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from livectr.events import DecodeError
+
+
+class SemanticVector(msgspec.Struct, frozen=True, tag="vec", array_like=True):
+    kind: str
+    id: str
+    version: str
+    reduced: bytes
+    computed_at: float
+    source_ts: float
+    requested_at: float
+
+
+class MissReport(msgspec.Struct, frozen=True, tag="miss", array_like=True):
+    kind: str
+    ids: list[str]
+    ts: float
+    reporter: str = ""
+
+
+_encoder = msgspec.msgpack.Encoder()
+_vector_decoder = msgspec.msgpack.Decoder(SemanticVector)
+_miss_decoder = msgspec.msgpack.Decoder(MissReport)
+
+
+def encode(record: SemanticVector | MissReport) -> bytes:
+    return _encoder.encode(record)
+
+
+def vector_key(kind: str, id: str) -> bytes:
+    return f"{kind}:{id}".encode()
+
+
+def decode_vector(raw: bytes | None) -> SemanticVector:
+    """Decode a semantic-topic record, raising :class:`DecodeError` with a reason."""
+    if raw is None:
+        raise DecodeError("empty message (null value)")
+    try:
+        return _vector_decoder.decode(raw)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise DecodeError(f"invalid semantic vector: {exc}") from None
+
+
+def decode_miss(raw: bytes | None) -> MissReport:
+    """Decode a miss report, raising :class:`DecodeError` with a reason."""
+    if raw is None:
+        raise DecodeError("empty message (null value)")
+    try:
+        return _miss_decoder.decode(raw)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise DecodeError(f"invalid miss report: {exc}") from None

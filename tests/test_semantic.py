@@ -1,0 +1,275 @@
+"""The semantic cache with the real MiniLM teacher and the real broker fixture.
+
+Covers: the teacher (offline, semantically sensible), ``similar()``, the client's miss and fill
+paths, the refresher end to end (items → vectors in a client, dead letters, a miss filled
+first) and a restart that recomputes nothing. Prints the measured figures (run with ``-s``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+
+from livectr import bus
+from livectr.config import Config
+from livectr.events import EndOfStream, Impression, Item, encode_event
+from semantic_cache import wire
+from semantic_cache.client import SemanticCacheClient
+from semantic_cache.lookup import SemanticLookup
+from semantic_cache.reducer import PCAReducer
+from semantic_cache.refresher import run_refresher
+from semantic_cache.similar import similar
+from semantic_cache.store import StoredVector, VectorStore, text_hash
+from semantic_cache.teacher import MiniLMTeacher, Teacher
+
+PRODUCTS = ["strawberry ice cream", "dark chocolate bar", "running shoes", "noise-cancelling headphones",
+            "espresso beans", "crime novel", "yoga mat", "cast-iron skillet", "winter tyres", "green tea"]
+STYLES = ["premium", "budget", "organic", "family-size"]
+
+
+@pytest.fixture(scope="module")
+def teacher() -> Teacher:
+    return MiniLMTeacher(device="cpu", threads=1)
+
+
+def _catalogue(n: int) -> list[Item]:
+    return [Item(item_id=f"i{k}", ts=1_700_000_000.0 + k, text=f"{STYLES[k % 4]} {PRODUCTS[k % 10]}, pack {k // 40}",
+                 attributes={"category": PRODUCTS[k % 10].split()[-1]}) for k in range(n)]
+
+
+def _produce(cfg: Config, topic: str, values: list[tuple[bytes | None, bytes]]) -> None:
+    prod = bus.producer(cfg.kafka)
+    tracker = bus.DeliveryTracker()
+    for key, value in values:
+        bus.produce(prod, topic, value, key=key, on_delivery=tracker.callback)
+    bus.flush_or_raise(prod, tracker, 20)
+
+
+def _drain(cfg: Config, topic: str, want: int, timeout_s: float = 15.0) -> list[Any]:
+    """Read ``want`` records of ``topic`` from the beginning (fewer on timeout)."""
+    cons = bus.consumer(cfg.kafka)
+    bus.assign_all(cons, cfg.kafka, [topic])
+    out: list[Any] = []
+    deadline = time.monotonic() + timeout_s
+    while len(out) < want and time.monotonic() < deadline:
+        out.extend(m for m in cons.consume(100, timeout=0.2) if m.error() is None)
+    cons.close()
+    return out
+
+
+class _Refresher:
+    """``run_refresher`` on a thread, with its latest status."""
+
+    def __init__(self, cfg: Config, teacher: Teacher) -> None:
+        self.stop = threading.Event()
+        self.latest: dict[str, Any] = {}
+        self.summary: dict[str, Any] = {}
+        self._thread = threading.Thread(target=self._run, args=(cfg, teacher), daemon=True)
+        self._thread.start()
+
+    def _run(self, cfg: Config, teacher: Teacher) -> None:
+        self.summary = run_refresher(cfg, teacher=teacher, on_status=self.latest.update, stop=self.stop)
+
+    def wait(self, predicate: Any, timeout_s: float = 30.0) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.latest and predicate(self.latest):
+                return True
+            time.sleep(0.1)
+        return False
+
+    def finish(self) -> dict[str, Any]:
+        self.stop.set()
+        self._thread.join(timeout=60)
+        assert not self._thread.is_alive()
+        return self.summary
+
+
+@pytest.fixture
+def cfg(kafka_config: Config) -> Iterator[Config]:
+    kafka_config.semantic.reducer_fit_min = 24
+    kafka_config.semantic.refresh_batch = 16
+    kafka_config.semantic.client_catchup_s = 5.0
+    kafka_config.semantic.miss_retry_s = 0.5
+    bus.ensure_topics(kafka_config)
+    yield kafka_config
+
+
+# -- teacher and similar ---------------------------------------------------------------------------
+
+def test_minilm_teacher_is_offline_normalised_and_semantic(teacher: Teacher) -> None:
+    assert isinstance(teacher, Teacher) and teacher.dim == 384 and teacher.version.startswith("minilm-l6-v2-")
+    v = teacher.encode(["Häagen-Dazs strawberry light ice cream", "a low-fat strawberry frozen dessert",
+                        "heavy-duty winter tyres for trucks"])
+    assert v.dtype == np.float32 and v.shape == (3, 384)
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    assert v[0] @ v[1] > v[0] @ v[2] + 0.2
+    assert teacher.encode([]).shape == (0, 384)
+
+
+def test_similar_ranks_near_duplicate_first(teacher: Teacher, kafka_config: Config) -> None:
+    texts = {"a": "Häagen-Dazs HEAVEN strawberry light ice cream, 500 ml tub",
+             "dup": "Haagen Dazs Heaven light strawberry ice-cream 500ml",
+             "c": "Ben & Jerry's chocolate fudge brownie ice cream", "d": "stainless steel garden hose reel",
+             "e": "paperback crime novel set in Oslo", "f": "wireless phone charger, 15 W"}
+    vectors = teacher.encode(list(texts.values()))
+    store = VectorStore.open(kafka_config)
+    store.put_many([StoredVector("item", i, teacher.version, text_hash(t), t, "", v, None, "", 0.0, time.time())
+                    for (i, t), v in zip(texts.items(), vectors)])
+    store.close()
+    result = similar(kafka_config, "a", k=3)
+    assert [r[0] for r in result][:2] == ["dup", "c"]
+    assert result[0][2] == texts["dup"] and result[0][1] > 0.8 and len(result) == 3
+    assert "a" not in [r[0] for r in result]
+    assert similar(kafka_config, "unknown") == []
+
+
+# -- client against the broker ---------------------------------------------------------------------
+
+def _vector_record(item_id: str, version: str, seed: int, computed_at: float | None = None) -> tuple[bytes, bytes]:
+    blob = np.random.default_rng(seed).integers(-127, 128, size=32, dtype=np.int8).tobytes()
+    now = time.time()
+    rec = wire.SemanticVector("item", item_id, version, blob, computed_at or now, 0.0, now - 0.5)
+    return wire.vector_key("item", item_id), wire.encode(rec)
+
+
+@pytest.mark.integration
+def test_client_miss_is_reported_then_filled(cfg: Config) -> None:
+    client = SemanticCacheClient(cfg, warm_from_store=False, catchup_s=2.0)
+    try:
+        assert isinstance(client, SemanticLookup)
+        for _ in range(3):
+            assert client.item("x1") is None
+        assert client.item("x2") is None
+        reports = [wire.decode_miss(m.value()) for m in _drain(cfg, cfg.topics.semantic_misses, 1)]
+        assert reports and sorted(reports[0].ids) == ["x1", "x2"], "missed ids are deduplicated and batched"
+
+        _produce(cfg, cfg.topics.semantic, [_vector_record("x1", "v1", 1), _vector_record("x2", "v1", 2),
+                                            (b"item:bad", b"not msgpack")])
+        assert client.wait_for(["x1", "x2"], 15)
+        assert client.version == "v1" and len(client.item("x1") or b"") == 32
+
+        assert client.user("u") is None
+        client.observe_click("u", "x1")
+        first = client.user("u")
+        client.observe_click("u", "x2")
+        client.observe_click("u", "never-seen")
+        assert first is not None and client.user("u") != first
+        stats = client.stats()
+        assert stats["lookups"] == 5 and stats["misses"] == 4 and stats["miss_rate"] == pytest.approx(4 / 5)
+        assert stats["clicks_folded"] == 2 and stats["clicks_without_vector"] == 1
+        assert stats["miss_fill_p50_s"] >= 0 and stats["staleness_p50_s"] >= 0.5 - 0.05
+        assert stats["ids_reported"] == 2
+
+        dead = _drain(cfg, cfg.topics.dead_letters, 1)
+        assert dead and dict(dead[0].headers())["livectr.reason"].startswith(b"invalid semantic vector")
+
+        # A newer version replaces everything (old vectors live in another space); an older one is ignored.
+        _produce(cfg, cfg.topics.semantic, [_vector_record("y", "v2", 3, computed_at=time.time() + 1)])
+        assert client.wait_for(["y"], 15)
+        assert client.version == "v2" and client.item("x1") is None and client.user("u") is None
+        _produce(cfg, cfg.topics.semantic, [_vector_record("z", "v1", 4, computed_at=time.time() - 100)])
+        deadline = time.monotonic() + 10
+        while client.stats()["stale_version_records"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.stats()["stale_version_records"] == 1 and client.version == "v2"
+    finally:
+        client.close()
+
+
+@pytest.mark.integration
+def test_client_lookup_latency(cfg: Config) -> None:
+    """The hot path is a dict lookup: measure hits and misses per call."""
+    _produce(cfg, cfg.topics.semantic, [_vector_record(f"h{k}", "v1", k) for k in range(1000)])
+    client = SemanticCacheClient(cfg, warm_from_store=False)
+    try:
+        assert client.caught_up.is_set() and client.stats()["vectors"] == 1000
+        ids = [f"h{k % 1000}" for k in range(20_000)] + [f"m{k % 500}" for k in range(20_000)]
+        clock = time.perf_counter_ns
+        timings = np.empty(len(ids), dtype=np.int64)
+        for n, item_id in enumerate(ids):
+            t0 = clock()
+            client.item(item_id)
+            timings[n] = clock() - t0
+        hit, miss = timings[:20_000], timings[20_000:]
+        print(f"\nlookup hit p50 {np.percentile(hit, 50):.0f} ns p99 {np.percentile(hit, 99):.0f} ns; "
+              f"miss p50 {np.percentile(miss, 50):.0f} ns p99 {np.percentile(miss, 99):.0f} ns")
+        assert np.percentile(hit, 50) < 20_000 and np.percentile(miss, 50) < 20_000
+    finally:
+        client.close()
+
+
+# -- refresher end to end --------------------------------------------------------------------------
+
+@pytest.mark.integration
+def test_refresher_end_to_end_then_restart_without_recompute(cfg: Config, teacher: Teacher) -> None:
+    catalogue = _catalogue(48)
+    records = [(e.item_id.encode(), encode_event(e)) for e in catalogue]
+    records += [(b"bad", b"{not json"), (b"imp", encode_event(Impression("imp1", 1.7e9, "u1", "i1"))),
+                (b"empty", encode_event(Item("i-empty", 1.7e9, "   ")))]
+    _produce(cfg, cfg.topics.items, records)
+    _produce(cfg, cfg.topics.items, [(None, encode_event(EndOfStream("test", p, 0)))  for p in range(2)])
+
+    refresher = _Refresher(cfg, teacher)
+    client = SemanticCacheClient(cfg, warm_from_store=False, catchup_s=0)
+    try:
+        ids = [e.item_id for e in catalogue]
+        assert client.wait_for(ids, 60), client.stats()
+        assert "/pca32-" in client.version and client.version.startswith(teacher.version)
+
+        # A miss for an item that does not exist yet: reported, remembered, encoded first on arrival.
+        assert client.item("late") is None
+        assert refresher.wait(lambda s: s["misses_unknown"] >= 1, 15), refresher.latest
+        late = Item("late", 1.7e9 + 100, "organic strawberry ice cream, pack 9")
+        _produce(cfg, cfg.topics.items, [(b"late", encode_event(late))])
+        assert client.wait_for(["late"], 30)
+        # A changed text is re-encoded and re-published under the same id.
+        before = client.item("i0")
+        _produce(cfg, cfg.topics.items, [(b"i0", encode_event(Item("i0", 1.7e9 + 200, "cast-iron garden bench")))])
+        deadline = time.monotonic() + 30
+        while client.item("i0") == before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.item("i0") != before
+        stats = client.stats()
+    finally:
+        client.close()
+        summary = refresher.finish()
+
+    print(f"\nrefresher: {summary['texts_encoded']} texts, {summary['texts_per_second']:.0f} texts/s (teacher time), "
+          f"{summary['bytes_per_example']} semantic bytes per example, PCA keeps "
+          f"{summary['pca_explained_variance']:.0%} variance; client staleness p50 {stats['staleness_p50_s']:.2f} s "
+          f"p99 {stats['staleness_p99_s']:.2f} s, miss fill p50 {stats['miss_fill_p50_s']:.2f} s")
+    assert summary["texts_encoded"] == 50 and summary["items_seen"] == 50
+    assert summary["reducer_fitted"] and summary["pca_fitted_on"] >= 24
+    assert summary["dead_letters"] == 3 and summary["end_markers"] == 2
+    assert set(summary["dead_letter_reasons"]) == {"malformed JSON", "unexpected event", "invalid item"}
+    assert summary["misses_received"] >= 1 and summary["undelivered"] == 0
+    assert stats["miss_fill_p50_s"] >= 0 and stats["staleness_p99_s"] < 60
+
+    store = VectorStore.open(cfg)
+    assert len(store.rows("item")) == 49 and store.get("item", "i0", summary["teacher_version"]).text.startswith("cast")
+    store.close()
+    reducer_files = list((cfg.data_dir / "semantic" / "reducers").glob("*.npz"))
+    assert len(reducer_files) == 1 and PCAReducer.load(reducer_files[0]).version(summary["teacher_version"]) \
+        == summary["version"]
+
+    # Restart: same data dir, items replayed from the beginning; nothing is recomputed.
+    again = _Refresher(cfg, teacher)
+    try:
+        assert again.wait(lambda s: s["items_seen"] >= 50, 30), again.latest
+    finally:
+        second = again.finish()
+    assert second["texts_encoded"] == 0, "an item's older text replayed from the topic must not be re-encoded"
+    assert second["skipped_unchanged"] == 49 and second["skipped_outdated"] == 1
+    assert second["version"] == summary["version"] and second["published_from_store"] >= 49
+
+    warm = SemanticCacheClient(cfg, warm_from_store=True, catchup_s=0)
+    try:
+        assert warm.version == summary["version"] and warm.stats()["warmed_from_store"] == 49
+        assert warm.item("late") is not None and warm.stats()["misses"] == 0
+    finally:
+        warm.close()
