@@ -1,0 +1,61 @@
+"""Learner throughput: decode → tensorise → forward/backward/step, without Kafka.
+
+``python -m learner.bench [--examples N] [--batch-size B] [--semantics on|off]`` encodes a
+synthetic stream as ``ExampleBatch`` records (as the join writes them) and times the learner
+consuming them, reporting wall-clock and process-CPU examples/s (CPU time is the fairer figure
+on a shared machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from learner.synthetic import ToyWorld
+from learner.trainer import OnlineLearner
+from livectr.config import Config
+from livectr.events import ExampleBatch, decode_example, encode_example
+
+
+def measure(cfg: Config, examples: int = 80_000, records_of: int = 100, seed: int = 1) -> dict[str, float]:
+    """Examples/s of one pass over ``examples`` synthetic examples (after a warm-up pass)."""
+    world = ToyWorld(users=5000, items=2000, sem_dim=cfg.semantic.reduced_dim, seed=seed)
+    data = world.examples(examples)
+    raws = [encode_example(ExampleBatch(data[k:k + records_of])) for k in range(0, len(data), records_of)]
+    learner = OnlineLearner(cfg)
+    size = cfg.learner.batch_size
+
+    def one_pass() -> None:
+        buf: list = []
+        for raw in raws:
+            buf.extend(decode_example(raw).examples)
+            while len(buf) >= size:
+                learner.learn_batch(buf[:size])
+                buf = buf[size:]
+        if buf:
+            learner.learn_batch(buf)
+
+    one_pass()
+    wall, cpu = time.perf_counter(), time.process_time()
+    one_pass()
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return {"examples": examples, "batch_size": size, "semantics": cfg.semantic.enabled, "threads": cfg.learner.threads,
+            "device": str(learner.device), "wall_examples_per_s": examples / wall, "cpu_examples_per_s": examples / cpu}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--examples", type=int, default=80_000)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--semantics", choices=["on", "off"], default="on")
+    args = parser.parse_args()
+    cfg = Config()
+    cfg.semantic.enabled = args.semantics == "on"
+    if args.batch_size:
+        cfg.learner.batch_size = args.batch_size
+    print(json.dumps(measure(cfg, args.examples), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,301 @@
+"""The learner process: examples topic → mini-batches → online updates → snapshots.
+
+Design points:
+
+* **No consumer group.** The learner ``assign()``s every examples partition at the offsets
+  stored in its latest snapshot (else the beginning): it starts instantly (no group join), and
+  its position is the snapshot's, so a restart resumes exactly where the published model left
+  off — model and offsets are saved together, atomically.
+* **Offsets only cover trained examples.** A snapshot is only written with an empty buffer,
+  so every offset in its manifest is of a record whose examples are all in the weights.
+* **Freshness.** Full mini-batches are trained as soon as they fill; a partial batch is
+  trained when its oldest example has waited ``partial_batch_ms`` (the stream paused), so a
+  quiet stream does not leave examples waiting for company.
+* **Bad records** (undecodable bytes, impossible labels or kinds, non-finite times) go to the
+  dead-letter topic with a reason and are counted; they never stop the loop.
+* **Bounded runs** end when every examples partition has carried an ``ExampleEnd`` for each
+  of the ``source_partitions`` join inputs; the markers seen are kept in the manifest so a
+  resumed learner still knows which ones it already consumed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from confluent_kafka import KafkaError, Message
+
+from learner.model import ModelConfig
+from learner.snapshot import clean_temp, load_latest, manifest_offsets, publish_snapshot
+from learner.trainer import OnlineLearner
+from livectr import bus
+from livectr.config import Config, config_hash
+from livectr.events import (KIND_FINAL, KIND_POSITIVE_COPY, DecodeError, Example, ExampleBatch, ExampleEnd,
+                            decode_example, encode_example)
+
+log = logging.getLogger(__name__)
+
+StatusCallback = Callable[[dict[str, Any]], None]
+
+
+def example_problem(ex: Example) -> str | None:
+    """Why ``ex`` cannot be trained on, or None. (msgspec already checked the types.)"""
+    if ex.label not in (0, 1):
+        return f"invalid example: label {ex.label!r} is not 0 or 1"
+    if not KIND_FINAL <= ex.kind <= KIND_POSITIVE_COPY:
+        return f"invalid example: unknown kind {ex.kind!r}"
+    if not (math.isfinite(ex.ts) and math.isfinite(ex.decided_at)):
+        return "invalid example: non-finite ts or decided_at"
+    return None
+
+
+@dataclass
+class EndTracker:
+    """Which join-input partitions have been declared finished on which examples partition."""
+
+    seen: dict[int, set[int]] = field(default_factory=dict)
+    source_partitions: int = 0
+    examples_announced: int = 0
+
+    def add(self, partition: int, end: ExampleEnd) -> None:
+        sources = self.seen.setdefault(partition, set())
+        if end.source_partition not in sources:
+            sources.add(end.source_partition)
+            self.examples_announced += end.examples
+        self.source_partitions = max(self.source_partitions, end.source_partitions)
+
+    def complete(self, partitions: int) -> bool:
+        if self.source_partitions <= 0 or partitions <= 0:
+            return False
+        return all(len(self.seen.get(p, ())) >= self.source_partitions for p in range(partitions))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seen": {str(p): sorted(s) for p, s in self.seen.items()},
+                "source_partitions": self.source_partitions, "examples_announced": self.examples_announced}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "EndTracker":
+        if not d:
+            return cls()
+        return cls({int(p): set(s) for p, s in d.get("seen", {}).items()}, int(d.get("source_partitions", 0)),
+                   int(d.get("examples_announced", 0)))
+
+
+def _resume(cfg: Config) -> tuple[dict[str, Any] | None, OnlineLearner]:
+    """Learner from the latest compatible snapshot, else a fresh one.
+
+    Compatibility is the model's shape (not the whole config hash): changing, say, the snapshot
+    interval must not throw the model away, but toggling semantics or the embedding size must.
+    """
+    clean_temp(cfg.data_dir)
+    loaded = load_latest(cfg.data_dir)
+    if loaded is not None:
+        manifest, state = loaded
+        wanted = ModelConfig.from_config(cfg).to_dict()
+        have = dict(state.model_config)
+        shape_keys = [k for k in wanted if not k.endswith("_capacity")]
+        if all(wanted[k] == have.get(k) for k in shape_keys):
+            log.info("resuming from snapshot v%08d (%d examples seen)", manifest["version"], manifest["examples_seen"])
+            return manifest, OnlineLearner(cfg, state=state)
+        log.warning("latest snapshot has another model shape; starting a fresh model from the beginning")
+    return None, OnlineLearner(cfg)
+
+
+class _Run:
+    """State of one ``run_learner`` call (kept out of the function to keep each step small)."""
+
+    def __init__(self, cfg: Config, on_status: StatusCallback | None) -> None:
+        self.cfg = cfg
+        self.on_status = on_status
+        self.topic = cfg.topics.examples
+        self.manifest, self.learner = _resume(cfg)
+        self.offsets: dict[int, int] = manifest_offsets(self.manifest or {}, self.topic)
+        self.ends = EndTracker.from_dict((self.manifest or {}).get("end_markers"))
+        self.snapshots = 0
+        self.last_version = (self.manifest or {}).get("version")
+        self.buffer: list[Example] = []
+        self.buffer_since = 0.0
+        self.trained = 0
+        self.positives = 0
+        self.train_s = 0.0
+        self.busy_s = 0.0
+        self.started = time.monotonic()
+        self.last_snapshot_t = time.monotonic()
+        self.trained_at_snapshot = 0
+        self.records_at_snapshot = 0
+        self.last_status_t = 0.0
+        self.trained_at_status = 0
+        self.records = 0
+
+    # -- input --------------------------------------------------------------------------------
+
+    def handle(self, msg: Message, dlq: bus.DeadLetterSink) -> None:
+        self.records += 1
+        self.offsets[msg.partition()] = msg.offset() + 1
+        raw = msg.value()
+        try:
+            if raw is None:
+                raise DecodeError("empty message (null value)")
+            rec = decode_example(raw)
+        except DecodeError as exc:
+            dlq.send(raw, exc.reason, source=msg)
+            return
+        if isinstance(rec, ExampleEnd):
+            self.ends.add(msg.partition(), rec)
+            return
+        examples = rec.examples if isinstance(rec, ExampleBatch) else [rec]
+        if not self.buffer:
+            self.buffer_since = time.monotonic()
+        for ex in examples:
+            problem = example_problem(ex)
+            if problem is None:
+                self.buffer.append(ex)
+            else:
+                dlq.send(raw if len(examples) == 1 else encode_example(ex), problem, source=msg)
+
+    # -- training -----------------------------------------------------------------------------
+
+    def train(self, force: bool) -> None:
+        """Train full batches; with ``force`` (or a stale buffer) the remainder too."""
+        size = self.cfg.learner.batch_size
+        stale = self.buffer and (time.monotonic() - self.buffer_since) * 1000 >= self.cfg.learner.partial_batch_ms
+        trained_any = False
+        while len(self.buffer) >= size or (self.buffer and (force or stale)):
+            batch, self.buffer = self.buffer[:size], self.buffer[size:]
+            t = time.perf_counter()
+            self.learner.learn_batch(batch)
+            self.train_s += time.perf_counter() - t
+            self.trained += len(batch)
+            self.positives += sum(ex.label for ex in batch)
+            trained_any = True
+        if trained_any and self.buffer:
+            self.buffer_since = time.monotonic()  # the remainder arrived with the batch just trained
+
+    # -- snapshots ----------------------------------------------------------------------------
+
+    def snapshot_due(self) -> bool:
+        lc = self.cfg.learner
+        new = self.trained - self.trained_at_snapshot
+        return new > 0 and (new >= lc.snapshot_every_examples
+                            or time.monotonic() - self.last_snapshot_t >= lc.snapshot_every_s)
+
+    def snapshot(self, dlq: bus.DeadLetterSink) -> None:
+        """Publish a snapshot; the buffer must be empty so offsets only cover trained records."""
+        self.train(force=True)
+        # Dead letters count as handled in these offsets: make sure they reached the broker first.
+        bus.flush_or_raise(dlq.prod, dlq.tracker)
+        summary = self.learner.summary()
+        manifest = {
+            "examples_seen": self.learner.examples_seen,
+            "offsets_topic": self.topic,
+            "offsets": {str(p): o for p, o in sorted(self.offsets.items())},
+            "end_markers": self.ends.to_dict(),
+            "metrics": {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+            "config_hash": config_hash(self.cfg),
+            "semantics": self.cfg.semantic.enabled,
+        }
+        version, _ = publish_snapshot(self.cfg.data_dir, self.learner.state(), manifest, self.cfg.learner.keep_snapshots)
+        self.snapshots += 1
+        self.last_version = version
+        self.last_snapshot_t = time.monotonic()
+        self.trained_at_snapshot = self.trained
+        self.records_at_snapshot = self.records
+
+    # -- reporting ----------------------------------------------------------------------------
+
+    def status(self, dlq: bus.DeadLetterSink, force: bool = False) -> dict[str, Any] | None:
+        now = time.monotonic()
+        if not force and now - self.last_status_t < 1.0:
+            return None
+        rate = (self.trained - self.trained_at_status) / max(now - self.last_status_t, 1e-9) if self.last_status_t else 0.0
+        self.last_status_t, self.trained_at_status = now, self.trained
+        m = self.learner.metrics.summary()
+        status = {"examples_trained": self.trained, "examples_per_second": rate,
+                  "progressive_auc": m["progressive_auc"], "windowed_auc": m["windowed_auc"],
+                  "logloss": m["progressive_logloss"], "progressive_logloss": m["progressive_logloss"],
+                  "snapshots": self.snapshots, "snapshot_version": self.last_version,
+                  "gate_usage": m["gate_usage"], "dead_letters": dlq.count, "buffered": len(self.buffer)}
+        if self.on_status is not None:
+            self.on_status(status)
+        return status
+
+    def summary(self, dlq: bus.DeadLetterSink) -> dict[str, Any]:
+        s = self.learner.summary()
+        elapsed = time.monotonic() - self.started
+        out = {
+            "examples_trained": self.trained,
+            "positives": self.positives,
+            "progressive_auc": s["progressive_auc"],
+            "progressive_logloss": s["progressive_logloss"],
+            "windowed_auc": s["windowed_auc"],
+            "cold_start_auc": s["cold_start_auc"],
+            "cold_start_examples": s["cold_start_examples"],
+            "freshness_p50_s": s["freshness_p50_s"],
+            "freshness_p99_s": s["freshness_p99_s"],
+            "snapshots_published": self.snapshots,
+            "snapshot_version": self.last_version,
+            "dead_letters": dlq.count,
+            "dead_letter_reasons": dict(dlq.reasons),
+            "records_consumed": self.records,
+            "examples_seen_total": self.learner.examples_seen,
+            "resumed_from_version": (self.manifest or {}).get("version"),
+            "examples_announced": self.ends.examples_announced,
+            "elapsed_s": elapsed,
+            "examples_per_second": self.trained / elapsed if elapsed > 0 else 0.0,
+            "train_examples_per_second": self.trained / self.train_s if self.train_s > 0 else 0.0,
+            "busy_examples_per_second": self.trained / self.busy_s if self.busy_s > 0 else 0.0,
+            "users": s["users"], "items": s["items"], "context_fields": s["context_fields"],
+            "context_fields_dropped": s["context_fields_dropped"],
+            "device": str(self.learner.device),
+        }
+        if self.learner.semantic:
+            out.update(gate_usage=s["gate_usage"], gate_compute_saved=s["gate_compute_saved"],
+                       distill_loss=s["distill_loss"], items_cold_started=s["items_cold_started"],
+                       model_macs_per_example=s["model_macs_per_example"])
+        return out
+
+
+def run_learner(cfg: Config, *, on_status: StatusCallback | None = None, stop: threading.Event | None = None,
+                bounded: bool = True) -> dict[str, Any]:
+    """Train on the examples topic until the end markers (``bounded``) or ``stop``; returns a summary."""
+    stop = stop or threading.Event()
+    run = _Run(cfg, on_status)
+    partitions = bus.partition_count(cfg.kafka, run.topic)
+    cons = bus.consumer(cfg.kafka)
+    prod = bus.producer(cfg.kafka)
+    dlq = bus.DeadLetterSink(prod, cfg.topics.dead_letters, stage="learner")
+    bus.assign_all(cons, cfg.kafka, [run.topic], {(run.topic, p): o for p, o in run.offsets.items()})
+    try:
+        while not stop.is_set():
+            if bounded and run.ends.complete(partitions):
+                break
+            msgs = cons.consume(num_messages=500, timeout=0.1)
+            t = time.perf_counter()
+            for msg in msgs:
+                err = msg.error()
+                if err is not None:
+                    if err.code() != KafkaError._PARTITION_EOF:
+                        log.warning("consume error: %s", err)
+                    continue
+                run.handle(msg, dlq)
+                run.train(force=False)
+                if run.snapshot_due():  # per record, so a large poll cannot postpone a snapshot
+                    run.snapshot(dlq)
+            run.train(force=not msgs)
+            if run.snapshot_due():
+                run.snapshot(dlq)
+            prod.poll(0)
+            run.busy_s += time.perf_counter() - t
+            run.status(dlq)
+        run.train(force=True)
+        if run.records > run.records_at_snapshot:
+            run.snapshot(dlq)
+        bus.flush_or_raise(prod, dlq.tracker)
+        run.status(dlq, force=True)
+        return run.summary(dlq)
+    finally:
+        cons.close()

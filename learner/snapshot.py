@@ -1,0 +1,217 @@
+"""Atomic, versioned model snapshots: ``data_dir/snapshots/v00000042/`` and a ``latest`` pointer.
+
+Why this layout: the scorer (another process, maybe another machine on shared storage) must
+never load a half-written model, and the learner must be able to resume from exactly what it
+published. So a snapshot is written into a hidden temp directory, every file and the
+directory are fsynced, and only then is it renamed to its final ``vNNNNNNNN`` name — rename
+is atomic, so a ``v*`` directory is always complete. The ``latest`` pointer is then swapped
+atomically twice over: a symlink replaced with ``rename`` (what humans and tools follow) and a
+``LATEST`` text file replaced the same way (for filesystems or copies without symlinks).
+Readers take the pointer, fall back to the other, then to the highest complete version.
+
+Contents: ``model.safetensors`` (weights), ``optimizer.safetensors`` (moments, so a resumed
+learner continues the same trajectory), ``state.safetensors`` (id counts, metric histograms,
+the teacher vectors behind the cold-start index), ``vocab.json`` and ``manifest.json``
+(version, created_at, examples_seen, the next offset to read per examples partition, metrics,
+config_hash, model config, end markers seen).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file as load_numpy, save_file as save_numpy
+from safetensors.torch import load_file as load_torch, save_file as save_torch
+
+from learner.trainer import LearnerState
+
+log = logging.getLogger(__name__)
+
+VERSION_RE = re.compile(r"^v(\d{8})$")
+LATEST_LINK = "latest"
+LATEST_FILE = "LATEST"
+MANIFEST = "manifest.json"
+
+
+def snapshots_dir(data_dir: Path | str) -> Path:
+    return Path(data_dir) / "snapshots"
+
+
+def version_name(version: int) -> str:
+    return f"v{version:08d}"
+
+
+def list_versions(data_dir: Path | str) -> list[int]:
+    """Complete snapshot versions (directories named ``vNNNNNNNN`` holding a manifest), ascending."""
+    root = snapshots_dir(data_dir)
+    if not root.is_dir():
+        return []
+    out = []
+    for entry in root.iterdir():
+        m = VERSION_RE.match(entry.name)
+        if m and (entry / MANIFEST).is_file():
+            out.append(int(m.group(1)))
+    return sorted(out)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=1, default=_json_default))
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def _atomic_pointer(root: Path, name: str) -> None:
+    """Point ``latest`` (symlink) and ``LATEST`` (file) at ``name``, each swapped by rename."""
+    tmp_link = root / f".{LATEST_LINK}.{os.getpid()}.tmp"
+    try:
+        if tmp_link.is_symlink() or tmp_link.exists():
+            tmp_link.unlink()
+        os.symlink(name, tmp_link)
+        os.replace(tmp_link, root / LATEST_LINK)
+    except OSError as exc:  # e.g. a filesystem without symlinks: the file pointer still works
+        log.debug("latest symlink not updated: %s", exc)
+    tmp_file = root / f".{LATEST_FILE}.{os.getpid()}.tmp"
+    with open(tmp_file, "w") as fh:
+        fh.write(name + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp_file, root / LATEST_FILE)
+    _fsync_path(root)
+
+
+def publish_snapshot(data_dir: Path | str, state: LearnerState, manifest: dict[str, Any],
+                     keep: int = 5) -> tuple[int, Path]:
+    """Write ``state`` as the next version, swap ``latest`` to it, prune old versions.
+
+    ``manifest`` holds the caller's fields (offsets, metrics, config_hash, …); ``version``,
+    ``created_at`` and ``model_config`` are filled in here.
+    """
+    root = snapshots_dir(data_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    versions = list_versions(data_dir)
+    version = (versions[-1] + 1) if versions else 1
+    name = version_name(version)
+    tmp = root / f".tmp-{name}-{os.getpid()}-{time.monotonic_ns()}"
+    tmp.mkdir()
+    try:
+        save_torch(state.tensors, str(tmp / "model.safetensors"))
+        save_torch(state.optimizer, str(tmp / "optimizer.safetensors"))
+        save_numpy({k: np.ascontiguousarray(v) for k, v in state.arrays.items()}, str(tmp / "state.safetensors"))
+        _write_json(tmp / "vocab.json", state.meta)
+        full = {**manifest, "version": version, "created_at": time.time(), "model_config": state.model_config}
+        _write_json(tmp / MANIFEST, full)
+        for f in tmp.iterdir():
+            _fsync_path(f)
+        _fsync_path(tmp)
+        os.rename(tmp, root / name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_path(root)
+    _atomic_pointer(root, name)
+    prune(data_dir, keep)
+    return version, root / name
+
+
+def prune(data_dir: Path | str, keep: int) -> None:
+    """Delete all but the newest ``keep`` versions (never the one ``latest`` points to)."""
+    root = snapshots_dir(data_dir)
+    current = latest_version(data_dir)
+    for v in list_versions(data_dir)[: -max(1, keep)]:
+        if v != current:
+            shutil.rmtree(root / version_name(v), ignore_errors=True)
+
+
+def clean_temp(data_dir: Path | str) -> int:
+    """Remove temp directories left by a crashed writer (they are never read); returns how many."""
+    root = snapshots_dir(data_dir)
+    if not root.is_dir():
+        return 0
+    stale = [p for p in root.iterdir() if p.name.startswith(".tmp-") and p.is_dir()]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return len(stale)
+
+
+def latest_version(data_dir: Path | str) -> int | None:
+    """The version ``latest`` points to (symlink, else ``LATEST`` file, else the highest complete)."""
+    root = snapshots_dir(data_dir)
+    candidates: list[str] = []
+    try:
+        candidates.append(os.readlink(root / LATEST_LINK))
+    except OSError:
+        pass
+    try:
+        candidates.append((root / LATEST_FILE).read_text().strip())
+    except OSError:
+        pass
+    for name in candidates:
+        m = VERSION_RE.match(Path(name).name)
+        if m and (root / name / MANIFEST).is_file():
+            return int(m.group(1))
+    versions = list_versions(data_dir)
+    return versions[-1] if versions else None
+
+
+def load_version(data_dir: Path | str, version: int) -> tuple[dict[str, Any], LearnerState]:
+    """Read one snapshot; raises ``OSError``/``ValueError`` if it is gone or unreadable."""
+    path = snapshots_dir(data_dir) / version_name(version)
+    manifest = json.loads((path / MANIFEST).read_text())
+    state = LearnerState(
+        model_config=manifest["model_config"],
+        tensors=load_torch(str(path / "model.safetensors")),
+        optimizer=load_torch(str(path / "optimizer.safetensors")),
+        arrays=load_numpy(str(path / "state.safetensors")),
+        meta=json.loads((path / "vocab.json").read_text()),
+    )
+    return manifest, state
+
+
+def load_latest(data_dir: Path | str) -> tuple[dict[str, Any], LearnerState] | None:
+    """The latest complete snapshot as ``(manifest, learner state)``, or None when there is none.
+
+    If the pointed-to version vanished between reading the pointer and the files (pruned by a
+    concurrent writer), the pointer is read again.
+    """
+    for _ in range(3):
+        version = latest_version(data_dir)
+        if version is None:
+            return None
+        try:
+            return load_version(data_dir, version)
+        except (OSError, ValueError) as exc:
+            log.warning("snapshot %s unreadable (%s); retrying", version_name(version), exc)
+            time.sleep(0.05)
+    return None
+
+
+def manifest_offsets(manifest: dict[str, Any], topic: str) -> dict[int, int]:
+    """Next offsets per partition recorded for ``topic`` (empty if the snapshot was of another topic)."""
+    if manifest.get("offsets_topic") != topic:
+        return {}
+    return {int(p): int(o) for p, o in manifest.get("offsets", {}).items()}
+

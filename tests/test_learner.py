@@ -1,0 +1,317 @@
+"""Unit tests of the learner's pure parts: vocabularies, model, trainer, metrics."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from learner.features import Featurizer
+from learner.metrics import HistogramAUC, LearnerMetrics, LogQuantiles, WindowAUC, exact_auc
+from learner.model import ModelConfig, StudentCTR
+from learner.synthetic import ToyWorld
+from learner.trainer import OnlineLearner, fake_negative_weights
+from learner.vocab import UNKNOWN_ROW, ContextHasher, GrowingVocab, stable_bucket
+from livectr.config import Config
+from livectr.events import KIND_FAKE_NEGATIVE, KIND_FINAL, KIND_POSITIVE_COPY, Example
+
+
+def make_cfg(semantic: bool = True) -> Config:
+    cfg = Config()
+    cfg.semantic.enabled = semantic
+    cfg.learner.device = "cpu"
+    cfg.learner.batch_size = 256
+    cfg.learner.context_buckets = 1 << 12
+    return cfg
+
+
+# -- vocabularies ---------------------------------------------------------------------------
+
+
+def test_growing_vocab_assigns_stable_rows_and_doubles_capacity() -> None:
+    v = GrowingVocab("item_id", initial_capacity=4)
+    rows, new = v.lookup(["a", "b", "a"])
+    assert rows.tolist() == [1, 2, 1] and new.tolist() == [1, 2]
+    assert v.capacity == 4
+    v.counts[1] = 7
+    rows, new = v.lookup(["c", "d", "e", "b"])
+    assert rows.tolist() == [3, 4, 5, 2] and new.tolist() == [3, 4, 5]
+    assert v.capacity == 8 and v.counts[1] == 7  # doubled, counts preserved
+    rows, new = v.lookup(["zz", "a"], grow=False)
+    assert rows.tolist() == [UNKNOWN_ROW, 1] and new.size == 0 and "zz" not in v
+    back = GrowingVocab.from_state(v.state(), v.counts)
+    assert back.lookup(["e", "a"], grow=False)[0].tolist() == [5, 1] and back.counts[1] == 7
+
+
+@given(st.lists(st.text(min_size=0, max_size=6), max_size=200))
+def test_growing_vocab_is_a_bijection(keys: list[str]) -> None:
+    v = GrowingVocab("user_id", initial_capacity=2)
+    rows, _ = v.lookup(keys)
+    assert len(set(rows.tolist())) == len(set(keys))
+    assert all(v.id_of(int(r)) == k for r, k in zip(rows, keys))
+    assert v.capacity >= len(v) and UNKNOWN_ROW not in rows.tolist()
+
+
+def test_context_hasher_slots_missing_and_dropped_fields() -> None:
+    h = ContextHasher(fields=2, buckets=1000)
+    out = h.encode([{"device": "ios"}, {"device": "web", "hour": 3}, {"hour": 3, "extra": "x"}])
+    assert h.slots == ["device", "hour"] and h.dropped == 1 and "extra" in h.dropped_names
+    assert out[0, 0] == stable_bucket("device", "ios", 1000)
+    assert out[0, 1] == stable_bucket("hour", "<missing>", 1000)  # absent field → its own "missing" bucket
+    assert out[1, 1] == out[2, 1] == stable_bucket("hour", 3, 1000)
+    again = ContextHasher.from_state(h.state()).encode([{"hour": 3, "device": "ios"}])
+    assert again.tolist() == [[out[0, 0], out[1, 1]]]  # stable across instances (no salted hash)
+    assert ContextHasher(2, 1000).encode([{"new": 1}], grow=False).shape == (1, 2)
+
+
+def test_float_context_values_are_log_binned() -> None:
+    assert stable_bucket("price", 10.01, 1 << 20) == stable_bucket("price", 10.02, 1 << 20)
+    assert stable_bucket("price", 10.0, 1 << 20) != stable_bucket("price", 1000.0, 1 << 20)
+    assert stable_bucket("price", math.nan, 97) == stable_bucket("price", math.inf, 97)
+
+
+@given(st.lists(st.dictionaries(st.sampled_from("abcdef"), st.one_of(st.integers(), st.text(max_size=3),
+                                                                    st.floats(allow_nan=True), st.booleans()),
+                                max_size=6), max_size=30))
+def test_context_hasher_bounded_buckets(contexts: list[dict]) -> None:
+    h = ContextHasher(fields=3, buckets=64)
+    out = h.encode(contexts)
+    assert out.shape == (len(contexts), 3) and ((out >= 0) & (out < 64)).all()
+    assert (h.encode(contexts) == out).all()  # memoised path agrees with the computed one
+
+
+# -- model ----------------------------------------------------------------------------------
+
+
+def _inputs(featurizer: Featurizer, examples: list[Example]):
+    return featurizer.encode(examples).to_inputs(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("semantic", [True, False])
+def test_model_shapes(semantic: bool) -> None:
+    cfg = make_cfg(semantic)
+    mc = ModelConfig.from_config(cfg)
+    model = StudentCTR(mc)
+    f = Featurizer.new(mc.context_fields, mc.context_buckets, mc.sem_dim)
+    inp = _inputs(f, ToyWorld(users=20, items=10).examples(33))
+    out = model(inp, train=True)
+    assert out.logit.shape == (33,)
+    if semantic:
+        assert out.item_hat.shape == (33, 32) and out.user_hat.shape == (33, 32)
+        assert out.gate.shape == (33,) and torch.allclose(out.gate, out.gate.round())  # hard forward
+        assert model.flops_per_example()["semantic_branch"] > 0
+    else:
+        assert out.item_hat is None and model.semantic is None
+        assert not any("semantic" in n for n, _ in model.named_parameters())
+
+
+def test_hard_gate_runs_branch_only_where_open() -> None:
+    cfg = make_cfg(True)
+    model = StudentCTR(ModelConfig.from_config(cfg)).eval()
+    f = Featurizer.new(4, cfg.learner.context_buckets, 32)
+    inp = _inputs(f, ToyWorld(users=20, items=10).examples(64))
+    inp = inp._replace(item_count=torch.linspace(0, 5000, 64))
+    d = cfg.learner.embedding_dim
+    with torch.no_grad():
+        # A gate that opens for rarely seen items only: logit = 0.5 - log1p(count) / COUNT_SCALE.
+        for layer in (model.semantic.gate[0], model.semantic.gate[-1]):
+            layer.weight.zero_()
+            layer.bias.zero_()
+        model.semantic.gate[0].weight[0, 2 * d] = 1.0
+        model.semantic.gate[-1].weight[0, 0] = -1.0
+        model.semantic.gate[-1].bias.fill_(0.5)
+        out = model(inp, train=False)
+        u, i = model.user_emb(inp.user), model.item_emb(inp.item)
+        full, _, _ = model.semantic.branch_logit(u, i, inp, None)
+        model.semantic = None
+        plain = model(inp, train=False).logit
+    assert 0 < out.gate.sum() < 64
+    assert out.gate[0] == 1 and out.gate[-1] == 0
+    torch.testing.assert_close(out.logit, plain + out.gate * full, rtol=1e-5, atol=1e-5)
+
+
+# -- trainer --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("semantic", [True, False])
+def test_learns_user_item_signal(semantic: bool) -> None:
+    world = ToyWorld(users=100, items=50, seed=3)
+    learner = OnlineLearner(make_cfg(semantic))
+    for _ in range(300):
+        learner.learn_batch(world.examples(128))
+    test = world.examples(4000)
+    auc = exact_auc(learner.predict_batch(test), [e.label for e in test])
+    assert auc > 0.75, auc
+    s = learner.summary()
+    assert s["examples_seen"] == 300 * 128 and 0.5 < s["progressive_auc"] < auc + 0.05
+    if semantic:
+        assert 0 < s["gate_usage"] <= 1 and s["distill_loss"] < 1.0
+
+
+def test_learn_batch_returns_pre_update_predictions() -> None:
+    learner = OnlineLearner(make_cfg(False))
+    world = ToyWorld(users=30, items=20)
+    learner.learn_batch(world.examples(256))
+    batch = world.examples(256)
+    before = learner.predict_batch(batch)
+    out = learner.learn_batch(batch)
+    np.testing.assert_allclose(out["predictions"], before, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(learner.predict_batch(batch), before)  # and then it did learn
+
+
+@given(st.lists(st.tuples(st.floats(0, 1), st.integers(0, 1), st.sampled_from([KIND_FINAL, KIND_FAKE_NEGATIVE,
+                                                                                KIND_POSITIVE_COPY])),
+                min_size=1, max_size=50))
+def test_fake_negative_weights_formula(rows: list[tuple[float, int, int]]) -> None:
+    p = torch.tensor([r[0] for r in rows])
+    y = torch.tensor([float(r[1]) for r in rows])
+    k = torch.tensor([r[2] for r in rows])
+    w = fake_negative_weights(p, y, k)
+    for (pi, yi, ki), wi in zip(rows, w.tolist()):
+        expected = 1.0 if ki == KIND_FINAL else (1 + pi) if yi else (1 - pi) * (1 + pi)
+        assert wi == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+def test_fake_negative_weighting_changes_the_update() -> None:
+    world = ToyWorld(users=30, items=20, seed=5)
+    data = world.examples(256)
+    fn = [Example(**{**{f: getattr(e, f) for f in e.__struct_fields__}, "kind": KIND_FAKE_NEGATIVE}) for e in data]
+    a, b = OnlineLearner(make_cfg(False)), OnlineLearner(make_cfg(False))
+    b.model.load_state_dict(a.model.state_dict())
+    ra, rb = a.learn_batch(data), b.learn_batch(fn)
+    np.testing.assert_allclose(ra["predictions"], rb["predictions"], rtol=1e-6)
+    assert ra["ctr_loss"] != pytest.approx(rb["ctr_loss"])
+
+
+def test_table_growth_keeps_optimizer_state() -> None:
+    cfg = make_cfg(False)
+    learner = OnlineLearner(cfg)
+    world = ToyWorld(users=5000, items=20, seed=1)
+    learner.learn_batch(world.examples(200))
+    emb = learner.model.user_emb
+    cap = emb.num_embeddings
+    rows = len(learner.featurizer.users)
+    weight_before = emb.weight.detach()[:rows].clone()
+    avg_before = learner.sparse_opt.state[emb.weight]["exp_avg"][:rows].clone()
+    learner.learn_batch(world.examples(3000))  # enough new users to force growth
+    emb = learner.model.user_emb
+    assert emb.num_embeddings > cap and learner.featurizer.users.capacity == emb.num_embeddings
+    state = learner.sparse_opt.state[emb.weight]
+    assert state["exp_avg"].shape == emb.weight.shape
+    assert learner.sparse_opt.param_groups[0]["params"][0] is emb.weight
+    # Lazy (sparse) Adam leaves rows absent from the second batch untouched: their weights and
+    # moments must have survived the re-allocation bit for bit.
+    changed = (emb.weight.detach()[:rows] - weight_before).abs().sum(1)
+    assert (changed == 0).sum() > 0
+    keep = (changed == 0).nonzero().flatten()
+    torch.testing.assert_close(state["exp_avg"][keep], avg_before[keep])
+
+
+def test_cold_start_copies_neighbour_embeddings() -> None:
+    cfg = make_cfg(True)
+    cfg.learner.cold_start_min_count = 3
+    learner = OnlineLearner(cfg)
+    world = ToyWorld(users=50, items=12, seed=2)
+    for _ in range(10):
+        learner.learn_batch(world.examples(256, items=np.arange(10)))
+    # A new item whose teacher vector is exactly item 3's: its nearest trained neighbours drive the init.
+    new = Example(impression_id="n", ts=0.0, user_id="u1", item_id="brand-new", context={}, label=0, kind=KIND_FINAL,
+                  decided_at=0.0, item_sem=world.item_vectors[3].tobytes(), user_sem=None)
+    batch = learner.featurizer.encode([new])
+    learner._sync_capacity()
+    vec = batch.item_sem[0]
+    hits = learner.index.search(vec, cfg.semantic.neighbours * 2, exclude="brand-new")
+    rows = [learner.featurizer.items.row(i) for i, s in hits if s > 0][: cfg.semantic.neighbours]
+    sims = np.array([s for i, s in hits if s > 0][: cfg.semantic.neighbours])
+    W = learner.model.item_emb.weight.detach()
+    expected = (torch.tensor(sims / sims.sum(), dtype=W.dtype) @ W[rows])
+    assert learner._cold_start(batch, [new]) == 1
+    row = learner.featurizer.items.row("brand-new")
+    torch.testing.assert_close(learner.model.item_emb.weight.detach()[row], expected)
+    assert rows[0] == learner.featurizer.items.row("i3")  # the best neighbour is the item with the same vector
+    assert learner.items_cold_started == 1
+
+
+def test_cold_start_skipped_without_vector_or_trained_neighbours() -> None:
+    learner = OnlineLearner(make_cfg(True))
+    world = ToyWorld(users=10, items=5)
+    out = learner.learn_batch(world.examples(50))  # empty index: nothing to copy from
+    assert out["cold_started"] == 0
+    out = learner.learn_batch(world.examples(5, items=np.array([4]), with_sem=False))
+    assert out["cold_started"] == 0
+
+
+# -- metrics --------------------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.floats(1e-6, 1 - 1e-6), st.booleans()), min_size=2, max_size=400))
+def test_histogram_auc_matches_rank_auc(rows: list[tuple[float, bool]]) -> None:
+    """Within the histogram's logit range (|logit| < 16, i.e. any float32 CTR score not saturated)."""
+    p = np.array([r[0] for r in rows])
+    y = np.array([r[1] for r in rows], dtype=int)
+    h = HistogramAUC()
+    h.add(p[: len(p) // 2], y[: len(p) // 2])
+    h.add(p[len(p) // 2:], y[len(p) // 2:])
+    exact = exact_auc(p, y)
+    if math.isnan(exact):
+        assert math.isnan(h.value())
+    else:
+        assert h.value() == pytest.approx(exact, abs=2e-3)
+
+
+def test_histogram_auc_precision_on_realistic_scores() -> None:
+    rng = np.random.default_rng(0)
+    p = 1 / (1 + np.exp(-rng.normal(-3, 1.2, 200_000)))
+    y = (rng.random(p.size) < p).astype(int)
+    h = HistogramAUC()
+    h.add(p, y)
+    assert abs(h.value() - exact_auc(p, y)) < 1e-4
+
+
+@given(st.lists(st.tuples(st.floats(0, 1), st.booleans()), min_size=1, max_size=60))
+def test_exact_auc_is_pairwise_probability(rows: list[tuple[float, bool]]) -> None:
+    pos = [p for p, y in rows if y]
+    neg = [p for p, y in rows if not y]
+    got = exact_auc(np.array([r[0] for r in rows]), np.array([r[1] for r in rows]))
+    if not pos or not neg:
+        assert math.isnan(got)
+        return
+    brute = sum((a > b) + 0.5 * (a == b) for a in pos for b in neg) / (len(pos) * len(neg))
+    assert got == pytest.approx(brute)
+
+
+def test_window_auc_covers_only_the_window() -> None:
+    w = WindowAUC(size=100)
+    w.add(np.linspace(0, 1, 100), np.r_[np.ones(50), np.zeros(50)])  # perfectly wrong
+    w.add(np.linspace(0, 1, 100), np.r_[np.zeros(50), np.ones(50)])  # then perfectly right
+    assert w.value() == 1.0
+
+
+def test_log_quantiles_within_bin_precision() -> None:
+    rng = np.random.default_rng(1)
+    v = rng.lognormal(0, 1.5, 50_000)
+    q = LogQuantiles()
+    q.add(v)
+    q.add(np.array([-1.0, np.nan]))  # negative → below range, NaN ignored
+    for level in (0.5, 0.99):
+        assert q.quantile(level) == pytest.approx(np.quantile(v, level), rel=0.03)
+
+
+def test_cold_start_mask_counts_impressions_not_positive_copies() -> None:
+    f = Featurizer.new(1, 64, 0, initial_capacity=4)
+    mk = lambda item, kind: Example(impression_id="x", ts=0.0, user_id="u", item_id=item, context={},  # noqa: E731
+                                    label=int(kind == KIND_POSITIVE_COPY), kind=kind, decided_at=0.0)
+    first = [mk("a", KIND_FAKE_NEGATIVE) for _ in range(3)] + [mk("a", KIND_POSITIVE_COPY)] * 5
+    cold = f.cold_mask_and_count(f.encode(first), first_n=2)
+    assert cold.tolist() == [True, True, False] + [False] * 5  # third impression is past the first 2
+    assert f.items.counts[f.items.row("a")] == 3  # copies not counted
+    more = [mk("b", KIND_FINAL), mk("a", KIND_FINAL), mk("b", KIND_FINAL)]
+    assert f.cold_mask_and_count(f.encode(more), first_n=2).tolist() == [True, False, True]
+    m = LearnerMetrics()
+    m.update(np.array([0.9, 0.1, 0.8, 0.2]), np.array([1, 0, 1, 0]), np.array([True, True, False, False]))
+    assert m.summary()["cold_start_auc"] == 1.0 and m.summary()["cold_start_examples"] == 2
