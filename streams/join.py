@@ -1,0 +1,505 @@
+"""The impression/click join as pure logic: no Kafka, no clocks, no I/O.
+
+One :class:`PartitionJoin` owns input partition ``p`` — partition ``p`` of the impressions
+topic *and* partition ``p`` of the clicks topic, which are co-partitioned by impression id —
+so a partition's state can be checkpointed, handed to another worker and restored on its own.
+
+Event time and the watermark
+----------------------------
+Windows close in **event time**, never wall time, so a replay at any speed labels exactly as
+the live run did. Each of the two sources (impressions ``p``, clicks ``p``) has a clock: the
+largest event ``ts`` it has delivered. The partition's watermark is the minimum over the
+sources (a source that delivered its :class:`~livectr.events.EndOfStream` counts as +inf) and
+never moves backwards. An impression's window is *open* while ``watermark <= ts + W``; the
+first :meth:`PartitionJoin.advance` that sees ``watermark > ts + W`` closes it (strict, so a
+click at exactly ``ts + W`` still counts). Using only the partition's own two sources (rather
+than every partition a worker holds) keeps the decisions independent of who owns what.
+
+Idle sources (unbounded runs): a source that has nothing to deliver holds the watermark back
+for ever — e.g. a clicks partition that gets no clicks at night. Like Flink's
+``WatermarkStrategy.withIdleness``, the worker marks a source idle (:meth:`set_idle`) once it
+has been at the end of its partition for ``cfg.join.idle_timeout_s`` wall seconds; an idle
+source is left out of the minimum until it delivers again (if every live source is idle the
+watermark is held). Events that then arrive behind the watermark are handled as late (below).
+Bounded runs never need this: end markers close the stream.
+
+Labels (precisely)
+------------------
+A click *counts* for its impression iff ``click.ts - imp.ts <= W`` and it is processed while
+the impression's window is open (or it was buffered as an orphan and the impression arrives
+before the orphan expires). Negative delays (logger clock skew) count, with
+``click_delay`` clamped to 0. When each source delivers in ``ts`` order this is exactly the
+event-time truth "some click within W of its impression" (the property tests check it); with
+disorder a click that arrives after the window closed is late.
+
+* policy ``wait``: one :data:`~livectr.events.KIND_FINAL` example per impression — label 1 at
+  the first counting click (``decided_at`` = publish time of the record that completed the
+  join: the click, or the impression when the click came first), label 0 when the window
+  closes (``decided_at`` = publish time of the record that set the watermark to its value: the
+  limiting source's newest record, or the end marker that made it +inf).
+* policy ``fake-negative`` (Ktena et al., RecSys 2019): a
+  :data:`~livectr.events.KIND_FAKE_NEGATIVE` at once when the impression arrives, then one
+  :data:`~livectr.events.KIND_POSITIVE_COPY` at the first counting click; state is kept until
+  the window closes only to drop duplicate clicks.
+
+Clicks that do not count are rejected (dead-lettered by the worker) with a reason:
+``click without impression within window`` (an orphan: buffered until ``watermark >
+click.ts + W``, then rejected), ``late click: …`` (the impression's window already closed —
+recognised through a bounded two-generation memory of recently closed impression ids, which
+is checkpointed; past that memory a late click is treated as an orphan) and ``late click:
+outside attribution window`` (impression still open but the click is more than W after it).
+Duplicate clicks are counted, not dead-lettered (they are normal traffic); a duplicate
+impression id is rejected.
+
+Cost: per event O(1) dict/deque work; expiry is O(expired) — impressions sit in a deque in
+arrival order (≈ ts order per partition), the rare impression older than its predecessor goes
+to a heap, orphan clicks to a heap; :meth:`advance` pops only what closes.
+
+Replay bookkeeping: every impression and click held in state keeps its offset, so
+:meth:`oldest_offsets` tells the worker how far back a replay must start to rebuild this
+state without a checkpoint (see ``streams.worker``).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from typing import Final
+
+import msgspec
+
+from livectr.events import (
+    KIND_FAKE_NEGATIVE,
+    KIND_FINAL,
+    KIND_POSITIVE_COPY,
+    SEM_ITEM_MISS,
+    SEM_USER_MISS,
+    Click,
+    Example,
+    Impression,
+)
+from semantic_cache.lookup import SemanticLookup
+
+POLICY_WAIT: Final[str] = "wait"
+POLICY_FAKE_NEGATIVE: Final[str] = "fake-negative"
+POLICIES: Final[tuple[str, ...]] = (POLICY_WAIT, POLICY_FAKE_NEGATIVE)
+
+#: Source indices of a partition: its impressions partition and its clicks partition.
+IMPRESSIONS: Final[int] = 0
+CLICKS: Final[int] = 1
+
+REASON_ORPHAN: Final[str] = "click without impression within window"
+REASON_LATE_CLOSED: Final[str] = "late click: impression window already closed"
+REASON_LATE_OUTSIDE: Final[str] = "late click: outside attribution window"
+REASON_DUPLICATE_IMPRESSION: Final[str] = "duplicate impression id"
+
+_INF: Final[float] = math.inf
+
+
+class Rejection(msgspec.Struct, frozen=True):
+    """A record the join refuses, for the dead-letter topic (original bytes kept)."""
+
+    reason: str
+    raw: bytes
+    source: int
+    offset: int
+    key: str
+
+
+class SourceClock(msgspec.Struct):
+    """Event-time progress of one source: newest ts, when it was published, end/idle flags."""
+
+    max_ts: float = -_INF
+    max_published: float = 0.0
+    done: bool = False
+    done_published: float = 0.0
+    idle: bool = False
+
+
+class OrphanClick(msgspec.Struct):
+    """A click waiting for its impression (clicks may overtake impressions)."""
+
+    click: Click
+    offset: int
+    published: float
+    raw: bytes
+
+
+class PartitionState(msgspec.Struct):
+    """Everything a :class:`PartitionJoin` needs to resume: the checkpoint payload."""
+
+    partition: int
+    window_s: float
+    policy: str
+    watermark: float
+    watermark_published: float
+    clocks: list[SourceClock]
+    queue: list[Impression]
+    queue_offsets: list[int]
+    out_of_order: list[Impression]
+    out_of_order_offsets: list[int]
+    clicked: dict[str, int]
+    orphans: list[OrphanClick]
+    closed_recent: list[str]
+    closed_older: list[str]
+    examples_total: int
+    finished: bool
+
+
+class JoinCounters(msgspec.Struct):
+    """What this process did for the partition (not checkpointed; summed into status)."""
+
+    impressions: int = 0
+    clicks: int = 0
+    duplicates: int = 0
+    duplicate_impressions: int = 0
+    positives: int = 0
+    negatives: int = 0
+    examples: int = 0
+    orphans: int = 0
+    late_clicks: int = 0
+    late_impressions: int = 0
+    suppressed: int = 0
+
+
+class PartitionJoin:
+    """Join state and logic for one input partition (see the module docstring).
+
+    Examples are appended to :attr:`out` and rejected records to :attr:`rejected`; the caller
+    drains both with :meth:`take` after each batch.
+    """
+
+    def __init__(self, partition: int, window_s: float, policy: str = POLICY_WAIT, *,
+                 semantics: SemanticLookup | None = None, closed_memory: int = 100_000) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown join policy {policy!r}; expected one of {POLICIES}")
+        if not window_s > 0:
+            raise ValueError(f"window_s must be > 0, not {window_s!r}")
+        self.partition = partition
+        self.window_s = float(window_s)
+        self.policy = policy
+        self.semantics = semantics
+        self._wait = policy == POLICY_WAIT
+        self.watermark = -_INF
+        self.watermark_published = 0.0
+        self.clocks = [SourceClock(), SourceClock()]
+        self.pending: dict[str, Impression] = {}
+        self._queue: deque[Impression] = deque()
+        self._queue_offsets: deque[int] = deque()
+        self._last_queued_ts = -_INF
+        self._disorder: list[tuple[float, int, str]] = []
+        self._disorder_offsets: dict[str, int] = {}
+        self.clicked: dict[str, int] = {}
+        self.orphans: dict[str, OrphanClick] = {}
+        self._orphan_heap: list[tuple[float, int, str]] = []
+        self._closed_memory = max(1, closed_memory)
+        self._closed_now: set[str] = set()
+        self._closed_prev: set[str] = set()
+        self.examples_total = 0
+        self.finished = False
+        self.suppress: set[tuple[str, int]] = set()
+        self.counters = JoinCounters()
+        self.out: list[Example] = []
+        self.rejected: list[Rejection] = []
+
+    # ------------------------------------------------------------------ events
+
+    def on_impression(self, imp: Impression, offset: int, published: float, raw: bytes = b"") -> None:
+        """An impression from this partition's impressions source; ``raw`` is kept for dead letters."""
+        clock = self.clocks[IMPRESSIONS]
+        ts = imp.ts
+        if ts > clock.max_ts:
+            clock.max_ts = ts
+            clock.max_published = published
+        self.counters.impressions += 1
+        iid = imp.impression_id
+        if iid in self.pending:
+            self.counters.duplicate_impressions += 1
+            self.rejected.append(Rejection(REASON_DUPLICATE_IMPRESSION, raw, IMPRESSIONS, offset, iid))
+            return
+        self.pending[iid] = imp
+        if ts >= self._last_queued_ts:
+            self._queue.append(imp)
+            self._queue_offsets.append(offset)
+            self._last_queued_ts = ts
+        else:
+            heapq.heappush(self._disorder, (ts, offset, iid))
+            self._disorder_offsets[iid] = offset
+        if ts + self.window_s < self.watermark:
+            self.counters.late_impressions += 1
+        if not self._wait:
+            self._emit(imp, 0, KIND_FAKE_NEGATIVE, published, -1.0)
+        if self.orphans:
+            orphan = self.orphans.pop(iid, None)
+            if orphan is not None:
+                self._match(imp, orphan.click, orphan.offset, published, orphan.raw)
+
+    def on_click(self, click: Click, offset: int, published: float, raw: bytes) -> None:
+        """A click from this partition's clicks source; ``raw`` is kept for dead letters."""
+        clock = self.clocks[CLICKS]
+        ts = click.ts
+        if ts > clock.max_ts:
+            clock.max_ts = ts
+            clock.max_published = published
+        self.counters.clicks += 1
+        iid = click.impression_id
+        imp = self.pending.get(iid)
+        if imp is not None:
+            if iid not in self.clicked or ts - imp.ts > self.window_s:
+                self._match(imp, click, offset, published, raw)
+            else:
+                self.counters.duplicates += 1
+            return
+        if iid in self.orphans:
+            self.counters.duplicates += 1
+        elif iid in self._closed_now or iid in self._closed_prev:
+            self.counters.late_clicks += 1
+            self.rejected.append(Rejection(REASON_LATE_CLOSED, raw, CLICKS, offset, iid))
+        else:
+            self.orphans[iid] = OrphanClick(click, offset, published, raw)
+            heapq.heappush(self._orphan_heap, (ts, offset, iid))
+
+    def _match(self, imp: Impression, click: Click, click_offset: int, published: float, raw: bytes) -> None:
+        delay = click.ts - imp.ts
+        if delay > self.window_s:
+            self.counters.late_clicks += 1
+            self.rejected.append(Rejection(REASON_LATE_OUTSIDE, raw, CLICKS, click_offset, imp.impression_id))
+            return
+        self.clicked[imp.impression_id] = click_offset
+        self.counters.positives += 1
+        self._emit(imp, 1, KIND_FINAL if self._wait else KIND_POSITIVE_COPY, published, max(delay, 0.0))
+        if self.semantics is not None:
+            self.semantics.observe_click(imp.user_id, imp.item_id)
+
+    def _emit(self, imp: Impression, label: int, kind: int, decided_at: float, delay: float) -> None:
+        if self.suppress and (imp.impression_id, kind) in self.suppress:
+            self.suppress.discard((imp.impression_id, kind))
+            self.counters.suppressed += 1
+            self.examples_total += 1
+            return
+        sem = self.semantics
+        if sem is None:
+            ex = Example(imp.impression_id, imp.ts, imp.user_id, imp.item_id, imp.context, label, kind,
+                         decided_at, delay)
+        else:
+            item_vec = sem.item(imp.item_id)
+            user_vec = sem.user(imp.user_id)
+            flags = (SEM_ITEM_MISS if item_vec is None else 0) | (SEM_USER_MISS if user_vec is None else 0)
+            ex = Example(imp.impression_id, imp.ts, imp.user_id, imp.item_id, imp.context, label, kind,
+                         decided_at, delay, item_vec, user_vec, flags, sem.version)
+        self.out.append(ex)
+        self.examples_total += 1
+        self.counters.examples += 1
+
+    # --------------------------------------------------------------- watermark
+
+    def end_of_stream(self, source: int, published: float) -> None:
+        """``source`` delivered its end marker: it counts as +inf from now on."""
+        clock = self.clocks[source]
+        clock.done = True
+        clock.done_published = published
+
+    def set_idle(self, source: int, idle: bool) -> None:
+        """Leave an idle source out of the watermark (or bring it back); see module docstring."""
+        self.clocks[source].idle = idle
+
+    def reopen(self) -> None:
+        """A finished partition receives data again (unbounded runs): start a new event-time epoch."""
+        self.clocks = [SourceClock(), SourceClock()]
+        self.watermark = -_INF
+        self.watermark_published = 0.0
+        self._last_queued_ts = -_INF
+        self.finished = False
+
+    def current_watermark(self) -> tuple[float, float]:
+        """(watermark the sources allow now, publish time of the record that set it)."""
+        best, published = _INF, 0.0
+        live = 0
+        for clock in self.clocks:
+            if clock.done:
+                continue
+            if clock.idle:
+                continue
+            live += 1
+            if clock.max_ts < best:
+                best, published = clock.max_ts, clock.max_published
+        if live == 0:
+            if all(c.done for c in self.clocks):
+                return _INF, max(c.done_published for c in self.clocks)
+            return self.watermark, 0.0
+        return best, published
+
+    def advance(self) -> None:
+        """Move the watermark to what the sources allow and close every window it passed."""
+        wm, published = self.current_watermark()
+        if wm > self.watermark:
+            self.watermark = wm
+            self.watermark_published = published
+        # Also when the watermark stands still: a late impression may already be closable.
+        self._expire(self.watermark - self.window_s, self.watermark_published)
+
+    def close_all(self, published: float) -> None:
+        """End of stream: close every window and reject every orphan."""
+        self.watermark = _INF
+        self.watermark_published = published
+        self._expire(_INF, published)
+
+    def _expire(self, horizon: float, published: float) -> None:
+        """Close impressions with ``ts < horizon`` and orphans with ``click.ts < horizon``."""
+        queue = self._queue
+        if queue and queue[0].ts < horizon:
+            self._close_queued(horizon, published)
+        heap = self._disorder
+        while heap and heap[0][0] < horizon:
+            _, _, iid = heapq.heappop(heap)
+            del self._disorder_offsets[iid]
+            self._close(self.pending.pop(iid), published)
+        if not queue:
+            self._last_queued_ts = -_INF
+        orphan_heap = self._orphan_heap
+        while orphan_heap and orphan_heap[0][0] < horizon:
+            _, offset, iid = heapq.heappop(orphan_heap)
+            orphan = self.orphans.get(iid)
+            if orphan is not None and orphan.offset == offset:
+                del self.orphans[iid]
+                self.counters.orphans += 1
+                self.rejected.append(Rejection(REASON_ORPHAN, orphan.raw, CLICKS, offset, iid))
+
+    def _close(self, imp: Impression, published: float) -> None:
+        iid = imp.impression_id
+        if self.clicked.pop(iid, None) is None:
+            self.counters.negatives += 1
+            if self._wait:
+                self._emit(imp, 0, KIND_FINAL, published, -1.0)
+        self._remember_closed(iid)
+
+    def _remember_closed(self, iid: str) -> None:
+        self._closed_now.add(iid)
+        if len(self._closed_now) >= self._closed_memory:
+            self._closed_prev = self._closed_now
+            self._closed_now = set()
+
+    def _close_queued(self, horizon: float, published: float) -> None:
+        """The common case of expiry, flattened: this runs once per impression."""
+        if not self._wait or self.semantics is not None or self.suppress:
+            queue, offsets, pending = self._queue, self._queue_offsets, self.pending
+            while queue and queue[0].ts < horizon:
+                offsets.popleft()
+                imp = queue.popleft()
+                del pending[imp.impression_id]
+                self._close(imp, published)
+            return
+        queue, offsets, pending, clicked, out = self._queue, self._queue_offsets, self.pending, self.clicked, self.out
+        closed, memory = self._closed_now, self._closed_memory
+        negatives = 0
+        while queue and queue[0].ts < horizon:
+            offsets.popleft()
+            imp = queue.popleft()
+            iid = imp.impression_id
+            del pending[iid]
+            if clicked.pop(iid, None) is None:
+                negatives += 1
+                out.append(Example(iid, imp.ts, imp.user_id, imp.item_id, imp.context, 0, KIND_FINAL,
+                                   published, -1.0))
+            closed.add(iid)
+            if len(closed) >= memory:
+                self._closed_prev = closed
+                closed = self._closed_now = set()
+        self.counters.negatives += negatives
+        self.counters.examples += negatives
+        self.examples_total += negatives
+
+    # ------------------------------------------------------------- inspection
+
+    def take(self) -> tuple[list[Example], list[Rejection]]:
+        """Hand over (and forget) the examples and rejections produced since the last call."""
+        out, rejected = self.out, self.rejected
+        self.out, self.rejected = [], []
+        return out, rejected
+
+    def oldest_offsets(self) -> tuple[int | None, int | None]:
+        """Offsets of the oldest impression / click still held (``None`` when none is).
+
+        Replaying both sources from here rebuilds this state (and re-emits some already
+        delivered examples), which is what the worker commits to Kafka.
+        """
+        imp_candidates = []
+        if self._queue_offsets:
+            imp_candidates.append(self._queue_offsets[0])
+        if self._disorder_offsets:
+            imp_candidates.append(min(self._disorder_offsets.values()))
+        click_candidates = [o.offset for o in self.orphans.values()]
+        if self.clicked:
+            click_candidates.append(min(self.clicked.values()))
+        return (min(imp_candidates) if imp_candidates else None,
+                min(click_candidates) if click_candidates else None)
+
+    @property
+    def watermark_lag(self) -> float:
+        """Event-time seconds between the newest event seen and the watermark (0 if undefined)."""
+        newest = max(c.max_ts for c in self.clocks)
+        if not (math.isfinite(newest) and math.isfinite(self.watermark)):
+            return 0.0
+        return max(0.0, newest - self.watermark)
+
+    # ------------------------------------------------------------ checkpoints
+
+    def snapshot(self) -> PartitionState:
+        """The state to checkpoint (call between batches, after :meth:`take`)."""
+        disorder = sorted(self._disorder)
+        return PartitionState(
+            partition=self.partition, window_s=self.window_s, policy=self.policy, watermark=self.watermark,
+            watermark_published=self.watermark_published,
+            clocks=[msgspec.structs.replace(c) for c in self.clocks],
+            queue=list(self._queue), queue_offsets=list(self._queue_offsets),
+            out_of_order=[self.pending[iid] for _, _, iid in disorder],
+            out_of_order_offsets=[off for _, off, _ in disorder],
+            clicked=dict(self.clicked), orphans=list(self.orphans.values()),
+            closed_recent=list(self._closed_now), closed_older=list(self._closed_prev),
+            examples_total=self.examples_total, finished=self.finished,
+        )
+
+    @classmethod
+    def restore(cls, state: PartitionState, *, semantics: SemanticLookup | None = None,
+                closed_memory: int = 100_000) -> "PartitionJoin":
+        """Rebuild a join from :meth:`snapshot` output (window and policy come from the state)."""
+        join = cls(state.partition, state.window_s, state.policy, semantics=semantics, closed_memory=closed_memory)
+        join.watermark = state.watermark
+        join.watermark_published = state.watermark_published
+        join.clocks = [msgspec.structs.replace(c) for c in state.clocks]
+        for imp, off in zip(state.queue, state.queue_offsets):
+            join.pending[imp.impression_id] = imp
+            join._queue.append(imp)
+            join._queue_offsets.append(off)
+        if state.queue:
+            join._last_queued_ts = state.queue[-1].ts
+        for imp, off in zip(state.out_of_order, state.out_of_order_offsets):
+            join.pending[imp.impression_id] = imp
+            join._disorder.append((imp.ts, off, imp.impression_id))
+            join._disorder_offsets[imp.impression_id] = off
+        heapq.heapify(join._disorder)
+        join.clicked = dict(state.clicked)
+        for orphan in state.orphans:
+            join.orphans[orphan.click.impression_id] = orphan
+            join._orphan_heap.append((orphan.click.ts, orphan.offset, orphan.click.impression_id))
+        heapq.heapify(join._orphan_heap)
+        join._closed_now = set(state.closed_recent)
+        join._closed_prev = set(state.closed_older)
+        join.examples_total = state.examples_total
+        join.finished = state.finished
+        return join
+
+
+_state_encoder = msgspec.msgpack.Encoder()
+_state_decoder = msgspec.msgpack.Decoder(PartitionState)
+
+
+def encode_state(state: PartitionState) -> bytes:
+    """MessagePack bytes of a partition state."""
+    return _state_encoder.encode(state)
+
+
+def decode_state(raw: bytes) -> PartitionState:
+    """Inverse of :func:`encode_state`."""
+    return _state_decoder.decode(raw)

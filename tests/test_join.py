@@ -1,0 +1,537 @@
+"""Unit and property tests of the pure join logic (streams/join.py): no Kafka here."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from livectr.events import (
+    KIND_FAKE_NEGATIVE,
+    KIND_FINAL,
+    KIND_POSITIVE_COPY,
+    SEM_ITEM_MISS,
+    SEM_USER_MISS,
+    Click,
+    Impression,
+    encode_event,
+)
+from streams.join import (
+    CLICKS,
+    IMPRESSIONS,
+    POLICY_FAKE_NEGATIVE,
+    POLICY_WAIT,
+    REASON_DUPLICATE_IMPRESSION,
+    REASON_LATE_CLOSED,
+    REASON_LATE_OUTSIDE,
+    REASON_ORPHAN,
+    PartitionJoin,
+    PartitionState,
+    decode_state,
+    encode_state,
+)
+
+W = 600.0
+T0 = 1_700_000_000.0
+
+
+def imp(iid: str, ts: float, user: str = "u1", item: str = "i1") -> Impression:
+    return Impression(iid, T0 + ts, user, item, {"device": "mobile"})
+
+
+def clk(iid: str, ts: float) -> Click:
+    return Click(iid, T0 + ts)
+
+
+class Feeder:
+    """Feeds a join like the worker does: offsets per source, publish time = a fake wall clock."""
+
+    def __init__(self, join: PartitionJoin) -> None:
+        self.join = join
+        self.offsets = [0, 0]
+        self.examples: list = []
+        self.rejected: list = []
+
+    def imp(self, event: Impression, published: float = 0.0) -> None:
+        self.join.on_impression(event, self.offsets[IMPRESSIONS], published, encode_event(event))
+        self.offsets[IMPRESSIONS] += 1
+
+    def click(self, event: Click, published: float = 0.0) -> None:
+        self.join.on_click(event, self.offsets[CLICKS], published, encode_event(event))
+        self.offsets[CLICKS] += 1
+
+    def advance(self) -> None:
+        self.join.advance()
+        self.drain()
+
+    def close(self, published: float = 0.0) -> None:
+        self.join.close_all(published)
+        self.drain()
+
+    def drain(self) -> None:
+        out, rejected = self.join.take()
+        self.examples += out
+        self.rejected += rejected
+
+
+def labels(examples: list) -> dict[str, int]:
+    return {ex.impression_id: ex.label for ex in examples}
+
+
+# ---------------------------------------------------------------------------- unit tests
+
+
+def test_in_order_click_is_positive_and_unclicked_closes_negative() -> None:
+    f = Feeder(PartitionJoin(0, W))
+    f.imp(imp("a", 0), published=100.0)
+    f.imp(imp("b", 5), published=101.0)
+    f.click(clk("a", 30), published=102.0)
+    f.advance()
+    assert [(e.impression_id, e.label, e.kind, e.decided_at, e.click_delay) for e in f.examples] == [
+        ("a", 1, KIND_FINAL, 102.0, 30.0)]
+    f.imp(imp("c", 700), published=103.0)
+    f.advance()  # clicks still at 30: the watermark cannot pass b's window
+    assert len(f.examples) == 1
+    f.click(clk("c", 704), published=104.0)
+    f.advance()  # watermark 700 > 5 + 600 closes b, decided by the impressions record that set it
+    neg = f.examples[-1]
+    assert (neg.impression_id, neg.label, neg.kind, neg.decided_at, neg.click_delay) == ("b", 0, KIND_FINAL, 103.0, -1.0)
+    assert f.join.counters.negatives == 1 and f.join.counters.positives == 2
+
+
+def test_click_before_impression_joins_when_impression_arrives() -> None:
+    f = Feeder(PartitionJoin(0, W))
+    f.click(clk("a", 12), published=200.0)
+    f.advance()
+    assert f.examples == [] and "a" in f.join.orphans
+    f.imp(imp("a", 10), published=201.0)
+    f.drain()
+    assert [(e.label, e.decided_at, e.click_delay) for e in f.examples] == [(1, 201.0, 2.0)]
+    assert not f.join.orphans
+
+
+def test_click_with_clock_skew_counts_with_zero_delay() -> None:
+    f = Feeder(PartitionJoin(0, W))
+    f.imp(imp("a", 10))
+    f.click(clk("a", 8))
+    f.drain()
+    assert [(e.label, e.click_delay) for e in f.examples] == [(1, 0.0)]
+
+
+def test_click_at_exactly_window_end_counts() -> None:
+    f = Feeder(PartitionJoin(0, W))
+    f.imp(imp("a", 0))
+    f.imp(imp("z", W))
+    f.click(clk("x", W))  # an unrelated click moves the clicks clock to W: watermark = W, not > W
+    f.advance()
+    f.click(clk("a", W))
+    f.drain()
+    assert labels(f.examples)["a"] == 1
+
+
+def test_late_click_after_window_closed_is_dead_lettered_as_late() -> None:
+    f = Feeder(PartitionJoin(0, W))
+    f.imp(imp("a", 0))
+    f.imp(imp("b", 700))
+    f.click(clk("b", 701))
+    f.advance()
+    assert labels(f.examples) == {"b": 1, "a": 0}
+    late = clk("a", 650)
+    f.click(late)
+    f.drain()
+    assert [(r.reason, r.key, r.raw, r.source) for r in f.rejected] == [
+        (REASON_LATE_CLOSED, "a", encode_event(late), CLICKS)]
+    assert f.join.counters.late_clicks == 1
+
+
+def test_click_beyond_window_while_impression_pending_is_late() -> None:
+    f = Feeder(PartitionJoin(0, W))
+    f.imp(imp("a", 0))
+    f.click(clk("a", W + 1))
+    f.drain()
+    assert f.examples == [] and [r.reason for r in f.rejected] == [REASON_LATE_OUTSIDE]
+    f.close()
+    assert labels(f.examples) == {"a": 0}
+
+
+def test_duplicate_clicks_count_once() -> None:
+    f = Feeder(PartitionJoin(0, W))
+    f.click(clk("a", 3))
+    f.click(clk("a", 3))  # duplicate while still an orphan
+    f.imp(imp("a", 1))
+    f.click(clk("a", 4))  # duplicate after the join
+    f.close()
+    assert [(e.impression_id, e.label) for e in f.examples] == [("a", 1)]
+    assert f.join.counters.duplicates == 2 and f.rejected == []
+
+
+def test_orphan_click_is_dead_lettered_when_watermark_passes_its_window() -> None:
+    f = Feeder(PartitionJoin(0, W))
+    orphan = clk("ghost", 10)
+    f.click(orphan)
+    f.imp(imp("x", 611))
+    f.click(clk("x", 611))
+    f.advance()
+    assert [(r.reason, r.key, r.offset, r.raw) for r in f.rejected] == [(REASON_ORPHAN, "ghost", 0, encode_event(orphan))]
+    assert f.join.counters.orphans == 1
+
+
+def test_duplicate_impression_id_is_rejected() -> None:
+    f = Feeder(PartitionJoin(0, W))
+    f.imp(imp("a", 0))
+    f.imp(imp("a", 1))
+    f.close()
+    assert [r.reason for r in f.rejected] == [REASON_DUPLICATE_IMPRESSION]
+    assert len(f.examples) == 1
+
+
+def test_fake_negative_policy_emits_negative_at_once_then_positive_copy() -> None:
+    f = Feeder(PartitionJoin(0, W, POLICY_FAKE_NEGATIVE))
+    f.imp(imp("a", 0), published=10.0)
+    f.imp(imp("b", 1), published=11.0)
+    f.drain()
+    assert [(e.impression_id, e.label, e.kind, e.decided_at) for e in f.examples] == [
+        ("a", 0, KIND_FAKE_NEGATIVE, 10.0), ("b", 0, KIND_FAKE_NEGATIVE, 11.0)]
+    f.click(clk("a", 20), published=12.0)
+    f.click(clk("a", 21), published=13.0)  # duplicate: no second copy
+    f.close()
+    assert [(e.impression_id, e.label, e.kind, e.decided_at, e.click_delay) for e in f.examples[2:]] == [
+        ("a", 1, KIND_POSITIVE_COPY, 12.0, 20.0)]
+    assert f.join.counters.duplicates == 1 and not f.join.pending
+
+
+def test_fake_negative_with_click_before_impression() -> None:
+    f = Feeder(PartitionJoin(0, W, POLICY_FAKE_NEGATIVE))
+    f.click(clk("a", 5))
+    f.imp(imp("a", 0), published=3.0)
+    f.drain()
+    assert [(e.kind, e.label) for e in f.examples] == [(KIND_FAKE_NEGATIVE, 0), (KIND_POSITIVE_COPY, 1)]
+
+
+def test_watermark_is_min_over_sources_end_markers_count_as_infinite() -> None:
+    join = PartitionJoin(0, W)
+    f = Feeder(join)
+    f.imp(imp("a", 0), published=1.0)
+    f.imp(imp("b", 5000), published=2.0)
+    f.advance()
+    assert join.watermark == -math.inf and f.examples == []  # clicks have said nothing yet
+    f.click(clk("b", 5001), published=3.0)
+    f.advance()
+    assert join.watermark == T0 + 5000 and labels(f.examples) == {"b": 1, "a": 0}
+    assert f.examples[-1].decided_at == 2.0  # the impressions record limited the watermark
+    f.imp(imp("c", 6000), published=4.0)
+    join.end_of_stream(CLICKS, published=5.0)
+    f.advance()
+    assert join.watermark == T0 + 6000  # clicks ended: impressions alone drive it
+    join.end_of_stream(IMPRESSIONS, published=6.0)
+    f.advance()
+    assert join.watermark == math.inf and labels(f.examples)["c"] == 0
+    assert f.examples[-1].decided_at == 6.0  # the end marker that made it infinite
+
+
+def test_watermark_never_moves_back() -> None:
+    f = Feeder(PartitionJoin(0, W))
+    f.imp(imp("a", 100))
+    f.click(clk("a", 100))
+    f.advance()
+    wm = f.join.watermark
+    f.click(clk("x", 50))
+    f.advance()
+    assert f.join.watermark == wm
+
+
+def test_idle_source_is_left_out_and_all_idle_holds() -> None:
+    join = PartitionJoin(0, W)
+    f = Feeder(join)
+    f.imp(imp("a", 0))
+    f.imp(imp("b", 1000))
+    f.advance()
+    assert f.examples == []
+    join.set_idle(CLICKS, True)
+    f.advance()
+    assert labels(f.examples) == {"a": 0} and join.watermark == T0 + 1000
+    join.set_idle(IMPRESSIONS, True)
+    f.imp(imp("c", 5000))
+    f.advance()
+    assert join.watermark == T0 + 1000  # every live source idle: held, not guessed
+    join.set_idle(IMPRESSIONS, False)
+    join.set_idle(CLICKS, False)
+    f.click(clk("c", 5001))
+    f.advance()
+    assert labels(f.examples) == {"a": 0, "c": 1, "b": 0}
+
+
+def test_end_of_stream_flush_closes_everything() -> None:
+    f = Feeder(PartitionJoin(0, W))
+    f.imp(imp("a", 0))
+    f.imp(imp("b", 1))
+    f.click(clk("b", 2))
+    f.click(clk("ghost", 3))
+    f.close(published=42.0)
+    assert labels(f.examples) == {"b": 1, "a": 0}
+    assert f.examples[-1].decided_at == 42.0
+    assert [r.reason for r in f.rejected] == [REASON_ORPHAN]
+    assert not f.join.pending and not f.join.orphans and not f.join.clicked
+
+
+def test_out_of_order_and_late_impressions_expire_on_time() -> None:
+    f = Feeder(PartitionJoin(0, W))
+    f.imp(imp("a", 100))
+    f.imp(imp("b", 50))  # older than its predecessor: kept in the disorder heap
+    f.click(clk("q", 651))
+    f.advance()  # watermark 100: nothing closes
+    f.imp(imp("c", 2000))
+    f.advance()  # watermark 651 > 50 + 600: b closes, although it sits behind a
+    assert labels(f.examples) == {"b": 0}
+    f.imp(imp("d", 0))  # arrives with its window already closed
+    f.advance()
+    assert labels(f.examples) == {"b": 0, "d": 0} and f.join.counters.late_impressions == 1
+
+
+def test_oldest_offsets_track_what_state_still_needs() -> None:
+    f = Feeder(PartitionJoin(0, W))
+    assert f.join.oldest_offsets() == (None, None)
+    f.imp(imp("a", 0))       # imp offset 0
+    f.imp(imp("b", 10))      # imp offset 1
+    f.click(clk("b", 11))    # click offset 0 (b is clicked, still pending)
+    f.click(clk("z", 12))    # click offset 1 (orphan)
+    assert f.join.oldest_offsets() == (0, 0)
+    f.imp(imp("c", 605))
+    f.click(clk("c", 606))
+    f.advance()  # closes a (ts 0)
+    assert f.join.oldest_offsets() == (1, 0)
+
+
+class DictLookup:
+    """A real in-memory SemanticLookup (the protocol's simplest implementation)."""
+
+    version = "v-test"
+
+    def __init__(self, items: dict[str, bytes]) -> None:
+        self.items = items
+        self.users: dict[str, bytes] = {}
+        self.clicks: list[tuple[str, str]] = []
+
+    def item(self, item_id: str) -> bytes | None:
+        return self.items.get(item_id)
+
+    def user(self, user_id: str) -> bytes | None:
+        return self.users.get(user_id)
+
+    def observe_click(self, user_id: str, item_id: str) -> None:
+        self.clicks.append((user_id, item_id))
+        self.users[user_id] = self.items.get(item_id, b"")
+
+    def stats(self) -> dict[str, float]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+def test_semantic_vectors_and_miss_flags_are_attached() -> None:
+    sem = DictLookup({"i1": b"\x01\x02"})
+    f = Feeder(PartitionJoin(0, W, semantics=sem))
+    f.imp(imp("a", 0, user="u1", item="i1"))
+    f.imp(imp("b", 1, user="u2", item="i9"))
+    f.click(clk("a", 2))
+    f.close()
+    by_id = {e.impression_id: e for e in f.examples}
+    assert (by_id["a"].item_sem, by_id["a"].user_sem, by_id["a"].sem_flags) == (b"\x01\x02", None, SEM_USER_MISS)
+    assert by_id["b"].sem_flags == SEM_ITEM_MISS | SEM_USER_MISS and by_id["b"].sem_version == "v-test"
+    assert sem.clicks == [("u1", "i1")]
+
+
+def test_suppressed_examples_are_counted_but_not_resent() -> None:
+    f = Feeder(PartitionJoin(0, W))
+    f.join.suppress = {("a", KIND_FINAL)}
+    f.imp(imp("a", 0))
+    f.imp(imp("b", 0))
+    f.close()
+    assert labels(f.examples) == {"b": 0}
+    assert f.join.examples_total == 2 and f.join.counters.suppressed == 1 and not f.join.suppress
+
+
+def test_unknown_policy_and_bad_window_are_refused() -> None:
+    with pytest.raises(ValueError):
+        PartitionJoin(0, W, "eager")
+    with pytest.raises(ValueError):
+        PartitionJoin(0, 0.0)
+
+
+# ------------------------------------------------------------------ property tests
+
+WP = 20.0  # a small window so random timestamps land on both sides of it
+
+
+class ReferenceJoin:
+    """The documented semantics written the naive way (lists and scans, no deque or heaps)."""
+
+    def __init__(self, policy: str) -> None:
+        self.wait = policy == POLICY_WAIT
+        self.max_ts = [-math.inf, -math.inf]
+        self.wm = -math.inf
+        self.pending: dict[str, list] = {}  # iid -> [impression, clicked]
+        self.orphans: dict[str, Click] = {}
+        self.closed: set[str] = set()
+        self.out: list[tuple[str, int, int]] = []
+        self.rejected: list[tuple[str, str]] = []
+
+    def impression(self, i: Impression) -> None:
+        self.max_ts[0] = max(self.max_ts[0], i.ts)
+        self.pending[i.impression_id] = [i, False]
+        if not self.wait:
+            self.out.append((i.impression_id, 0, KIND_FAKE_NEGATIVE))
+        if i.impression_id in self.orphans:
+            self.match(i.impression_id, self.orphans.pop(i.impression_id))
+
+    def click(self, c: Click) -> None:
+        self.max_ts[1] = max(self.max_ts[1], c.ts)
+        iid = c.impression_id
+        if iid in self.pending:
+            if not self.pending[iid][1] or c.ts - self.pending[iid][0].ts > WP:
+                self.match(iid, c)
+        elif iid in self.orphans:
+            pass
+        elif iid in self.closed:
+            self.rejected.append((iid, REASON_LATE_CLOSED))
+        else:
+            self.orphans[iid] = c
+
+    def match(self, iid: str, c: Click) -> None:
+        entry = self.pending[iid]
+        if c.ts - entry[0].ts > WP:
+            self.rejected.append((iid, REASON_LATE_OUTSIDE))
+            return
+        entry[1] = True
+        self.out.append((iid, 1, KIND_FINAL if self.wait else KIND_POSITIVE_COPY))
+
+    def advance(self, horizon: float | None = None) -> None:
+        if horizon is None:
+            self.wm = max(self.wm, min(self.max_ts))
+            horizon = self.wm - WP
+        for iid, (i, clicked) in list(self.pending.items()):
+            if i.ts < horizon:
+                del self.pending[iid]
+                self.closed.add(iid)
+                if self.wait and not clicked:
+                    self.out.append((iid, 0, KIND_FINAL))
+        for iid, c in list(self.orphans.items()):
+            if c.ts < horizon:
+                del self.orphans[iid]
+                self.rejected.append((iid, REASON_ORPHAN))
+
+
+@st.composite
+def streams_(draw: st.DrawFn, in_order: bool = False) -> tuple[list, list[bool]]:
+    """Impressions with unique ids, clicks (duplicates, unknown ids), an arrival order, advance points."""
+    n = draw(st.integers(0, 14))
+    imps = [Impression(f"i{k}", float(draw(st.integers(0, 100))), "u", "it", {}) for k in range(n)]
+    clicks = []
+    for i in imps:
+        for _ in range(draw(st.integers(0, 2))):
+            low = 0 if in_order else -5
+            clicks.append(Click(i.impression_id, i.ts + draw(st.integers(low, int(2 * WP)))))
+    for k in range(draw(st.integers(0, 3))):
+        clicks.append(Click(f"ghost{k}", float(draw(st.integers(0, 120)))))
+    if in_order:
+        imps.sort(key=lambda e: e.ts)
+        clicks.sort(key=lambda e: e.ts)
+        sources = draw(st.permutations([0] * len(imps) + [1] * len(clicks)))
+        its, cts = iter(imps), iter(clicks)
+        events = [next(its) if s == 0 else next(cts) for s in sources]
+    else:
+        events = draw(st.permutations(imps + clicks))
+    advances = draw(st.lists(st.booleans(), min_size=len(events), max_size=len(events)))
+    return events, advances
+
+
+def run_impl(join: PartitionJoin, events: list, advances: list[bool]) -> Feeder:
+    f = Feeder(join)
+    for event, adv in zip(events, advances):
+        (f.imp if isinstance(event, Impression) else f.click)(event)
+        if adv:
+            f.advance()
+    f.close()
+    return f
+
+
+@settings(max_examples=300, deadline=None)
+@given(streams_(), st.sampled_from([POLICY_WAIT, POLICY_FAKE_NEGATIVE]))
+def test_join_matches_reference_model(data: tuple[list, list[bool]], policy: str) -> None:
+    events, advances = data
+    f = run_impl(PartitionJoin(0, WP, policy, closed_memory=1_000_000), events, advances)
+    ref = ReferenceJoin(policy)
+    for event, adv in zip(events, advances):
+        (ref.impression if isinstance(event, Impression) else ref.click)(event)
+        if adv:
+            ref.advance()
+    ref.advance(horizon=math.inf)
+    assert Counter((e.impression_id, e.label, e.kind) for e in f.examples) == Counter(ref.out)
+    assert Counter((r.key, r.reason) for r in f.rejected) == Counter(ref.rejected)
+    # Invariants: no example twice; wait → exactly one final label per impression;
+    # fake-negative → one negative each plus at most one positive copy.
+    n_imps = sum(isinstance(e, Impression) for e in events)
+    keys = Counter((e.impression_id, e.kind) for e in f.examples)
+    assert max(keys.values(), default=1) == 1
+    if policy == POLICY_WAIT:
+        assert len(f.examples) == n_imps and all(e.kind == KIND_FINAL for e in f.examples)
+    else:
+        assert sum(e.kind == KIND_FAKE_NEGATIVE for e in f.examples) == n_imps
+    assert not f.join.pending and not f.join.orphans
+
+
+@settings(max_examples=300, deadline=None)
+@given(streams_(in_order=True), st.sampled_from([POLICY_WAIT, POLICY_FAKE_NEGATIVE]))
+def test_in_order_sources_give_event_time_truth(data: tuple[list, list[bool]], policy: str) -> None:
+    """Each source in ts order (any interleaving, any advances): positive iff a click within W."""
+    events, advances = data
+    f = run_impl(PartitionJoin(0, WP, policy), events, advances)
+    imps = {e.impression_id: e for e in events if isinstance(e, Impression)}
+    truth = {iid: int(any(isinstance(c, Click) and c.impression_id == iid and 0 <= c.ts - i.ts <= WP for c in events))
+             for iid, i in imps.items()}
+    if policy == POLICY_WAIT:
+        assert labels(f.examples) == truth and len(f.examples) == len(truth)
+    else:
+        assert {e.impression_id for e in f.examples if e.kind == KIND_POSITIVE_COPY} == {k for k, v in truth.items() if v}
+    # In order, a click of a known impression is never mistaken for an orphan.
+    assert all(r.key.startswith("ghost") for r in f.rejected if r.reason == REASON_ORPHAN)
+
+
+def normalised(state: PartitionState) -> PartitionState:
+    """The closed-id memory is a set: compare it without order."""
+    return msgspec.structs.replace(state, closed_recent=sorted(state.closed_recent),
+                                   closed_older=sorted(state.closed_older))
+
+
+@settings(max_examples=200, deadline=None)
+@given(streams_(), st.sampled_from([POLICY_WAIT, POLICY_FAKE_NEGATIVE]), st.data())
+def test_checkpoint_restore_round_trips(data: tuple[list, list[bool]], policy: str, draw: st.DataObject) -> None:
+    events, advances = data
+    cut = draw.draw(st.integers(0, len(events)))
+    whole = run_impl(PartitionJoin(0, WP, policy), events, advances)
+
+    first = Feeder(PartitionJoin(0, WP, policy))
+    for event, adv in zip(events[:cut], advances[:cut]):
+        (first.imp if isinstance(event, Impression) else first.click)(event)
+        if adv:
+            first.advance()
+    first.drain()
+    state = first.join.snapshot()
+    assert decode_state(encode_state(state)) == state
+    restored = PartitionJoin.restore(decode_state(encode_state(state)))
+    assert normalised(restored.snapshot()) == normalised(state)
+    second = Feeder(restored)
+    second.offsets = list(first.offsets)
+    for event, adv in zip(events[cut:], advances[cut:]):
+        (second.imp if isinstance(event, Impression) else second.click)(event)
+        if adv:
+            second.advance()
+    second.close()
+    assert first.examples + second.examples == whole.examples
+    assert first.rejected + second.rejected == whole.rejected
+    assert restored.examples_total == len(whole.examples)
