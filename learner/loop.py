@@ -292,6 +292,8 @@ def run_learner(cfg: Config, *, on_status: StatusCallback | None = None, stop: t
             run.busy_s += time.perf_counter() - t
             run.status(dlq)
         run.train(force=True)
+        if bounded and run.ends.complete(partitions):
+            run.learner.delayed.flush(run.learner.metrics)
         if run.records > run.records_at_snapshot:
             run.snapshot(dlq)
         bus.flush_or_raise(prod, dlq.tracker)

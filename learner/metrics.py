@@ -14,10 +14,14 @@ p > 1 - 1e-7) share the edge bins and count as ties.
 
 from __future__ import annotations
 
+from collections import deque
+
 import math
 from typing import Any
 
 import numpy as np
+
+from livectr.events import KIND_FAKE_NEGATIVE, KIND_POSITIVE_COPY
 
 _LOGIT_RANGE = 16.0
 _EPS = 1e-7
@@ -212,3 +216,72 @@ class LearnerMetrics:
         self.examples, self.positives = int(s[0]), int(s[1])
         self.logloss_sum, self.distill_sum, self.distill_batches = float(s[2]), float(s[3]), int(s[4])
         self.gate_used, self.gate_seen = float(s[5]), int(s[6])
+
+
+class DelayedLabelEvaluator:
+    """Progressive validation for the ``fake-negative`` policy: score once, label when known.
+
+    Why: under fake-negative labelling every impression is first trained on as a negative and a
+    clicked one comes back later as a positive copy. Scoring both copies would count a clicked
+    impression once as a negative and once as a positive — and the positive copy is scored by a
+    model that has just been pushed down on that very example, so AUC falls below 0.5 however
+    good the model is. What matters is the score the model gave when the impression was shown:
+    this keeps the fake negative's score (and its cold-start flag), attaches label 1 when the
+    positive copy arrives and label 0 once the attribution window (plus slack) has passed in
+    event time, and feeds each impression to the metrics exactly once.
+
+    Pending scores live in memory only: after a restart, a positive copy of an impression scored
+    before it is evaluated with the current model's score.
+    """
+
+    def __init__(self, window_s: float, slack_s: float | None = None) -> None:
+        self.horizon_s = window_s + (slack_s if slack_s is not None else 0.1 * window_s)
+        self._pending: dict[str, tuple[float, bool]] = {}
+        self._order: deque[tuple[float, str]] = deque()
+        self._max_ts = -math.inf
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def observe(self, metrics: "LearnerMetrics", ids: list[str], ts: np.ndarray, probs: np.ndarray,
+                labels: np.ndarray, kinds: np.ndarray, cold: np.ndarray) -> None:
+        """Route a trained batch's pre-update scores to ``metrics`` by example kind."""
+        out_p: list[float] = []
+        out_y: list[int] = []
+        out_c: list[bool] = []
+        for i, kind in enumerate(kinds.tolist()):
+            if kind == KIND_FAKE_NEGATIVE:
+                self._pending[ids[i]] = (float(probs[i]), bool(cold[i]))
+                self._order.append((float(ts[i]), ids[i]))
+            elif kind == KIND_POSITIVE_COPY:
+                p, c = self._pending.pop(ids[i], (float(probs[i]), bool(cold[i])))
+                out_p.append(p)
+                out_y.append(1)
+                out_c.append(c)
+            else:
+                out_p.append(float(probs[i]))
+                out_y.append(int(labels[i]))
+                out_c.append(bool(cold[i]))
+        if len(ts):
+            self._max_ts = max(self._max_ts, float(np.max(ts)))
+        self._expire(self._max_ts - self.horizon_s, out_p, out_y, out_c)
+        if out_p:
+            metrics.update(np.asarray(out_p), np.asarray(out_y, dtype=np.float32), np.asarray(out_c, dtype=bool))
+
+    def flush(self, metrics: "LearnerMetrics") -> None:
+        """End of a bounded stream: every impression still waiting was not clicked."""
+        out_p: list[float] = []
+        out_y: list[int] = []
+        out_c: list[bool] = []
+        self._expire(math.inf, out_p, out_y, out_c)
+        if out_p:
+            metrics.update(np.asarray(out_p), np.asarray(out_y, dtype=np.float32), np.asarray(out_c, dtype=bool))
+
+    def _expire(self, horizon: float, out_p: list[float], out_y: list[int], out_c: list[bool]) -> None:
+        while self._order and self._order[0][0] < horizon:
+            _, impression_id = self._order.popleft()
+            entry = self._pending.pop(impression_id, None)
+            if entry is not None:
+                out_p.append(entry[0])
+                out_y.append(0)
+                out_c.append(entry[1])

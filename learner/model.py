@@ -161,11 +161,18 @@ class StudentCTR(nn.Module):
         super().__init__()
         self.mc = mc
         d = mc.embedding_dim
-        self.user_emb = nn.Embedding(mc.user_capacity, d, sparse=True)
-        self.item_emb = nn.Embedding(mc.item_capacity, d, sparse=True)
-        self.context_emb = nn.Embedding(mc.context_buckets, d, sparse=True)
-        for table in self.sparse_tables():
-            nn.init.normal_(table.weight, std=0.05)
+        # One extra column per row: the feature's first-order weight (the "wide" part). Online,
+        # popularity and context effects are learned from the first batches through these
+        # weights, long before the interactions have converged (the gap to FTRL logistic
+        # regression early in a stream was this). Keeping it in the same row means it grows,
+        # snapshots and cold-starts with the id's embedding.
+        self.user_emb = nn.Embedding(mc.user_capacity, d + 1, sparse=True)
+        self.item_emb = nn.Embedding(mc.item_capacity, d + 1, sparse=True)
+        self.context_emb = nn.Embedding(mc.context_buckets, d + 1, sparse=True)
+        with torch.no_grad():
+            for table in self.sparse_tables():
+                nn.init.normal_(table.weight, std=0.05)
+                table.weight[:, d].zero_()
         self.cross = CrossNetV2(mc.input_dim, mc.cross_layers)
         self.deep = mlp([mc.input_dim, *mc.hidden])
         self.deep.append(nn.ReLU())
@@ -180,10 +187,13 @@ class StudentCTR(nn.Module):
         return [p for p in self.parameters() if id(p) not in sparse]
 
     def forward(self, inp: ModelInputs, train: bool = True) -> ModelOutputs:
-        u, i = self.user_emb(inp.user), self.item_emb(inp.item)
-        c = self.context_emb(inp.context).flatten(1)
+        d = self.mc.embedding_dim
+        user, item, ctx = self.user_emb(inp.user), self.item_emb(inp.item), self.context_emb(inp.context)
+        u, i = user[:, :d], item[:, :d]
+        c = ctx[..., :d].flatten(1)
+        wide = user[:, d] + item[:, d] + ctx[..., d].sum(dim=1)
         x0 = torch.cat([u, i, c], dim=1)
-        logit = self.out(torch.cat([self.cross(x0), self.deep(x0)], dim=1)).squeeze(1) + _fm(x0, self.mc.embedding_dim)
+        logit = self.out(torch.cat([self.cross(x0), self.deep(x0)], dim=1)).squeeze(1) + _fm(x0, d) + wide
         if self.semantic is None:
             return ModelOutputs(logit, None, None, None, None)
         g_logit = self.semantic.gate_logit(u, i, inp)
@@ -202,8 +212,9 @@ class StudentCTR(nn.Module):
     def predict_vectors(self, item_rows: torch.Tensor, user_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Distilled (student-side) item and user vectors, unit-norm."""
         assert self.semantic is not None, "model has no semantic part"
-        return (F.normalize(self.semantic.item_head(self.item_emb(item_rows)), dim=1),
-                F.normalize(self.semantic.user_head(self.user_emb(user_rows)), dim=1))
+        d = self.mc.embedding_dim
+        return (F.normalize(self.semantic.item_head(self.item_emb(item_rows)[:, :d]), dim=1),
+                F.normalize(self.semantic.user_head(self.user_emb(user_rows)[:, :d]), dim=1))
 
     def flops_per_example(self) -> dict[str, int]:
         """Multiply-adds per example of each part, to turn the gate's usage into saved compute."""
@@ -244,6 +255,7 @@ def grow_embedding(table: nn.Embedding, rows: int) -> nn.Parameter:
     old = table.weight.data
     new = torch.empty(rows, old.shape[1], dtype=old.dtype, device=old.device)
     nn.init.normal_(new, std=0.05)
+    new[:, -1] = 0.0  # the first-order weight column starts at zero
     new[: old.shape[0]] = old
     param = nn.Parameter(new)
     table.weight = param

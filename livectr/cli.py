@@ -118,14 +118,16 @@ def _run_stage(args: argparse.Namespace, body: Callable[[Config, StatusFile, thr
 def cmd_produce(args: argparse.Namespace) -> int:
     from livectr import bus
     from simulators.publish import publish
-    from simulators.sources import open_source
+    from simulators.sources import leading_items, open_source
 
     def body(cfg: Config, status: StatusFile, stop: threading.Event) -> dict[str, Any]:
         bus.ensure_topics(cfg)
         source = open_source(cfg, log=args.log, items=args.items)
-        log.info("publishing %s", source.description)
-        return publish(cfg, source.events, producer_id=args.producer_id, speed=cfg.simulator.speed,
-                       progress=cfg.simulator.progress and not args.no_progress, on_status=status, stop=stop)
+        events = leading_items(source.events) if args.catalogue_only else source.events
+        log.info("publishing %s%s", "the catalogue of " if args.catalogue_only else "", source.description)
+        return publish(cfg, events, producer_id=args.producer_id, speed=cfg.simulator.speed,
+                       progress=cfg.simulator.progress and not args.no_progress, on_status=status, stop=stop,
+                       end_markers=not args.catalogue_only)
 
     return _run_stage(args, body)
 
@@ -181,7 +183,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = build_config(args)
     summary = run_pipeline(cfg, log_path=args.log, items_path=args.items, forever=args.forever,
-                           join_workers=args.join_workers, quiet=args.quiet)
+                           join_workers=args.join_workers, quiet=args.quiet, warm_catalogue=not args.cold_cache)
     if args.summary_json is not None:
         write_json_atomic(args.summary_json, summary)
     return 0 if summary.get("ok", False) else 1
@@ -272,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--forever", action="store_true", help="run until stopped instead of a bounded demo")
     run.add_argument("--join-workers", type=int, default=None, help="join worker processes (one consumer group)")
     run.add_argument("--quiet", action="store_true", help="no live progress line")
+    run.add_argument("--cold-cache", action="store_true",
+                     help="start traffic without first letting the teacher encode the existing catalogue")
     run.set_defaults(func=cmd_run)
 
     produce = sub.add_parser("produce", help="publish synthetic traffic or replay a recorded log")
@@ -281,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     produce.add_argument("--items", type=Path, default=None)
     produce.add_argument("--producer-id", default="producer-0")
     produce.add_argument("--no-progress", action="store_true")
+    produce.add_argument("--catalogue-only", action="store_true",
+                         help="publish only the items that precede the traffic (no end markers): warms the semantic cache")
     produce.set_defaults(func=cmd_produce)
 
     join = sub.add_parser("join", help="join worker: impressions × clicks → training examples (scale out: same --group-id)")

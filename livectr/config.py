@@ -129,7 +129,7 @@ class LearnerConfig:
     distill_weight: float = 0.5
     #: Learning rate of the sparse embedding tables (SparseAdam). Higher than ``lr``: each row
     #: sees only the examples of its id, so it needs bigger steps to learn within a stream.
-    embedding_lr: float = 0.02
+    embedding_lr: float = 0.01
     #: Context fields that get their own embedding slot (first seen, first served; extra fields are
     #: counted and ignored so an unbounded set of field names cannot grow the model).
     context_fields: int = 4

@@ -176,14 +176,58 @@ def _plan(cfg: Config, log_path: Path | None, items_path: Path | None, forever: 
     return plan
 
 
+def _start(stage: Stage, config_path: Path) -> Stage:
+    stage.start(config_path)
+    return stage
+
+
+class StageFailed(RuntimeError):
+    """A stage exited with an error (or did not get ready) before the pipeline could go on."""
+
+    def __init__(self, stage: str, message: str) -> None:
+        super().__init__(message)
+        self.stage = stage
+
+
+def _warm_catalogue(stages: dict[str, Stage], produce_args: list[str], run_dir: Path, config_path: Path,
+                    quiet: bool, timeout_s: float = 300.0) -> None:
+    """Publish the catalogue ahead of the traffic and wait until the teacher has encoded it.
+
+    A deployment's semantic cache is warm for the items that already exist; what the demo
+    should exercise asynchronously is the items born during the stream. The refresher's status
+    file appears once its teacher is loaded.
+    """
+    refresh = stages["refresh"]
+    catalogue = _start(Stage("catalogue", [*produce_args, "--catalogue-only"], run_dir), config_path)
+    stages["catalogue"] = catalogue
+    deadline = time.monotonic() + timeout_s
+    announced = 0.0
+    while time.monotonic() < deadline:
+        for stage in (refresh, catalogue):
+            code = stage.poll()
+            if code not in (None, 0):
+                raise StageFailed(stage.name, f"stage {stage.name} failed (exit {code})")
+        st, items = refresh.status(), catalogue.summary().get("items")
+        if items is not None and st.get("reducer_fitted") and st.get("items_seen", 0) >= items \
+                and st.get("queue_depth", 1) == 0:
+            return
+        if not quiet and time.monotonic() - announced >= 5.0:
+            announced = time.monotonic()
+            sys.stderr.write(f"warming the semantic cache: {st.get('texts_encoded', 0):,} item texts encoded"
+                             f" of {items if items is not None else '…'}\n")
+        time.sleep(0.25)
+    raise StageFailed("refresh", f"the semantic cache did not warm up within {timeout_s:.0f}s")
+
+
 def merge_summaries(stages: dict[str, Stage], cfg: Config, started: float) -> dict[str, Any]:
     """The run summary: the issue's keys first, then per-stage details."""
-    prod = stages["produce"].summary()
-    learn = stages["learn"].summary()
+    def summary_of(name: str) -> dict[str, Any]:
+        return stages[name].summary() if name in stages else {}
+
+    prod, learn, refresh = summary_of("produce"), summary_of("learn"), summary_of("refresh")
     joins = {n: s.summary() for n, s in stages.items() if n.startswith("join")}
-    refresh = stages["refresh"].summary() if "refresh" in stages else {}
     first = prod.get("first_publish_wall") or started
-    end = stages["learn"].ended_at or time.time()
+    end = (stages["learn"].ended_at if "learn" in stages else None) or time.time()
     dead = prod.get("dead_letters", 0) + sum(j.get("dead_letters", 0) for j in joins.values()) + learn.get("dead_letters", 0) \
         + refresh.get("dead_letters", 0)
     summary: dict[str, Any] = {
@@ -203,7 +247,7 @@ def merge_summaries(stages: dict[str, Stage], cfg: Config, started: float) -> di
         "policy": cfg.join.policy,
         "semantics": cfg.semantic.enabled,
         "elapsed_s": time.time() - started,
-        "stages": {"produce": prod, **joins, "learn": learn, **({"refresh": refresh} if refresh else {})},
+        "stages": {name: stage.summary() for name, stage in stages.items()},
     }
     for key in ("semantic_miss_rate", "semantic_staleness_p50_s", "semantic_staleness_p99_s"):
         values = [j[key] for j in joins.values() if key in j]
@@ -229,7 +273,7 @@ def print_summary(summary: dict[str, Any], out: TextIO) -> None:
 
 
 def run_pipeline(cfg: Config, *, log_path: Path | None = None, items_path: Path | None = None, forever: bool = False,
-                 join_workers: int | None = None, quiet: bool = False) -> dict[str, Any]:
+                 join_workers: int | None = None, quiet: bool = False, warm_catalogue: bool = True) -> dict[str, Any]:
     """Start the broker if needed, every stage as a child process, show progress, return the summary."""
     started = time.time()
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
@@ -248,13 +292,16 @@ def run_pipeline(cfg: Config, *, log_path: Path | None = None, items_path: Path 
         run_dir.mkdir(parents=True, exist_ok=True)
         config_path = run_dir / "config.json"
         config_path.write_text(json.dumps(config_mod.to_dict(cfg), indent=2))
-        for name, args in _plan(cfg, log_path, items_path, forever, join_workers or cfg.join.workers).items():
-            stage = Stage(name, args, run_dir)
-            stage.start(config_path)
-            stages[name] = stage
-        bounded = [s for n, s in stages.items() if n != "refresh"]
-        failed = None
+        plan = _plan(cfg, log_path, items_path, forever, join_workers or cfg.join.workers)
+        failed: str | None = None
         try:
+            if "refresh" in plan:
+                stages["refresh"] = _start(Stage("refresh", plan.pop("refresh"), run_dir), config_path)
+                if warm_catalogue:
+                    _warm_catalogue(stages, plan["produce"], run_dir, config_path, quiet)
+            for name, args in plan.items():
+                stages[name] = _start(Stage(name, args, run_dir), config_path)
+            bounded = [s for n, s in stages.items() if n != "refresh"]
             while True:
                 progress.show(stages)
                 codes = {s.name: s.poll() for s in stages.values()}
@@ -264,6 +311,8 @@ def run_pipeline(cfg: Config, *, log_path: Path | None = None, items_path: Path 
                 time.sleep(0.5)
         except KeyboardInterrupt:
             interrupted = True
+        except StageFailed as exc:
+            failed = exc.stage
         progress.done()
         for stage in stages.values():
             stage.terminate()
@@ -274,8 +323,8 @@ def run_pipeline(cfg: Config, *, log_path: Path | None = None, items_path: Path 
         summary["interrupted"] = interrupted
         if failed:
             summary["failed_stage"] = failed
-            sys.stderr.write(f"\nstage {failed} failed (exit {stages[failed].proc.returncode}); its log:\n"
-                             f"{stages[failed].log_tail()}\n")
+            sys.stderr.write(f"\nstage {failed} failed (exit code {stages[failed].poll()}); the end of its log "
+                             f"({stages[failed].log_path}):\n{stages[failed].log_tail()}\n")
         print_summary(summary, sys.stdout)
         return summary
     finally:

@@ -77,8 +77,11 @@ class _Pacer:
 
 def publish(cfg: Config, events: Iterable[SourceRecord], *, producer_id: str, speed: float = 0.0,
             progress: bool = False, on_status: Callable[[dict[str, Any]], None] | None = None,
-            stop: threading.Event | None = None) -> dict[str, Any]:
-    """Send ``events`` (in order) and end markers; return a summary.
+            stop: threading.Event | None = None, end_markers: bool = True) -> dict[str, Any]:
+    """Send ``events`` (in order) and, unless ``end_markers`` is False, end markers; return a summary.
+
+    ``end_markers=False`` is for a prelude that is not the stream itself (the catalogue
+    published ahead of traffic, see :func:`simulators.sources.leading_items`).
 
     The topics must exist (``bus.ensure_topics``). Raises ``bus.DeliveryFailed`` if the broker
     did not acknowledge every record.
@@ -168,8 +171,9 @@ def publish(cfg: Config, events: Iterable[SourceRecord], *, producer_id: str, sp
     last_wall = time.time() if first_wall is not None else None
 
     bus.flush_or_raise(prod, tracker)
-    for logical, topic in names.items():
-        bus.write_end_markers(prod, topic, producer_id, dict(enumerate(counts[logical])))
+    if end_markers:
+        for logical, topic in names.items():
+            bus.write_end_markers(prod, topic, producer_id, dict(enumerate(counts[logical])))
     bus.flush_or_raise(prod, tracker)
     bus.flush_or_raise(prod, sink.tracker)
     if bar is not None:

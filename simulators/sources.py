@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Iterator
 
 from livectr.config import Config
+from livectr.events import Item
 from simulators.records import SourceRecord
 from simulators.replay import load_replay
 from simulators.synthetic import GroundTruth, SyntheticTraffic
@@ -39,3 +40,16 @@ def open_source(cfg: Config, log: Path | None = None, items: Path | None = None)
     desc = (f"replay of {log}: {counts['impressions']:,} impressions, {counts['clicks']:,} clicks, "
             f"{counts['items']:,} items, {counts['bad_records']:,} bad records")
     return Source(events=iter(records), truth=None, description=desc)
+
+
+def leading_items(events: Iterator[SourceRecord]) -> Iterator[Item]:
+    """The catalogue: the item records before the first impression or click.
+
+    ``livectr run`` publishes these ahead of the traffic and lets the semantic teacher encode
+    them first, as a deployment's cache is warm for the existing catalogue; items born later
+    still go through the asynchronous miss-and-fill path.
+    """
+    for rec in events:
+        if type(rec) is not Item:
+            return
+        yield rec

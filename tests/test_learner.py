@@ -125,7 +125,7 @@ def test_hard_gate_runs_branch_only_where_open() -> None:
         model.semantic.gate[-1].weight[0, 0] = -1.0
         model.semantic.gate[-1].bias.fill_(0.5)
         out = model(inp, train=False)
-        u, i = model.user_emb(inp.user), model.item_emb(inp.item)
+        u, i = model.user_emb(inp.user)[:, :d], model.item_emb(inp.item)[:, :d]
         full, _, _ = model.semantic.branch_logit(u, i, inp, None)
         model.semantic = None
         plain = model(inp, train=False).logit

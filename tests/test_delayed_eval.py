@@ -1,0 +1,35 @@
+"""Progressive validation under fake-negative labelling scores each impression exactly once."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from learner.metrics import DelayedLabelEvaluator, LearnerMetrics
+from livectr.events import KIND_FAKE_NEGATIVE, KIND_FINAL, KIND_POSITIVE_COPY
+
+
+def _feed(ev: DelayedLabelEvaluator, m: LearnerMetrics, rows: list[tuple[str, float, float, int, int]]) -> None:
+    ids = [r[0] for r in rows]
+    ev.observe(m, ids, np.array([r[1] for r in rows]), np.array([r[2] for r in rows]),
+               np.array([r[3] for r in rows], dtype=np.float32), np.array([r[4] for r in rows]),
+               np.zeros(len(rows), dtype=bool))
+
+
+def test_positive_copy_is_scored_with_the_fake_negatives_score() -> None:
+    ev, m = DelayedLabelEvaluator(window_s=100, slack_s=0), LearnerMetrics()
+    _feed(ev, m, [("a", 0.0, 0.9, 0, KIND_FAKE_NEGATIVE), ("b", 1.0, 0.1, 0, KIND_FAKE_NEGATIVE)])
+    assert m.examples == 0 and len(ev) == 2
+    # the model was pushed down on "a" meanwhile: its copy now scores 0.05, but 0.9 is what counts
+    _feed(ev, m, [("a", 0.0, 0.05, 1, KIND_POSITIVE_COPY)])
+    assert m.examples == 1 and m.positives == 1
+    _feed(ev, m, [("c", 150.0, 0.5, 0, KIND_FAKE_NEGATIVE)])  # event time passes b's window
+    assert m.examples == 2 and len(ev) == 1
+    ev.flush(m)
+    assert m.examples == 3 and m.positives == 1
+    assert m.auc.value() == 1.0  # a (0.9, clicked) above b (0.1) and c (0.5)
+
+
+def test_final_labels_pass_straight_through() -> None:
+    ev, m = DelayedLabelEvaluator(window_s=100), LearnerMetrics()
+    _feed(ev, m, [("a", 0.0, 0.7, 1, KIND_FINAL), ("b", 0.0, 0.2, 0, KIND_FINAL)])
+    assert m.examples == 2 and len(ev) == 0
