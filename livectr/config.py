@@ -57,7 +57,7 @@ class KafkaConfig:
 class SimulatorConfig:
     """Synthetic traffic (and replay speed) settings."""
 
-    events: int = 600_000
+    events: int = 1_500_000
     seed: int = 7
     users: int = 5_000
     items: int = 2_000
