@@ -37,3 +37,13 @@ def kafka_config(broker: EmbeddedBroker, tmp_path: Path) -> Config:
     cfg.data_dir = tmp_path / "data"
     cfg.simulator.progress = False
     return cfg
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> Config:
+    """A small CPU learner config with its own data dir (test files may define their own ``cfg``)."""
+    c = Config()
+    c.data_dir = tmp_path / "data"
+    c.learner.device = "cpu"
+    c.learner.context_buckets = 1 << 12
+    return c

@@ -7,7 +7,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -19,15 +18,6 @@ from learner.synthetic import ToyWorld
 from learner.trainer import OnlineLearner
 from livectr.config import Config
 from livectr.events import Impression
-
-
-@pytest.fixture
-def cfg(tmp_path: Path) -> Config:
-    c = Config()
-    c.data_dir = tmp_path / "data"
-    c.learner.device = "cpu"
-    c.learner.context_buckets = 1 << 12
-    return c
 
 
 def impressions(world: ToyWorld, n: int) -> list[Impression]:

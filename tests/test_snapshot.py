@@ -24,15 +24,6 @@ def trained(cfg: Config, batches: int = 5, seed: int = 0) -> tuple[OnlineLearner
     return learner, world
 
 
-@pytest.fixture
-def cfg(tmp_path: Path) -> Config:
-    c = Config()
-    c.data_dir = tmp_path / "data"
-    c.learner.device = "cpu"
-    c.learner.context_buckets = 1 << 12
-    return c
-
-
 def test_publish_layout_manifest_and_pointer(cfg: Config) -> None:
     learner, _ = trained(cfg)
     v, path = snap.publish_snapshot(cfg.data_dir, learner.state(), {"examples_seen": 640, "offsets": {"0": 5}}, keep=3)
