@@ -27,6 +27,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
+
 from confluent_kafka import KafkaError, Message
 
 from learner.model import ModelConfig
@@ -130,6 +132,7 @@ class _Run:
         self.last_status_t = 0.0
         self.trained_at_status = 0
         self.records = 0
+        self.rng = np.random.default_rng(cfg.simulator.seed)
 
     # -- input --------------------------------------------------------------------------------
 
@@ -160,20 +163,33 @@ class _Run:
     # -- training -----------------------------------------------------------------------------
 
     def train(self, force: bool) -> None:
-        """Train full batches; with ``force`` (or a stale buffer) the remainder too."""
+        """Train once a shuffle buffer is full; with ``force`` (or a stale buffer) everything buffered.
+
+        Why shuffle: under ``wait`` a positive is emitted when its click arrives and a negative
+        when its window closes, so the examples topic delivers labels in clumps (a run of
+        positives, then the negatives of the same moment). Mini-batches cut from such clumps
+        make the model swing with the clump it just saw, and each next batch is then scored
+        against the opposite label. Training batches drawn from a shuffled buffer of
+        ``cfg.learner.shuffle_buffer`` examples (≈0.1 s of stream) removes the swing at a cost of
+        that much freshness; every batch is still scored before it is trained on.
+        """
         size = self.cfg.learner.batch_size
         stale = self.buffer and (time.monotonic() - self.buffer_since) * 1000 >= self.cfg.learner.partial_batch_ms
-        trained_any = False
-        while len(self.buffer) >= size or (self.buffer and (force or stale)):
-            batch, self.buffer = self.buffer[:size], self.buffer[size:]
+        if not (force or stale or len(self.buffer) >= max(size, self.cfg.learner.shuffle_buffer)):
+            return
+        order = self.rng.permutation(len(self.buffer))
+        pending = [self.buffer[i] for i in order]
+        keep = 0 if (force or stale) else len(pending) % size
+        self.buffer = pending[len(pending) - keep:] if keep else []
+        for start in range(0, len(pending) - keep, size):
+            batch = pending[start:start + size]
             t = time.perf_counter()
             self.learner.learn_batch(batch)
             self.train_s += time.perf_counter() - t
             self.trained += len(batch)
             self.positives += sum(ex.label for ex in batch)
-            trained_any = True
-        if trained_any and self.buffer:
-            self.buffer_since = time.monotonic()  # the remainder arrived with the batch just trained
+        if self.buffer:
+            self.buffer_since = time.monotonic()  # the remainder arrived with the batches just trained
 
     # -- snapshots ----------------------------------------------------------------------------
 

@@ -130,6 +130,8 @@ class LearnerConfig:
     #: Learning rate of the sparse embedding tables (SparseAdam). Higher than ``lr``: each row
     #: sees only the examples of its id, so it needs bigger steps to learn within a stream.
     embedding_lr: float = 0.01
+    #: Examples shuffled together before mini-batches are cut (breaks label clumps; see learner.loop).
+    shuffle_buffer: int = 4096
     #: Context fields that get their own embedding slot (first seen, first served; extra fields are
     #: counted and ignored so an unbounded set of field names cannot grow the model).
     context_fields: int = 4

@@ -45,8 +45,12 @@ def test_run_matches_ground_truth_and_learns(kafka_config: Config, tmp_path: Pat
     cfg.simulator.events = 40_000
     cfg.simulator.users = 1_000
     cfg.simulator.items = 300
+    # The stream spans ~190 s of event time: with the default 10-minute window every negative
+    # would be emitted at the end-of-stream flush, after every positive, and progressive AUC
+    # would measure that order. A 60 s window keeps labels interleaved.
+    cfg.join.window_s = 60.0
     truth = _truth(cfg)
-    summary = _run(cfg, tmp_path, "--semantics", "off")
+    summary = _run(cfg, tmp_path, "--semantics", "off", "--window-s", "60")
 
     for key in ("events_published", "impressions", "clicks", "examples_trained", "positives", "progressive_auc",
                 "progressive_logloss", "cold_start_auc", "events_per_second", "freshness_p50_s",

@@ -51,6 +51,7 @@ def test_bounded_run_counts_dead_letters_snapshots_and_resume(kafka_config: Conf
     cfg.learner.batch_size = 256
     cfg.learner.context_buckets = 1 << 12
     cfg.learner.snapshot_every_examples = 1500
+    cfg.learner.shuffle_buffer = 0  # train as batches arrive, so the snapshot cadence is per 1,500 examples
     bus.ensure_topics(cfg)
     world = ToyWorld(users=60, items=30, seed=4)
 
