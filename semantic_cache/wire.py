@@ -13,6 +13,8 @@ time. The client's staleness is measured from ``requested_at``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 from livectr.events import DecodeError
@@ -48,21 +50,21 @@ def vector_key(kind: str, id: str) -> bytes:
     return f"{kind}:{id}".encode()
 
 
-def decode_vector(raw: bytes | None) -> SemanticVector:
-    """Decode a semantic-topic record, raising :class:`DecodeError` with a reason."""
+def _decode(decoder: msgspec.msgpack.Decoder, raw: bytes | None, what: str) -> Any:
+    """One record through ``decoder``; every failure becomes a :class:`DecodeError` reason."""
     if raw is None:
         raise DecodeError("empty message (null value)")
     try:
-        return _vector_decoder.decode(raw)
+        return decoder.decode(raw)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise DecodeError(f"invalid semantic vector: {exc}") from None
+        raise DecodeError(f"invalid {what}: {exc}") from None
+
+
+def decode_vector(raw: bytes | None) -> SemanticVector:
+    """Decode a semantic-topic record, raising :class:`DecodeError` with a reason."""
+    return _decode(_vector_decoder, raw, "semantic vector")
 
 
 def decode_miss(raw: bytes | None) -> MissReport:
     """Decode a miss report, raising :class:`DecodeError` with a reason."""
-    if raw is None:
-        raise DecodeError("empty message (null value)")
-    try:
-        return _miss_decoder.decode(raw)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise DecodeError(f"invalid miss report: {exc}") from None
+    return _decode(_miss_decoder, raw, "miss report")
