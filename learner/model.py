@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from learner.sparse import SparseTable
 from livectr.config import Config
 
 #: Scale of the log-count gate feature: log1p(count) / COUNT_SCALE is ~1 at ~1000 impressions.
@@ -95,6 +96,10 @@ class ModelOutputs(NamedTuple):
     #: Gate probability and the hard decision actually used (None without semantics).
     gate_prob: torch.Tensor | None
     gate: torch.Tensor | None
+    #: Training only: the id part's logit and the semantic branch's residual on every example,
+    #: whatever the gate chose (the branch is trained on all of them; see the trainer).
+    base_logit: torch.Tensor | None = None
+    branch_logit: torch.Tensor | None = None
 
 
 class CrossNetV2(nn.Module):
@@ -132,7 +137,12 @@ class SemanticPart(nn.Module):
         d, s = mc.embedding_dim, mc.sem_dim
         self.item_head = mlp([d, 2 * d, s])
         self.user_head = mlp([d, 2 * d, s])
-        self.branch = mlp([3 * s, mc.sem_hidden, 1])
+        self.branch = mlp([4 * s, mc.sem_hidden, 1])
+        # The user's taste in the teacher's space, learned from the user's id embedding: the
+        # bilinear term uᵀA·item_vec is what lets a user's clicks on some texts reach items the
+        # user (or anyone) has never seen — the cold-start case semantics exist for.
+        self.taste = nn.Linear(d, s, bias=False)
+        nn.init.zeros_(self.taste.weight)
         self.gate = mlp([2 * d + 2, mc.gate_hidden, 1])
         nn.init.constant_(self.gate[-1].bias, 1.0)  # start open: the branch must first prove itself
 
@@ -151,7 +161,9 @@ class SemanticPart(nn.Module):
         item_hat, user_hat = self.item_head(i), self.user_head(u)
         iv = torch.where(item_mask.unsqueeze(1), item_sem, F.normalize(item_hat, dim=1))
         uv = torch.where(user_mask.unsqueeze(1), user_sem, F.normalize(user_hat, dim=1))
-        return self.branch(torch.cat([iv, uv, iv * uv], dim=1)).squeeze(1), item_hat, user_hat
+        taste = self.taste(u) * iv
+        logit = self.branch(torch.cat([iv, uv, iv * uv, taste], dim=1)).squeeze(1) + taste.sum(dim=1)
+        return logit, item_hat, user_hat
 
 
 class StudentCTR(nn.Module):
@@ -166,25 +178,21 @@ class StudentCTR(nn.Module):
         # weights, long before the interactions have converged (the gap to FTRL logistic
         # regression early in a stream was this). Keeping it in the same row means it grows,
         # snapshots and cold-starts with the id's embedding.
-        self.user_emb = nn.Embedding(mc.user_capacity, d + 1, sparse=True)
-        self.item_emb = nn.Embedding(mc.item_capacity, d + 1, sparse=True)
-        self.context_emb = nn.Embedding(mc.context_buckets, d + 1, sparse=True)
-        with torch.no_grad():
-            for table in self.sparse_tables():
-                nn.init.normal_(table.weight, std=0.05)
-                table.weight[:, d].zero_()
+        self.user_emb = SparseTable(mc.user_capacity, d)
+        self.item_emb = SparseTable(mc.item_capacity, d)
+        self.context_emb = SparseTable(mc.context_buckets, d)
         self.cross = CrossNetV2(mc.input_dim, mc.cross_layers)
         self.deep = mlp([mc.input_dim, *mc.hidden])
         self.deep.append(nn.ReLU())
         self.out = nn.Linear(mc.input_dim + (mc.hidden[-1] if mc.hidden else mc.input_dim), 1)
         self.semantic = SemanticPart(mc) if mc.sem_dim > 0 else None
 
-    def sparse_tables(self) -> list[nn.Embedding]:
-        return [self.user_emb, self.item_emb, self.context_emb]
+    def sparse_tables(self) -> dict[str, SparseTable]:
+        """The id tables, trained by :class:`learner.sparse.RowAdagrad` rather than autograd optimisers."""
+        return {"user": self.user_emb, "item": self.item_emb, "context": self.context_emb}
 
     def dense_parameters(self) -> list[nn.Parameter]:
-        sparse = {id(t.weight) for t in self.sparse_tables()}
-        return [p for p in self.parameters() if id(p) not in sparse]
+        return [p for p in self.parameters() if p.requires_grad]
 
     def forward(self, inp: ModelInputs, train: bool = True) -> ModelOutputs:
         d = self.mc.embedding_dim
@@ -201,7 +209,7 @@ class StudentCTR(nn.Module):
         if train:
             gate = _straight_through_bernoulli(g_logit)
             sem_logit, item_hat, user_hat = self.semantic.branch_logit(u, i, inp, None)
-            return ModelOutputs(logit + gate * sem_logit, item_hat, user_hat, g_prob, gate)
+            return ModelOutputs(logit + gate * sem_logit, item_hat, user_hat, g_prob, gate, logit, sem_logit)
         gate = (g_logit > 0).to(logit.dtype)
         rows = torch.nonzero(gate, as_tuple=True)[0]
         if rows.numel():
@@ -248,16 +256,3 @@ def _straight_through_bernoulli(logit: torch.Tensor, temperature: float = 0.5) -
     soft = torch.sigmoid((logit + torch.log(u) - torch.log1p(-u)) / temperature)
     hard = (soft > 0.5).to(soft.dtype)
     return hard + soft - soft.detach()
-
-
-def grow_embedding(table: nn.Embedding, rows: int) -> nn.Parameter:
-    """A new weight with ``rows`` rows: old rows copied, new rows initialised like fresh ones."""
-    old = table.weight.data
-    new = torch.empty(rows, old.shape[1], dtype=old.dtype, device=old.device)
-    nn.init.normal_(new, std=0.05)
-    new[:, -1] = 0.0  # the first-order weight column starts at zero
-    new[: old.shape[0]] = old
-    param = nn.Parameter(new)
-    table.weight = param
-    table.num_embeddings = rows
-    return param

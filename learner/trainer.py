@@ -4,11 +4,11 @@
 forward pass that is then back-propagated), the scores go to the metrics and are returned,
 and only then is the model updated. So every reported figure is out-of-sample.
 
-Optimisers respect sparsity: the embedding tables produce sparse gradients and are updated
-by ``SparseAdam`` (lazy Adam: only the rows in the batch move, so cost scales with the batch,
-not with the vocabulary); the dense layers use ``Adam``. When a vocabulary outgrows its
-table, the table is re-allocated (capacity doubling) and the optimiser's per-row state is
-padded in the same step, so the moments of existing rows survive growth.
+Optimisers respect sparsity: the id tables are updated by :class:`learner.sparse.RowOptimizer`
+(only the rows in the batch move, each at the pace of its own examples, as under per-example
+Adagrad/FTRL; see that module for why); the dense layers use ``Adam``. When a vocabulary
+outgrows its table, the table is re-allocated (capacity doubling) and the optimiser's per-row
+accumulators are padded, so existing rows keep their state.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from learner.features import EncodedBatch, Featurizer
 from learner.metrics import DelayedLabelEvaluator, LearnerMetrics
-from learner.model import ModelConfig, StudentCTR, grow_embedding
+from learner.model import ModelConfig, StudentCTR
+from learner.sparse import RowOptimizer
 from livectr.config import Config
 from livectr.events import KIND_FAKE_NEGATIVE, KIND_FINAL, KIND_POSITIVE_COPY, Example
 from semantic_cache.index import ItemIndex
@@ -102,7 +103,9 @@ class OnlineLearner:
             self.featurizer = Featurizer.from_state(state.meta["featurizer"], state.arrays.get("user_counts"),
                                                     state.arrays.get("item_counts"))
         self.model = StudentCTR(mc).to(self.device)
-        self.sparse_opt = torch.optim.SparseAdam([t.weight for t in self.model.sparse_tables()], lr=lc.embedding_lr)
+        self.sparse_opt = RowOptimizer(self.model.sparse_tables(), lr=lc.embedding_lr,
+                                       initial_accumulator=lc.embedding_init_accumulator,
+                                       wide_prior=lc.wide_prior, wide_lr=lc.wide_lr)
         self.dense_opt = torch.optim.Adam(self.model.dense_parameters(), lr=lc.lr, fused=True)
         self.metrics = LearnerMetrics()
         self.delayed = DelayedLabelEvaluator(cfg.join.window_s)
@@ -156,9 +159,11 @@ class OnlineLearner:
 
         self.model.train()
         out = self.model(inp, train=True)
-        p = torch.sigmoid(out.logit)
+        shift = self._in_batch_shift(inp, out.logit, labels, kinds)
+        logit = out.logit + shift
+        p = torch.sigmoid(logit)
         weights = fake_negative_weights(p, labels, kinds)
-        ctr_loss = (weights * F.binary_cross_entropy_with_logits(out.logit, labels, reduction="none")).mean()
+        ctr_loss = (weights * F.binary_cross_entropy_with_logits(logit, labels, reduction="none")).mean()
         loss = ctr_loss
         distill_value: float | None = None
         gate_used = 0.0
@@ -168,12 +173,16 @@ class OnlineLearner:
                            + cosine_distill_loss(out.user_hat, inp.user_sem, inp.user_sem_mask))
                 loss = loss + self.cfg.learner.distill_weight * distill
                 distill_value = float(distill.detach())
-            loss = loss + self.cfg.learner.gate_cost * out.gate_prob.mean()
+            # The branch learns on every example, from the id part's logit (held fixed), not only
+            # where the gate is open: a closed gate would otherwise starve the branch, which then
+            # never becomes worth opening for (DynMM trains its experts before its gate for this).
+            branch_loss = (weights * F.binary_cross_entropy_with_logits(
+                out.base_logit.detach() + shift + out.branch_logit, labels, reduction="none")).mean()
+            loss = loss + branch_loss + self.cfg.learner.gate_cost * out.gate_prob.mean()
             gate_used = float(out.gate.detach().sum())
-        self.sparse_opt.zero_grad(set_to_none=True)
         self.dense_opt.zero_grad(set_to_none=True)
         loss.backward()
-        self.sparse_opt.step()
+        self.sparse_opt.step((weights * p * (1 - p)).detach(), loss_scale=len(examples))
         self.dense_opt.step()
         finished = time.time()
 
@@ -183,6 +192,22 @@ class OnlineLearner:
         return {"predictions": probs, "loss": float(loss.detach()), "ctr_loss": float(ctr_loss.detach()),
                 "distill_loss": distill_value, "gate_usage": gate_used / len(examples) if self.semantic else None,
                 "cold_started": cold_started}
+
+    @torch.no_grad()
+    def _in_batch_shift(self, inp: Any, logit: torch.Tensor, labels: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
+        """Per-example first-order updates of the user and item within the batch (see RowOptimizer).
+
+        Why: with mini-batches, every example of a user in one batch is scored before anything
+        is learned from any of them; per-example learners (VW, FTRL) learn a bursty user's bias
+        from their first few examples. The residuals are taken at the batch-start prediction.
+        """
+        if not self.cfg.learner.in_batch_wide:
+            return torch.zeros_like(logit)
+        p = torch.sigmoid(logit)
+        w = fake_negative_weights(p, labels, kinds)
+        grad, curvature = w * (p - labels), w * p * (1 - p)
+        return (self.sparse_opt.in_batch_wide_shift("user", inp.user, grad, curvature)
+                + self.sparse_opt.in_batch_wide_shift("item", inp.item, grad, curvature))
 
     @torch.no_grad()
     def _init_base_rate(self, labels: np.ndarray) -> None:
@@ -217,12 +242,9 @@ class OnlineLearner:
     # -- growing tables ---------------------------------------------------------------------
 
     def _sync_capacity(self) -> None:
-        """Grow embedding tables (and SparseAdam state) to the vocabularies' capacities."""
+        """Grow id tables to the vocabularies' capacities (the optimiser pads its state on its next step)."""
         for table, vocab in ((self.model.user_emb, self.featurizer.users), (self.model.item_emb, self.featurizer.items)):
-            if vocab.capacity > table.num_embeddings:
-                old = table.weight
-                new = grow_embedding(table, vocab.capacity)
-                _replace_param(self.sparse_opt, old, new)
+            table.grow(vocab.capacity)
 
     # -- cold start -------------------------------------------------------------------------
 
@@ -313,12 +335,11 @@ class OnlineLearner:
 
     def state(self) -> LearnerState:
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        optimizer: dict[str, torch.Tensor] = {}
+        optimizer = {f"sparse/{name}/accum": acc.cpu() for name, acc in self.sparse_opt.state().items()}
         names = {id(p): n for n, p in self.model.named_parameters()}
-        for prefix, opt in (("sparse", self.sparse_opt), ("dense", self.dense_opt)):
-            for p, st in opt.state.items():
-                for key, value in st.items():
-                    optimizer[f"{prefix}/{names[id(p)]}/{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+        for p, st in self.dense_opt.state.items():
+            for key, value in st.items():
+                optimizer[f"dense/{names[id(p)]}/{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
         mc = self.model.mc
         mc_dict = {**mc.to_dict(), "user_capacity": self.model.user_emb.num_embeddings,
                    "item_capacity": self.model.item_emb.num_embeddings}
@@ -337,18 +358,12 @@ class OnlineLearner:
         self.items_cold_started = int(state.meta.get("items_cold_started", 0))
         if self.serving:
             return
-        params = dict(self.model.named_parameters())
-        for prefix, opt in (("sparse", self.sparse_opt), ("dense", self.dense_opt)):
-            for p in opt.param_groups[0]["params"]:
-                name = next(n for n, q in params.items() if q is p)
-                st = {key.rsplit("/", 1)[1]: t for key, t in state.optimizer.items()
-                      if key.startswith(f"{prefix}/{name}/")}
-                if not st:
-                    continue
-                if prefix == "sparse":
-                    st["step"] = int(st["step"].item())
-                opt.state[p] = {k: (v.to(self.device) if isinstance(v, torch.Tensor) and v.dim() else v)
-                                for k, v in st.items()}
+        self.sparse_opt.load({key.split("/")[1]: t for key, t in state.optimizer.items()
+                              if key.startswith("sparse/") and key.endswith("/accum")})
+        for name, p in self.model.named_parameters():
+            st = {key.rsplit("/", 1)[1]: t for key, t in state.optimizer.items() if key.startswith(f"dense/{name}/")}
+            if st:
+                self.dense_opt.state[p] = {k: (v.to(self.device) if v.dim() else v) for k, v in st.items()}
         metrics = {k.split(".", 1)[1]: v for k, v in state.arrays.items() if k.startswith("metrics.")}
         if metrics:
             self.metrics.load(metrics)
@@ -359,20 +374,3 @@ class OnlineLearner:
             self._grow_indexed_rows()
             self._indexed_rows[[self.featurizer.items.row(i) for i in ids]] = True
 
-
-def _replace_param(opt: torch.optim.Optimizer, old: torch.nn.Parameter, new: torch.nn.Parameter) -> None:
-    """Swap ``old`` for ``new`` in ``opt``, zero-padding per-row state to the new row count."""
-    for group in opt.param_groups:
-        for i, p in enumerate(group["params"]):
-            if p is old:
-                group["params"][i] = new
-    state = opt.state.pop(old, None)
-    if state is None:
-        return
-    grown: dict[str, Any] = {}
-    for key, value in state.items():
-        if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == old.shape[0]:
-            pad = torch.zeros((new.shape[0] - old.shape[0], *value.shape[1:]), dtype=value.dtype, device=value.device)
-            value = torch.cat([value, pad])
-        grown[key] = value
-    opt.state[new] = grown

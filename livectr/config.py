@@ -127,16 +127,24 @@ class LearnerConfig:
     context_buckets: int = 1 << 18
     #: Weight of the distillation loss beside the CTR loss.
     distill_weight: float = 0.5
-    #: Learning rate of the sparse embedding tables (SparseAdam). Higher than ``lr``: each row
-    #: sees only the examples of its id, so it needs bigger steps to learn within a stream.
-    embedding_lr: float = 0.01
+    #: Id tables (learner.sparse.RowOptimizer): Adagrad learning rate of the embedding columns
+    #: (per-example accumulation) and its starting accumulator, in per-example gradient units.
+    embedding_lr: float = 0.02
+    embedding_init_accumulator: float = 0.1
+    #: First-order weights (online Newton): prior precision (shrinkage of rare ids) and step scale.
+    wide_prior: float = 2.5
+    wide_lr: float = 1.0
+    #: Score each example with the first-order updates of earlier examples of its user and item in
+    #: the same mini-batch, as a per-example learner would (RowOptimizer.in_batch_wide_shift).
+    in_batch_wide: bool = True
     #: Examples shuffled together before mini-batches are cut (breaks label clumps; see learner.loop).
     shuffle_buffer: int = 4096
     #: Context fields that get their own embedding slot (first seen, first served; extra fields are
     #: counted and ignored so an unbounded set of field names cannot grow the model).
     context_fields: int = 4
-    #: Price of using the semantic branch on one example, in loss units (DynMM resource cost).
-    gate_cost: float = 0.02
+    #: Price of using the semantic branch on one example, in loss units (DynMM resource cost):
+    #: 0 opens the gate wherever the branch lowers the loss; higher trades AUC for compute.
+    gate_cost: float = 0.0003
     #: Hidden width of the semantic branch.
     sem_hidden: int = 32
     #: A neighbour counts as "trained" for cold-start initialisation after this many impressions.

@@ -42,6 +42,11 @@ disorder a click that arrives after the window closed is late.
   :data:`~livectr.events.KIND_POSITIVE_COPY` at the first counting click; state is kept until
   the window closes only to drop duplicate clicks.
 
+Semantic vectors (when a cache is attached) go onto each example as the join emits it: the
+item's current vector, and the user's profile as it was when the *impression* arrived — the
+profile at emission time would include clicks made during the window, i.e. after the
+impression.
+
 Clicks that do not count are rejected (dead-lettered by the worker) with a reason:
 ``click without impression within window`` (an orphan: buffered until ``watermark >
 click.ts + W``, then rejected), ``late click: …`` (the impression's window already closed —
@@ -145,6 +150,8 @@ class PartitionState(msgspec.Struct):
     closed_older: list[str]
     examples_total: int
     finished: bool
+    #: The user's semantic vector as it was when each pending impression arrived (see ``on_impression``).
+    user_vectors: dict[str, bytes | None] = msgspec.field(default_factory=dict)
 
 
 class JoinCounters(msgspec.Struct):
@@ -191,6 +198,7 @@ class PartitionJoin:
         self._disorder: list[tuple[float, int, str]] = []
         self._disorder_offsets: dict[str, int] = {}
         self.clicked: dict[str, int] = {}
+        self._user_vectors: dict[str, bytes | None] = {}
         self.orphans: dict[str, OrphanClick] = {}
         self._orphan_heap: list[tuple[float, int, str]] = []
         self._closed_memory = max(1, closed_memory)
@@ -219,6 +227,11 @@ class PartitionJoin:
             self.rejected.append(Rejection(REASON_DUPLICATE_IMPRESSION, raw, IMPRESSIONS, offset, iid))
             return
         self.pending[iid] = imp
+        if self.semantics is not None:
+            # The user's profile *now*, not when the label is decided: a negative is emitted a
+            # whole window later, and a profile read then would hold clicks made after this
+            # impression — information no scorer has at impression time, and a label leak.
+            self._user_vectors[iid] = self.semantics.user(imp.user_id)
         if ts >= self._last_queued_ts:
             self._queue.append(imp)
             self._queue_offsets.append(offset)
@@ -284,7 +297,8 @@ class PartitionJoin:
                          decided_at, delay)
         else:
             item_vec = sem.item(imp.item_id)
-            user_vec = sem.user(imp.user_id)
+            iid = imp.impression_id
+            user_vec = self._user_vectors[iid] if iid in self._user_vectors else sem.user(imp.user_id)
             flags = (SEM_ITEM_MISS if item_vec is None else 0) | (SEM_USER_MISS if user_vec is None else 0)
             ex = Example(imp.impression_id, imp.ts, imp.user_id, imp.item_id, imp.context, label, kind,
                          decided_at, delay, item_vec, user_vec, flags, sem.version)
@@ -372,6 +386,7 @@ class PartitionJoin:
             self.counters.negatives += 1
             if self._wait:
                 self._emit(imp, 0, KIND_FINAL, published, -1.0)
+        self._user_vectors.pop(iid, None)
         self._remember_closed(iid)
 
     def _remember_closed(self, iid: str) -> None:
@@ -458,6 +473,7 @@ class PartitionJoin:
             clicked=dict(self.clicked), orphans=list(self.orphans.values()),
             closed_recent=list(self._closed_now), closed_older=list(self._closed_prev),
             examples_total=self.examples_total, finished=self.finished,
+            user_vectors=dict(self._user_vectors),
         )
 
     @classmethod
@@ -488,6 +504,7 @@ class PartitionJoin:
         join._closed_prev = set(state.closed_older)
         join.examples_total = state.examples_total
         join.finished = state.finished
+        join._user_vectors = dict(state.user_vectors)
         return join
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import msgspec
 import numpy as np
 import pytest
 import torch
@@ -153,7 +154,9 @@ def test_learns_user_item_signal(semantic: bool) -> None:
 
 
 def test_learn_batch_returns_pre_update_predictions() -> None:
-    learner = OnlineLearner(make_cfg(False))
+    cfg = make_cfg(False)
+    cfg.learner.in_batch_wide = False
+    learner = OnlineLearner(cfg)
     world = ToyWorld(users=30, items=20)
     learner.learn_batch(world.examples(256))
     batch = world.examples(256)
@@ -161,6 +164,25 @@ def test_learn_batch_returns_pre_update_predictions() -> None:
     out = learner.learn_batch(batch)
     np.testing.assert_allclose(out["predictions"], before, rtol=1e-5, atol=1e-6)
     assert not np.allclose(learner.predict_batch(batch), before)  # and then it did learn
+
+
+def test_in_batch_shift_only_moves_repeat_ids_and_uses_only_earlier_labels() -> None:
+    """With the in-batch first-order replay, an example whose user and item are new to the batch
+    keeps its pre-update score; the others move; and no score depends on a later label."""
+    learner = OnlineLearner(make_cfg(False))
+    world = ToyWorld(users=30, items=20)
+    learner.learn_batch(world.examples(256))
+    batch = world.examples(256)
+    before = learner.predict_batch(batch)
+    twin = OnlineLearner(make_cfg(False), state=learner.state())
+    out = learner.learn_batch(batch)["predictions"]
+    users, items = [e.user_id for e in batch], [e.item_id for e in batch]
+    fresh = np.array([users.index(u) == k and items.index(i) == k for k, (u, i) in enumerate(zip(users, items))])
+    np.testing.assert_allclose(out[fresh], before[fresh], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(out[~fresh], before[~fresh])
+    # Flip every label from position 100 on: the first 100 scores must not change.
+    flipped = [msgspec.structs.replace(e, label=1 - e.label) if k >= 100 else e for k, e in enumerate(batch)]
+    np.testing.assert_allclose(twin.learn_batch(flipped)["predictions"][:100], out[:100], rtol=1e-5, atol=1e-6)
 
 
 @given(st.lists(st.tuples(st.floats(0, 1), st.integers(0, 1), st.sampled_from([KIND_FINAL, KIND_FAKE_NEGATIVE,
@@ -180,7 +202,9 @@ def test_fake_negative_weighting_changes_the_update() -> None:
     world = ToyWorld(users=30, items=20, seed=5)
     data = world.examples(256)
     fn = [Example(**{**{f: getattr(e, f) for f in e.__struct_fields__}, "kind": KIND_FAKE_NEGATIVE}) for e in data]
-    a, b = OnlineLearner(make_cfg(False)), OnlineLearner(make_cfg(False))
+    cfg = make_cfg(False)
+    cfg.learner.in_batch_wide = False  # scores then depend on the (weighted) residuals of earlier examples
+    a, b = OnlineLearner(cfg), OnlineLearner(cfg)
     b.model.load_state_dict(a.model.state_dict())
     ra, rb = a.learn_batch(data), b.learn_batch(fn)
     np.testing.assert_allclose(ra["predictions"], rb["predictions"], rtol=1e-6)
@@ -196,19 +220,37 @@ def test_table_growth_keeps_optimizer_state() -> None:
     cap = emb.num_embeddings
     rows = len(learner.featurizer.users)
     weight_before = emb.weight.detach()[:rows].clone()
-    avg_before = learner.sparse_opt.state[emb.weight]["exp_avg"][:rows].clone()
+    acc_before = learner.sparse_opt.state()["user"][:rows].clone()
     learner.learn_batch(world.examples(3000))  # enough new users to force growth
     emb = learner.model.user_emb
     assert emb.num_embeddings > cap and learner.featurizer.users.capacity == emb.num_embeddings
-    state = learner.sparse_opt.state[emb.weight]
-    assert state["exp_avg"].shape == emb.weight.shape
-    assert learner.sparse_opt.param_groups[0]["params"][0] is emb.weight
-    # Lazy (sparse) Adam leaves rows absent from the second batch untouched: their weights and
-    # moments must have survived the re-allocation bit for bit.
+    acc = learner.sparse_opt.state()["user"]
+    assert acc.shape == emb.weight.shape
+    # Only rows in the second batch move: rows absent from it kept their weights and their
+    # accumulators bit for bit through the re-allocation.
     changed = (emb.weight.detach()[:rows] - weight_before).abs().sum(1)
-    assert (changed == 0).sum() > 0
     keep = (changed == 0).nonzero().flatten()
-    torch.testing.assert_close(state["exp_avg"][keep], avg_before[keep])
+    assert keep.numel() > 0
+    torch.testing.assert_close(acc[keep], acc_before[keep])
+    # New rows start from the initial state: Adagrad accumulator, then the prior precision.
+    new_row = acc[-1]
+    assert float(new_row[0]) == pytest.approx(cfg.learner.embedding_init_accumulator)
+    assert float(new_row[-1]) == pytest.approx(cfg.learner.wide_prior)
+
+
+def test_wide_weights_follow_online_newton() -> None:
+    """One example of a fresh id moves its first-order weight by exactly -g / (prior + h)."""
+    cfg = make_cfg(False)
+    cfg.learner.in_batch_wide = False
+    learner = OnlineLearner(cfg)
+    world = ToyWorld(users=30, items=20)
+    learner.learn_batch(world.examples(256))
+    ex = msgspec.structs.replace(world.examples(1)[0], user_id="someone-new", label=1)
+    p = float(learner.learn_batch([ex])["predictions"][0])
+    row = learner.featurizer.users.row("someone-new")
+    d = learner.model.mc.embedding_dim
+    w = float(learner.model.user_emb.weight[row, d])
+    assert w == pytest.approx((1 - p) / (cfg.learner.wide_prior + p * (1 - p)), rel=1e-4)
 
 
 def test_cold_start_copies_neighbour_embeddings() -> None:

@@ -1,0 +1,184 @@
+"""Sparse id tables and their optimiser: per-example Adagrad rows, online-Newton first-order weights.
+
+Why not ``nn.Embedding(sparse=True)`` + ``SparseAdam``: on a stream, an id's row must learn
+at the pace of its own examples. A mini-batch optimiser gives a row one step per batch,
+whatever the number of its examples in the batch, and Adam's normalised step is then about
+``lr`` per batch: a user who clicks 40 times in one batch moves their bias by ~0.01, while a
+per-example learner (Vowpal Wabbit, FTRL) moves it 40 times. On MovieLens 100K, where users
+rate in bursts, that alone cost ~0.07 AUC against VW.
+
+:class:`RowOptimizer` updates each row from the *per-example* gradients of its lookups:
+
+* **embedding columns** — the batched form of per-example Adagrad: the step is
+  ``lr · Σᵢ gᵢ / √(a + Σ_past g² + Σᵢ gᵢ²)``; because squares are accumulated per example, a row
+  seen *k* times in a batch moves ~√k times as far as a row seen once, as under sequential
+  Adagrad;
+* **the first-order ("wide") weight** in each row's last column — per-coordinate online Newton
+  on the logistic loss, i.e. Bayesian logistic regression with a Gaussian prior (precision
+  ``prior``) and a Laplace update, as in AdPredictor-style CTR models: the precision grows by each
+  example's curvature ``p(1 − p)`` and the step is ``−Σg / precision``. No learning rate to tune
+  per data set: a rare id's weight is shrunk towards 0 until its examples outweigh the prior (a
+  5 % CTR stream needs ~20 impressions for that, a 55 % one ~4), and a row seen hundreds of times
+  in one batch takes one Newton step instead of hundreds of stale gradient steps.
+
+The per-example gradients come for free: the gradient of the *looked-up* rows (one row per
+example and field) is the per-example gradient, so :class:`SparseTable` keeps its lookups and
+the optimiser reads their ``.grad`` — no autograd on the full table, no sparse coalescing.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: Standard deviation of fresh embedding rows.
+INIT_STD = 0.05
+
+
+def fresh_rows(rows: int, dim: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+               ) -> torch.Tensor:
+    """New rows: small random embedding, zero first-order weight (the last column)."""
+    out = torch.empty(rows, dim + 1, dtype=dtype, device=device)
+    nn.init.normal_(out, std=INIT_STD)
+    out[:, dim] = 0.0
+    return out
+
+
+class SparseTable(nn.Module):
+    """An id table (``rows × (dim + 1)``) whose rows are trained by :class:`RowAdagrad`.
+
+    The weight is a parameter without autograd (so it lives in ``state_dict`` and moves with
+    ``.to()``); in training, each lookup's output becomes a leaf that collects the per-example
+    gradient, and is handed to the optimiser by :meth:`take_lookups`.
+    """
+
+    def __init__(self, rows: int, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.weight = nn.Parameter(fresh_rows(rows, dim), requires_grad=False)
+        self._lookups: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        out = F.embedding(idx, self.weight)
+        if self.training and torch.is_grad_enabled():
+            out.requires_grad_(True)
+            self._lookups.append((idx, out))
+        return out
+
+    def take_lookups(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The training lookups since the last call (indices and their gradient-carrying outputs)."""
+        lookups, self._lookups = self._lookups, []
+        return lookups
+
+    def grow(self, rows: int) -> None:
+        """Re-allocate to ``rows`` rows; existing rows are kept, new ones are fresh."""
+        old = self.weight.data
+        if rows <= old.shape[0]:
+            return
+        new = fresh_rows(rows, self.dim, old.device, old.dtype)
+        new[: old.shape[0]] = old
+        self.weight = nn.Parameter(new, requires_grad=False)
+
+
+class RowOptimizer:
+    """Optimiser of named :class:`SparseTable` s (see the module docstring)."""
+
+    def __init__(self, tables: dict[str, SparseTable], lr: float, initial_accumulator: float,
+                 wide_prior: float, wide_lr: float = 1.0) -> None:
+        self.tables = tables
+        self.wide_lr = wide_lr
+        self.lr = lr
+        self._init = {name: self._initial_row(t, initial_accumulator, wide_prior) for name, t in tables.items()}
+        self.accum = {name: self._init[name].expand_as(t.weight).clone() for name, t in tables.items()}
+
+    @staticmethod
+    def _initial_row(table: SparseTable, initial_accumulator: float, wide_prior: float) -> torch.Tensor:
+        """Starting state of a row: Adagrad accumulators, then the first-order weight's precision."""
+        row = torch.full((1, table.dim + 1), initial_accumulator, dtype=table.weight.dtype, device=table.weight.device)
+        row[0, table.dim] = wide_prior
+        return row
+
+    def _sync_rows(self, name: str) -> torch.Tensor:
+        """The state of ``name``, padded with initial rows if its table has grown."""
+        acc, rows = self.accum[name], self.tables[name].num_embeddings
+        if acc.shape[0] < rows:
+            acc = self.accum[name] = torch.cat([acc, self._init[name].expand(rows - acc.shape[0], -1)])
+        return acc
+
+    @torch.no_grad()
+    def step(self, curvature: torch.Tensor, loss_scale: float = 1.0) -> None:
+        """Apply the gradients collected by the tables' lookups since the last step.
+
+        ``curvature`` is each example's d² loss / d logit² (``p(1 − p)`` times its loss weight);
+        ``loss_scale`` turns the gradient of the loss that was back-propagated into gradients of
+        per-example losses (the batch size, for a mean loss): the accumulators are in those units.
+        """
+        for name, table in self.tables.items():
+            used = [(i, out.grad) for i, out in table.take_lookups() if out.grad is not None]
+            if not used:
+                continue
+            acc = self._sync_rows(name)
+            d = table.dim
+            idx = torch.cat([i.reshape(-1) for i, _ in used])
+            grads = torch.cat([g.reshape(-1, d + 1) for _, g in used]) * loss_scale
+            # The wide column accumulates curvature, the embedding columns squared gradients.
+            h = torch.cat([curvature.view(-1, *([1] * (i.dim() - 1))).expand_as(i).reshape(-1) for i, _ in used])
+            second = grads * grads
+            second[:, d] = h
+            rows, inverse = torch.unique(idx, return_inverse=True)
+            total = torch.zeros(rows.numel(), d + 1, dtype=grads.dtype, device=grads.device).index_add_(0, inverse, grads)
+            acc_rows = acc.index_select(0, rows).index_add_(0, inverse, second)
+            acc.index_copy_(0, rows, acc_rows)
+            rate = acc_rows
+            rate[:, :d] = self.lr / acc_rows[:, :d].sqrt()
+            rate[:, d] = self.wide_lr / acc_rows[:, d]
+            table.weight.data.index_add_(0, rows, total.mul_(rate).neg_())
+
+    @torch.no_grad()
+    def in_batch_wide_shift(self, name: str, rows: torch.Tensor, grad: torch.Tensor, curvature: torch.Tensor
+                            ) -> torch.Tensor:
+        """Logit shift of each example from the first-order updates of *earlier* examples of its id.
+
+        A per-example learner has already moved an id's first-order weight by the time it scores
+        the id's next example; a mini-batch scores all of them with the batch-start weight. This
+        gives example ``i`` the Newton step its predecessors in the batch would have made,
+        ``−Σ_{j<i} gⱼ / (precision + Σ_{j<i} hⱼ)`` over earlier examples ``j`` of the same row
+        (``grad``, ``curvature``: per-example d loss / d logit and d² loss / d logit² at the
+        batch-start weights). Example ``i`` only sees labels of examples before it, so
+        progressive validation stays out of sample; bursts of one user (MovieLens users rate
+        dozens of films in a session) are what it is for.
+        """
+        precision = self._sync_rows(name)[:, self.tables[name].dim]
+        order = torch.argsort(rows, stable=True)
+        r, g, h = rows[order], grad[order], curvature[order]
+        n = r.numel()
+        first = torch.ones(n, dtype=torch.bool, device=r.device)
+        first[1:] = r[1:] != r[:-1]
+        positions = torch.arange(n, device=r.device)
+        start = torch.cummax(torch.where(first, positions, torch.zeros_like(positions)), 0).values
+        before_g = _segment_cumsum(g, start) - g
+        before_h = _segment_cumsum(h, start) - h
+        shift = torch.empty_like(g)
+        shift[order] = -self.wide_lr * before_g / (precision[r] + before_h)
+        return shift
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """A copy of the per-row state (never the live tensors: a snapshot must not change)."""
+        return {name: self._sync_rows(name).detach().clone() for name in self.tables}
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        for name, acc in state.items():
+            if name in self.accum:
+                self.accum[name] = acc.to(self.tables[name].weight.device)
+                self._sync_rows(name)
+
+
+def _segment_cumsum(x: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """Inclusive cumulative sum restarting at each segment; ``start[k]`` = first index of k's segment."""
+    total = torch.cumsum(x, 0)
+    return total - (total - x)[start]
