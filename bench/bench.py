@@ -25,6 +25,7 @@ throughput, miss rate, bytes per joined example.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -237,6 +238,13 @@ def _lookup_latency(client: Any, ids: list[str], n: int = 100_000) -> tuple[floa
     return float(np.percentile(times, 50)), float(np.percentile(times, 99))
 
 
+def _gate_free(cfg: Config) -> Config:
+    """The same config with no compute price on the semantic branch (the gate's accuracy-only choice)."""
+    free = copy.deepcopy(cfg)
+    free.learner.gate_cost = 0.0
+    return free
+
+
 def semantic_part(events: int, workdir: Path) -> dict[str, Any]:
     """Issue 3's table: the same examples scored by four learners, for two datasets."""
     from simulators.ml100k import convert_ml100k
@@ -256,6 +264,7 @@ def semantic_part(events: int, workdir: Path) -> dict[str, Any]:
             row = {"figures": figures,
                    "livectr_off": livectr_progressive(cfg, examples, semantics=False),
                    "livectr_on": livectr_progressive(cfg, examples, semantics=True),
+                   "livectr_on_gate_free": livectr_progressive(_gate_free(cfg), examples, semantics=True),
                    "vw": vw_scores(examples, None),
                    "vw_title_words": vw_scores(examples, titles)}
             res[name] = row
@@ -292,12 +301,16 @@ def _print_semantic(res: dict[str, Any]) -> None:
         print(f"\n== semantics: {name} ({f['examples']:,} examples) ==")
         print(f"  {'learner':<28} {'AUC':>8} {'cold-start AUC':>15}")
         for key, label in (("livectr_off", "livectr, semantics off"), ("livectr_on", "livectr, semantics on"),
+                           ("livectr_on_gate_free", "livectr, sem. on, gate cost 0"),
                            ("vw", "VW (FTRL, u×i)"), ("vw_title_words", "VW + title words")):
             print(f"  {label:<28} {row[key]['auc']:>8.4f} {row[key]['cold_auc']:>15.4f}")
         on, off, vwt = row["livectr_on"], row["livectr_off"], row["vw_title_words"]
         print(f"  lift on−off: overall {on['auc'] - off['auc']:+.4f}, cold start {on['cold_auc'] - off['cold_auc']:+.4f};"
               f" on − VW+title words: {on['auc'] - vwt['auc']:+.4f}")
-        print(f"  gate usage {on.get('gate_usage', float('nan')):.3f}, compute saved {on.get('gate_compute_saved', float('nan')):.3f},"
+        free = row["livectr_on_gate_free"]
+        print(f"  gate usage {on.get('gate_usage', float('nan')):.3f}, compute saved {on.get('gate_compute_saved', float('nan')):.3f}"
+              f" (gate cost 0: usage {free.get('gate_usage', float('nan')):.3f}, saved"
+              f" {free.get('gate_compute_saved', float('nan')):.3f}),"
               f" items cold-started from FAISS neighbours {on.get('items_cold_started', 0)}")
         print(f"  cache lookup p50 {f['lookup_p50_ns']:.0f} ns, p99 {f['lookup_p99_ns']:.0f} ns; miss rate {f['miss_rate']:.4f};"
               f" refresh {f['refresh_texts_per_s'] or float('nan'):.0f} texts/s; bytes per example"

@@ -171,6 +171,10 @@ class SemanticConfig:
     enrich_url: str = ""
     enrich_model: str = ""
     user_decay: float = 0.8
+    #: With enrichment: LLM user summary on a user's first click and then every N clicks, over
+    #: the user's last ``user_summary_items`` clicked items.
+    user_summary_every: int = 5
+    user_summary_items: int = 10
     #: Exact FAISS search below this many items, HNSW above.
     faiss_exact_below: int = 50_000
     neighbours: int = 10

@@ -9,9 +9,13 @@ dict lookup (≈100 ns); everything slow happens on a background thread that
   ``miss_retry_s`` per id — to the semantic-misses topic, where the refresher picks them up
   and encodes them first.
 
-User vectors are computed here, not by the teacher: the decayed mean (``user_decay`` per
-click) of the reduced vectors of the items the user clicked, folded in by
-``observe_click``. It needs no extra topic and follows the user's clicks immediately.
+User vectors are computed here: the decayed mean (``user_decay`` per click) of the reduced
+vectors of the items the user clicked, folded in by ``observe_click``; it needs no extra topic
+and follows the user's clicks immediately. With LLM enrichment on, the clicks are also sent to
+the refresher (:class:`~semantic_cache.wire.UserClicks` on the misses topic), which has the
+LLM summarise the user's recent items and publishes the summary's vector (kind ``user``); the
+user vector is then the normalised mean of the click profile and that summary — MSD's
+user-level semantics, with the profile keeping it current between summaries.
 
 Staleness, defined (all in seconds, reported as p50/p99 by :meth:`SemanticCacheClient.stats`):
 
@@ -98,6 +102,12 @@ class SemanticCacheClient:
         self._computed_at: dict[str, float] = {}
         self._users: dict[str, bytes] = {}
         self._profiles: dict[str, tuple[np.ndarray, float]] = {}
+        #: LLM user summaries (reduced vectors, float) and clicks waiting to be sent for them.
+        self._summaries: dict[str, np.ndarray] = {}
+        self._report_clicks = bool(cfg.semantic.enrich)
+        self._click_queue: collections.deque[tuple[str, str]] = collections.deque()
+        self.user_summaries = 0
+        self.click_reports_sent = 0
         self._version_computed = 0.0
         self._miss_queue: collections.deque[str] = collections.deque()
         self._reported: dict[str, float] = {}
@@ -160,8 +170,20 @@ class SemanticCacheClient:
         num = vec if num is None else self.decay * num + vec
         den = self.decay * den + 1.0
         self._profiles[user_id] = (num, den)
-        self._users[user_id] = to_bytes(num / den)
+        self._set_user(user_id)
         self.clicks_folded += 1
+        if self._report_clicks:
+            self._click_queue.append((user_id, item_id))
+
+    def _set_user(self, user_id: str) -> None:
+        """Publish the user's vector: click profile, LLM summary, or the normalised mean of both."""
+        profile = self._profiles.get(user_id)
+        summary = self._summaries.get(user_id)
+        vec = profile[0] / profile[1] if profile is not None else None
+        if summary is not None:
+            vec = summary if vec is None else _unit(_unit(vec) + summary)
+        if vec is not None:
+            self._users[user_id] = to_bytes(vec)
 
     # -- background ----------------------------------------------------------------------------
 
@@ -199,6 +221,7 @@ class SemanticCacheClient:
                 if time.monotonic() - last_flush >= 0.1:
                     last_flush = time.monotonic()
                     self._report_misses()
+                    self._report_clicks_for_summaries()
                     self._producer.poll(0)
         except Exception:  # noqa: BLE001 - the hot path keeps working from the dict; log loudly
             log.exception("semantic cache client thread failed; vectors stop updating")
@@ -213,9 +236,9 @@ class SemanticCacheClient:
                 self.caught_up.set()
         try:
             record = wire.decode_vector(msg.value())
-            if record.kind != "item" or len(record.reduced) != self.dim:
+            if record.kind not in ("item", "user") or len(record.reduced) != self.dim:
                 raise DecodeError(f"invalid semantic vector: kind {record.kind!r}, {len(record.reduced)} bytes, "
-                                  f"expected item with {self.dim}")
+                                  f"expected item or user with {self.dim}")
         except DecodeError as exc:
             self._dead_letters.send(msg.value(), exc.reason, source=msg)
             return
@@ -225,6 +248,11 @@ class SemanticCacheClient:
                 return
             self._switch_version(record.version)
         self._version_computed = max(self._version_computed, record.computed_at)
+        if record.kind == "user":
+            self._summaries[record.id] = _unit(dequantize(record.reduced, self.dim))
+            self._set_user(record.id)
+            self.user_summaries += 1
+            return
         self._items[record.id] = record.reduced
         self._computed_at[record.id] = record.computed_at
         kind, ms = msg.timestamp()
@@ -246,6 +274,7 @@ class SemanticCacheClient:
         self._computed_at = {}
         self._users = {}
         self._profiles = {}
+        self._summaries = {}
 
     def _report_misses(self) -> None:
         """Send missed ids not reported within ``miss_retry_s`` (and still missing)."""
@@ -271,6 +300,19 @@ class SemanticCacheClient:
                         on_delivery=self._delivery.callback)
             self.ids_reported += len(ids)
             self.reports_sent += 1
+
+    def _report_clicks_for_summaries(self) -> None:
+        """Send the clicks folded since the last call, one :class:`UserClicks` per user."""
+        by_user: dict[str, list[str]] = {}
+        while self._click_queue:
+            user_id, item_id = self._click_queue.popleft()
+            by_user.setdefault(user_id, []).append(item_id)
+        now = time.time()
+        for user_id, item_ids in by_user.items():
+            record = wire.UserClicks(user_id=user_id, item_ids=item_ids, ts=now, reporter=self.reporter)
+            bus.produce(self._producer, self.topics.semantic_misses, wire.encode(record),
+                        key=wire.vector_key("user", user_id), on_delivery=self._delivery.callback)
+            self.click_reports_sent += 1
 
     # -- reporting -----------------------------------------------------------------------------
 
@@ -299,6 +341,8 @@ class SemanticCacheClient:
             "warmed_from_store": float(self.warmed),
             "clicks_folded": float(self.clicks_folded),
             "clicks_without_vector": float(self.clicks_without_vector),
+            "user_summaries": float(self.user_summaries),
+            "click_reports_sent": float(self.click_reports_sent),
             "ids_reported": float(self.ids_reported),
             "miss_reports_sent": float(self.reports_sent),
             "records_consumed": float(self.records),
@@ -321,5 +365,12 @@ class SemanticCacheClient:
         self._stop.set()
         self._thread.join(timeout=10)
         self._report_misses()
+        self._report_clicks_for_summaries()
         self._consumer.close()
         self._producer.flush(10)
+
+
+def _unit(vec: np.ndarray) -> np.ndarray:
+    """``vec`` scaled to unit length (unchanged if zero)."""
+    norm = float(np.linalg.norm(vec))
+    return vec / norm if norm > 0 else vec

@@ -19,6 +19,13 @@ same teacher version is not re-encoded — its stored vector is republished (che
 stream on a fresh broker is served at once, and nothing is recomputed after a restart.
 Misses are read from the end: a client re-reports ids that are still missing.
 
+User summaries (LLM enrichment on): join workers' cache clients send each user's clicks
+(:class:`~semantic_cache.wire.UserClicks`, on the misses topic). The refresher keeps the last
+``user_summary_items`` clicked items per user and, on a user's first click and then every
+``user_summary_every`` clicks, asks the LLM to summarise the preferences behind them; the
+teacher encodes the summary and it is published as a ``user`` vector. Item work always goes
+first: the stream waits on item vectors, a user summary only refines a profile that exists.
+
 The reduction (PCA) is fitted once ``reducer_fit_min`` items are encoded — or, when fewer
 items exist, after ``reducer_fit_idle_s`` without new work — and then frozen (see
 :mod:`semantic_cache.reducer`). Vectors encoded before the fit are published right after it.
@@ -29,7 +36,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -61,6 +68,15 @@ class EncodeJob:
     attributes: dict[str, Any]
     hash: str
     source_ts: float
+    requested_at: float
+
+
+@dataclass
+class UserJob:
+    """A user whose preference summary is due: recent clicked items, most recent first."""
+
+    user_id: str
+    item_ids: list[str]
     requested_at: float
 
 
@@ -136,6 +152,9 @@ class RefresherCounters:
     misses_served_from_store: int = 0
     misses_prioritised: int = 0
     misses_unknown: int = 0
+    user_clicks_received: int = 0
+    user_summaries: int = 0
+    user_summaries_skipped: int = 0
     delivery_failures: int = 0
     started: float = field(default_factory=time.time)
 
@@ -166,6 +185,10 @@ class Refresher:
         #: Request times of vectors encoded before the reduction existed.
         self._awaiting_fit: dict[str, float] = {}
         self._last_work = time.monotonic()
+        #: User summaries: recent clicked items per user, clicks since the last summary, due jobs.
+        self._recent_clicks: dict[str, deque[str]] = {}
+        self._clicks_since_summary: dict[str, int] = {}
+        self._user_jobs: OrderedDict[str, UserJob] = OrderedDict()
         if self.reducer is not None:
             self._reduce_stale_rows()
 
@@ -215,9 +238,12 @@ class Refresher:
     def handle_miss_record(self, msg: Message) -> None:
         """A join worker lacked these ids: republish, prioritise, or remember them."""
         try:
-            report = wire.decode_miss(msg.value())
+            report = wire.decode_request(msg.value())
         except DecodeError as exc:
             self.dead_letters.send(msg.value(), exc.reason, source=msg)
+            return
+        if isinstance(report, wire.UserClicks):
+            self.handle_user_clicks(report, message_time(msg))
             return
         if report.kind != "item":
             self.dead_letters.send(msg.value(), f"invalid miss report: unsupported kind {report.kind!r}", source=msg)
@@ -233,6 +259,21 @@ class Refresher:
                 self.counters.misses_unknown += 1
                 with self._lock:
                     self._wanted.add(item_id)
+
+    def handle_user_clicks(self, record: wire.UserClicks, requested_at: float) -> None:
+        """Remember a user's clicks; queue a summary on the first click and every ``user_summary_every``."""
+        sc = self.cfg.semantic
+        self.counters.user_clicks_received += len(record.item_ids)
+        recent = self._recent_clicks.setdefault(record.user_id, deque(maxlen=max(1, sc.user_summary_items)))
+        recent.extend(record.item_ids)
+        first = record.user_id not in self._clicks_since_summary
+        since = self._clicks_since_summary.get(record.user_id, 0) + len(record.item_ids)
+        if first or since >= sc.user_summary_every:
+            with self._lock:
+                self._user_jobs[record.user_id] = UserJob(record.user_id, list(reversed(recent)), requested_at)
+                self._user_jobs.move_to_end(record.user_id)
+            since = 0
+        self._clicks_since_summary[record.user_id] = since
 
     def _publish_stored(self, item_id: str, requested_at: float, force: bool) -> bool:
         """Publish the stored reduced vector of ``item_id`` if there is a current one.
@@ -277,6 +318,43 @@ class Refresher:
             self._awaiting_fit.update({j.item_id: j.requested_at for j in jobs})
             self.maybe_fit(idle=False)
 
+    def encode_user_summaries(self, n: int) -> int:
+        """Summarise (LLM), encode, persist and publish up to ``n`` due users; returns how many.
+
+        Waits for the reduction (vectors must share the items' space); a user none of whose
+        clicked items has a stored text yet is skipped until their next clicks.
+        """
+        if self.reducer is None:
+            return 0
+        with self._lock:
+            jobs = [self._user_jobs.popitem(last=False)[1] for _ in range(min(n, len(self._user_jobs)))]
+        if not jobs:
+            return 0
+        started = time.perf_counter()
+        ready: list[tuple[UserJob, str]] = []
+        for job in jobs:
+            rows = [self.store.get("item", i, self.teacher_version) for i in job.item_ids]
+            texts = [r.text for r in rows if r is not None]
+            if not texts:
+                self.counters.user_summaries_skipped += 1
+                continue
+            summary = self.enricher.summarize_user(texts) if self.enricher is not None else "; ".join(texts)
+            ready.append((job, summary))
+        if not ready:
+            return 0
+        vectors = self.teacher.encode([summary for _, summary in ready])
+        self.counters.encode_seconds += time.perf_counter() - started
+        now = time.time()
+        reducer = self.reducer
+        rows = [StoredVector("user", job.user_id, self.teacher_version, text_hash(summary), summary, "",
+                             v.astype(np.float16), r, reducer.hash, job.requested_at, now)
+                for (job, summary), v, r in zip(ready, vectors, reducer.reduce_bytes(vectors))]
+        self.store.put_many(rows)
+        self.counters.user_summaries += len(rows)
+        self._last_work = time.monotonic()
+        self._publish(rows, {job.user_id: job.requested_at for job, _ in ready})
+        return len(rows)
+
     def maybe_fit(self, idle: bool) -> bool:
         """Fit the reduction once enough items are encoded (or, when idle, on all there are)."""
         if self.reducer is not None:
@@ -318,7 +396,8 @@ class Refresher:
             bus.produce(self.producer, self.topic, wire.encode(record), key=wire.vector_key(row.kind, row.id),
                         on_delivery=self.delivery.callback)
             with self._lock:
-                self._published[row.id] = (row.text_hash, time.monotonic())
+                if row.kind == "item":
+                    self._published[row.id] = (row.text_hash, time.monotonic())
                 self.counters.published += 1
         self.producer.poll(0)
 
@@ -347,6 +426,10 @@ class Refresher:
             "misses_served_from_store": c.misses_served_from_store,
             "misses_prioritised": c.misses_prioritised,
             "misses_unknown": c.misses_unknown,
+            "user_clicks_received": c.user_clicks_received,
+            "user_summaries": c.user_summaries,
+            "user_summaries_skipped": c.user_summaries_skipped,
+            "user_summaries_pending": len(self._user_jobs),
             "end_markers": c.end_markers,
             "stored_vectors": len(self.store),
             "reducer_fitted": self.reducer is not None,
@@ -372,7 +455,7 @@ def _encoder_loop(refresher: Refresher, stop: threading.Event, errors: list[Base
             jobs = refresher.queue.take(batch, timeout_s=0.2)
             if jobs:
                 refresher.encode_batch(jobs)
-            else:
+            elif not refresher.encode_user_summaries(batch):
                 refresher.maybe_fit(idle=True)
     except BaseException as exc:  # noqa: BLE001 - re-raised by the main loop
         errors.append(exc)

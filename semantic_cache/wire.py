@@ -2,8 +2,9 @@
 
 * ``semantic`` topic, key ``f"{kind}:{id}"``: :class:`SemanticVector` — one reduced vector.
   Keyed so that a compacted topic keeps the latest vector per item.
-* ``semantic-misses`` topic: :class:`MissReport` — ids a join worker asked for and did not
-  have, batched and deduplicated by the client.
+* ``semantic-misses`` topic (the refresher's requests): :class:`MissReport` — ids a join worker
+  asked for and did not have, batched and deduplicated by the client; and, when LLM enrichment
+  is on, :class:`UserClicks` — which items a user clicked, for the LLM's user summaries.
 
 Times: ``requested_at`` is the wall-clock time at which the vector was asked for (the Kafka
 timestamp of the Item record that introduced/changed the text, or of the miss report that
@@ -37,12 +38,21 @@ class MissReport(msgspec.Struct, frozen=True, tag="miss", array_like=True):
     reporter: str = ""
 
 
+class UserClicks(msgspec.Struct, frozen=True, tag="clicks", array_like=True):
+    """Items a user clicked (oldest first), for the user-level LLM summary (MSD's user semantics)."""
+
+    user_id: str
+    item_ids: list[str]
+    ts: float
+    reporter: str = ""
+
+
 _encoder = msgspec.msgpack.Encoder()
 _vector_decoder = msgspec.msgpack.Decoder(SemanticVector)
-_miss_decoder = msgspec.msgpack.Decoder(MissReport)
+_request_decoder = msgspec.msgpack.Decoder(MissReport | UserClicks)
 
 
-def encode(record: SemanticVector | MissReport) -> bytes:
+def encode(record: SemanticVector | MissReport | UserClicks) -> bytes:
     return _encoder.encode(record)
 
 
@@ -65,6 +75,6 @@ def decode_vector(raw: bytes | None) -> SemanticVector:
     return _decode(_vector_decoder, raw, "semantic vector")
 
 
-def decode_miss(raw: bytes | None) -> MissReport:
-    """Decode a miss report, raising :class:`DecodeError` with a reason."""
-    return _decode(_miss_decoder, raw, "miss report")
+def decode_request(raw: bytes | None) -> MissReport | UserClicks:
+    """Decode a record of the misses topic, raising :class:`DecodeError` with a reason."""
+    return _decode(_request_decoder, raw, "miss report")

@@ -1,9 +1,14 @@
-"""Shared fixtures: a real Kafka-protocol broker (tansu) per test session, and configs on it."""
+"""Shared fixtures: a real Kafka-protocol broker (tansu) per test session, configs on it, and a
+stub OpenAI-compatible chat server for the LLM enrichment paths."""
 
 from __future__ import annotations
 
 import itertools
+import json
 import os
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterator
 
@@ -47,3 +52,46 @@ def cfg(tmp_path: Path) -> Config:
     c.learner.device = "cpu"
     c.learner.context_buckets = 1 << 12
     return c
+
+
+class _ChatHandler(BaseHTTPRequestHandler):
+    """A minimal OpenAI-compatible chat endpoint; behaviour chosen by the server's ``mode``."""
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server API
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.requests.append((self.path, body, self.headers.get("Authorization")))  # type: ignore[attr-defined]
+        mode = self.server.mode  # type: ignore[attr-defined]
+        if mode == "error":
+            self.send_response(500)
+            self.end_headers()
+            return
+        if mode == "slow":
+            time.sleep(1.0)
+        content = {"ok": "Deeper attributes: brand tier: premium; health: light; occasion: treat",
+                   "slow": "too late", "empty": "   "}.get(mode)
+        payload = {"choices": [{"message": {"role": "assistant", "content": content}}]} if content is not None \
+            else {"unexpected": True}
+        data = json.dumps(payload).encode()
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up (the "slow" case): exactly what is being tested
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def chat_server() -> Iterator[ThreadingHTTPServer]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _ChatHandler)
+    server.requests = []  # type: ignore[attr-defined]
+    server.mode = "ok"  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()

@@ -19,6 +19,7 @@ from livectr.config import Config
 from livectr.events import EndOfStream, Impression, Item, encode_event
 from semantic_cache import wire
 from semantic_cache.client import SemanticCacheClient
+from semantic_cache.codec import dequantize
 from semantic_cache.lookup import SemanticLookup
 from semantic_cache.reducer import PCAReducer
 from semantic_cache.refresher import run_refresher
@@ -145,7 +146,7 @@ def test_client_miss_is_reported_then_filled(cfg: Config) -> None:
         for _ in range(3):
             assert client.item("x1") is None
         assert client.item("x2") is None
-        reports = [wire.decode_miss(m.value()) for m in _drain(cfg, cfg.topics.semantic_misses, 1)]
+        reports = [wire.decode_request(m.value()) for m in _drain(cfg, cfg.topics.semantic_misses, 1)]
         assert reports and sorted(reports[0].ids) == ["x1", "x2"], "missed ids are deduplicated and batched"
 
         _produce(cfg, cfg.topics.semantic, [_vector_record("x1", "v1", 1), _vector_record("x2", "v1", 2),
@@ -273,3 +274,57 @@ def test_refresher_end_to_end_then_restart_without_recompute(cfg: Config, teache
         assert warm.item("late") is not None and warm.stats()["misses"] == 0
     finally:
         warm.close()
+
+
+@pytest.mark.integration
+def test_llm_user_summary_reaches_the_join_side_client(cfg: Config, teacher: Teacher, chat_server: Any) -> None:
+    """Enrichment on: clicks travel to the refresher, the LLM summarises the user, the summary's
+    vector comes back and the user vector blends it with the click profile."""
+    cfg.semantic.enrich = "openai"
+    cfg.semantic.enrich_url = f"http://127.0.0.1:{chat_server.server_port}"
+    cfg.semantic.enrich_model = "stub"
+    cfg.semantic.user_summary_every = 2
+    catalogue = _catalogue(30)
+    _produce(cfg, cfg.topics.items, [(e.item_id.encode(), encode_event(e)) for e in catalogue])
+    refresher = _Refresher(cfg, teacher)
+    client = SemanticCacheClient(cfg, warm_from_store=False, catchup_s=0)
+    try:
+        assert client.wait_for([e.item_id for e in catalogue], 60), client.stats()
+        client.observe_click("u1", "i3")  # first click: a summary is due
+        profile_only = client.user("u1")
+        assert profile_only is not None
+        deadline = time.monotonic() + 30
+        while client.stats()["user_summaries"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        blended = client.user("u1")
+        assert client.stats()["user_summaries"] >= 1 and blended != profile_only
+        client.observe_click("u1", "i5")  # one more click: not yet due (every 2 since the last summary)
+        assert refresher.wait(lambda s: s["user_clicks_received"] >= 2, 15), refresher.latest
+        client.observe_click("u1", "i7")
+        assert refresher.wait(lambda s: s["user_summaries"] >= 2, 30), refresher.latest
+    finally:
+        client.close()
+        summary = refresher.finish()
+    assert summary["user_summaries"] == 2 and summary["user_clicks_received"] == 3
+    prompts = [body["messages"][1]["content"] for _, body, _ in chat_server.requests
+               if "Recently clicked items" in body["messages"][1]["content"]]
+    assert len(prompts) == 2 and catalogue[3].text in prompts[0]
+    assert prompts[1].index(catalogue[7].text) < prompts[1].index(catalogue[3].text)  # most recent first
+    store = VectorStore.open(cfg)
+    row = store.get("user", "u1", summary["teacher_version"])
+    store.close()
+    assert row is not None and row.text.startswith("brand tier: premium") and row.reduced is not None
+    # The blend is the normalised mean of the click profile (item i3 alone) and the summary.
+    profile, llm = dequantize(profile_only, 32), dequantize(_first_user_vector(cfg, "u1"), 32)
+    expected = profile / np.linalg.norm(profile) + llm / np.linalg.norm(llm)
+    got = dequantize(blended, 32)
+    assert float(got @ expected / np.linalg.norm(expected) / np.linalg.norm(got)) > 0.99
+
+
+def _first_user_vector(cfg: Config, user_id: str) -> bytes:
+    """The first user vector the refresher published for ``user_id``."""
+    for msg in _drain(cfg, cfg.topics.semantic, 200, timeout_s=5):
+        rec = wire.decode_vector(msg.value())
+        if rec.kind == "user" and rec.id == user_id:
+            return rec.reduced
+    raise AssertionError("no user vector on the semantic topic")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterator
 
@@ -160,58 +160,15 @@ def test_wire_round_trip_and_rejections() -> None:
     vec = wire.SemanticVector("item", "i1", "v", b"\x00" * 32, 1.0, 2.0, 3.0)
     assert wire.decode_vector(wire.encode(vec)) == vec
     miss = wire.MissReport("item", ["a", "b"], 4.0, "r")
-    assert wire.decode_miss(wire.encode(miss)) == miss
+    assert wire.decode_request(wire.encode(miss)) == miss
     for bad in (None, b"\xc1", wire.encode(miss)):
         with pytest.raises(DecodeError):
             wire.decode_vector(bad)
     with pytest.raises(DecodeError):
-        wire.decode_miss(wire.encode(vec))
+        wire.decode_request(wire.encode(vec))
 
 
 # -- enrichment over HTTP ------------------------------------------------------------------------
-
-class _ChatHandler(BaseHTTPRequestHandler):
-    """A minimal OpenAI-compatible chat endpoint; behaviour chosen by the server's ``mode``."""
-
-    def do_POST(self) -> None:  # noqa: N802 - http.server API
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.requests.append((self.path, body, self.headers.get("Authorization")))  # type: ignore[attr-defined]
-        mode = self.server.mode  # type: ignore[attr-defined]
-        if mode == "error":
-            self.send_response(500)
-            self.end_headers()
-            return
-        if mode == "slow":
-            time.sleep(1.0)
-        content = {"ok": "Deeper attributes: brand tier: premium; health: light; occasion: treat",
-                   "slow": "too late", "empty": "   "}.get(mode)
-        payload = {"choices": [{"message": {"role": "assistant", "content": content}}]} if content is not None \
-            else {"unexpected": True}
-        data = json.dumps(payload).encode()
-        try:
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client gave up (the "slow" case): exactly what is being tested
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def chat_server() -> Iterator[ThreadingHTTPServer]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _ChatHandler)
-    server.requests = []  # type: ignore[attr-defined]
-    server.mode = "ok"  # type: ignore[attr-defined]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-
 
 def test_openai_enricher_against_stub_server(chat_server: ThreadingHTTPServer) -> None:
     url = f"http://127.0.0.1:{chat_server.server_port}"
