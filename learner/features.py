@@ -20,6 +20,11 @@ from livectr.events import KIND_POSITIVE_COPY
 from semantic_cache.codec import dequantize, dequantize_many
 
 
+#: Odd 32-bit multipliers (Knuth's and MurmurHash3's) that spread (user, item) rows over the pair buckets.
+_PAIR_MULT_USER = 2_654_435_761
+_PAIR_MULT_ITEM = 2_246_822_519
+
+
 @dataclass
 class EncodedBatch:
     """Numpy view of a mini-batch; ``labels``/``kinds``/``decided_at`` are empty for impressions."""
@@ -27,6 +32,7 @@ class EncodedBatch:
     user: np.ndarray
     item: np.ndarray
     context: np.ndarray
+    pair: np.ndarray
     item_count: np.ndarray
     item_sem: np.ndarray
     item_sem_mask: np.ndarray
@@ -44,7 +50,7 @@ class EncodedBatch:
         def t(a: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(a).to(device, non_blocking=True)
 
-        return ModelInputs(t(self.user), t(self.item), t(self.context), t(self.item_count), t(self.item_sem),
+        return ModelInputs(t(self.user), t(self.item), t(self.context), t(self.pair), t(self.item_count), t(self.item_sem),
                            t(self.item_sem_mask), t(self.user_sem), t(self.user_sem_mask))
 
 
@@ -63,16 +69,26 @@ def stack_vectors(blobs: list[bytes | None], dim: int) -> tuple[np.ndarray, np.n
 class Featurizer:
     """The learner's vocabularies and the one place records become arrays."""
 
-    def __init__(self, users: GrowingVocab, items: GrowingVocab, context: ContextHasher, sem_dim: int) -> None:
+    def __init__(self, users: GrowingVocab, items: GrowingVocab, context: ContextHasher, sem_dim: int,
+                 pair_buckets: int = 0) -> None:
         self.users = users
         self.items = items
         self.context = context
         self.sem_dim = sem_dim
+        self.pair_buckets = pair_buckets
 
     @classmethod
-    def new(cls, context_fields: int, context_buckets: int, sem_dim: int, initial_capacity: int = 1024) -> "Featurizer":
+    def new(cls, context_fields: int, context_buckets: int, sem_dim: int, initial_capacity: int = 1024,
+            pair_buckets: int = 0) -> "Featurizer":
         return cls(GrowingVocab("user_id", initial_capacity), GrowingVocab("item_id", initial_capacity),
-                   ContextHasher(context_fields, context_buckets), sem_dim)
+                   ContextHasher(context_fields, context_buckets), sem_dim, pair_buckets)
+
+    def pairs(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """Bucket of each (user row, item row) pair (rows are stable, so buckets are too)."""
+        if not self.pair_buckets:
+            return np.zeros(len(users), dtype=np.int64)
+        mixed = (users.astype(np.int64) * _PAIR_MULT_USER) ^ (items.astype(np.int64) * _PAIR_MULT_ITEM)
+        return mixed % self.pair_buckets
 
     def encode(self, records: Sequence[Any], grow: bool = True, labelled: bool = True) -> EncodedBatch:
         """Arrays for ``records`` (Examples when ``labelled``, else Impressions).
@@ -96,7 +112,8 @@ class Featurizer:
             decided = np.fromiter((r.decided_at for r in records), dtype=np.float64, count=n)
         else:
             labels, kinds, decided = np.zeros(0, np.float32), np.zeros(0, np.int64), np.zeros(0, np.float64)
-        return EncodedBatch(users, items, context, self.items.counts[items].astype(np.float32), item_sem, item_mask,
+        return EncodedBatch(users, items, context, self.pairs(users, items), self.items.counts[items].astype(np.float32),
+                            item_sem, item_mask,
                             user_sem, user_mask, new_items, labels, kinds, decided)
 
     def cold_mask_and_count(self, batch: EncodedBatch, first_n: int) -> np.ndarray:
@@ -127,11 +144,11 @@ class Featurizer:
 
     def state(self) -> dict[str, Any]:
         return {"users": self.users.state(), "items": self.items.state(), "context": self.context.state(),
-                "sem_dim": self.sem_dim}
+                "sem_dim": self.sem_dim, "pair_buckets": self.pair_buckets}
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any], user_counts: np.ndarray | None = None,
                    item_counts: np.ndarray | None = None) -> "Featurizer":
         return cls(GrowingVocab.from_state(state["users"], user_counts),
                    GrowingVocab.from_state(state["items"], item_counts),
-                   ContextHasher.from_state(state["context"]), int(state["sem_dim"]))
+                   ContextHasher.from_state(state["context"]), int(state["sem_dim"]), int(state.get("pair_buckets", 0)))

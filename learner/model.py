@@ -43,6 +43,8 @@ class ModelConfig:
     embedding_dim: int = 16
     context_fields: int = 4
     context_buckets: int = 1 << 18
+    #: Hashed user×item first-order weights (VW's ``-q ui``); 0 = none.
+    pair_buckets: int = 1 << 20
     cross_layers: int = 2
     hidden: tuple[int, ...] = (64, 32)
     #: Reduced teacher dimension; 0 = no semantic part (pure id model).
@@ -57,7 +59,8 @@ class ModelConfig:
         lc = cfg.learner
         hidden = tuple(int(h) for h in lc.hidden.split(",") if h.strip())
         return cls(embedding_dim=lc.embedding_dim, context_fields=lc.context_fields,
-                   context_buckets=lc.context_buckets, cross_layers=lc.cross_layers, hidden=hidden,
+                   context_buckets=lc.context_buckets, pair_buckets=lc.pair_buckets,
+                   cross_layers=lc.cross_layers, hidden=hidden,
                    sem_dim=cfg.semantic.reduced_dim if cfg.semantic.enabled else 0,
                    sem_hidden=lc.sem_hidden, user_capacity=user_capacity, item_capacity=item_capacity)
 
@@ -81,6 +84,7 @@ class ModelInputs(NamedTuple):
     user: torch.Tensor  # int64 [B]
     item: torch.Tensor  # int64 [B]
     context: torch.Tensor  # int64 [B, K]
+    pair: torch.Tensor  # int64 [B], hashed (user row, item row)
     item_count: torch.Tensor  # float32 [B], impressions seen before this batch
     item_sem: torch.Tensor  # float32 [B, S] (zeros where absent)
     item_sem_mask: torch.Tensor  # bool [B]
@@ -181,6 +185,9 @@ class StudentCTR(nn.Module):
         self.user_emb = SparseTable(mc.user_capacity, d)
         self.item_emb = SparseTable(mc.item_capacity, d)
         self.context_emb = SparseTable(mc.context_buckets, d)
+        # A first-order weight per hashed (user, item) pair: memorises repeated pairs, the one
+        # signal a per-example linear learner with -q ui (VW) has that embeddings only approximate.
+        self.pair_w = SparseTable(mc.pair_buckets, 0) if mc.pair_buckets else None
         self.cross = CrossNetV2(mc.input_dim, mc.cross_layers)
         self.deep = mlp([mc.input_dim, *mc.hidden])
         self.deep.append(nn.ReLU())
@@ -189,7 +196,10 @@ class StudentCTR(nn.Module):
 
     def sparse_tables(self) -> dict[str, SparseTable]:
         """The id tables, trained by :class:`learner.sparse.RowAdagrad` rather than autograd optimisers."""
-        return {"user": self.user_emb, "item": self.item_emb, "context": self.context_emb}
+        tables = {"user": self.user_emb, "item": self.item_emb, "context": self.context_emb}
+        if self.pair_w is not None:
+            tables["pair"] = self.pair_w
+        return tables
 
     def dense_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -200,6 +210,8 @@ class StudentCTR(nn.Module):
         u, i = user[:, :d], item[:, :d]
         c = ctx[..., :d].flatten(1)
         wide = user[:, d] + item[:, d] + ctx[..., d].sum(dim=1)
+        if self.pair_w is not None:
+            wide = wide + self.pair_w(inp.pair)[:, 0]
         x0 = torch.cat([u, i, c], dim=1)
         logit = self.out(torch.cat([self.cross(x0), self.deep(x0)], dim=1)).squeeze(1) + _fm(x0, d) + wide
         if self.semantic is None:

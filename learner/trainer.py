@@ -97,7 +97,8 @@ class OnlineLearner:
         if state is None:
             mc = ModelConfig.from_config(cfg)
             self.featurizer = Featurizer.new(mc.context_fields, mc.context_buckets, mc.sem_dim,
-                                             initial_capacity=min(mc.user_capacity, mc.item_capacity))
+                                             initial_capacity=min(mc.user_capacity, mc.item_capacity),
+                                             pair_buckets=mc.pair_buckets)
         else:
             mc = ModelConfig.from_dict(state.model_config)
             self.featurizer = Featurizer.from_state(state.meta["featurizer"], state.arrays.get("user_counts"),

@@ -125,6 +125,8 @@ class LearnerConfig:
     keep_snapshots: int = 5
     #: Buckets of the hashed context-feature table.
     context_buckets: int = 1 << 18
+    #: Buckets of the hashed user×item first-order weights (0 = none).
+    pair_buckets: int = 1 << 20
     #: Weight of the distillation loss beside the CTR loss.
     distill_weight: float = 0.5
     #: Id tables (learner.sparse.RowOptimizer): Adagrad learning rate of the embedding columns
