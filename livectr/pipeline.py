@@ -250,7 +250,8 @@ def merge_summaries(stages: dict[str, Stage], cfg: Config, started: float) -> di
         "stages": {name: stage.summary() for name, stage in stages.items()},
     }
     for key in ("semantic_miss_rate", "semantic_staleness_p50_s", "semantic_staleness_p99_s"):
-        values = [j[key] for j in joins.values() if key in j]
+        # A worker without samples reports NaN; it says nothing about the others.
+        values = [j[key] for j in joins.values() if key in j and j[key] == j[key]]
         if values:
             summary[key] = sum(values) / len(values)
     for key in ("gate_usage", "distill_loss", "items_cold_started"):

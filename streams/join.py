@@ -42,6 +42,16 @@ disorder a click that arrives after the window closed is late.
   :data:`~livectr.events.KIND_POSITIVE_COPY` at the first counting click; state is kept until
   the window closes only to drop duplicate clicks.
 
+Output order
+------------
+Examples leave in event-time order of their *decision*, per partition: a matched positive is
+held until the watermark reaches its click time (then emitted before the windows that the same
+watermark closes), a negative leaves when its window closes. In real time this costs the
+watermark's lag (both sources are near "now"); in a replay of a recorded log, where a consumer
+fetches far ahead on one topic, it is what keeps the examples topic a faithful replay: emitted
+on match, the positives of minutes of stream would come before negatives that were decided
+earlier, and the learner — and any progressive metric — would see labels out of time.
+
 Semantic vectors (when a cache is attached) go onto each example as the join emits it: the
 item's current vector, and the user's profile as it was when the *impression* arrived — the
 profile at emission time would include clicks made during the window, i.e. after the
@@ -152,6 +162,8 @@ class PartitionState(msgspec.Struct):
     finished: bool
     #: The user's semantic vector as it was when each pending impression arrived (see ``on_impression``).
     user_vectors: dict[str, bytes | None] = msgspec.field(default_factory=dict)
+    #: Matched positives not yet emitted: (click ts, impression id, click publish time, click delay).
+    ready: list[tuple[float, str, float, float]] = msgspec.field(default_factory=list)
 
 
 class JoinCounters(msgspec.Struct):
@@ -198,6 +210,10 @@ class PartitionJoin:
         self._disorder: list[tuple[float, int, str]] = []
         self._disorder_offsets: dict[str, int] = {}
         self.clicked: dict[str, int] = {}
+        #: Positives matched but not yet emitted: heap of (click ts, impression id), released in
+        #: event-time order as the watermark passes the click (see "Output order" above).
+        self._ready: list[tuple[float, str]] = []
+        self._ready_info: dict[str, tuple[float, float]] = {}
         self._user_vectors: dict[str, bytes | None] = {}
         self.orphans: dict[str, OrphanClick] = {}
         self._orphan_heap: list[tuple[float, int, str]] = []
@@ -281,7 +297,8 @@ class PartitionJoin:
             return
         self.clicked[imp.impression_id] = click_offset
         self.counters.positives += 1
-        self._emit(imp, 1, KIND_FINAL if self._wait else KIND_POSITIVE_COPY, published, max(delay, 0.0))
+        heapq.heappush(self._ready, (click.ts, imp.impression_id))
+        self._ready_info[imp.impression_id] = (published, max(delay, 0.0))
         if self.semantics is not None:
             self.semantics.observe_click(imp.user_id, imp.item_id)
 
@@ -345,19 +362,29 @@ class PartitionJoin:
         return best, published
 
     def advance(self) -> None:
-        """Move the watermark to what the sources allow and close every window it passed."""
+        """Move the watermark; emit the positives it passed, then close every window it passed."""
         wm, published = self.current_watermark()
         if wm > self.watermark:
             self.watermark = wm
             self.watermark_published = published
+        self._release(self.watermark)
         # Also when the watermark stands still: a late impression may already be closable.
         self._expire(self.watermark - self.window_s, self.watermark_published)
 
     def close_all(self, published: float) -> None:
-        """End of stream: close every window and reject every orphan."""
+        """End of stream: emit every positive, close every window and reject every orphan."""
         self.watermark = _INF
         self.watermark_published = published
+        self._release(_INF)
         self._expire(_INF, published)
+
+    def _release(self, horizon: float) -> None:
+        """Emit matched positives whose click time is at or before ``horizon``, in click-time order."""
+        ready, info, kind = self._ready, self._ready_info, KIND_FINAL if self._wait else KIND_POSITIVE_COPY
+        while ready and ready[0][0] <= horizon:
+            _, iid = heapq.heappop(ready)
+            published, delay = info.pop(iid)
+            self._emit(self.pending[iid], 1, kind, published, delay)
 
     def _expire(self, horizon: float, published: float) -> None:
         """Close impressions with ``ts < horizon`` and orphans with ``click.ts < horizon``."""
@@ -474,6 +501,7 @@ class PartitionJoin:
             closed_recent=list(self._closed_now), closed_older=list(self._closed_prev),
             examples_total=self.examples_total, finished=self.finished,
             user_vectors=dict(self._user_vectors),
+            ready=[(ts, iid, *self._ready_info[iid]) for ts, iid in sorted(self._ready)],
         )
 
     @classmethod
@@ -505,6 +533,10 @@ class PartitionJoin:
         join.examples_total = state.examples_total
         join.finished = state.finished
         join._user_vectors = dict(state.user_vectors)
+        for ts, iid, published, delay in state.ready:
+            join._ready.append((ts, iid))
+            join._ready_info[iid] = (published, delay)
+        heapq.heapify(join._ready)
         return join
 
 

@@ -90,12 +90,12 @@ def test_in_order_click_is_positive_and_unclicked_closes_negative() -> None:
     f.imp(imp("a", 0), published=100.0)
     f.imp(imp("b", 5), published=101.0)
     f.click(clk("a", 30), published=102.0)
-    f.advance()
+    f.advance()  # watermark 5: a's click (30) is not reached yet, so its positive waits
+    assert f.examples == []
+    f.imp(imp("c", 700), published=103.0)
+    f.advance()  # watermark 30 releases a's positive; clicks at 30 cannot pass b's window
     assert [(e.impression_id, e.label, e.kind, e.decided_at, e.click_delay) for e in f.examples] == [
         ("a", 1, KIND_FINAL, 102.0, 30.0)]
-    f.imp(imp("c", 700), published=103.0)
-    f.advance()  # clicks still at 30: the watermark cannot pass b's window
-    assert len(f.examples) == 1
     f.click(clk("c", 704), published=104.0)
     f.advance()  # watermark 700 > 5 + 600 closes b, decided by the impressions record that set it
     neg = f.examples[-1]
@@ -109,16 +109,17 @@ def test_click_before_impression_joins_when_impression_arrives() -> None:
     f.advance()
     assert f.examples == [] and "a" in f.join.orphans
     f.imp(imp("a", 10), published=201.0)
-    f.drain()
+    f.advance()  # watermark min(10, 12) = 10: the click at 12 is not reached yet
+    assert f.examples == [] and not f.join.orphans
+    f.close()
     assert [(e.label, e.decided_at, e.click_delay) for e in f.examples] == [(1, 201.0, 2.0)]
-    assert not f.join.orphans
 
 
 def test_click_with_clock_skew_counts_with_zero_delay() -> None:
     f = Feeder(PartitionJoin(0, W))
     f.imp(imp("a", 10))
     f.click(clk("a", 8))
-    f.drain()
+    f.advance()  # watermark 8 reaches the click
     assert [(e.label, e.click_delay) for e in f.examples] == [(1, 0.0)]
 
 
@@ -129,7 +130,7 @@ def test_click_at_exactly_window_end_counts() -> None:
     f.click(clk("x", W))  # an unrelated click moves the clicks clock to W: watermark = W, not > W
     f.advance()
     f.click(clk("a", W))
-    f.drain()
+    f.close()
     assert labels(f.examples)["a"] == 1
 
 
@@ -138,8 +139,8 @@ def test_late_click_after_window_closed_is_dead_lettered_as_late() -> None:
     f.imp(imp("a", 0))
     f.imp(imp("b", 700))
     f.click(clk("b", 701))
-    f.advance()
-    assert labels(f.examples) == {"b": 1, "a": 0}
+    f.advance()  # watermark 700 closes a; b's click at 701 waits for the watermark
+    assert labels(f.examples) == {"a": 0}
     late = clk("a", 650)
     f.click(late)
     f.drain()
@@ -209,6 +210,8 @@ def test_fake_negative_with_click_before_impression() -> None:
     f.click(clk("a", 5))
     f.imp(imp("a", 0), published=3.0)
     f.drain()
+    assert [(e.kind, e.label) for e in f.examples] == [(KIND_FAKE_NEGATIVE, 0)]  # at once, as the policy says
+    f.close()
     assert [(e.kind, e.label) for e in f.examples] == [(KIND_FAKE_NEGATIVE, 0), (KIND_POSITIVE_COPY, 1)]
 
 
@@ -221,12 +224,12 @@ def test_watermark_is_min_over_sources_end_markers_count_as_infinite() -> None:
     assert join.watermark == -math.inf and f.examples == []  # clicks have said nothing yet
     f.click(clk("b", 5001), published=3.0)
     f.advance()
-    assert join.watermark == T0 + 5000 and labels(f.examples) == {"b": 1, "a": 0}
+    assert join.watermark == T0 + 5000 and labels(f.examples) == {"a": 0}  # b's click at 5001 not reached
     assert f.examples[-1].decided_at == 2.0  # the impressions record limited the watermark
     f.imp(imp("c", 6000), published=4.0)
     join.end_of_stream(CLICKS, published=5.0)
     f.advance()
-    assert join.watermark == T0 + 6000  # clicks ended: impressions alone drive it
+    assert join.watermark == T0 + 6000 and labels(f.examples) == {"a": 0, "b": 1}  # clicks ended: impressions drive it
     join.end_of_stream(IMPRESSIONS, published=6.0)
     f.advance()
     assert join.watermark == math.inf and labels(f.examples)["c"] == 0
@@ -261,7 +264,9 @@ def test_idle_source_is_left_out_and_all_idle_holds() -> None:
     join.set_idle(IMPRESSIONS, False)
     join.set_idle(CLICKS, False)
     f.click(clk("c", 5001))
-    f.advance()
+    f.advance()  # watermark 5000: c's click at 5001 is not reached yet
+    assert labels(f.examples) == {"a": 0, "b": 0}
+    f.close()
     assert labels(f.examples) == {"a": 0, "c": 1, "b": 0}
 
 
@@ -500,6 +505,29 @@ def test_in_order_sources_give_event_time_truth(data: tuple[list, list[bool]], p
         assert {e.impression_id for e in f.examples if e.kind == KIND_POSITIVE_COPY} == {k for k, v in truth.items() if v}
     # In order, a click of a known impression is never mistaken for an orphan.
     assert all(r.key.startswith("ghost") for r in f.rejected if r.reason == REASON_ORPHAN)
+
+
+@settings(max_examples=200, deadline=None)
+@given(streams_(in_order=True))
+def test_positives_wait_for_the_watermark_to_reach_their_click(data: tuple[list, list[bool]]) -> None:
+    """Output in event time: nothing leaves before the watermark reaches the event that decided it."""
+    events, advances = data
+    join = PartitionJoin(0, WP)
+    f = Feeder(join)
+    for event, adv in zip(events, advances):
+        (f.imp if isinstance(event, Impression) else f.click)(event)
+        if adv:
+            before = len(f.examples)
+            f.advance()
+            for ex in f.examples[before:]:
+                decided = ex.ts + ex.click_delay if ex.label else ex.ts + WP
+                assert decided <= join.watermark
+        else:
+            before = len(f.examples)
+            f.drain()  # events alone never emit a positive: only the watermark does
+            assert not any(ex.label for ex in f.examples[before:])
+    f.close()
+    assert len(f.examples) == sum(isinstance(e, Impression) for e in events)
 
 
 def normalised(state: PartitionState) -> PartitionState:
