@@ -1,7 +1,8 @@
 """The student CTR model: id embeddings → DCN-v2 cross + MLP → logit, plus a gated semantic part.
 
-Module boundaries follow TorchRec: sparse embedding tables (rows grow with the vocabularies,
-sparse gradients), a dense interaction part, and the semantic extras, each a small module.
+Module boundaries follow TorchRec: sparse id tables (rows grow with the vocabularies and are
+trained per example by :mod:`learner.sparse`, not by autograd optimisers), a dense interaction
+part, and the semantic extras, each a small module.
 
 Semantic part (MSD-style distillation, present only when ``sem_dim > 0``):
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from learner.features import EncodedBatch, Featurizer
 from learner.metrics import DelayedLabelEvaluator, LearnerMetrics
-from learner.model import ModelConfig, StudentCTR
+from learner.model import ModelConfig, ModelInputs, StudentCTR
 from learner.sparse import RowOptimizer
 from livectr.config import Config
 from livectr.events import KIND_FAKE_NEGATIVE, KIND_FINAL, KIND_POSITIVE_COPY, Example
@@ -195,7 +195,7 @@ class OnlineLearner:
                 "cold_started": cold_started}
 
     @torch.no_grad()
-    def _in_batch_shift(self, inp: Any, logit: torch.Tensor, labels: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
+    def _in_batch_shift(self, inp: ModelInputs, logit: torch.Tensor, labels: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
         """Per-example first-order updates of the user and item within the batch (see RowOptimizer).
 
         Why: with mini-batches, every example of a user in one batch is scored before anything
