@@ -18,7 +18,8 @@ Part "semantic", for the synthetic stream and for MovieLens 100K: the stream is 
 the refresher (MiniLM teacher) encodes the catalogue, the join worker attaches vectors from
 the cache, and then — on the very same examples — livectr with semantics off, livectr with
 semantics on, VW, and VW with the item's title words are scored progressively: overall AUC and
-cold-start AUC (impressions among an item's first 20). Also: cache lookup p50/p99, refresh
+cold-start AUC (impressions among an item's first 20; and among those, items first seen after
+the first 10 % of the stream), livectr averaged over several model seeds. Also: cache lookup p50/p99, refresh
 throughput, miss rate, bytes per joined example.
 """
 
@@ -46,7 +47,7 @@ from learner.trainer import OnlineLearner  # noqa: E402
 from livectr import bus  # noqa: E402
 from livectr.broker import EmbeddedBroker  # noqa: E402
 from livectr.config import Config  # noqa: E402
-from livectr.events import Example, ExampleBatch, Item, decode_example  # noqa: E402
+from livectr.events import KIND_SCORE_REQUEST, Example, ExampleBatch, Item, decode_example  # noqa: E402
 from simulators.publish import publish  # noqa: E402
 from simulators.sources import open_source  # noqa: E402
 from streams.bench import ceiling  # noqa: E402
@@ -55,10 +56,15 @@ from streams.worker import run_join_worker  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "ml-100k"
 COLD_FIRST_N = 20
+#: Items first seen after this fraction of the stream count as "new" (see new_item_mask).
+WARMUP_FRACTION = 0.1
 
 
 def read_examples(cfg: Config, expected: int, timeout_s: float = 120.0) -> list[Example]:
-    """Every joined example on the examples topic, in partition-interleaved consume order."""
+    """Every joined example on the examples topic, in partition-interleaved consume order.
+
+    Score requests (the serving-AUC samples) are left out: they are not training examples.
+    """
     cons = bus.consumer(cfg.kafka)
     bus.assign_all(cons, cfg.kafka, [cfg.topics.examples])
     out: list[Example] = []
@@ -69,8 +75,8 @@ def read_examples(cfg: Config, expected: int, timeout_s: float = 120.0) -> list[
                 continue
             rec = decode_example(msg.value())
             if type(rec) is ExampleBatch:
-                out.extend(rec.examples)
-            elif type(rec) is Example:
+                out.extend(ex for ex in rec.examples if ex.kind != KIND_SCORE_REQUEST)
+            elif type(rec) is Example and rec.kind != KIND_SCORE_REQUEST:
                 out.append(rec)
     cons.close()
     return out
@@ -99,6 +105,46 @@ def cold_mask(examples: Iterable[Example], first_n: int = COLD_FIRST_N) -> np.nd
     return np.asarray(mask)
 
 
+def new_item_mask(examples: list[Example], warmup_fraction: float = WARMUP_FRACTION) -> np.ndarray:
+    """True for impressions of items first seen after the first ``warmup_fraction`` of the stream.
+
+    Why a second cold-start cut: among "an item's first 20 impressions" are those of the whole
+    initial catalogue, which all fall in the first minutes, when no user is known either. There
+    the model is cold, not just the item, and no item text can tell whom it suits. Items that
+    arrive later meet a trained model: that is the cold-start case semantics are for.
+    """
+    start = int(len(examples) * warmup_fraction)
+    early = {ex.item_id for ex in examples[:start]}
+    return np.fromiter((ex.item_id not in early for ex in examples), bool, len(examples))
+
+
+def _aucs(y: np.ndarray, p: np.ndarray, examples: list[Example]) -> dict[str, float]:
+    """Overall, cold-start and cold-start-among-new-items AUC of scores ``p``."""
+    cold = cold_mask(examples)
+    cold_new = cold & new_item_mask(examples)
+    return {"auc": exact_auc(y, p), "cold_auc": exact_auc(y[cold], p[cold]),
+            "cold_new_auc": exact_auc(y[cold_new], p[cold_new]), "cold_new_impressions": int(cold_new.sum())}
+
+
+def livectr_seeds(cfg: Config, examples: list[Example], semantics: bool, seeds: int) -> dict[str, float]:
+    """:func:`livectr_progressive` averaged over ``seeds`` model seeds, with the AUCs' spread.
+
+    Why: the student's random initialisation and the gate's sampled decisions move its AUC by
+    a few thousandths from one seed to the next — as much as some of the effects measured —
+    so a single run cannot tell a lift from luck.
+    """
+    runs = []
+    for seed in range(seeds):
+        seeded = copy.deepcopy(cfg)
+        seeded.learner.seed = seed
+        runs.append(livectr_progressive(seeded, examples, semantics))
+    out = {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
+    for k in ("auc", "cold_auc", "cold_new_auc"):
+        out[f"{k}_std"] = float(np.std([r[k] for r in runs]))
+    out["seeds"] = seeds
+    return out
+
+
 def livectr_progressive(cfg: Config, examples: list[Example], semantics: bool) -> dict[str, float]:
     """Progressive (score, then train) pass of the student over ``examples``; AUCs and speed."""
     import msgspec
@@ -115,9 +161,7 @@ def livectr_progressive(cfg: Config, examples: list[Example], semantics: bool) -
     elapsed = time.perf_counter() - start
     p = np.concatenate(preds)
     y = np.asarray([ex.label for ex in examples])
-    cold = cold_mask(examples)
-    out = {"auc": exact_auc(y, p), "cold_auc": exact_auc(y[cold], p[cold]),
-           "examples_per_s": len(examples) / elapsed}
+    out = {**_aucs(y, p, examples), "examples_per_s": len(examples) / elapsed}
     s = learner.summary()
     for key in ("gate_usage", "gate_compute_saved", "items_cold_started"):
         if key in s:
@@ -127,8 +171,7 @@ def livectr_progressive(cfg: Config, examples: list[Example], semantics: bool) -
 
 def vw_scores(examples: list[Example], titles: dict[str, str] | None) -> dict[str, float]:
     y, p = vw_progressive(examples, titles)
-    cold = cold_mask(examples)
-    return {"auc": exact_auc(y, p), "cold_auc": exact_auc(y[cold], p[cold])}
+    return _aucs(y, p, examples)
 
 
 def _base_config(broker: EmbeddedBroker, prefix: str, data_dir: Path) -> Config:
@@ -174,6 +217,8 @@ def pipeline_part(events: int, workdir: Path) -> dict[str, Any]:
         summary = json.loads(summary_path.read_text())
         res[f"e2e_events_per_s_semantics_{semantics}"] = summary["events_per_second"]
         res[f"e2e_auc_semantics_{semantics}"] = summary["progressive_auc"]
+        res[f"e2e_serving_auc_semantics_{semantics}"] = summary["serving_auc"]
+        res[f"e2e_serving_impressions_semantics_{semantics}"] = summary["serving_auc_impressions"]
         res[f"e2e_freshness_p50_s_semantics_{semantics}"] = summary["freshness_p50_s"]
         res[f"e2e_freshness_p99_s_semantics_{semantics}"] = summary["freshness_p99_s"]
     return res
@@ -245,7 +290,7 @@ def _gate_free(cfg: Config) -> Config:
     return free
 
 
-def semantic_part(events: int, workdir: Path) -> dict[str, Any]:
+def semantic_part(events: int, workdir: Path, seeds: int = 3) -> dict[str, Any]:
     """Issue 3's table: the same examples scored by four learners, for two datasets."""
     from simulators.ml100k import convert_ml100k
 
@@ -262,9 +307,9 @@ def semantic_part(events: int, workdir: Path) -> dict[str, Any]:
             examples, figures = _joined_with_semantics(cfg, source_events, titles)
             examples = impression_order(examples)
             row = {"figures": figures,
-                   "livectr_off": livectr_progressive(cfg, examples, semantics=False),
-                   "livectr_on": livectr_progressive(cfg, examples, semantics=True),
-                   "livectr_on_gate_free": livectr_progressive(_gate_free(cfg), examples, semantics=True),
+                   "livectr_off": livectr_seeds(cfg, examples, semantics=False, seeds=seeds),
+                   "livectr_on": livectr_seeds(cfg, examples, semantics=True, seeds=seeds),
+                   "livectr_on_gate_free": livectr_seeds(_gate_free(cfg), examples, semantics=True, seeds=seeds),
                    "vw": vw_scores(examples, None),
                    "vw_title_words": vw_scores(examples, titles)}
             res[name] = row
@@ -293,19 +338,27 @@ def _print_pipeline(r: dict[str, Any]) -> None:
     for s in ("on", "off"):
         print(f"  {'end to end AUC / freshness p50, p99 (' + s + ')':<40} {r[f'e2e_auc_semantics_{s}']:>12.4f}"
               f"  {r[f'e2e_freshness_p50_s_semantics_{s}']:.2f} s, {r[f'e2e_freshness_p99_s_semantics_{s}']:.2f} s")
+        print(f"  {'end to end serving AUC (' + s + ')':<40} {r[f'e2e_serving_auc_semantics_{s}']:>12.4f}"
+              f"  over {r[f'e2e_serving_impressions_semantics_{s}']:,} sampled impressions, each scored at its own time")
 
 
 def _print_semantic(res: dict[str, Any]) -> None:
     for name, row in res.items():
         f = row["figures"]
-        print(f"\n== semantics: {name} ({f['examples']:,} examples) ==")
-        print(f"  {'learner':<28} {'AUC':>8} {'cold-start AUC':>15}")
+        on, off, vwt = row["livectr_on"], row["livectr_off"], row["vw_title_words"]
+        print(f"\n== semantics: {name} ({f['examples']:,} examples; livectr: mean ± sd over {on['seeds']} seeds;"
+              f" cold start = an item's first {COLD_FIRST_N} impressions, new items = first seen after"
+              f" {WARMUP_FRACTION:.0%} of the stream: {on['cold_new_impressions']:,.0f} impressions) ==")
+        print(f"  {'learner':<30} {'AUC':>15} {'cold-start AUC':>15} {'cold, new items':>15}")
         for key, label in (("livectr_off", "livectr, semantics off"), ("livectr_on", "livectr, semantics on"),
                            ("livectr_on_gate_free", "livectr, sem. on, gate cost 0"),
                            ("vw", "VW (FTRL, u×i)"), ("vw_title_words", "VW + title words")):
-            print(f"  {label:<28} {row[key]['auc']:>8.4f} {row[key]['cold_auc']:>15.4f}")
-        on, off, vwt = row["livectr_on"], row["livectr_off"], row["vw_title_words"]
-        print(f"  lift on−off: overall {on['auc'] - off['auc']:+.4f}, cold start {on['cold_auc'] - off['cold_auc']:+.4f};"
+            r = row[key]
+            cells = [f"{r[k]:.4f}" + (f"±{r[k + '_std']:.4f}" if k + "_std" in r else "")
+                     for k in ("auc", "cold_auc", "cold_new_auc")]
+            print(f"  {label:<30} {cells[0]:>15} {cells[1]:>15} {cells[2]:>15}")
+        print(f"  lift on−off: overall {on['auc'] - off['auc']:+.4f}, cold start {on['cold_auc'] - off['cold_auc']:+.4f},"
+              f" cold new items {on['cold_new_auc'] - off['cold_new_auc']:+.4f};"
               f" on − VW+title words: {on['auc'] - vwt['auc']:+.4f}")
         free = row["livectr_on_gate_free"]
         print(f"  gate usage {on.get('gate_usage', float('nan')):.3f}, compute saved {on.get('gate_compute_saved', float('nan')):.3f}"
@@ -322,6 +375,7 @@ def main() -> None:
     parser.add_argument("--part", choices=["all", "pipeline", "semantic"], default="all")
     parser.add_argument("--events", type=int, default=600_000, help="synthetic events of the pipeline part")
     parser.add_argument("--semantic-events", type=int, default=300_000, help="synthetic events of the semantic part")
+    parser.add_argument("--seeds", type=int, default=3, help="model seeds averaged in the semantic part's AUC table")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "results.json")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -332,7 +386,7 @@ def main() -> None:
             results["pipeline"] = pipeline_part(args.events, work)
             _print_pipeline(results["pipeline"])
         if args.part in ("all", "semantic"):
-            results["semantic"] = semantic_part(args.semantic_events, work)
+            results["semantic"] = semantic_part(args.semantic_events, work, args.seeds)
             _print_semantic(results["semantic"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2, default=float))

@@ -16,6 +16,12 @@ Design points:
 * **Bounded runs** end when every examples partition has carried an ``ExampleEnd`` for each
   of the ``source_partitions`` join inputs; the markers seen are kept in the manifest so a
   resumed learner still knows which ones it already consumed.
+* **Event-time alignment.** Examples pass through :class:`learner.align.EventTimeMerge`
+  before training, so partitions that run ahead in a replay wait for the others (and stop
+  being fetched past ``align_max_buffered``); score requests are scored as they leave it. The
+  snapshot's offsets stop at the first record the merge still holds, and the manifest lists
+  how many examples of each partly trained record to skip on resume, so the guarantee above
+  holds with examples waiting in the merge.
 """
 
 from __future__ import annotations
@@ -29,15 +35,16 @@ from typing import Any, Callable
 
 import numpy as np
 
-from confluent_kafka import KafkaError, Message
+from confluent_kafka import KafkaError, Message, TopicPartition
 
+from learner.align import EventTimeMerge
 from learner.model import ModelConfig
 from learner.snapshot import clean_temp, load_latest, manifest_offsets, publish_snapshot
 from learner.trainer import OnlineLearner
 from livectr import bus
 from livectr.config import Config, config_hash
-from livectr.events import (KIND_FINAL, KIND_POSITIVE_COPY, DecodeError, Example, ExampleBatch, ExampleEnd,
-                            decode_example, encode_example)
+from livectr.events import (KIND_FINAL, KIND_POSITIVE_COPY, KIND_SCORE_REQUEST, DecodeError, Example, ExampleBatch,
+                            ExampleEnd, decode_example, encode_example)
 
 log = logging.getLogger(__name__)
 
@@ -110,12 +117,20 @@ def _resume(cfg: Config) -> tuple[dict[str, Any] | None, OnlineLearner]:
 class _Run:
     """State of one ``run_learner`` call (kept out of the function to keep each step small)."""
 
-    def __init__(self, cfg: Config, on_status: StatusCallback | None) -> None:
+    def __init__(self, cfg: Config, on_status: StatusCallback | None, partitions: int = 1, sources: int = 0) -> None:
         self.cfg = cfg
         self.on_status = on_status
         self.topic = cfg.topics.examples
+        self.partitions = max(1, partitions)
         self.manifest, self.learner = _resume(cfg)
         self.offsets: dict[int, int] = manifest_offsets(self.manifest or {}, self.topic)
+        self.merge = EventTimeMerge(cfg.join.window_s, cfg.learner.align_idle_s)
+        #: Records of the snapshot we resumed from that were partly trained: (partition, offset) → examples to skip.
+        self.skip: dict[tuple[int, int], int] = {(int(q), int(o)): int(n) for q, o, n in
+                                                 (self.manifest or {}).get("partly_trained", [])}
+        self.requests_scored = 0
+        #: Join sources (impressions partitions) the merge waits for once the first record is in.
+        self.sources = sources
         self.ends = EndTracker.from_dict((self.manifest or {}).get("end_markers"))
         self.snapshots = 0
         self.last_version = (self.manifest or {}).get("version")
@@ -138,7 +153,7 @@ class _Run:
 
     def handle(self, msg: Message, dlq: bus.DeadLetterSink) -> None:
         self.records += 1
-        self.offsets[msg.partition()] = msg.offset() + 1
+        partition, offset = msg.partition(), msg.offset()
         raw = msg.value()
         try:
             if raw is None:
@@ -146,19 +161,49 @@ class _Run:
             rec = decode_example(raw)
         except DecodeError as exc:
             dlq.send(raw, exc.reason, source=msg)
+            self.merge.note_record(partition, offset)
             return
+        source = msg.key() or f"partition:{partition}".encode()
+        if self.sources and source.isdigit():  # keyed by a join worker: its siblings will follow
+            now = time.monotonic()
+            for p in range(self.sources):
+                self.merge.expect(str(p).encode(), now)
+            self.sources = 0
         if isinstance(rec, ExampleEnd):
-            self.ends.add(msg.partition(), rec)
+            self.ends.add(partition, rec)
+            if rec.source_partition % self.partitions == partition:  # after the source's last example
+                self.merge.end(source)
+            self.merge.note_record(partition, offset)
             return
         examples = rec.examples if isinstance(rec, ExampleBatch) else [rec]
-        if not self.buffer:
-            self.buffer_since = time.monotonic()
+        valid = []
         for ex in examples:
-            problem = example_problem(ex)
+            problem = None if ex.kind == KIND_SCORE_REQUEST else example_problem(ex)
             if problem is None:
-                self.buffer.append(ex)
+                valid.append(ex)
             else:
                 dlq.send(raw if len(examples) == 1 else encode_example(ex), problem, source=msg)
+        skip = self.skip.pop((partition, offset), 0)
+        self.merge.add(source, partition, offset, valid[skip:], time.monotonic())
+        self.release(self.merge.release(time.monotonic()))
+
+    def release(self, examples: list[Example]) -> None:
+        """Buffer examples the merge released; score its score requests at once (never trained on)."""
+        if not examples:
+            return
+        if not self.buffer:
+            self.buffer_since = time.monotonic()
+        requests = []
+        for ex in examples:
+            if ex.kind == KIND_SCORE_REQUEST:
+                requests.append(ex)
+            else:
+                self.buffer.append(ex)
+        if requests:
+            # Before anything released with them is trained: the model has seen only labels
+            # decided before these impressions (the ones still buffered make it a bit stale).
+            self.learner.score_requests(requests)
+            self.requests_scored += len(requests)
 
     # -- training -----------------------------------------------------------------------------
 
@@ -205,10 +250,12 @@ class _Run:
         # Dead letters count as handled in these offsets: make sure they reached the broker first.
         bus.flush_or_raise(dlq.prod, dlq.tracker)
         summary = self.learner.summary()
+        offsets = {**self.offsets, **self.merge.safe_offsets()}
         manifest = {
             "examples_seen": self.learner.examples_seen,
             "offsets_topic": self.topic,
-            "offsets": {str(p): o for p, o in sorted(self.offsets.items())},
+            "offsets": {str(p): o for p, o in sorted(offsets.items())},
+            "partly_trained": [list(r) for r in self.merge.partly_released()],
             "end_markers": self.ends.to_dict(),
             "metrics": {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
             "config_hash": config_hash(self.cfg),
@@ -234,7 +281,8 @@ class _Run:
                   "progressive_auc": m["progressive_auc"], "windowed_auc": m["windowed_auc"],
                   "logloss": m["progressive_logloss"], "progressive_logloss": m["progressive_logloss"],
                   "snapshots": self.snapshots, "snapshot_version": self.last_version,
-                  "gate_usage": m["gate_usage"], "dead_letters": dlq.count, "buffered": len(self.buffer)}
+                  "gate_usage": m["gate_usage"], "dead_letters": dlq.count,
+                  "buffered": len(self.buffer) + len(self.merge), "serving_auc": m["serving_auc"]}
         if self.on_status is not None:
             self.on_status(status)
         return status
@@ -246,6 +294,9 @@ class _Run:
             "examples_trained": self.trained,
             "positives": self.positives,
             "progressive_auc": s["progressive_auc"],
+            "serving_auc": s["serving_auc"],
+            "serving_auc_impressions": s["serving_auc_impressions"],
+            "score_requests_scored": self.requests_scored,
             "progressive_logloss": s["progressive_logloss"],
             "windowed_auc": s["windowed_auc"],
             "cold_start_auc": s["cold_start_auc"],
@@ -275,16 +326,31 @@ class _Run:
         return out
 
 
+def _throttle(cons: Any, run: _Run, paused: set[int]) -> set[int]:
+    """Stop fetching partitions whose examples pile up in the merge; resume them at half the cap."""
+    cap = run.cfg.learner.align_max_buffered
+    for p in range(run.partitions):
+        held = run.merge.buffered(p)
+        if p not in paused and held > cap:
+            cons.pause([TopicPartition(run.topic, p)])
+            paused.add(p)
+        elif p in paused and held <= cap // 2:
+            cons.resume([TopicPartition(run.topic, p)])
+            paused.discard(p)
+    return paused
+
+
 def run_learner(cfg: Config, *, on_status: StatusCallback | None = None, stop: threading.Event | None = None,
                 bounded: bool = True) -> dict[str, Any]:
     """Train on the examples topic until the end markers (``bounded``) or ``stop``; returns a summary."""
     stop = stop or threading.Event()
-    run = _Run(cfg, on_status)
-    partitions = bus.partition_count(cfg.kafka, run.topic)
+    partitions = bus.partition_count(cfg.kafka, cfg.topics.examples)
+    run = _Run(cfg, on_status, partitions, bus.partition_count(cfg.kafka, cfg.topics.impressions))
     cons = bus.consumer(cfg.kafka)
     prod = bus.producer(cfg.kafka)
     dlq = bus.DeadLetterSink(prod, cfg.topics.dead_letters, stage="learner")
     bus.assign_all(cons, cfg.kafka, [run.topic], {(run.topic, p): o for p, o in run.offsets.items()})
+    paused: set[int] = set()
     try:
         while not stop.is_set():
             if bounded and run.ends.complete(partitions):
@@ -301,12 +367,16 @@ def run_learner(cfg: Config, *, on_status: StatusCallback | None = None, stop: t
                 run.train(force=False)
                 if run.snapshot_due():  # per record, so a large poll cannot postpone a snapshot
                     run.snapshot(dlq)
+            run.release(run.merge.release(time.monotonic()))  # a source may have gone idle
             run.train(force=not msgs)
             if run.snapshot_due():
                 run.snapshot(dlq)
+            paused = _throttle(cons, run, paused)
             prod.poll(0)
             run.busy_s += time.perf_counter() - t
             run.status(dlq)
+        if bounded and run.ends.complete(partitions):
+            run.release(run.merge.flush())
         run.train(force=True)
         if bounded and run.ends.complete(partitions):
             run.learner.delayed.flush(run.learner.metrics)

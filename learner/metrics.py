@@ -168,6 +168,7 @@ class LearnerMetrics:
         self.distill_batches = 0
         self.gate_used = 0.0
         self.gate_seen = 0
+        self.serving_auc = HistogramAUC()
 
     def update(self, probs: np.ndarray, labels: np.ndarray, cold: np.ndarray) -> None:
         """Record pre-update predictions; ``cold`` marks examples counted by cold-start AUC."""
@@ -199,6 +200,8 @@ class LearnerMetrics:
             "freshness_p99_s": self.freshness.quantile(0.99),
             "gate_usage": self.gate_used / self.gate_seen if self.gate_seen else math.nan,
             "distill_loss": self.distill_sum / self.distill_batches if self.distill_batches else math.nan,
+            "serving_auc": self.serving_auc.value(),
+            "serving_auc_impressions": self.serving_auc.positives + self.serving_auc.negatives,
         }
 
     def state(self) -> dict[str, np.ndarray]:
@@ -206,16 +209,62 @@ class LearnerMetrics:
         scalars = np.array([self.examples, self.positives, self.logloss_sum, self.distill_sum,
                             self.distill_batches, self.gate_used, self.gate_seen], dtype=np.float64)
         return {"auc.pos": self.auc.pos, "auc.neg": self.auc.neg, "cold.pos": self.cold_auc.pos,
-                "cold.neg": self.cold_auc.neg, "fresh": self.freshness.counts, "scalars": scalars}
+                "cold.neg": self.cold_auc.neg, "fresh": self.freshness.counts, "scalars": scalars,
+                "serving.pos": self.serving_auc.pos, "serving.neg": self.serving_auc.neg}
 
     def load(self, state: dict[str, np.ndarray]) -> None:
         self.auc.load({"pos": state["auc.pos"], "neg": state["auc.neg"]})
         self.cold_auc.load({"pos": state["cold.pos"], "neg": state["cold.neg"]})
         self.freshness.load({"counts": state["fresh"]})
+        if "serving.pos" in state:  # absent from snapshots that predate score requests
+            self.serving_auc.load({"pos": state["serving.pos"], "neg": state["serving.neg"]})
         s = state["scalars"]
         self.examples, self.positives = int(s[0]), int(s[1])
         self.logloss_sum, self.distill_sum, self.distill_batches = float(s[2]), float(s[3]), int(s[4])
         self.gate_used, self.gate_seen = float(s[5]), int(s[6])
+
+
+class ServingEvaluator:
+    """Scores given to score requests at impression time, paired with the labels that follow.
+
+    Why: the progressive AUC scores an example when its label *arrives*; under ``wait`` a
+    positive arrives seconds after its impression and a negative a whole window later, so the
+    model that scores a negative has already learned from the user's later clicks, and the
+    figure rewards reacting to label order (a per-example learner even beats the oracle that
+    way). A score request is scored in event-time order at its impression's time (see
+    :mod:`learner.align`), as a server would have scored it; the AUC of those scores against
+    the labels is the serving AUC. Pending scores are bounded (oldest dropped) and in memory
+    only: requests scored before a restart are not evaluated.
+    """
+
+    def __init__(self, max_pending: int = 1_000_000) -> None:
+        self.max_pending = max_pending
+        self._pending: dict[str, float] = {}
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def scored(self, ids: list[str], probs: np.ndarray) -> None:
+        """Remember the scores of score requests until their labels arrive."""
+        pending = self._pending
+        for iid, p in zip(ids, probs.tolist()):
+            pending[iid] = p
+        while len(pending) > self.max_pending:
+            del pending[next(iter(pending))]
+
+    def labelled(self, metrics: LearnerMetrics, ids: list[str], labels: np.ndarray) -> None:
+        """Pair the labels of final examples with their requests' scores (if any) into ``metrics``."""
+        pending = self._pending
+        if not pending:
+            return
+        probs, ys = [], []
+        for iid, y in zip(ids, labels.tolist()):
+            p = pending.pop(iid, None)
+            if p is not None:
+                probs.append(p)
+                ys.append(y)
+        if probs:
+            metrics.serving_auc.add(np.asarray(probs), np.asarray(ys))
 
 
 class DelayedLabelEvaluator:

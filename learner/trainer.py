@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from learner.features import EncodedBatch, Featurizer
-from learner.metrics import DelayedLabelEvaluator, LearnerMetrics
+from learner.metrics import DelayedLabelEvaluator, LearnerMetrics, ServingEvaluator
 from learner.model import ModelConfig, ModelInputs, StudentCTR
 from learner.sparse import RowOptimizer
 from livectr.config import Config
@@ -94,6 +94,9 @@ class OnlineLearner:
         lc = cfg.learner
         torch.set_num_threads(max(1, lc.threads))
         self.device = resolve_device(device or lc.device)
+        # torch's global generator: a learner owns its process (one per `livectr learn`), and the
+        # straight-through gate samples with rand_like, which takes no generator.
+        torch.manual_seed(lc.seed)
         if state is None:
             mc = ModelConfig.from_config(cfg)
             self.featurizer = Featurizer.new(mc.context_fields, mc.context_buckets, mc.sem_dim,
@@ -110,6 +113,7 @@ class OnlineLearner:
         self.dense_opt = torch.optim.Adam(self.model.dense_parameters(), lr=lc.lr, fused=True)
         self.metrics = LearnerMetrics()
         self.delayed = DelayedLabelEvaluator(cfg.join.window_s)
+        self.serving_eval = ServingEvaluator()
         self.semantic = mc.sem_dim > 0
         self.index = (ItemIndex(mc.sem_dim, exact_below=cfg.semantic.faiss_exact_below)
                       if self.semantic and not serving else None)
@@ -139,6 +143,16 @@ class OnlineLearner:
 
     def predict_one(self, record: Any) -> float:
         return float(self.predict_batch([record])[0])
+
+    def score_requests(self, requests: Sequence[Example]) -> np.ndarray:
+        """Score :data:`~livectr.events.KIND_SCORE_REQUEST` examples now; their labels come later.
+
+        Not trained on: the scores wait in :attr:`serving_eval` for the final examples of the
+        same impressions (see :class:`learner.metrics.ServingEvaluator`).
+        """
+        probs = self.predict_batch(requests)
+        self.serving_eval.scored([ex.impression_id for ex in requests], probs)
+        return probs
 
     # -- learning ---------------------------------------------------------------------------
 
@@ -230,6 +244,7 @@ class OnlineLearner:
         self.featurizer.count_users(batch)
         if (batch.kinds == KIND_FINAL).all():
             self.metrics.update(probs, batch.labels, cold)
+            self.serving_eval.labelled(self.metrics, [ex.impression_id for ex in examples], batch.labels)
         else:
             self.delayed.observe(self.metrics, [ex.impression_id for ex in examples],
                                  np.fromiter((ex.ts for ex in examples), np.float64, len(examples)),

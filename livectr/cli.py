@@ -38,6 +38,7 @@ CONFIG_FLAGS: dict[str, tuple[str, type, str]] = {
     "--speed": ("simulator.speed", float, "replay speed: 0 = as fast as possible, 1 = real time, 60 = a minute per second"),
     "--window-s": ("join.window_s", float, "attribution window in event-time seconds (default 600)"),
     "--policy": ("join.policy", str, "labelling policy: wait | fake-negative"),
+    "--score-sample": ("join.score_sample", float, "fraction of impressions scored at impression time for serving_auc (0-1)"),
     "--group-id": ("join.group_id", str, "consumer group of the join workers"),
     "--batch-size": ("learner.batch_size", int, "learner mini-batch size"),
     "--lr": ("learner.lr", float, "learning rate"),
@@ -291,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     join = sub.add_parser("join", help="join worker: impressions × clicks → training examples (scale out: same --group-id)")
     _add_common(join)
-    _add_config_flags(join, ["--window-s", "--policy", "--group-id"])
+    _add_config_flags(join, ["--window-s", "--policy", "--group-id", "--score-sample"])
     join.add_argument("--worker-id", default=f"join-{socket.gethostname()}-{os.getpid()}")
     join.add_argument("--forever", action="store_true", help="keep running after end-of-stream markers")
     join.set_defaults(func=cmd_join)

@@ -92,6 +92,9 @@ class JoinConfig:
     window_s: float = 600.0
     #: ``wait`` or ``fake-negative`` (see README).
     policy: str = "wait"
+    #: Fraction of impressions (by a hash of the id, so restarts agree) also sent at impression
+    #: time as score requests, for the learner's serving AUC (policy ``wait``; 0 disables).
+    score_sample: float = 0.0625
     group_id: str = "livectr-join"
     #: Commit (and checkpoint the pending state) at most this often.
     commit_interval_s: float = 2.0
@@ -119,6 +122,9 @@ class LearnerConfig:
     #: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
     device: str = "auto"
     threads: int = 1
+    #: Seed of the model's initial weights and of the gate's training samples: two runs over the
+    #: same examples give the same model (the benchmarks average several seeds).
+    seed: int = 0
     #: Publish a snapshot every N seconds or M examples, whichever comes first.
     snapshot_every_s: float = 30.0
     snapshot_every_examples: int = 200_000
@@ -153,6 +159,11 @@ class LearnerConfig:
     cold_start_min_count: int = 5
     #: cold_start_auc covers each item's first N impressions seen by the learner.
     cold_start_impressions: int = 20
+    #: Event-time alignment of the examples partitions (learner.align): a join source with nothing
+    #: buffered stops holding the others back after this many wall seconds without records, and
+    #: a partition stops being fetched while this many of its examples wait for the others.
+    align_idle_s: float = 5.0
+    align_max_buffered: int = 50_000
     #: Train a partial mini-batch when the oldest buffered example has waited this long.
     partial_batch_ms: float = 100.0
     #: The scorer checks the ``latest`` snapshot pointer at most this often.

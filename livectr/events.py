@@ -133,6 +133,24 @@ KIND_FINAL: Final[int] = 0
 KIND_FAKE_NEGATIVE: Final[int] = 1
 #: ``Example.kind``: the positive copy sent on click under policy ``fake-negative``.
 KIND_POSITIVE_COPY: Final[int] = 2
+#: ``Example.kind``: not a training example but a *score request*: a sampled impression, sent by
+#: the join when its watermark reaches the impression's time (label 0, meaningless). The learner
+#: scores it with the model as it stands at that event time and pairs the score with the label
+#: that arrives later: the serving AUC, free of the label-arrival order (see README).
+KIND_SCORE_REQUEST: Final[int] = 3
+
+
+def decision_time(ex: "Example", window_s: float) -> float:
+    """Event time at which ``ex``'s label became known (what the join orders its output by).
+
+    A score request's is its impression time; a positive's, its click; a ``wait`` negative's,
+    the close of its window; a fake negative's, its impression.
+    """
+    if ex.kind == KIND_SCORE_REQUEST or ex.kind == KIND_FAKE_NEGATIVE:
+        return ex.ts
+    if ex.label:
+        return ex.ts + max(ex.click_delay, 0.0)
+    return ex.ts + window_s
 
 #: ``Example.sem_flags`` bits.
 SEM_ITEM_MISS: Final[int] = 1

@@ -140,6 +140,7 @@ class Progress:
                  f"joined {sum(j.get('examples_out', 0) for j in joins):,}",
                  f"trained {learn.get('examples_trained', 0):,} ({learn.get('examples_per_second', 0) / 1000:.1f}k/s)",
                  f"AUC {learn.get('progressive_auc', float('nan')):.4f}",
+                 f"serving AUC {learn.get('serving_auc', float('nan')):.4f}",
                  f"logloss {learn.get('progressive_logloss', float('nan')):.4f}"]
         if refresh:
             parts.append(f"teacher {refresh.get('texts_encoded', 0):,} texts")
@@ -237,6 +238,8 @@ def merge_summaries(stages: dict[str, Stage], cfg: Config, started: float) -> di
         "examples_trained": learn.get("examples_trained", 0),
         "positives": learn.get("positives", 0),
         "progressive_auc": learn.get("progressive_auc"),
+        "serving_auc": learn.get("serving_auc"),
+        "serving_auc_impressions": learn.get("serving_auc_impressions", 0),
         "progressive_logloss": learn.get("progressive_logloss"),
         "cold_start_auc": learn.get("cold_start_auc"),
         "events_per_second": prod.get("events_published", 0) / max(end - first, 1e-9),
@@ -263,7 +266,7 @@ def merge_summaries(stages: dict[str, Stage], cfg: Config, started: float) -> di
 def print_summary(summary: dict[str, Any], out: TextIO) -> None:
     """Human-readable summary table."""
     out.write("\nlivectr run summary\n")
-    keys = [*SUMMARY_KEYS, "semantic_miss_rate", "gate_usage", "elapsed_s"]
+    keys = [*SUMMARY_KEYS, "serving_auc", "serving_auc_impressions", "semantic_miss_rate", "gate_usage", "elapsed_s"]
     for key in keys:
         if key not in summary or summary[key] is None:
             continue

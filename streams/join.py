@@ -52,6 +52,16 @@ fetches far ahead on one topic, it is what keeps the examples topic a faithful r
 on match, the positives of minutes of stream would come before negatives that were decided
 earlier, and the learner — and any progressive metric — would see labels out of time.
 
+Score requests (policy ``wait``, a ``score_sample`` fraction of impressions chosen by a hash
+of the id): a copy of the impression with kind :data:`~livectr.events.KIND_SCORE_REQUEST`,
+placed in the same decision-time order at the impression's own time — after every label
+decided before the impression, before any decided after it. A learner that consumes the
+examples in that order scores the request with exactly the labels a server would have had
+when the impression was shown; paired with the label that follows, that is an honest online
+AUC (positives leave within seconds of their impression, negatives a window later, so a score
+taken when a label *arrives* has seen the user's later clicks). Requests are not counted as
+examples.
+
 Semantic vectors (when a cache is attached) go onto each example as the join emits it: the
 item's current vector, and the user's profile as it was when the *impression* arrived — the
 profile at emission time would include clicks made during the window, i.e. after the
@@ -79,6 +89,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import zlib
 from collections import deque
 from typing import Final
 
@@ -88,11 +99,13 @@ from livectr.events import (
     KIND_FAKE_NEGATIVE,
     KIND_FINAL,
     KIND_POSITIVE_COPY,
+    KIND_SCORE_REQUEST,
     SEM_ITEM_MISS,
     SEM_USER_MISS,
     Click,
     Example,
     Impression,
+    decision_time,
 )
 from semantic_cache.lookup import SemanticLookup
 
@@ -164,6 +177,9 @@ class PartitionState(msgspec.Struct):
     user_vectors: dict[str, bytes | None] = msgspec.field(default_factory=dict)
     #: Matched positives not yet emitted: (click ts, impression id, click publish time, click delay).
     ready: list[tuple[float, str, float, float]] = msgspec.field(default_factory=list)
+    #: Score requests not yet emitted: (impression ts, impression id); and the sampling rate.
+    requests: list[tuple[float, str]] = msgspec.field(default_factory=list)
+    score_sample: float = 0.0
 
 
 class JoinCounters(msgspec.Struct):
@@ -180,6 +196,7 @@ class JoinCounters(msgspec.Struct):
     late_clicks: int = 0
     late_impressions: int = 0
     suppressed: int = 0
+    score_requests: int = 0
 
 
 class PartitionJoin:
@@ -190,7 +207,8 @@ class PartitionJoin:
     """
 
     def __init__(self, partition: int, window_s: float, policy: str = POLICY_WAIT, *,
-                 semantics: SemanticLookup | None = None, closed_memory: int = 100_000) -> None:
+                 semantics: SemanticLookup | None = None, closed_memory: int = 100_000,
+                 score_sample: float = 0.0) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown join policy {policy!r}; expected one of {POLICIES}")
         if not window_s > 0:
@@ -215,6 +233,10 @@ class PartitionJoin:
         self._ready: list[tuple[float, str]] = []
         self._ready_info: dict[str, tuple[float, float]] = {}
         self._user_vectors: dict[str, bytes | None] = {}
+        #: Score requests (see "Score requests" above): heap of (impression ts, impression id).
+        self.score_sample = score_sample if policy == POLICY_WAIT else 0.0
+        self._sample_below = int(min(max(self.score_sample, 0.0), 1.0) * 2**32)
+        self._requests: list[tuple[float, str]] = []
         self.orphans: dict[str, OrphanClick] = {}
         self._orphan_heap: list[tuple[float, int, str]] = []
         self._closed_memory = max(1, closed_memory)
@@ -248,6 +270,8 @@ class PartitionJoin:
             # whole window later, and a profile read then would hold clicks made after this
             # impression — information no scorer has at impression time, and a label leak.
             self._user_vectors[iid] = self.semantics.user(imp.user_id)
+        if self._sample_below and zlib.crc32(iid.encode()) < self._sample_below:
+            heapq.heappush(self._requests, (ts, iid))
         if ts >= self._last_queued_ts:
             self._queue.append(imp)
             self._queue_offsets.append(offset)
@@ -367,17 +391,59 @@ class PartitionJoin:
         if wm > self.watermark:
             self.watermark = wm
             self.watermark_published = published
+        start = len(self.out)
+        requested = self._request(self.watermark)
         self._release(self.watermark)
         # Also when the watermark stands still: a late impression may already be closable.
         self._expire(self.watermark - self.window_s, self.watermark_published)
+        if requested:
+            self._order_by_decision(start)
 
     def close_all(self, published: float) -> None:
         """End of stream: emit every positive, close every window and reject every orphan."""
         self.watermark = _INF
         self.watermark_published = published
+        start = len(self.out)
+        requested = self._request(_INF)
         self._release(_INF)
         self._expire(_INF, published)
+        if requested:
+            self._order_by_decision(start)
 
+    def _request(self, horizon: float) -> bool:
+        """Emit the score requests of impressions at or before ``horizon``; whether there were any."""
+        heap = self._requests
+        emitted = False
+        while heap and heap[0][0] <= horizon:
+            _, iid = heapq.heappop(heap)
+            imp = self.pending.get(iid)
+            if imp is None:
+                continue
+            if self.suppress and (iid, KIND_SCORE_REQUEST) in self.suppress:
+                self.suppress.discard((iid, KIND_SCORE_REQUEST))
+                self.counters.suppressed += 1
+                continue
+            item_vec = user_vec = None
+            flags, version = 0, ""
+            if self.semantics is not None:
+                item_vec = self.semantics.item(imp.item_id)
+                user_vec = self._user_vectors.get(iid)
+                flags = (SEM_ITEM_MISS if item_vec is None else 0) | (SEM_USER_MISS if user_vec is None else 0)
+                version = self.semantics.version
+            self.out.append(Example(iid, imp.ts, imp.user_id, imp.item_id, imp.context, 0, KIND_SCORE_REQUEST,
+                                    self.watermark_published, -1.0, item_vec, user_vec, flags, version))
+            self.counters.score_requests += 1
+            emitted = True
+        return emitted
+
+    def _order_by_decision(self, start: int) -> None:
+        """Sort what this step emitted (from ``out[start]``) by decision time (stable).
+
+        Why only when requests were emitted: positives and negatives of one step already leave
+        in order of their kind's horizon, and only a request must sit *between* them exactly.
+        """
+        window = self.window_s
+        self.out[start:] = sorted(self.out[start:], key=lambda ex: decision_time(ex, window))
     def _release(self, horizon: float) -> None:
         """Emit matched positives whose click time is at or before ``horizon``, in click-time order."""
         ready, info, kind = self._ready, self._ready_info, KIND_FINAL if self._wait else KIND_POSITIVE_COPY
@@ -502,13 +568,15 @@ class PartitionJoin:
             examples_total=self.examples_total, finished=self.finished,
             user_vectors=dict(self._user_vectors),
             ready=[(ts, iid, *self._ready_info[iid]) for ts, iid in sorted(self._ready)],
+            requests=sorted(self._requests), score_sample=self.score_sample,
         )
 
     @classmethod
     def restore(cls, state: PartitionState, *, semantics: SemanticLookup | None = None,
                 closed_memory: int = 100_000) -> "PartitionJoin":
         """Rebuild a join from :meth:`snapshot` output (window and policy come from the state)."""
-        join = cls(state.partition, state.window_s, state.policy, semantics=semantics, closed_memory=closed_memory)
+        join = cls(state.partition, state.window_s, state.policy, semantics=semantics, closed_memory=closed_memory,
+                   score_sample=state.score_sample)
         join.watermark = state.watermark
         join.watermark_published = state.watermark_published
         join.clocks = [msgspec.structs.replace(c) for c in state.clocks]
@@ -537,6 +605,8 @@ class PartitionJoin:
             join._ready.append((ts, iid))
             join._ready_info[iid] = (published, delay)
         heapq.heapify(join._ready)
+        join._requests = [tuple(r) for r in state.requests]  # type: ignore[misc]
+        heapq.heapify(join._requests)
         return join
 
 

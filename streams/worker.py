@@ -270,7 +270,7 @@ class JoinWorker:
                 join.suppress = self._delivered_after(p, ckpt.out_partition, ckpt.out_offset)
         else:
             join = PartitionJoin(p, join_cfg.window_s, join_cfg.policy, semantics=self.semantics,
-                                 closed_memory=join_cfg.closed_memory)
+                                 closed_memory=join_cfg.closed_memory, score_sample=join_cfg.score_sample)
             join.examples_total = meta.examples
             join.finished = meta.finished
             for src, tp in ((IMPRESSIONS, imp_tp), (CLICKS, clk_tp)):
@@ -541,7 +541,9 @@ class JoinWorker:
             "clicks": total.clicks,
             "duplicates": total.duplicates,
             "duplicate_impressions": total.duplicate_impressions,
-            "examples_out": self.examples_out,
+            # Score requests travel with the examples but are not examples.
+            "examples_out": self.examples_out - total.score_requests,
+            "score_requests_out": total.score_requests,
             "example_records_out": self.batches_out,
             "positives": total.positives,
             "negatives": total.negatives,

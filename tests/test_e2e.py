@@ -7,6 +7,7 @@ join must produce and how many of them are positive; the learner must clearly be
 from __future__ import annotations
 
 import json
+import zlib
 import subprocess
 import sys
 from pathlib import Path
@@ -50,7 +51,8 @@ def test_run_matches_ground_truth_and_learns(kafka_config: Config, tmp_path: Pat
     # would measure that order. A 60 s window keeps labels interleaved.
     cfg.join.window_s = 60.0
     truth = _truth(cfg)
-    summary = _run(cfg, tmp_path, "--semantics", "off", "--window-s", "60")
+    cfg.join.score_sample = 0.5
+    summary = _run(cfg, tmp_path, "--semantics", "off", "--window-s", "60", "--score-sample", "0.5")
 
     for key in ("events_published", "impressions", "clicks", "examples_trained", "positives", "progressive_auc",
                 "progressive_logloss", "cold_start_auc", "events_per_second", "freshness_p50_s",
@@ -61,6 +63,12 @@ def test_run_matches_ground_truth_and_learns(kafka_config: Config, tmp_path: Pat
     assert summary["examples_trained"] == truth["impressions"]
     assert summary["positives"] == truth["positives"]
     assert summary["progressive_auc"] > 0.6
+    # Score requests: the sampled impressions, each scored at its own event time and labelled once.
+    threshold = cfg.join.score_sample * 2**32
+    sampled = sum(zlib.crc32(f"s{cfg.simulator.seed}-{n}".encode()) < threshold for n in range(truth["impressions"]))
+    assert summary["serving_auc_impressions"] == sampled
+    print("serving AUC", summary["serving_auc"], "progressive", summary["progressive_auc"])
+    assert 0.55 < summary["serving_auc"] < summary["progressive_auc"]
     assert summary["snapshots_published"] >= 1
     assert 0 < summary["freshness_p50_s"] <= summary["freshness_p99_s"]
     latest = cfg.data_dir / "snapshots" / "latest"

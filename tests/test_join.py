@@ -14,10 +14,12 @@ from livectr.events import (
     KIND_FAKE_NEGATIVE,
     KIND_FINAL,
     KIND_POSITIVE_COPY,
+    KIND_SCORE_REQUEST,
     SEM_ITEM_MISS,
     SEM_USER_MISS,
     Click,
     Impression,
+    decision_time,
     encode_event,
 )
 from streams.join import (
@@ -530,6 +532,46 @@ def test_positives_wait_for_the_watermark_to_reach_their_click(data: tuple[list,
     assert len(f.examples) == sum(isinstance(e, Impression) for e in events)
 
 
+@settings(max_examples=200, deadline=None)
+@given(streams_(in_order=True))
+def test_score_requests_sit_at_their_impression_time_in_decision_order(data: tuple[list, list[bool]]) -> None:
+    """Each impression's request leaves once the watermark reaches it, after every label decided
+    before it and before every label decided after it, and requests do not count as examples."""
+    events, advances = data
+    join = PartitionJoin(0, WP, score_sample=1.0)
+    f = Feeder(join)
+    for event, adv in zip(events, advances):
+        (f.imp if isinstance(event, Impression) else f.click)(event)
+        if adv:
+            before = len(f.examples)
+            f.advance()
+            assert all(ex.ts <= join.watermark for ex in f.examples[before:] if ex.kind == KIND_SCORE_REQUEST)
+    f.close()
+    impressions = [e for e in events if isinstance(e, Impression)]
+    requests = [ex for ex in f.examples if ex.kind == KIND_SCORE_REQUEST]
+    assert Counter(ex.impression_id for ex in requests) == Counter(e.impression_id for e in impressions)
+    for k, ex in enumerate(f.examples):
+        if ex.kind == KIND_SCORE_REQUEST:
+            assert any(x.impression_id == ex.impression_id and x.kind == KIND_FINAL for x in f.examples[k + 1:])
+            assert all(decision_time(x, WP) <= ex.ts for x in f.examples[:k] if x.kind != KIND_SCORE_REQUEST)
+    assert join.examples_total == len(impressions) == len(f.examples) - len(requests)
+
+
+def test_score_requests_only_under_wait_and_by_a_stable_hash() -> None:
+    fake = Feeder(PartitionJoin(0, W, POLICY_FAKE_NEGATIVE, score_sample=1.0))
+    fake.imp(imp("a", 0))
+    fake.close()
+    assert [ex.kind for ex in fake.examples] == [KIND_FAKE_NEGATIVE]
+    picks = []
+    for _ in range(2):
+        f = Feeder(PartitionJoin(0, W, score_sample=0.3))
+        for k in range(400):
+            f.imp(imp(f"x{k}", k))
+        f.close()
+        picks.append({ex.impression_id for ex in f.examples if ex.kind == KIND_SCORE_REQUEST})
+    assert picks[0] == picks[1] and 80 <= len(picks[0]) <= 160
+
+
 def normalised(state: PartitionState) -> PartitionState:
     """The closed-id memory is a set: compare it without order."""
     return msgspec.structs.replace(state, closed_recent=sorted(state.closed_recent),
@@ -541,9 +583,10 @@ def normalised(state: PartitionState) -> PartitionState:
 def test_checkpoint_restore_round_trips(data: tuple[list, list[bool]], policy: str, draw: st.DataObject) -> None:
     events, advances = data
     cut = draw.draw(st.integers(0, len(events)))
-    whole = run_impl(PartitionJoin(0, WP, policy), events, advances)
+    sample = draw.draw(st.sampled_from([0.0, 1.0]))
+    whole = run_impl(PartitionJoin(0, WP, policy, score_sample=sample), events, advances)
 
-    first = Feeder(PartitionJoin(0, WP, policy))
+    first = Feeder(PartitionJoin(0, WP, policy, score_sample=sample))
     for event, adv in zip(events[:cut], advances[:cut]):
         (first.imp if isinstance(event, Impression) else first.click)(event)
         if adv:
@@ -562,4 +605,4 @@ def test_checkpoint_restore_round_trips(data: tuple[list, list[bool]], policy: s
     second.close()
     assert first.examples + second.examples == whole.examples
     assert first.rejected + second.rejected == whole.rejected
-    assert restored.examples_total == len(whole.examples)
+    assert restored.examples_total == sum(ex.kind != KIND_SCORE_REQUEST for ex in whole.examples)

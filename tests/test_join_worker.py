@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,7 @@ from livectr.events import (
     KIND_FAKE_NEGATIVE,
     KIND_FINAL,
     KIND_POSITIVE_COPY,
+    KIND_SCORE_REQUEST,
     MAX_EVENT_BYTES,
     Click,
     Example,
@@ -26,6 +28,7 @@ from livectr.events import (
     ExampleEnd,
     Impression,
     Item,
+    decision_time,
     decode_example,
     encode_event,
 )
@@ -138,7 +141,7 @@ def read_examples(cfg: Config, ends: int, timeout_s: float = 20.0) -> tuple[list
             markers.append(rec)
         else:
             examples.append(rec)
-    return examples, markers, msgs
+    return [e for e in examples if e.kind != KIND_SCORE_REQUEST], markers, msgs
 
 
 def run_bounded(cfg: Config, limit_s: float = 60.0, **kwargs: Any) -> dict[str, Any]:
@@ -256,9 +259,39 @@ def delivered(msgs: list[Any], wanted: set[str]) -> bool:
     """Whether any example record among ``msgs`` is about one of the ``wanted`` impressions."""
     for m in msgs:
         rec = decode_example(m.value())
-        if isinstance(rec, ExampleBatch) and any(e.impression_id in wanted for e in rec.examples):
+        if isinstance(rec, ExampleBatch) and any(e.impression_id in wanted and e.kind != KIND_SCORE_REQUEST
+                                                 for e in rec.examples):
             return True
     return False
+
+
+def test_score_requests_precede_their_labels_in_decision_order(kafka_config: Config) -> None:
+    """Sampled impressions come back as score requests, once each, ahead of their own label and
+    of every label decided after them, and are not counted as examples."""
+    cfg = configure(kafka_config, score_sample=0.25)
+    stream = make_stream(cfg, 0, 300)
+    publish(cfg, stream.records, end_partitions=2)
+    summary = run_bounded(cfg, worker_id="w-r")
+    msgs = read_topic(cfg, cfg.topics.examples,
+                      lambda ms: sum(isinstance(decode_example(m.value()), ExampleEnd) for m in ms) >= 4, 20)
+    per_source: dict[bytes, list[Example]] = {}
+    for m in msgs:
+        rec = decode_example(m.value())
+        if isinstance(rec, ExampleBatch):
+            per_source.setdefault(m.key(), []).extend(rec.examples)
+    requests = [e for seq in per_source.values() for e in seq if e.kind == KIND_SCORE_REQUEST]
+    sampled = {iid for iid in stream.truth if zlib.crc32(iid.encode()) < 0.25 * 2**32}
+    assert Counter(e.impression_id for e in requests) == Counter({iid: 1 for iid in sampled})
+    assert summary["score_requests_out"] == len(sampled)
+    assert summary["examples_out"] == len(stream.truth)
+    for seq in per_source.values():
+        position = {(e.impression_id, e.kind): k for k, e in enumerate(seq)}
+        for k, e in enumerate(seq):
+            if e.kind == KIND_SCORE_REQUEST:
+                assert position[(e.impression_id, KIND_FINAL)] > k
+                later_decided = [x for x in seq[:k] if x.kind != KIND_SCORE_REQUEST
+                                 and decision_time(x, cfg.join.window_s) > e.ts]
+                assert not later_decided, "a label decided after the impression was sent before its request"
 
 
 def _worker_process(cfg_dict: dict[str, Any]) -> None:
@@ -345,6 +378,6 @@ def test_unbounded_worker_reopens_after_end_and_idle_clicks_release_the_watermar
         stop.set()
         thread.join(30)
     got = {e.impression_id: e.label for m in msgs if isinstance(r := decode_example(m.value()), ExampleBatch)
-           for e in r.examples if e.impression_id.startswith("late")}
+           for e in r.examples if e.impression_id.startswith("late") and e.kind != KIND_SCORE_REQUEST}
     assert set(got) == want and set(got.values()) == {0}
     assert result["pending"] == 100 - len(want)
