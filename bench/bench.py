@@ -37,17 +37,19 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+import msgspec
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from vw_baseline import exact_auc, vw_progressive  # noqa: E402
+from vw_baseline import exact_auc, vw_line, vw_progressive  # noqa: E402
 
 from learner.trainer import OnlineLearner  # noqa: E402
 from livectr import bus  # noqa: E402
 from livectr.broker import EmbeddedBroker  # noqa: E402
 from livectr.config import Config  # noqa: E402
-from livectr.events import KIND_SCORE_REQUEST, Example, ExampleBatch, Item, decode_example  # noqa: E402
+from livectr.events import (KIND_FAKE_NEGATIVE, KIND_POSITIVE_COPY, KIND_SCORE_REQUEST, Example,  # noqa: E402
+                            ExampleBatch, Item, decision_time, decode_example)
 from simulators.publish import publish  # noqa: E402
 from simulators.sources import open_source  # noqa: E402
 from streams.bench import ceiling  # noqa: E402
@@ -169,6 +171,70 @@ def livectr_progressive(cfg: Config, examples: list[Example], semantics: bool) -
     return out
 
 
+def serving_schedule(examples: list[Example], window_s: float, fake_negative: bool
+                     ) -> list[tuple[float, int, int, Example | None]]:
+    """What a live system does, in event time: score impression ``k`` at its time, train each
+    label when it is decided. Entries are ``(time, 0, k, None)`` (score) and ``(time, 1, k,
+    example)`` (train), sorted; at equal times scoring comes first.
+
+    Under ``wait`` (the examples as joined) a label is decided at its click or at the window's
+    close; under ``fake-negative`` every impression is trained on as a negative at once and a
+    clicked one again as a positive copy at its click (the join's other policy, rebuilt here
+    from the same examples so that both policies are compared on one stream).
+    """
+    out: list[tuple[float, int, int, Example | None]] = []
+    for k, ex in enumerate(examples):
+        out.append((ex.ts, 0, k, None))
+        if not fake_negative:
+            out.append((decision_time(ex, window_s), 1, k, ex))
+            continue
+        out.append((ex.ts, 1, k, msgspec.structs.replace(ex, label=0, kind=KIND_FAKE_NEGATIVE)))
+        if ex.label:
+            out.append((ex.ts + max(ex.click_delay, 0.0), 1, k,
+                        msgspec.structs.replace(ex, label=1, kind=KIND_POSITIVE_COPY)))
+    out.sort(key=lambda e: (e[0], e[1]))
+    return out
+
+
+def livectr_serving(cfg: Config, examples: list[Example], fake_negative: bool) -> float:
+    """Serving AUC of the student on :func:`serving_schedule` (scores taken before any later label trains)."""
+    cfg = copy.deepcopy(cfg)
+    cfg.semantic.enabled = False
+    learner = OnlineLearner(cfg)
+    scores = np.zeros(len(examples))
+    pending: list[int] = []
+    batch: list[Example] = []
+    for _, what, k, ex in serving_schedule(examples, cfg.join.window_s, fake_negative):
+        if what == 0:
+            pending.append(k)
+            continue
+        batch.append(ex)
+        if len(batch) >= cfg.learner.batch_size:
+            if pending:  # before the model changes: it has seen only labels decided before them
+                scores[pending] = learner.predict_batch([examples[i] for i in pending])
+                pending = []
+            learner.learn_batch(batch)
+            batch = []
+    if pending:
+        scores[pending] = learner.predict_batch([examples[i] for i in pending])
+    return exact_auc(np.asarray([ex.label for ex in examples]), scores)
+
+
+def vw_serving(examples: list[Example], window_s: float, fake_negative: bool) -> float:
+    """Serving AUC of Vowpal Wabbit (same arguments as :func:`vw_progressive`) on the same schedule."""
+    from vowpalwabbit import Workspace
+
+    vw = Workspace("--loss_function logistic --link logistic --ftrl -b 22 -q ui --quiet")
+    scores = np.zeros(len(examples))
+    for _, what, k, ex in serving_schedule(examples, window_s, fake_negative):
+        if what == 0:
+            scores[k] = vw.predict(vw_line(examples[k], None))
+        else:
+            vw.learn(vw_line(ex, None))
+    vw.finish()
+    return exact_auc(np.asarray([ex.label for ex in examples]), scores)
+
+
 def vw_scores(examples: list[Example], titles: dict[str, str] | None) -> dict[str, float]:
     y, p = vw_progressive(examples, titles)
     return _aucs(y, p, examples)
@@ -209,6 +275,9 @@ def pipeline_part(events: int, workdir: Path) -> dict[str, Any]:
     on, off, vw = (livectr_progressive(cfg, ordered, semantics=True), livectr_progressive(cfg, ordered, semantics=False),
                    vw_scores(ordered, None))
     res.update(livectr_auc=on["auc"], livectr_auc_no_semantics=off["auc"], vw_auc=vw["auc"])
+    for policy, fn in (("wait", False), ("fake_negative", True)):
+        res[f"serving_livectr_auc_{policy}"] = livectr_serving(cfg, examples, fn)
+        res[f"serving_vw_auc_{policy}"] = vw_serving(examples, cfg.join.window_s, fn)
     for semantics in ("on", "off"):
         summary_path = workdir / f"e2e-{semantics}.json"
         subprocess.run([sys.executable, "-m", "livectr", "run", "--quiet", "--events", str(events),
@@ -335,6 +404,10 @@ def _print_pipeline(r: dict[str, Any]) -> None:
               f"{r[prefix + 'livectr_auc'] - r[prefix + 'vw_auc']:+.4f} vs VW (target ≥ 0)")
         print(f"    {'livectr (semantics off)':<38} {r[prefix + 'livectr_auc_no_semantics']:>12.4f}")
         print(f"    {'Vowpal Wabbit':<38} {r[prefix + 'vw_auc']:>12.4f}")
+    print("  serving AUC (score at impression time, train each label when decided; same examples):")
+    for policy in ("wait", "fake_negative"):
+        print(f"    {'livectr / VW, policy ' + policy:<38} {r['serving_livectr_auc_' + policy]:>12.4f}"
+              f"  / {r['serving_vw_auc_' + policy]:.4f}")
     for s in ("on", "off"):
         print(f"  {'end to end AUC / freshness p50, p99 (' + s + ')':<40} {r[f'e2e_auc_semantics_{s}']:>12.4f}"
               f"  {r[f'e2e_freshness_p50_s_semantics_{s}']:.2f} s, {r[f'e2e_freshness_p99_s_semantics_{s}']:.2f} s")

@@ -129,6 +129,7 @@ class _Run:
         self.skip: dict[tuple[int, int], int] = {(int(q), int(o)): int(n) for q, o, n in
                                                  (self.manifest or {}).get("partly_trained", [])}
         self.requests_scored = 0
+        self.requests: list[Example] = []
         #: Join sources (impressions partitions) the merge waits for once the first record is in.
         self.sources = sources
         self.ends = EndTracker.from_dict((self.manifest or {}).get("end_markers"))
@@ -193,17 +194,22 @@ class _Run:
             return
         if not self.buffer:
             self.buffer_since = time.monotonic()
-        requests = []
+        buffer, requests = self.buffer, self.requests
         for ex in examples:
-            if ex.kind == KIND_SCORE_REQUEST:
-                requests.append(ex)
-            else:
-                self.buffer.append(ex)
-        if requests:
-            # Before anything released with them is trained: the model has seen only labels
-            # decided before these impressions (the ones still buffered make it a bit stale).
-            self.learner.score_requests(requests)
-            self.requests_scored += len(requests)
+            (requests if ex.kind == KIND_SCORE_REQUEST else buffer).append(ex)
+
+    def score_requests(self) -> None:
+        """Score the requests released so far, before the model next changes.
+
+        Deferred to just before a training step (one forward pass for many requests, not one
+        per record): the model only changes in :meth:`train`, so until then it is exactly the
+        model that had seen only labels decided before these impressions (those still in the
+        shuffle buffer make it a little stale, never ahead).
+        """
+        if self.requests:
+            self.learner.score_requests(self.requests)
+            self.requests_scored += len(self.requests)
+            self.requests = []
 
     # -- training -----------------------------------------------------------------------------
 
@@ -222,6 +228,7 @@ class _Run:
         stale = self.buffer and (time.monotonic() - self.buffer_since) * 1000 >= self.cfg.learner.partial_batch_ms
         if not (force or stale or len(self.buffer) >= max(size, self.cfg.learner.shuffle_buffer)):
             return
+        self.score_requests()
         order = self.rng.permutation(len(self.buffer))
         pending = [self.buffer[i] for i in order]
         keep = 0 if (force or stale) else len(pending) % size

@@ -314,8 +314,7 @@ class DelayedLabelEvaluator:
         if len(ts):
             self._max_ts = max(self._max_ts, float(np.max(ts)))
         self._expire(self._max_ts - self.horizon_s, out_p, out_y, out_c)
-        if out_p:
-            metrics.update(np.asarray(out_p), np.asarray(out_y, dtype=np.float32), np.asarray(out_c, dtype=bool))
+        _evaluated(metrics, out_p, out_y, out_c)
 
     def flush(self, metrics: "LearnerMetrics") -> None:
         """End of a bounded stream: every impression still waiting was not clicked."""
@@ -323,8 +322,7 @@ class DelayedLabelEvaluator:
         out_y: list[int] = []
         out_c: list[bool] = []
         self._expire(math.inf, out_p, out_y, out_c)
-        if out_p:
-            metrics.update(np.asarray(out_p), np.asarray(out_y, dtype=np.float32), np.asarray(out_c, dtype=bool))
+        _evaluated(metrics, out_p, out_y, out_c)
 
     def _expire(self, horizon: float, out_p: list[float], out_y: list[int], out_c: list[bool]) -> None:
         while self._order and self._order[0][0] < horizon:
@@ -334,3 +332,17 @@ class DelayedLabelEvaluator:
                 out_p.append(entry[0])
                 out_y.append(0)
                 out_c.append(entry[1])
+
+
+def _evaluated(metrics: LearnerMetrics, probs: list[float], labels: list[int], cold: list[bool]) -> None:
+    """Impressions whose fake-negative score just got its final label.
+
+    They count for the progressive metrics and for the serving AUC alike: a fake negative is
+    scored when its impression arrives, which is what the serving AUC measures under ``wait``
+    with score requests, so the two policies report comparable serving figures.
+    """
+    if not probs:
+        return
+    p, y = np.asarray(probs), np.asarray(labels, dtype=np.float32)
+    metrics.update(p, y, np.asarray(cold, dtype=bool))
+    metrics.serving_auc.add(p, y)
