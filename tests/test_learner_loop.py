@@ -52,6 +52,9 @@ def test_bounded_run_counts_dead_letters_snapshots_and_resume(kafka_config: Conf
     cfg.learner.context_buckets = 1 << 12
     cfg.learner.snapshot_every_examples = 1500
     cfg.learner.shuffle_buffer = 0  # train as batches arrive, so the snapshot cadence is per 1,500 examples
+    # ... and do not hold one partition back for the other (their toy timestamps interleave
+    # arbitrarily): a bulk release would train past several snapshot points at once.
+    cfg.learner.align_idle_s = 0.0
     bus.ensure_topics(cfg)
     world = ToyWorld(users=60, items=30, seed=4)
 
