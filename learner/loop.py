@@ -214,7 +214,7 @@ class _Run:
     # -- training -----------------------------------------------------------------------------
 
     def train(self, force: bool) -> None:
-        """Train once a shuffle buffer is full; with ``force`` (or a stale buffer) everything buffered.
+        """Train the oldest shuffle buffer's worth once it is full; with ``force`` (or a stale buffer) everything.
 
         Why shuffle: under ``wait`` a positive is emitted when its click arrives and a negative
         when its window closes, so the examples topic delivers labels in clumps (a run of
@@ -223,17 +223,23 @@ class _Run:
         against the opposite label. Training batches drawn from a shuffled buffer of
         ``cfg.learner.shuffle_buffer`` examples (≈0.1 s of stream) removes the swing at a cost of
         that much freshness; every batch is still scored before it is trained on.
+
+        Why only one buffer's worth per call: the event-time merge can release hundreds of
+        thousands of examples at once (when a lagging partition catches up); training them in
+        one call would stop consuming, status reports and snapshots for seconds. The rest waits,
+        in decision-time order, for the loop's next calls.
         """
         size = self.cfg.learner.batch_size
+        cap = max(size, self.cfg.learner.shuffle_buffer)
+        full = len(self.buffer) >= cap
         stale = self.buffer and (time.monotonic() - self.buffer_since) * 1000 >= self.cfg.learner.partial_batch_ms
-        if not (force or stale or len(self.buffer) >= max(size, self.cfg.learner.shuffle_buffer)):
+        if not (force or stale or full):
             return
         self.score_requests()
-        order = self.rng.permutation(len(self.buffer))
-        pending = [self.buffer[i] for i in order]
-        keep = 0 if (force or stale) else len(pending) % size
-        self.buffer = pending[len(pending) - keep:] if keep else []
-        for start in range(0, len(pending) - keep, size):
+        n = len(self.buffer) if force or not full else cap - cap % size
+        head, self.buffer = self.buffer[:n], self.buffer[n:]
+        pending = [head[i] for i in self.rng.permutation(n)]
+        for start in range(0, n, size):
             batch = pending[start:start + size]
             t = time.perf_counter()
             self.learner.learn_batch(batch)
@@ -374,6 +380,7 @@ def run_learner(cfg: Config, *, on_status: StatusCallback | None = None, stop: t
                 run.train(force=False)
                 if run.snapshot_due():  # per record, so a large poll cannot postpone a snapshot
                     run.snapshot(dlq)
+                run.status(dlq)  # likewise for status (rate-limited inside)
             run.release(run.merge.release(time.monotonic()))  # a source may have gone idle
             run.train(force=not msgs)
             if run.snapshot_due():

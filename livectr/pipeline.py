@@ -272,7 +272,7 @@ def print_summary(summary: dict[str, Any], out: TextIO) -> None:
             continue
         value = summary[key]
         text = f"{value:,.4f}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else str(value)
-        out.write(f"  {key:<22} {text}\n")
+        out.write(f"  {key:<24} {text}\n")
     out.flush()
 
 
