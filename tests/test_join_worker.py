@@ -190,7 +190,7 @@ def test_bounded_run_joins_exactly_and_dead_letters_bad_input(kafka_config: Conf
         (0, per_partition[0], 2, "w-a"), (1, per_partition[1], 2, "w-a")}
 
     expected_dead = len(stream.malformed) + stream.late_clicks + stream.orphans
-    dead = read_topic(cfg, cfg.topics.dead_letters, lambda r: len(r) >= expected_dead, timeout_s=10)
+    dead = read_topic(cfg, cfg.topics.dead_letters, lambda r: len(r) >= expected_dead, timeout_s=30)
     assert len(dead) == expected_dead
     reasons = [dict(m.headers())["livectr.reason"].decode() for m in dead]
     assert sum(r.startswith("late click") for r in reasons) == stream.late_clicks
