@@ -128,8 +128,10 @@ def _aucs(y: np.ndarray, p: np.ndarray, examples: list[Example]) -> dict[str, fl
             "cold_new_auc": exact_auc(y[cold_new], p[cold_new]), "cold_new_impressions": int(cold_new.sum())}
 
 
-def livectr_seeds(cfg: Config, examples: list[Example], semantics: bool, seeds: int) -> dict[str, float]:
-    """:func:`livectr_progressive` averaged over ``seeds`` model seeds, with the AUCs' spread.
+def livectr_seeds(cfg: Config, examples: list[Example], semantics: bool, seeds: int,
+                  fake_negative: bool | None = None) -> dict[str, float]:
+    """:func:`livectr_progressive` (or, with a policy, :func:`livectr_serving`) averaged over
+    ``seeds`` model seeds, with the AUCs' spread.
 
     Why: the student's random initialisation and the gate's sampled decisions move its AUC by
     a few thousandths from one seed to the next — as much as some of the effects measured —
@@ -139,7 +141,8 @@ def livectr_seeds(cfg: Config, examples: list[Example], semantics: bool, seeds: 
     for seed in range(seeds):
         seeded = copy.deepcopy(cfg)
         seeded.learner.seed = seed
-        runs.append(livectr_progressive(seeded, examples, semantics))
+        runs.append(livectr_progressive(seeded, examples, semantics) if fake_negative is None
+                    else livectr_serving(seeded, examples, fake_negative, semantics))
     out = {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
     for k in ("auc", "cold_auc", "cold_new_auc"):
         out[f"{k}_std"] = float(np.std([r[k] for r in runs]))
@@ -196,10 +199,16 @@ def serving_schedule(examples: list[Example], window_s: float, fake_negative: bo
     return out
 
 
-def livectr_serving(cfg: Config, examples: list[Example], fake_negative: bool) -> float:
-    """Serving AUC of the student on :func:`serving_schedule` (scores taken before any later label trains)."""
+def livectr_serving(cfg: Config, examples: list[Example], fake_negative: bool, semantics: bool = False
+                    ) -> dict[str, float]:
+    """Serving AUCs of the student on :func:`serving_schedule` (scores taken before any later label trains).
+
+    ``examples`` must be in impression order (the cold-start masks are cut in that order).
+    """
     cfg = copy.deepcopy(cfg)
-    cfg.semantic.enabled = False
+    cfg.semantic.enabled = semantics
+    if not semantics:
+        examples = [msgspec.structs.replace(ex, item_sem=None, user_sem=None) for ex in examples]
     learner = OnlineLearner(cfg)
     scores = np.zeros(len(examples))
     pending: list[int] = []
@@ -217,7 +226,7 @@ def livectr_serving(cfg: Config, examples: list[Example], fake_negative: bool) -
             batch = []
     if pending:
         scores[pending] = learner.predict_batch([examples[i] for i in pending])
-    return exact_auc(np.asarray([ex.label for ex in examples]), scores)
+    return _aucs(np.asarray([ex.label for ex in examples]), scores, examples)
 
 
 def vw_serving(examples: list[Example], window_s: float, fake_negative: bool) -> float:
@@ -276,7 +285,7 @@ def pipeline_part(events: int, workdir: Path) -> dict[str, Any]:
                    vw_scores(ordered, None))
     res.update(livectr_auc=on["auc"], livectr_auc_no_semantics=off["auc"], vw_auc=vw["auc"])
     for policy, fn in (("wait", False), ("fake_negative", True)):
-        res[f"serving_livectr_auc_{policy}"] = livectr_serving(cfg, examples, fn)
+        res[f"serving_livectr_auc_{policy}"] = livectr_serving(cfg, impression_order(examples), fn)["auc"]
         res[f"serving_vw_auc_{policy}"] = vw_serving(examples, cfg.join.window_s, fn)
     for semantics in ("on", "off"):
         summary_path = workdir / f"e2e-{semantics}.json"
@@ -381,6 +390,9 @@ def semantic_part(events: int, workdir: Path, seeds: int = 3) -> dict[str, Any]:
                    "livectr_on_gate_free": livectr_seeds(_gate_free(cfg), examples, semantics=True, seeds=seeds),
                    "vw": vw_scores(examples, None),
                    "vw_title_words": vw_scores(examples, titles)}
+            for policy, fn in (("fake_negative", True), ("wait", False)):
+                for sem in ("off", "on"):
+                    row[f"serving_{policy}_{sem}"] = livectr_seeds(cfg, examples, sem == "on", seeds, fake_negative=fn)
             res[name] = row
     return res
 
@@ -438,6 +450,15 @@ def _print_semantic(res: dict[str, Any]) -> None:
               f" (gate cost 0: usage {free.get('gate_usage', float('nan')):.3f}, saved"
               f" {free.get('gate_compute_saved', float('nan')):.3f}),"
               f" items cold-started from FAISS neighbours {on.get('items_cold_started', 0)}")
+        print("  serving order (each impression scored at its time, labels trained when decided), livectr:")
+        for policy in ("fake_negative", "wait"):
+            for sem in ("off", "on"):
+                r = row[f"serving_{policy}_{sem}"]
+                cells = [f"{r[k]:.4f}±{r[k + '_std']:.4f}" for k in ("auc", "cold_auc", "cold_new_auc")]
+                print(f"    {'policy ' + policy + ', semantics ' + sem:<28} {cells[0]:>15} {cells[1]:>15} {cells[2]:>15}")
+            on_, off_ = row[f"serving_{policy}_on"], row[f"serving_{policy}_off"]
+            print(f"    lift ({policy}): overall {on_['auc'] - off_['auc']:+.4f}, cold start"
+                  f" {on_['cold_auc'] - off_['cold_auc']:+.4f}, cold new items {on_['cold_new_auc'] - off_['cold_new_auc']:+.4f}")
         print(f"  cache lookup p50 {f['lookup_p50_ns']:.0f} ns, p99 {f['lookup_p99_ns']:.0f} ns; miss rate {f['miss_rate']:.4f};"
               f" refresh {f['refresh_texts_per_s'] or float('nan'):.0f} texts/s; bytes per example"
               f" {f['bytes_per_example_total']:.0f} (semantic part {f['bytes_per_example_semantic']})")
