@@ -17,11 +17,11 @@ from __future__ import annotations
 from collections import deque
 
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
-from livectr.events import KIND_FAKE_NEGATIVE, KIND_POSITIVE_COPY
+from livectr.events import KIND_FAKE_NEGATIVE, KIND_POSITIVE_COPY, Example
 
 _LOGIT_RANGE = 16.0
 _EPS = 1e-7
@@ -252,13 +252,14 @@ class ServingEvaluator:
         while len(pending) > self.max_pending:
             del pending[next(iter(pending))]
 
-    def labelled(self, metrics: LearnerMetrics, ids: list[str], labels: np.ndarray) -> None:
+    def labelled(self, metrics: LearnerMetrics, examples: Sequence[Example], labels: np.ndarray) -> None:
         """Pair the labels of final examples with their requests' scores (if any) into ``metrics``."""
         pending = self._pending
         if not pending:
             return
         probs, ys = [], []
-        for iid, y in zip(ids, labels.tolist()):
+        for ex, y in zip(examples, labels.tolist()):
+            iid = ex.impression_id
             p = pending.pop(iid, None)
             if p is not None:
                 probs.append(p)

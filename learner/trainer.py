@@ -244,7 +244,7 @@ class OnlineLearner:
         self.featurizer.count_users(batch)
         if (batch.kinds == KIND_FINAL).all():
             self.metrics.update(probs, batch.labels, cold)
-            self.serving_eval.labelled(self.metrics, [ex.impression_id for ex in examples], batch.labels)
+            self.serving_eval.labelled(self.metrics, examples, batch.labels)
         else:
             self.delayed.observe(self.metrics, [ex.impression_id for ex in examples],
                                  np.fromiter((ex.ts for ex in examples), np.float64, len(examples)),

@@ -327,10 +327,13 @@ class PartitionJoin:
             self.semantics.observe_click(imp.user_id, imp.item_id)
 
     def _emit(self, imp: Impression, label: int, kind: int, decided_at: float, delay: float) -> None:
+        """Append an example (or, with ``KIND_SCORE_REQUEST``, a score request, not counted as one)."""
+        request = kind == KIND_SCORE_REQUEST
         if self.suppress and (imp.impression_id, kind) in self.suppress:
             self.suppress.discard((imp.impression_id, kind))
             self.counters.suppressed += 1
-            self.examples_total += 1
+            if not request:
+                self.examples_total += 1
             return
         sem = self.semantics
         if sem is None:
@@ -344,8 +347,11 @@ class PartitionJoin:
             ex = Example(imp.impression_id, imp.ts, imp.user_id, imp.item_id, imp.context, label, kind,
                          decided_at, delay, item_vec, user_vec, flags, sem.version)
         self.out.append(ex)
-        self.examples_total += 1
-        self.counters.examples += 1
+        if request:
+            self.counters.score_requests += 1
+        else:
+            self.examples_total += 1
+            self.counters.examples += 1
 
     # --------------------------------------------------------------- watermark
 
@@ -419,20 +425,7 @@ class PartitionJoin:
             imp = self.pending.get(iid)
             if imp is None:
                 continue
-            if self.suppress and (iid, KIND_SCORE_REQUEST) in self.suppress:
-                self.suppress.discard((iid, KIND_SCORE_REQUEST))
-                self.counters.suppressed += 1
-                continue
-            item_vec = user_vec = None
-            flags, version = 0, ""
-            if self.semantics is not None:
-                item_vec = self.semantics.item(imp.item_id)
-                user_vec = self._user_vectors.get(iid)
-                flags = (SEM_ITEM_MISS if item_vec is None else 0) | (SEM_USER_MISS if user_vec is None else 0)
-                version = self.semantics.version
-            self.out.append(Example(iid, imp.ts, imp.user_id, imp.item_id, imp.context, 0, KIND_SCORE_REQUEST,
-                                    self.watermark_published, -1.0, item_vec, user_vec, flags, version))
-            self.counters.score_requests += 1
+            self._emit(imp, 0, KIND_SCORE_REQUEST, self.watermark_published, -1.0)
             emitted = True
         return emitted
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from typing import Any
 
 import msgspec
 import pytest
@@ -457,6 +458,22 @@ def streams_(draw: st.DrawFn, in_order: bool = False) -> tuple[list, list[bool]]
     return events, advances
 
 
+def feed_checked(join: PartitionJoin, events: list, advances: list[bool], check: Any) -> Feeder:
+    """Feed ``events``, advancing where ``advances`` says (else only draining), and call
+    ``check(feeder, new examples, advanced)`` after each step; then close."""
+    f = Feeder(join)
+    for event, adv in zip(events, advances):
+        (f.imp if isinstance(event, Impression) else f.click)(event)
+        before = len(f.examples)
+        if adv:
+            f.advance()
+        else:
+            f.drain()
+        check(f, f.examples[before:], adv)
+    f.close()
+    return f
+
+
 def run_impl(join: PartitionJoin, events: list, advances: list[bool]) -> Feeder:
     f = Feeder(join)
     for event, adv in zip(events, advances):
@@ -514,21 +531,16 @@ def test_in_order_sources_give_event_time_truth(data: tuple[list, list[bool]], p
 def test_positives_wait_for_the_watermark_to_reach_their_click(data: tuple[list, list[bool]]) -> None:
     """Output in event time: nothing leaves before the watermark reaches the event that decided it."""
     events, advances = data
-    join = PartitionJoin(0, WP)
-    f = Feeder(join)
-    for event, adv in zip(events, advances):
-        (f.imp if isinstance(event, Impression) else f.click)(event)
-        if adv:
-            before = len(f.examples)
-            f.advance()
-            for ex in f.examples[before:]:
+
+    def check(f: Feeder, new: list, advanced: bool) -> None:
+        if advanced:
+            for ex in new:
                 decided = ex.ts + ex.click_delay if ex.label else ex.ts + WP
-                assert decided <= join.watermark
-        else:
-            before = len(f.examples)
-            f.drain()  # events alone never emit a positive: only the watermark does
-            assert not any(ex.label for ex in f.examples[before:])
-    f.close()
+                assert decided <= f.join.watermark
+        else:  # events alone never emit a positive: only the watermark does
+            assert not any(ex.label for ex in new)
+
+    f = feed_checked(PartitionJoin(0, WP), events, advances, check)
     assert len(f.examples) == sum(isinstance(e, Impression) for e in events)
 
 
@@ -538,15 +550,12 @@ def test_score_requests_sit_at_their_impression_time_in_decision_order(data: tup
     """Each impression's request leaves once the watermark reaches it, after every label decided
     before it and before every label decided after it, and requests do not count as examples."""
     events, advances = data
-    join = PartitionJoin(0, WP, score_sample=1.0)
-    f = Feeder(join)
-    for event, adv in zip(events, advances):
-        (f.imp if isinstance(event, Impression) else f.click)(event)
-        if adv:
-            before = len(f.examples)
-            f.advance()
-            assert all(ex.ts <= join.watermark for ex in f.examples[before:] if ex.kind == KIND_SCORE_REQUEST)
-    f.close()
+
+    def check(f: Feeder, new: list, advanced: bool) -> None:
+        assert all(ex.ts <= f.join.watermark for ex in new if ex.kind == KIND_SCORE_REQUEST)
+
+    f = feed_checked(PartitionJoin(0, WP, score_sample=1.0), events, advances, check)
+    join = f.join
     impressions = [e for e in events if isinstance(e, Impression)]
     requests = [ex for ex in f.examples if ex.kind == KIND_SCORE_REQUEST]
     assert Counter(ex.impression_id for ex in requests) == Counter(e.impression_id for e in impressions)

@@ -153,12 +153,18 @@ def test_learns_user_item_signal(semantic: bool) -> None:
         assert 0 < s["gate_usage"] <= 1 and s["distill_loss"] < 1.0
 
 
-def test_learn_batch_returns_pre_update_predictions() -> None:
+def warm_learner() -> tuple[Config, OnlineLearner, ToyWorld]:
+    """An id-only learner (no in-batch replay, so scores are the plain model's) after one batch."""
     cfg = make_cfg(False)
     cfg.learner.in_batch_wide = False
     learner = OnlineLearner(cfg)
     world = ToyWorld(users=30, items=20)
     learner.learn_batch(world.examples(256))
+    return cfg, learner, world
+
+
+def test_learn_batch_returns_pre_update_predictions() -> None:
+    _, learner, world = warm_learner()
     batch = world.examples(256)
     before = learner.predict_batch(batch)
     out = learner.learn_batch(batch)
@@ -240,11 +246,7 @@ def test_table_growth_keeps_optimizer_state() -> None:
 
 def test_wide_weights_follow_online_newton() -> None:
     """One example of a fresh id moves its first-order weight by exactly -g / (prior + h)."""
-    cfg = make_cfg(False)
-    cfg.learner.in_batch_wide = False
-    learner = OnlineLearner(cfg)
-    world = ToyWorld(users=30, items=20)
-    learner.learn_batch(world.examples(256))
+    cfg, learner, world = warm_learner()
     ex = msgspec.structs.replace(world.examples(1)[0], user_id="someone-new", label=1)
     p = float(learner.learn_batch([ex])["predictions"][0])
     row = learner.featurizer.users.row("someone-new")
