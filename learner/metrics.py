@@ -280,6 +280,12 @@ class DelayedLabelEvaluator:
     positive copy arrives and label 0 once the attribution window (plus slack) has passed in
     event time, and feeds each impression to the metrics exactly once.
 
+    A positive copy can reach the learner *before* its fake negative: the learner shuffles a
+    buffer of examples before cutting mini-batches, and a click seconds after its impression
+    lands in the same buffer. Such a copy waits (``_early``) for its fake negative, whose score
+    it then takes; were it evaluated at once, the fake negative arriving next would be
+    evaluated a second time, as a non-click.
+
     Pending scores live in memory only: after a restart, a positive copy of an impression scored
     before it is evaluated with the current model's score.
     """
@@ -287,11 +293,12 @@ class DelayedLabelEvaluator:
     def __init__(self, window_s: float, slack_s: float | None = None) -> None:
         self.horizon_s = window_s + (slack_s if slack_s is not None else 0.1 * window_s)
         self._pending: dict[str, tuple[float, bool]] = {}
+        self._early: dict[str, tuple[float, bool]] = {}
         self._order: deque[tuple[float, str]] = deque()
         self._max_ts = -math.inf
 
     def __len__(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + len(self._early)
 
     def observe(self, metrics: "LearnerMetrics", ids: list[str], ts: np.ndarray, probs: np.ndarray,
                 labels: np.ndarray, kinds: np.ndarray, cold: np.ndarray) -> None:
@@ -301,13 +308,22 @@ class DelayedLabelEvaluator:
         out_c: list[bool] = []
         for i, kind in enumerate(kinds.tolist()):
             if kind == KIND_FAKE_NEGATIVE:
+                if self._early.pop(ids[i], None) is not None:  # its click is already known
+                    out_p.append(float(probs[i]))
+                    out_y.append(1)
+                    out_c.append(bool(cold[i]))
+                    continue
                 self._pending[ids[i]] = (float(probs[i]), bool(cold[i]))
                 self._order.append((float(ts[i]), ids[i]))
             elif kind == KIND_POSITIVE_COPY:
-                p, c = self._pending.pop(ids[i], (float(probs[i]), bool(cold[i])))
-                out_p.append(p)
+                entry = self._pending.pop(ids[i], None)
+                if entry is None:
+                    self._early[ids[i]] = (float(probs[i]), bool(cold[i]))
+                    self._order.append((float(ts[i]), ids[i]))
+                    continue
+                out_p.append(entry[0])
                 out_y.append(1)
-                out_c.append(c)
+                out_c.append(entry[1])
             else:
                 out_p.append(float(probs[i]))
                 out_y.append(int(labels[i]))
@@ -333,6 +349,12 @@ class DelayedLabelEvaluator:
                 out_p.append(entry[0])
                 out_y.append(0)
                 out_c.append(entry[1])
+                continue
+            early = self._early.pop(impression_id, None)
+            if early is not None:  # its fake negative never came (trained before a restart)
+                out_p.append(early[0])
+                out_y.append(1)
+                out_c.append(early[1])
 
 
 def _evaluated(metrics: LearnerMetrics, probs: list[float], labels: list[int], cold: list[bool]) -> None:

@@ -9,7 +9,11 @@ Semantic part (MSD-style distillation, present only when ``sem_dim > 0``):
 * **Distillation heads** predict the teacher's reduced item vector from the item embedding and
   the user vector from the user embedding. Trained with a cosine loss on examples that carry
   the teacher's vector, they let the model serve without the teacher: at inference the
-  predicted vector stands in for a missing one.
+  predicted vector stands in for a missing one. The item loss also shapes the item embeddings
+  (MSD's point: the ids absorb the semantics). The user loss is off by default
+  (``user_distill_weight``): a click profile moves with every click, and a head tied to it
+  served worse than a free one, which the branch trains as its own view of users whose
+  profile is missing — among them every user at serving time.
 * **Semantic branch**: a small MLP over ``[item_vec, user_vec, item_vec ⊙ user_vec]`` (teacher
   vector when present, else the head's prediction) that adds a residual logit.
 * **Gate** (DynMM-style dynamic fusion): a tiny MLP on cheap features (detached id embeddings,

@@ -184,8 +184,10 @@ class OnlineLearner:
         gate_used = 0.0
         if self.semantic:
             if batch.item_sem_mask.any() or batch.user_sem_mask.any():
-                distill = (cosine_distill_loss(out.item_hat, inp.item_sem, inp.item_sem_mask)
-                           + cosine_distill_loss(out.user_hat, inp.user_sem, inp.user_sem_mask))
+                distill = cosine_distill_loss(out.item_hat, inp.item_sem, inp.item_sem_mask)
+                user_weight = self.cfg.learner.user_distill_weight
+                if user_weight:
+                    distill = distill + user_weight * cosine_distill_loss(out.user_hat, inp.user_sem, inp.user_sem_mask)
                 loss = loss + self.cfg.learner.distill_weight * distill
                 distill_value = float(distill.detach())
             # The branch learns on every example, from the id part's logit (held fixed), not only

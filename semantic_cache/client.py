@@ -10,12 +10,16 @@ dict lookup (≈100 ns); everything slow happens on a background thread that
   and encodes them first.
 
 User vectors are computed here: the decayed mean (``user_decay`` per click) of the reduced
-vectors of the items the user clicked, folded in by ``observe_click``; it needs no extra topic
-and follows the user's clicks immediately. With LLM enrichment on, the clicks are also sent to
-the refresher (:class:`~semantic_cache.wire.UserClicks` on the misses topic), which has the
-LLM summarise the user's recent items and publishes the summary's vector (kind ``user``); the
-user vector is then the normalised mean of the click profile and that summary — MSD's
-user-level semantics, with the profile keeping it current between summaries.
+vectors of the items the user clicked before a given event time (:mod:`semantic_cache.profiles`),
+fed by ``observe_click``; it needs no extra topic and follows the user's clicks immediately.
+``user(user_id, at)`` answers as of event time ``at`` — the join passes the impression's time,
+so an example never carries clicks made after its impression, whatever order a replay reads
+the topics in. With LLM enrichment on, the clicks are also sent to the refresher
+(:class:`~semantic_cache.wire.UserClicks` on the misses topic), which has the LLM summarise the
+user's recent items and publishes the summary's vector (kind ``user``, ``source_ts`` = event
+time of the newest click it covers); the user vector is then the normalised mean of the click
+profile and the newest summary that covers no click after ``at`` — MSD's user-level
+semantics, with the profile keeping it current between summaries.
 
 Staleness, defined (all in seconds, reported as p50/p99 by :meth:`SemanticCacheClient.stats`):
 
@@ -46,6 +50,7 @@ from livectr.config import Config
 from livectr.events import DecodeError
 from semantic_cache import wire
 from semantic_cache.codec import dequantize, to_bytes
+from semantic_cache.profiles import ClickProfiles
 from semantic_cache.store import VectorStore
 
 log = logging.getLogger(__name__)
@@ -100,12 +105,15 @@ class SemanticCacheClient:
         self.version = ""
         self._items: dict[str, bytes] = {}
         self._computed_at: dict[str, float] = {}
+        #: Each user's current vector (every click, newest summary): the answer for lookups at or
+        #: after the user's newest click, i.e. almost all of them in a live run.
         self._users: dict[str, bytes] = {}
-        self._profiles: dict[str, tuple[np.ndarray, float]] = {}
-        #: LLM user summaries (reduced vectors, float) and clicks waiting to be sent for them.
-        self._summaries: dict[str, np.ndarray] = {}
+        self._profiles = ClickProfiles(self.dim, self.decay)
+        #: LLM user summaries (reduced vectors, float; the event time of the newest click each
+        #: covers) and clicks waiting to be sent for them.
+        self._summaries: dict[str, tuple[np.ndarray, float]] = {}
         self._report_clicks = bool(cfg.semantic.enrich)
-        self._click_queue: collections.deque[tuple[str, str]] = collections.deque()
+        self._click_queue: collections.deque[tuple[str, str, float]] = collections.deque()
         self.user_summaries = 0
         self.click_reports_sent = 0
         self._version_computed = 0.0
@@ -118,6 +126,8 @@ class SemanticCacheClient:
         self.item_misses = 0
         self.user_lookups = 0
         self.user_misses = 0
+        #: User lookups as of a time before the user's newest click (computed, not cached).
+        self.user_lookups_in_past = 0
         self.clicks_folded = 0
         self.clicks_without_vector = 0
         self.records = 0
@@ -151,39 +161,54 @@ class SemanticCacheClient:
             self._miss_queue.append(item_id)
         return vec
 
-    def user(self, user_id: str) -> bytes | None:
-        """The user's profile vector (decayed mean of clicked items), or ``None`` before any click."""
+    def user(self, user_id: str, at: float | None = None) -> bytes | None:
+        """The user's vector as of event time ``at`` (now when None), or ``None`` before any click.
+
+        Only clicks with ``ts <= at`` count, and an LLM summary only if it covers none after ``at``.
+        """
         self.user_lookups += 1
-        vec = self._users.get(user_id)
+        newest = self._profiles.newest(user_id)
+        if at is None or newest is None or at >= newest:
+            vec = self._users.get(user_id)
+            summary = self._summaries.get(user_id)
+            if vec is not None and summary is not None and at is not None and summary[1] > at:
+                vec = self._vector_at(user_id, at)
+        else:
+            self.user_lookups_in_past += 1
+            vec = self._vector_at(user_id, at)
         if vec is None:
             self.user_misses += 1
         return vec
 
-    def observe_click(self, user_id: str, item_id: str) -> None:
-        """Fold a clicked item into the user's profile: ``mean = Σ decay^age · v / Σ decay^age``."""
+    def observe_click(self, user_id: str, item_id: str, ts: float) -> None:
+        """Add a click (event time ``ts``) on ``item_id`` to the user's profile."""
         blob = self._items.get(item_id)
         if blob is None:
             self.clicks_without_vector += 1
             return
-        vec = dequantize(blob, self.dim)
-        num, den = self._profiles.get(user_id, (None, 0.0))
-        num = vec if num is None else self.decay * num + vec
-        den = self.decay * den + 1.0
-        self._profiles[user_id] = (num, den)
+        self._profiles.observe(user_id, ts, blob)
         self._set_user(user_id)
         self.clicks_folded += 1
         if self._report_clicks:
-            self._click_queue.append((user_id, item_id))
+            self._click_queue.append((user_id, item_id, ts))
+
+    def _blend(self, profile: np.ndarray | None, summary: np.ndarray | None) -> bytes | None:
+        """Click profile, LLM summary, or the normalised mean of both."""
+        if summary is not None:
+            profile = summary if profile is None else _unit(_unit(profile) + summary)
+        return None if profile is None else to_bytes(profile)
+
+    def _vector_at(self, user_id: str, at: float) -> bytes | None:
+        summary = self._summaries.get(user_id)
+        usable = summary[0] if summary is not None and summary[1] <= at else None
+        return self._blend(self._profiles.vector(user_id, at), usable)
 
     def _set_user(self, user_id: str) -> None:
-        """Publish the user's vector: click profile, LLM summary, or the normalised mean of both."""
-        profile = self._profiles.get(user_id)
+        """Refresh the user's current vector (every click, newest summary)."""
         summary = self._summaries.get(user_id)
-        vec = profile[0] / profile[1] if profile is not None else None
-        if summary is not None:
-            vec = summary if vec is None else _unit(_unit(vec) + summary)
+        vec = self._blend(self._profiles.vector(user_id), None if summary is None else summary[0])
         if vec is not None:
-            self._users[user_id] = to_bytes(vec)
+            self._users[user_id] = vec
 
     # -- background ----------------------------------------------------------------------------
 
@@ -249,7 +274,7 @@ class SemanticCacheClient:
             self._switch_version(record.version)
         self._version_computed = max(self._version_computed, record.computed_at)
         if record.kind == "user":
-            self._summaries[record.id] = _unit(dequantize(record.reduced, self.dim))
+            self._summaries[record.id] = (_unit(dequantize(record.reduced, self.dim)), record.source_ts)
             self._set_user(record.id)
             self.user_summaries += 1
             return
@@ -273,7 +298,7 @@ class SemanticCacheClient:
         self._items = {}
         self._computed_at = {}
         self._users = {}
-        self._profiles = {}
+        self._profiles.clear()
         self._summaries = {}
 
     def _report_misses(self) -> None:
@@ -303,13 +328,16 @@ class SemanticCacheClient:
 
     def _report_clicks_for_summaries(self) -> None:
         """Send the clicks folded since the last call, one :class:`UserClicks` per user."""
-        by_user: dict[str, list[str]] = {}
+        by_user: dict[str, tuple[list[str], list[float]]] = {}
         while self._click_queue:
-            user_id, item_id = self._click_queue.popleft()
-            by_user.setdefault(user_id, []).append(item_id)
+            user_id, item_id, ts = self._click_queue.popleft()
+            ids, times = by_user.setdefault(user_id, ([], []))
+            ids.append(item_id)
+            times.append(ts)
         now = time.time()
-        for user_id, item_ids in by_user.items():
-            record = wire.UserClicks(user_id=user_id, item_ids=item_ids, ts=now, reporter=self.reporter)
+        for user_id, (item_ids, times) in by_user.items():
+            record = wire.UserClicks(user_id=user_id, item_ids=item_ids, ts=now, reporter=self.reporter,
+                                     event_ts=max(times))
             bus.produce(self._producer, self.topics.semantic_misses, wire.encode(record),
                         key=wire.vector_key("user", user_id), on_delivery=self._delivery.callback)
             self.click_reports_sent += 1
@@ -336,6 +364,7 @@ class SemanticCacheClient:
             "user_lookups": float(self.user_lookups),
             "user_misses": float(self.user_misses),
             "user_miss_rate": self.user_misses / self.user_lookups if self.user_lookups else 0.0,
+            "user_lookups_in_past": float(self.user_lookups_in_past),
             "vectors": float(len(self._items)),
             "users": float(len(self._users)),
             "warmed_from_store": float(self.warmed),

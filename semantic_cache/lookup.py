@@ -22,12 +22,13 @@ class SemanticLookup(Protocol):
         """The item's reduced vector, or ``None`` on a miss (which is recorded and queued)."""
         ...
 
-    def user(self, user_id: str) -> bytes | None:
-        """The user's reduced vector (decayed mean of recently clicked items), or ``None``."""
+    def user(self, user_id: str, at: float | None = None) -> bytes | None:
+        """The user's reduced vector (decayed mean of the items clicked up to event time ``at``;
+        all clicks when None), or ``None``."""
         ...
 
-    def observe_click(self, user_id: str, item_id: str) -> None:
-        """Fold a clicked item into the user's profile vector."""
+    def observe_click(self, user_id: str, item_id: str, ts: float) -> None:
+        """Add a click on ``item_id`` at event time ``ts`` to the user's profile."""
         ...
 
     def stats(self) -> dict[str, float]:

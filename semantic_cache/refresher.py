@@ -78,6 +78,8 @@ class UserJob:
     user_id: str
     item_ids: list[str]
     requested_at: float
+    #: Event time of the newest clicked item (the summary's ``source_ts``).
+    event_ts: float = 0.0
 
 
 class WorkQueue:
@@ -187,6 +189,8 @@ class Refresher:
         self._last_work = time.monotonic()
         #: User summaries: recent clicked items per user, clicks since the last summary, due jobs.
         self._recent_clicks: dict[str, deque[str]] = {}
+        #: Event time of each user's newest reported click (a summary of their clicks is valid from then).
+        self._newest_click: dict[str, float] = {}
         self._clicks_since_summary: dict[str, int] = {}
         self._user_jobs: OrderedDict[str, UserJob] = OrderedDict()
         if self.reducer is not None:
@@ -266,11 +270,12 @@ class Refresher:
         self.counters.user_clicks_received += len(record.item_ids)
         recent = self._recent_clicks.setdefault(record.user_id, deque(maxlen=max(1, sc.user_summary_items)))
         recent.extend(record.item_ids)
+        newest = self._newest_click[record.user_id] = max(self._newest_click.get(record.user_id, 0.0), record.event_ts)
         first = record.user_id not in self._clicks_since_summary
         since = self._clicks_since_summary.get(record.user_id, 0) + len(record.item_ids)
         if first or since >= sc.user_summary_every:
             with self._lock:
-                self._user_jobs[record.user_id] = UserJob(record.user_id, list(reversed(recent)), requested_at)
+                self._user_jobs[record.user_id] = UserJob(record.user_id, list(reversed(recent)), requested_at, newest)
                 self._user_jobs.move_to_end(record.user_id)
             since = 0
         self._clicks_since_summary[record.user_id] = since
@@ -347,7 +352,7 @@ class Refresher:
         now = time.time()
         reducer = self.reducer
         rows = [StoredVector("user", job.user_id, self.teacher_version, text_hash(summary), summary, "",
-                             v.astype(np.float16), r, reducer.hash, job.requested_at, now)
+                             v.astype(np.float16), r, reducer.hash, job.event_ts, now)
                 for (job, summary), v, r in zip(ready, vectors, reducer.reduce_bytes(vectors))]
         self.store.put_many(rows)
         self.counters.user_summaries += len(rows)

@@ -9,7 +9,8 @@
 Times: ``requested_at`` is the wall-clock time at which the vector was asked for (the Kafka
 timestamp of the Item record that introduced/changed the text, or of the miss report that
 asked again); ``computed_at`` when the refresher produced it; ``source_ts`` the Item's event
-time. The client's staleness is measured from ``requested_at``.
+time (for a user summary: of the newest click it covers, so a join never attaches it to an
+earlier impression). The client's staleness is measured from ``requested_at``.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class UserClicks(msgspec.Struct, frozen=True, tag="clicks", array_like=True):
     item_ids: list[str]
     ts: float
     reporter: str = ""
+    #: Event time of the newest of these clicks: a summary covering them is valid from then on.
+    event_ts: float = 0.0
 
 
 _encoder = msgspec.msgpack.Encoder()

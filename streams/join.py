@@ -63,9 +63,11 @@ taken when a label *arrives* has seen the user's later clicks). Requests are not
 examples.
 
 Semantic vectors (when a cache is attached) go onto each example as the join emits it: the
-item's current vector, and the user's profile as it was when the *impression* arrived — the
-profile at emission time would include clicks made during the window, i.e. after the
-impression.
+item's current vector, and the user's profile *as of the impression's event time* (clicks with
+``ts <= imp.ts``, see :mod:`semantic_cache.profiles`). Not the profile at emission, which
+would include clicks made during the window, i.e. after the impression; and not the profile
+when the impression was read, which in a replay depends on how far the consumer has read
+ahead on the clicks topic (minutes of event time either way).
 
 Clicks that do not count are rejected (dead-lettered by the worker) with a reason:
 ``click without impression within window`` (an orphan: buffered until ``watermark >
@@ -173,7 +175,8 @@ class PartitionState(msgspec.Struct):
     closed_older: list[str]
     examples_total: int
     finished: bool
-    #: The user's semantic vector as it was when each pending impression arrived (see ``on_impression``).
+    #: The user's semantic vector as of each pending impression's time, taken at the checkpoint:
+    #: the click profiles live in the (not checkpointed) cache client, which a restart empties.
     user_vectors: dict[str, bytes | None] = msgspec.field(default_factory=dict)
     #: Matched positives not yet emitted: (click ts, impression id, click publish time, click delay).
     ready: list[tuple[float, str, float, float]] = msgspec.field(default_factory=list)
@@ -232,6 +235,7 @@ class PartitionJoin:
         #: event-time order as the watermark passes the click (see "Output order" above).
         self._ready: list[tuple[float, str]] = []
         self._ready_info: dict[str, tuple[float, float]] = {}
+        #: User vectors restored from a checkpoint (see ``PartitionState.user_vectors``).
         self._user_vectors: dict[str, bytes | None] = {}
         #: Score requests (see "Score requests" above): heap of (impression ts, impression id).
         self.score_sample = score_sample if policy == POLICY_WAIT else 0.0
@@ -265,11 +269,6 @@ class PartitionJoin:
             self.rejected.append(Rejection(REASON_DUPLICATE_IMPRESSION, raw, IMPRESSIONS, offset, iid))
             return
         self.pending[iid] = imp
-        if self.semantics is not None:
-            # The user's profile *now*, not when the label is decided: a negative is emitted a
-            # whole window later, and a profile read then would hold clicks made after this
-            # impression — information no scorer has at impression time, and a label leak.
-            self._user_vectors[iid] = self.semantics.user(imp.user_id)
         if self._sample_below and zlib.crc32(iid.encode()) < self._sample_below:
             heapq.heappush(self._requests, (ts, iid))
         if ts >= self._last_queued_ts:
@@ -324,7 +323,7 @@ class PartitionJoin:
         heapq.heappush(self._ready, (click.ts, imp.impression_id))
         self._ready_info[imp.impression_id] = (published, max(delay, 0.0))
         if self.semantics is not None:
-            self.semantics.observe_click(imp.user_id, imp.item_id)
+            self.semantics.observe_click(imp.user_id, imp.item_id, click.ts)
 
     def _emit(self, imp: Impression, label: int, kind: int, decided_at: float, delay: float) -> None:
         """Append an example (or, with ``KIND_SCORE_REQUEST``, a score request, not counted as one)."""
@@ -342,7 +341,10 @@ class PartitionJoin:
         else:
             item_vec = sem.item(imp.item_id)
             iid = imp.impression_id
-            user_vec = self._user_vectors[iid] if iid in self._user_vectors else sem.user(imp.user_id)
+            # As of the impression's time: emitted up to a window later (and, in a replay, read
+            # while the clicks topic runs ahead or behind), a profile read "now" would hold
+            # clicks made after the impression — a leak no live scorer has.
+            user_vec = self._user_vectors[iid] if iid in self._user_vectors else sem.user(imp.user_id, imp.ts)
             flags = (SEM_ITEM_MISS if item_vec is None else 0) | (SEM_USER_MISS if user_vec is None else 0)
             ex = Example(imp.impression_id, imp.ts, imp.user_id, imp.item_id, imp.context, label, kind,
                          decided_at, delay, item_vec, user_vec, flags, sem.version)
@@ -546,6 +548,15 @@ class PartitionJoin:
 
     # ------------------------------------------------------------ checkpoints
 
+    def _pending_user_vectors(self) -> dict[str, bytes | None]:
+        """Each pending impression's user vector as of its time (what its examples will carry)."""
+        sem = self.semantics
+        if sem is None:
+            return {}
+        restored = self._user_vectors
+        return {iid: restored[iid] if iid in restored else sem.user(imp.user_id, imp.ts)
+                for iid, imp in self.pending.items()}
+
     def snapshot(self) -> PartitionState:
         """The state to checkpoint (call between batches, after :meth:`take`)."""
         disorder = sorted(self._disorder)
@@ -559,7 +570,7 @@ class PartitionJoin:
             clicked=dict(self.clicked), orphans=list(self.orphans.values()),
             closed_recent=list(self._closed_now), closed_older=list(self._closed_prev),
             examples_total=self.examples_total, finished=self.finished,
-            user_vectors=dict(self._user_vectors),
+            user_vectors=self._pending_user_vectors(),
             ready=[(ts, iid, *self._ready_info[iid]) for ts, iid in sorted(self._ready)],
             requests=sorted(self._requests), score_sample=self.score_sample,
         )

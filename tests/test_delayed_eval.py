@@ -33,3 +33,16 @@ def test_final_labels_pass_straight_through() -> None:
     ev, m = DelayedLabelEvaluator(window_s=100), LearnerMetrics()
     _feed(ev, m, [("a", 0.0, 0.7, 1, KIND_FINAL), ("b", 0.0, 0.2, 0, KIND_FINAL)])
     assert m.examples == 2 and len(ev) == 0
+
+
+def test_positive_copy_ahead_of_its_fake_negative_waits_for_it() -> None:
+    """The learner's shuffle can put a quick click's copy before its fake negative: still one evaluation."""
+    ev, m = DelayedLabelEvaluator(window_s=100, slack_s=0), LearnerMetrics()
+    _feed(ev, m, [("a", 0.0, 0.05, 1, KIND_POSITIVE_COPY), ("b", 0.0, 0.1, 0, KIND_FAKE_NEGATIVE)])
+    assert m.examples == 0 and len(ev) == 2
+    _feed(ev, m, [("a", 0.0, 0.9, 0, KIND_FAKE_NEGATIVE)])  # the fake negative's score counts, as clicked
+    assert m.examples == 1 and m.positives == 1 and len(ev) == 1
+    _feed(ev, m, [("c", 0.0, 0.6, 1, KIND_POSITIVE_COPY)])  # its fake negative never comes (a restart)
+    ev.flush(m)
+    assert m.examples == 3 and m.positives == 2 and len(ev) == 0
+    assert m.auc.value() == 1.0  # a (0.9) and c (0.6), clicked, above b (0.1)

@@ -90,8 +90,7 @@ def test_fake_negative_policy_emits_negatives_and_positive_copies(kafka_config: 
     # the metric's presence and range are checked here; the wait-policy test checks learning.
     assert 0.0 < summary["progressive_auc"] < 1.0
     assert summary["progressive_logloss"] > 0.0
-    # Every impression is scored at its fake negative, i.e. when it arrives: that is the serving AUC.
-    # (A positive copy arriving after its fake negative was already evaluated as 0 — its click
-    # came later than the evaluator's horizon in the learner's order — counts once more.)
-    assert 0 <= summary["serving_auc_impressions"] - truth["impressions"] <= truth["impressions"] // 1000
+    # Every impression is scored once, at its fake negative, i.e. when it arrives: that is the
+    # serving AUC. (The stream is shorter than the evaluator's horizon, so no click comes too late.)
+    assert summary["serving_auc_impressions"] == truth["impressions"]
     assert summary["serving_auc"] == summary["progressive_auc"]

@@ -315,24 +315,28 @@ def test_oldest_offsets_track_what_state_still_needs() -> None:
 
 
 class DictLookup:
-    """A real in-memory SemanticLookup (the protocol's simplest implementation)."""
+    """A real in-memory SemanticLookup (the protocol's simplest implementation).
+
+    A user's vector is the vector of the item they clicked last up to the asked time.
+    """
 
     version = "v-test"
 
     def __init__(self, items: dict[str, bytes]) -> None:
         self.items = items
-        self.users: dict[str, bytes] = {}
+        self.users: dict[str, list[tuple[float, bytes]]] = {}
         self.clicks: list[tuple[str, str]] = []
 
     def item(self, item_id: str) -> bytes | None:
         return self.items.get(item_id)
 
-    def user(self, user_id: str) -> bytes | None:
-        return self.users.get(user_id)
+    def user(self, user_id: str, at: float | None = None) -> bytes | None:
+        before = [blob for ts, blob in sorted(self.users.get(user_id, [])) if at is None or ts <= at]
+        return before[-1] if before else None
 
-    def observe_click(self, user_id: str, item_id: str) -> None:
+    def observe_click(self, user_id: str, item_id: str, ts: float) -> None:
         self.clicks.append((user_id, item_id))
-        self.users[user_id] = self.items.get(item_id, b"")
+        self.users.setdefault(user_id, []).append((ts, self.items.get(item_id, b"")))
 
     def stats(self) -> dict[str, float]:
         return {}
@@ -352,6 +356,20 @@ def test_semantic_vectors_and_miss_flags_are_attached() -> None:
     assert (by_id["a"].item_sem, by_id["a"].user_sem, by_id["a"].sem_flags) == (b"\x01\x02", None, SEM_USER_MISS)
     assert by_id["b"].sem_flags == SEM_ITEM_MISS | SEM_USER_MISS and by_id["b"].sem_version == "v-test"
     assert sem.clicks == [("u1", "i1")]
+
+
+def test_user_vectors_hold_only_clicks_made_before_the_impression() -> None:
+    """A replay may read a click before an earlier impression: the profile must not show it."""
+    sem = DictLookup({"i1": b"\x01\x02", "i2": b"\x03\x04"})
+    f = Feeder(PartitionJoin(0, W, semantics=sem))
+    f.imp(imp("a", 0, user="u1", item="i1"))
+    f.click(clk("a", 2))
+    f.imp(imp("b", 1, user="u1", item="i2"))  # read after the click at 2, shown before it
+    f.imp(imp("c", 3, user="u1", item="i2"))
+    f.close()
+    by_id = {e.impression_id: e for e in f.examples}
+    assert by_id["a"].user_sem is None and by_id["b"].user_sem is None
+    assert by_id["c"].user_sem == b"\x01\x02" and not by_id["c"].sem_flags & SEM_USER_MISS
 
 
 def test_suppressed_examples_are_counted_but_not_resent() -> None:

@@ -1,0 +1,63 @@
+"""Click profiles as of an event time (semantic_cache.profiles): the pure logic under the join's user vectors."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from semantic_cache.codec import dequantize, to_bytes
+from semantic_cache.profiles import NEGLIGIBLE_WEIGHT, ClickProfiles, history_length
+
+DIM = 8
+
+
+def _blob(seed: int) -> bytes:
+    v = np.random.default_rng(seed).normal(size=DIM).astype(np.float32)
+    return to_bytes(v / np.linalg.norm(v))
+
+
+def _reference(clicks: list[tuple[float, int]], at: float | None, decay: float, keep: int) -> np.ndarray | None:
+    """Decayed mean over the newest ``keep`` clicks, of those with ts <= at, in event-time order."""
+    ordered = sorted(clicks, key=lambda c: c[0])[-keep:]  # stable: ties keep arrival order
+    used = [seed for ts, seed in ordered if at is None or ts <= at]
+    if not used:
+        return None
+    vecs = np.stack([dequantize(_blob(s), DIM) for s in used])
+    w = decay ** np.arange(len(used) - 1, -1, -1)
+    return (w @ vecs) / w.sum()
+
+
+def test_history_keeps_clicks_until_their_weight_is_negligible() -> None:
+    n = history_length(0.8)
+    assert 0.8 ** n < NEGLIGIBLE_WEIGHT <= 0.8 ** (n - 1)
+    assert history_length(1.0) == history_length(0.0) == 64
+
+
+def test_profile_as_of_a_time_ignores_later_clicks() -> None:
+    p = ClickProfiles(DIM, decay=0.5)
+    p.observe("u", 10.0, _blob(1))
+    p.observe("u", 30.0, _blob(3))
+    p.observe("u", 20.0, _blob(2))  # out of order: inserted at its time
+    assert p.vector("u", at=5.0) is None and p.vector("nobody") is None
+    np.testing.assert_allclose(p.vector("u", at=10.0), dequantize(_blob(1), DIM))
+    both = (0.5 * dequantize(_blob(1), DIM) + dequantize(_blob(2), DIM)) / 1.5
+    np.testing.assert_allclose(p.vector("u", at=25.0), both, rtol=1e-6)
+    assert p.newest("u") == 30.0 and p.clicks_before("u", 20.0) == 2
+
+
+@settings(max_examples=150, deadline=None)
+@given(clicks=st.lists(st.tuples(st.floats(0, 100, allow_nan=False), st.integers(0, 20)), max_size=40),
+       at=st.one_of(st.none(), st.floats(-1, 101, allow_nan=False)),
+       decay=st.sampled_from([0.5, 0.8, 0.95]))
+def test_profile_is_the_decayed_mean_of_the_clicks_before_the_time(clicks: list[tuple[float, int]],
+                                                                    at: float | None, decay: float) -> None:
+    p = ClickProfiles(DIM, decay)
+    for ts, seed in clicks:
+        p.observe("u", ts, _blob(seed))
+    got, want = p.vector("u", at), _reference(clicks, at, decay, p.history)
+    if want is None:
+        assert got is None
+    else:
+        assert got is not None
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
