@@ -445,6 +445,8 @@ def _print_semantic(res: dict[str, Any]) -> None:
         print(f"  lift on−off: overall {on['auc'] - off['auc']:+.4f}, cold start {on['cold_auc'] - off['cold_auc']:+.4f},"
               f" cold new items {on['cold_new_auc'] - off['cold_new_auc']:+.4f};"
               f" on − VW+title words: {on['auc'] - vwt['auc']:+.4f}")
+        print(f"  learner speed on these examples (vectors attached): semantics on {on['examples_per_s']:,.0f},"
+              f" off {off['examples_per_s']:,.0f} examples/s")
         free = row["livectr_on_gate_free"]
         print(f"  gate usage {on.get('gate_usage', float('nan')):.3f}, compute saved {on.get('gate_compute_saved', float('nan')):.3f}"
               f" (gate cost 0: usage {free.get('gate_usage', float('nan')):.3f}, saved"

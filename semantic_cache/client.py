@@ -1,7 +1,9 @@
 """The join worker's view of the semantic cache: a dict filled from the semantic topic.
 
-Why this shape: the join must never wait on the teacher. ``item()`` and ``user()`` are one
-dict lookup (≈100 ns); everything slow happens on a background thread that
+Why this shape: the join must never wait on the teacher. ``item()`` is one dict lookup
+(≈100 ns), and so is ``user()`` unless asked about a time before the user's newest click (then
+it folds that user's few recent clicks, microseconds); everything slow happens on a
+background thread that
 
 * consumes the semantic topic from the beginning (``assign``, no group: every join worker
   needs *all* vectors, not a share of them) into the dict, and
@@ -109,6 +111,8 @@ class SemanticCacheClient:
         #: after the user's newest click, i.e. almost all of them in a live run.
         self._users: dict[str, bytes] = {}
         self._profiles = ClickProfiles(self.dim, self.decay)
+        #: Per user, answers about past times by (clicks included, summary used); see _vector_at.
+        self._past: dict[str, dict[tuple[int, bool], bytes | None]] = {}
         #: LLM user summaries (reduced vectors, float; the event time of the newest click each
         #: covers) and clicks waiting to be sent for them.
         self._summaries: dict[str, tuple[np.ndarray, float]] = {}
@@ -187,6 +191,7 @@ class SemanticCacheClient:
             self.clicks_without_vector += 1
             return
         self._profiles.observe(user_id, ts, blob)
+        self._past.pop(user_id, None)
         self._set_user(user_id)
         self.clicks_folded += 1
         if self._report_clicks:
@@ -199,9 +204,23 @@ class SemanticCacheClient:
         return None if profile is None else to_bytes(profile)
 
     def _vector_at(self, user_id: str, at: float) -> bytes | None:
+        """The vector from the clicks up to ``at``.
+
+        Answers are kept per user and (clicks included, summary used) until the user's clicks or
+        summary change: a replay emits a user's negatives a window after their impressions,
+        many of them between the same two clicks, and folding costs ~15 µs against ~0.3 µs.
+        """
         summary = self._summaries.get(user_id)
-        usable = summary[0] if summary is not None and summary[1] <= at else None
-        return self._blend(self._profiles.vector(user_id, at), usable)
+        usable = summary is not None and summary[1] <= at
+        key = (self._profiles.clicks_before(user_id, at), usable)
+        answers = self._past.get(user_id)
+        if answers is None:
+            answers = self._past[user_id] = {}
+        elif key in answers:
+            return answers[key]
+        vec = self._blend(self._profiles.vector(user_id, at), summary[0] if usable and summary is not None else None)
+        answers[key] = vec
+        return vec
 
     def _set_user(self, user_id: str) -> None:
         """Refresh the user's current vector (every click, newest summary)."""
@@ -275,6 +294,7 @@ class SemanticCacheClient:
         self._version_computed = max(self._version_computed, record.computed_at)
         if record.kind == "user":
             self._summaries[record.id] = (_unit(dequantize(record.reduced, self.dim)), record.source_ts)
+            self._past.pop(record.id, None)
             self._set_user(record.id)
             self.user_summaries += 1
             return
@@ -299,6 +319,7 @@ class SemanticCacheClient:
         self._computed_at = {}
         self._users = {}
         self._profiles.clear()
+        self._past = {}
         self._summaries = {}
 
     def _report_misses(self) -> None:

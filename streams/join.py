@@ -175,9 +175,6 @@ class PartitionState(msgspec.Struct):
     closed_older: list[str]
     examples_total: int
     finished: bool
-    #: The user's semantic vector as of each pending impression's time, taken at the checkpoint:
-    #: the click profiles live in the (not checkpointed) cache client, which a restart empties.
-    user_vectors: dict[str, bytes | None] = msgspec.field(default_factory=dict)
     #: Matched positives not yet emitted: (click ts, impression id, click publish time, click delay).
     ready: list[tuple[float, str, float, float]] = msgspec.field(default_factory=list)
     #: Score requests not yet emitted: (impression ts, impression id); and the sampling rate.
@@ -235,8 +232,6 @@ class PartitionJoin:
         #: event-time order as the watermark passes the click (see "Output order" above).
         self._ready: list[tuple[float, str]] = []
         self._ready_info: dict[str, tuple[float, float]] = {}
-        #: User vectors restored from a checkpoint (see ``PartitionState.user_vectors``).
-        self._user_vectors: dict[str, bytes | None] = {}
         #: Score requests (see "Score requests" above): heap of (impression ts, impression id).
         self.score_sample = score_sample if policy == POLICY_WAIT else 0.0
         self._sample_below = int(min(max(self.score_sample, 0.0), 1.0) * 2**32)
@@ -340,11 +335,10 @@ class PartitionJoin:
                          decided_at, delay)
         else:
             item_vec = sem.item(imp.item_id)
-            iid = imp.impression_id
             # As of the impression's time: emitted up to a window later (and, in a replay, read
             # while the clicks topic runs ahead or behind), a profile read "now" would hold
             # clicks made after the impression — a leak no live scorer has.
-            user_vec = self._user_vectors[iid] if iid in self._user_vectors else sem.user(imp.user_id, imp.ts)
+            user_vec = sem.user(imp.user_id, imp.ts)
             flags = (SEM_ITEM_MISS if item_vec is None else 0) | (SEM_USER_MISS if user_vec is None else 0)
             ex = Example(imp.impression_id, imp.ts, imp.user_id, imp.item_id, imp.context, label, kind,
                          decided_at, delay, item_vec, user_vec, flags, sem.version)
@@ -474,7 +468,6 @@ class PartitionJoin:
             self.counters.negatives += 1
             if self._wait:
                 self._emit(imp, 0, KIND_FINAL, published, -1.0)
-        self._user_vectors.pop(iid, None)
         self._remember_closed(iid)
 
     def _remember_closed(self, iid: str) -> None:
@@ -548,15 +541,6 @@ class PartitionJoin:
 
     # ------------------------------------------------------------ checkpoints
 
-    def _pending_user_vectors(self) -> dict[str, bytes | None]:
-        """Each pending impression's user vector as of its time (what its examples will carry)."""
-        sem = self.semantics
-        if sem is None:
-            return {}
-        restored = self._user_vectors
-        return {iid: restored[iid] if iid in restored else sem.user(imp.user_id, imp.ts)
-                for iid, imp in self.pending.items()}
-
     def snapshot(self) -> PartitionState:
         """The state to checkpoint (call between batches, after :meth:`take`)."""
         disorder = sorted(self._disorder)
@@ -570,7 +554,6 @@ class PartitionJoin:
             clicked=dict(self.clicked), orphans=list(self.orphans.values()),
             closed_recent=list(self._closed_now), closed_older=list(self._closed_prev),
             examples_total=self.examples_total, finished=self.finished,
-            user_vectors=self._pending_user_vectors(),
             ready=[(ts, iid, *self._ready_info[iid]) for ts, iid in sorted(self._ready)],
             requests=sorted(self._requests), score_sample=self.score_sample,
         )
@@ -604,7 +587,6 @@ class PartitionJoin:
         join._closed_prev = set(state.closed_older)
         join.examples_total = state.examples_total
         join.finished = state.finished
-        join._user_vectors = dict(state.user_vectors)
         for ts, iid, published, delay in state.ready:
             join._ready.append((ts, iid))
             join._ready_info[iid] = (published, delay)
