@@ -1,8 +1,8 @@
 """The join worker's view of the semantic cache: a dict filled from the semantic topic.
 
 Why this shape: the join must never wait on the teacher. ``item()`` is one dict lookup
-(≈100 ns), and so is ``user()`` unless asked about a time before the user's newest click (then
-it folds that user's few recent clicks, microseconds); everything slow happens on a
+(≈100 ns), and so is ``user()`` unless asked about a time at or before the user's newest click
+(then it folds that user's few recent clicks, microseconds); everything slow happens on a
 background thread that
 
 * consumes the semantic topic from the beginning (``assign``, no group: every join worker
@@ -14,13 +14,13 @@ background thread that
 User vectors are computed here: the decayed mean (``user_decay`` per click) of the reduced
 vectors of the items the user clicked before a given event time (:mod:`semantic_cache.profiles`),
 fed by ``observe_click``; it needs no extra topic and follows the user's clicks immediately.
-``user(user_id, at)`` answers as of event time ``at`` — the join passes the impression's time,
-so an example never carries clicks made after its impression, whatever order a replay reads
-the topics in. With LLM enrichment on, the clicks are also sent to the refresher
+``user(user_id, at)`` answers from the clicks made before event time ``at`` — the join passes
+the impression's time, so an example never carries clicks made after its impression, whatever
+order a replay reads the topics in. With LLM enrichment on, the clicks are also sent to the refresher
 (:class:`~semantic_cache.wire.UserClicks` on the misses topic), which has the LLM summarise the
 user's recent items and publishes the summary's vector (kind ``user``, ``source_ts`` = event
 time of the newest click it covers); the user vector is then the normalised mean of the click
-profile and the newest summary that covers no click after ``at`` — MSD's user-level
+profile and the newest summary that covers only clicks before ``at`` — MSD's user-level
 semantics, with the profile keeping it current between summaries.
 
 Staleness, defined (all in seconds, reported as p50/p99 by :meth:`SemanticCacheClient.stats`):
@@ -130,7 +130,7 @@ class SemanticCacheClient:
         self.item_misses = 0
         self.user_lookups = 0
         self.user_misses = 0
-        #: User lookups as of a time before the user's newest click (computed, not cached).
+        #: User lookups as of a time at or before the user's newest click (see _vector_at).
         self.user_lookups_in_past = 0
         self.clicks_folded = 0
         self.clicks_without_vector = 0
@@ -168,14 +168,14 @@ class SemanticCacheClient:
     def user(self, user_id: str, at: float | None = None) -> bytes | None:
         """The user's vector as of event time ``at`` (now when None), or ``None`` before any click.
 
-        Only clicks with ``ts <= at`` count, and an LLM summary only if it covers none after ``at``.
+        Only clicks with ``ts < at`` count, and an LLM summary only if all it covers is before ``at``.
         """
         self.user_lookups += 1
         newest = self._profiles.newest(user_id)
-        if at is None or newest is None or at >= newest:
+        if at is None or newest is None or at > newest:
             vec = self._users.get(user_id)
             summary = self._summaries.get(user_id)
-            if vec is not None and summary is not None and at is not None and summary[1] > at:
+            if vec is not None and summary is not None and at is not None and summary[1] >= at:
                 vec = self._vector_at(user_id, at)
         else:
             self.user_lookups_in_past += 1
@@ -204,14 +204,14 @@ class SemanticCacheClient:
         return None if profile is None else to_bytes(profile)
 
     def _vector_at(self, user_id: str, at: float) -> bytes | None:
-        """The vector from the clicks up to ``at``.
+        """The vector from the clicks before ``at``.
 
         Answers are kept per user and (clicks included, summary used) until the user's clicks or
         summary change: a replay emits a user's negatives a window after their impressions,
         many of them between the same two clicks, and folding costs ~15 µs against ~0.3 µs.
         """
         summary = self._summaries.get(user_id)
-        usable = summary is not None and summary[1] <= at
+        usable = summary is not None and summary[1] < at
         key = (self._profiles.clicks_before(user_id, at), usable)
         answers = self._past.get(user_id)
         if answers is None:

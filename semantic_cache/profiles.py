@@ -2,7 +2,9 @@
 
 A user's profile is the decayed mean of the reduced vectors of the items they clicked:
 ``Σ decay^age · v / Σ decay^age``, ``age`` counting the user's later clicks, in click event-time
-order. The join asks for it *as of the impression's time*, not as of now.
+order. The join asks for it *as of the impression's time* — from the clicks made strictly
+before it (a click logged in the same second as its own impression must not describe it) —
+not as of now.
 
 Why as of a time: the join emits an example when its label is decided, up to a window after
 the impression, and in a replay it reads the clicks topic ahead of or behind the impressions
@@ -81,14 +83,14 @@ class ClickProfiles:
         return times[-1] if times else None
 
     def clicks_before(self, user_id: str, at: float | None) -> int:
-        """How many of the kept clicks have ``ts <= at`` (all of them when ``at`` is None)."""
+        """How many of the kept clicks have ``ts < at`` (all of them when ``at`` is None)."""
         times = self._ts.get(user_id)
         if not times:
             return 0
-        return len(times) if at is None else bisect.bisect_right(times, at)
+        return len(times) if at is None else bisect.bisect_left(times, at)
 
     def vector(self, user_id: str, at: float | None = None) -> np.ndarray | None:
-        """The profile from the clicks with ``ts <= at`` (all when ``at`` is None), or ``None``."""
+        """The profile from the clicks with ``ts < at`` (all when ``at`` is None), or ``None``."""
         k = self.clicks_before(user_id, at)
         if k == 0:
             return None

@@ -64,7 +64,7 @@ examples.
 
 Semantic vectors (when a cache is attached) go onto each example as the join emits it: the
 item's current vector, and the user's profile *as of the impression's event time* (clicks with
-``ts <= imp.ts``, see :mod:`semantic_cache.profiles`). Not the profile at emission, which
+``ts < imp.ts``, see :mod:`semantic_cache.profiles`). Not the profile at emission, which
 would include clicks made during the window, i.e. after the impression; and not the profile
 when the impression was read, which in a replay depends on how far the consumer has read
 ahead on the clicks topic (minutes of event time either way).

@@ -331,7 +331,7 @@ class DictLookup:
         return self.items.get(item_id)
 
     def user(self, user_id: str, at: float | None = None) -> bytes | None:
-        before = [blob for ts, blob in sorted(self.users.get(user_id, [])) if at is None or ts <= at]
+        before = [blob for ts, blob in sorted(self.users.get(user_id, [])) if at is None or ts < at]
         return before[-1] if before else None
 
     def observe_click(self, user_id: str, item_id: str, ts: float) -> None:

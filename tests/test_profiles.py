@@ -18,9 +18,9 @@ def _blob(seed: int) -> bytes:
 
 
 def _reference(clicks: list[tuple[float, int]], at: float | None, decay: float, keep: int) -> np.ndarray | None:
-    """Decayed mean over the newest ``keep`` clicks, of those with ts <= at, in event-time order."""
+    """Decayed mean over the newest ``keep`` clicks, of those with ts < at, in event-time order."""
     ordered = sorted(clicks, key=lambda c: c[0])[-keep:]  # stable: ties keep arrival order
-    used = [seed for ts, seed in ordered if at is None or ts <= at]
+    used = [seed for ts, seed in ordered if at is None or ts < at]
     if not used:
         return None
     vecs = np.stack([dequantize(_blob(s), DIM) for s in used])
@@ -40,10 +40,11 @@ def test_profile_as_of_a_time_ignores_later_clicks() -> None:
     p.observe("u", 30.0, _blob(3))
     p.observe("u", 20.0, _blob(2))  # out of order: inserted at its time
     assert p.vector("u", at=5.0) is None and p.vector("nobody") is None
-    np.testing.assert_allclose(p.vector("u", at=10.0), dequantize(_blob(1), DIM))
+    assert p.vector("u", at=10.0) is None, "a click at the very time of the impression is not before it"
+    np.testing.assert_allclose(p.vector("u", at=10.5), dequantize(_blob(1), DIM))
     both = (0.5 * dequantize(_blob(1), DIM) + dequantize(_blob(2), DIM)) / 1.5
     np.testing.assert_allclose(p.vector("u", at=25.0), both, rtol=1e-6)
-    assert p.newest("u") == 30.0 and p.clicks_before("u", 20.0) == 2
+    assert p.newest("u") == 30.0 and p.clicks_before("u", 20.0) == 1 and p.clicks_before("u", None) == 3
 
 
 @settings(max_examples=150, deadline=None)

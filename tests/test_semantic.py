@@ -160,7 +160,7 @@ def test_client_miss_is_reported_then_filled(cfg: Config) -> None:
         client.observe_click("u", "x2", 200.0)
         client.observe_click("u", "never-seen", 300.0)
         assert first is not None and client.user("u") != first
-        assert client.user("u", at=150.0) == first and client.user("u", at=99.0) is None, "as of an event time"
+        assert client.user("u", at=150.0) == first and client.user("u", at=100.0) is None, "clicks before a time"
         stats = client.stats()
         assert stats["lookups"] == 5 and stats["misses"] == 4 and stats["miss_rate"] == pytest.approx(4 / 5)
         assert stats["clicks_folded"] == 2 and stats["clicks_without_vector"] == 1
@@ -299,8 +299,8 @@ def test_llm_user_summary_reaches_the_join_side_client(cfg: Config, teacher: Tea
             time.sleep(0.05)
         blended = client.user("u1")
         assert client.stats()["user_summaries"] >= 1 and blended != profile_only
-        assert client.user("u1", at=10.0) == blended and client.user("u1", at=9.0) is None, \
-            "a summary counts only from the event time of the newest click it covers"
+        assert client.user("u1", at=10.5) == blended and client.user("u1", at=10.0) is None, \
+            "a summary counts only after the event time of the newest click it covers"
         client.observe_click("u1", "i5", 20.0)  # one more click: not yet due (every 2 since the last summary)
         assert refresher.wait(lambda s: s["user_clicks_received"] >= 2, 15), refresher.latest
         client.observe_click("u1", "i7", 30.0)
