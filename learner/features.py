@@ -17,7 +17,7 @@ import torch
 from learner.model import ModelInputs
 from learner.vocab import ContextHasher, GrowingVocab
 from livectr.events import KIND_POSITIVE_COPY
-from semantic_cache.codec import dequantize, dequantize_many
+from semantic_cache.codec import dequantize_many
 
 
 #: Odd 32-bit multipliers (Knuth's and MurmurHash3's) that spread (user, item) rows over the pair buckets.
@@ -52,18 +52,6 @@ class EncodedBatch:
 
         return ModelInputs(t(self.user), t(self.item), t(self.context), t(self.pair), t(self.item_count), t(self.item_sem),
                            t(self.item_sem_mask), t(self.user_sem), t(self.user_sem_mask))
-
-
-def stack_vectors(blobs: list[bytes | None], dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """``dequantize_many`` with a bulk path: one ``join`` + ``frombuffer`` when all blobs are valid.
-
-    The common case (cache hit on every example) then costs one copy instead of one numpy call
-    per example; anything irregular (misses, wrong lengths) takes the codec's own path.
-    """
-    if blobs and all(b is not None and len(b) == dim for b in blobs):
-        q = np.frombuffer(b"".join(blobs), dtype=np.int8).reshape(len(blobs), dim)
-        return dequantize(q), np.ones(len(blobs), dtype=bool)
-    return dequantize_many(blobs, dim)
 
 
 class Featurizer:
@@ -101,8 +89,8 @@ class Featurizer:
         context = self.context.encode([r.context for r in records], grow=grow)
         n, s = len(records), self.sem_dim
         if s and labelled:
-            item_sem, item_mask = stack_vectors([r.item_sem for r in records], s)
-            user_sem, user_mask = stack_vectors([r.user_sem for r in records], s)
+            item_sem, item_mask = dequantize_many([r.item_sem for r in records], s)
+            user_sem, user_mask = dequantize_many([r.user_sem for r in records], s)
         else:
             item_sem = user_sem = np.zeros((n, s), dtype=np.float32)
             item_mask = user_mask = np.zeros(n, dtype=bool)

@@ -47,7 +47,10 @@ def dequantize_many(blobs: list[bytes | None], dim: int) -> tuple[np.ndarray, np
     user without a click yet, so this is a hot path of the learner, not an exception.
     """
     present = np.fromiter((b is not None and len(b) == dim for b in blobs), dtype=bool, count=len(blobs))
-    zero = bytes(dim)
-    joined = b"".join([b if ok else zero for b, ok in zip(blobs, present.tolist())])  # type: ignore[misc]
+    if present.all():  # the usual case for item vectors: no substitution
+        joined = b"".join(blobs)  # type: ignore[arg-type]
+    else:
+        zero = bytes(dim)
+        joined = b"".join([b if ok else zero for b, ok in zip(blobs, present.tolist())])  # type: ignore[misc]
     q = np.frombuffer(joined, dtype=np.int8).reshape(len(blobs), dim)
     return q.astype(np.float32) / _scale(dim), present

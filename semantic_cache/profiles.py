@@ -53,12 +53,6 @@ class ClickProfiles:
         self._ts: dict[str, list[float]] = {}
         self._blobs: dict[str, list[bytes]] = {}
 
-    def __len__(self) -> int:
-        return len(self._ts)
-
-    def __contains__(self, user_id: object) -> bool:
-        return user_id in self._ts
-
     def observe(self, user_id: str, ts: float, blob: bytes) -> None:
         """Add a click at event time ``ts`` on an item whose reduced vector is ``blob``.
 
