@@ -61,6 +61,10 @@ log = logging.getLogger(__name__)
 MISS_BATCH = 500
 #: Latency samples kept for the percentiles.
 SAMPLES = 50_000
+#: Stamp of a cached user answer whose clicks all had vectors: valid until the user's clicks or
+#: summary change. Otherwise the stamp is the count of item vectors that had arrived when it was
+#: folded, and any later arrival (maybe one of its missing items) makes it stale.
+COMPLETE = -1
 
 
 def _percentile(samples: Any, q: float) -> float:
@@ -107,12 +111,14 @@ class SemanticCacheClient:
         self.version = ""
         self._items: dict[str, bytes] = {}
         self._computed_at: dict[str, float] = {}
-        #: Each user's current vector (every click, newest summary): the answer for lookups at or
-        #: after the user's newest click, i.e. almost all of them in a live run.
-        self._users: dict[str, bytes] = {}
-        self._profiles = ClickProfiles(self.dim, self.decay)
+        #: Each user's current vector (every click, newest summary) and its stamp (see COMPLETE):
+        #: the answer for lookups after the user's newest click, i.e. almost all of them live.
+        self._users: dict[str, tuple[bytes | None, int]] = {}
+        self._profiles = ClickProfiles(self.dim, self.decay, self._items_get)
         #: Per user, answers about past times by (clicks included, summary used); see _vector_at.
-        self._past: dict[str, dict[tuple[int, bool], bytes | None]] = {}
+        self._past: dict[str, dict[tuple[int, bool], tuple[bytes | None, int]]] = {}
+        #: Item vectors that arrived for ids not held before (stamps cached user answers).
+        self._arrivals = 0
         #: LLM user summaries (reduced vectors, float; the event time of the newest click each
         #: covers) and clicks waiting to be sent for them.
         self._summaries: dict[str, tuple[np.ndarray, float]] = {}
@@ -134,6 +140,7 @@ class SemanticCacheClient:
         self.user_lookups_in_past = 0
         self.clicks_folded = 0
         self.clicks_without_vector = 0
+        self.clicks_repeated = 0
         self.records = 0
         self.stale_version_records = 0
         self.version_switches = 0
@@ -173,10 +180,12 @@ class SemanticCacheClient:
         self.user_lookups += 1
         newest = self._profiles.newest(user_id)
         if at is None or newest is None or at > newest:
-            vec = self._users.get(user_id)
             summary = self._summaries.get(user_id)
-            if vec is not None and summary is not None and at is not None and summary[1] >= at:
+            if summary is not None and at is not None and summary[1] >= at:
                 vec = self._vector_at(user_id, at)
+            else:
+                entry = self._users.get(user_id)
+                vec = entry[0] if entry is not None and entry[1] in (COMPLETE, self._arrivals) else self._set_user(user_id)
         else:
             self.user_lookups_in_past += 1
             vec = self._vector_at(user_id, at)
@@ -185,14 +194,18 @@ class SemanticCacheClient:
         return vec
 
     def observe_click(self, user_id: str, item_id: str, ts: float) -> None:
-        """Add a click (event time ``ts``) on ``item_id`` to the user's profile."""
-        blob = self._items.get(item_id)
-        if blob is None:
-            self.clicks_without_vector += 1
+        """Add a click (event time ``ts``) on ``item_id`` to the user's profile.
+
+        A click on an item without a vector yet is kept and counts once the vector arrives; the
+        same click observed again (a restored join checkpoint, a replayed partition) is ignored.
+        """
+        if not self._profiles.observe(user_id, ts, item_id):
+            self.clicks_repeated += 1
             return
-        self._profiles.observe(user_id, ts, blob)
+        if item_id not in self._items:
+            self.clicks_without_vector += 1
         self._past.pop(user_id, None)
-        self._set_user(user_id)
+        self._users.pop(user_id, None)  # folded at the next lookup: a restore observes many clicks at once
         self.clicks_folded += 1
         if self._report_clicks:
             self._click_queue.append((user_id, item_id, ts))
@@ -207,8 +220,9 @@ class SemanticCacheClient:
         """The vector from the clicks before ``at``.
 
         Answers are kept per user and (clicks included, summary used) until the user's clicks or
-        summary change: a replay emits a user's negatives a window after their impressions,
-        many of them between the same two clicks, and folding costs ~15 µs against ~0.3 µs.
+        summary change (or, for a fold that lacked an item's vector, until a vector arrives): a
+        replay emits a user's negatives a window after their impressions, many of them between
+        the same two clicks, and folding costs ~15 µs against ~0.3 µs.
         """
         summary = self._summaries.get(user_id)
         usable = summary is not None and summary[1] < at
@@ -216,18 +230,28 @@ class SemanticCacheClient:
         answers = self._past.get(user_id)
         if answers is None:
             answers = self._past[user_id] = {}
-        elif key in answers:
-            return answers[key]
-        vec = self._blend(self._profiles.vector(user_id, at), summary[0] if usable and summary is not None else None)
-        answers[key] = vec
+        else:
+            cached = answers.get(key)
+            if cached is not None and cached[1] in (COMPLETE, self._arrivals):
+                return cached[0]
+        arrivals = self._arrivals  # read before folding: a vector arriving meanwhile makes it stale
+        fold = self._profiles.profile(user_id, at)
+        vec = self._blend(fold.vector, summary[0] if usable and summary is not None else None)
+        answers[key] = (vec, COMPLETE if fold.missing == 0 else arrivals)
         return vec
 
-    def _set_user(self, user_id: str) -> None:
-        """Refresh the user's current vector (every click, newest summary)."""
+    def _set_user(self, user_id: str) -> bytes | None:
+        """Fold, keep and return the user's current vector (every click, newest summary)."""
+        arrivals = self._arrivals
         summary = self._summaries.get(user_id)
-        vec = self._blend(self._profiles.vector(user_id), None if summary is None else summary[0])
-        if vec is not None:
-            self._users[user_id] = vec
+        fold = self._profiles.profile(user_id)
+        vec = self._blend(fold.vector, None if summary is None else summary[0])
+        self._users[user_id] = (vec, COMPLETE if fold.missing == 0 else arrivals)
+        return vec
+
+    def _items_get(self, item_id: str) -> bytes | None:
+        """The item's vector without counting a lookup (profiles fold through this)."""
+        return self._items.get(item_id)
 
     # -- background ----------------------------------------------------------------------------
 
@@ -295,11 +319,14 @@ class SemanticCacheClient:
         if record.kind == "user":
             self._summaries[record.id] = (_unit(dequantize(record.reduced, self.dim)), record.source_ts)
             self._past.pop(record.id, None)
-            self._set_user(record.id)
+            self._users.pop(record.id, None)  # folded by the join thread at the next lookup
             self.user_summaries += 1
             return
+        new = record.id not in self._items
         self._items[record.id] = record.reduced
         self._computed_at[record.id] = record.computed_at
+        if new:
+            self._arrivals += 1  # after storing: an answer stamped with the new count has folded it
         kind, ms = msg.timestamp()
         published = ms / 1000.0 if kind != TIMESTAMP_NOT_AVAILABLE and ms > 0 else now
         available = now if self.caught_up.is_set() else published
@@ -317,8 +344,8 @@ class SemanticCacheClient:
         self.version = version
         self._items = {}
         self._computed_at = {}
+        # Clicks are kept (they are item ids): profiles re-fold in the new space as vectors arrive.
         self._users = {}
-        self._profiles.clear()
         self._past = {}
         self._summaries = {}
 
@@ -387,10 +414,12 @@ class SemanticCacheClient:
             "user_miss_rate": self.user_misses / self.user_lookups if self.user_lookups else 0.0,
             "user_lookups_in_past": float(self.user_lookups_in_past),
             "vectors": float(len(self._items)),
-            "users": float(len(self._users)),
+            "users": float(sum(1 for vec, _ in list(self._users.values()) if vec is not None)),
             "warmed_from_store": float(self.warmed),
             "clicks_folded": float(self.clicks_folded),
             "clicks_without_vector": float(self.clicks_without_vector),
+            "clicks_repeated": float(self.clicks_repeated),
+            "users_with_clicks": float(len(self._profiles.clicks)),
             "user_summaries": float(self.user_summaries),
             "click_reports_sent": float(self.click_reports_sent),
             "ids_reported": float(self.ids_reported),

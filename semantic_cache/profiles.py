@@ -16,16 +16,24 @@ synthetic benchmark a processing-order profile was worth +0.03 AUC that disappea
 profiles were read as of the impression. Keeping each user's last clicks with their event
 times lets every lookup see exactly the clicks made before the impression.
 
-Memory: per user, the last ``history`` clicks as (time, reference to the item's int8 blob —
-shared with the item cache, not copied). ``history`` is where ``decay^history`` falls below
+Memory: per user, the last ``history`` clicks as (time, item id) — ids, not vectors, so a
+profile always folds the vectors the cache holds *now*: a click on an item whose vector had not
+arrived yet counts once it arrives, and a new teacher version re-folds every profile in the new
+space instead of emptying them. ``history`` is where ``decay^history`` falls below
 :data:`NEGLIGIBLE_WEIGHT`, so dropping older clicks changes no profile by more than that.
+
+The same :class:`ClickHistory` is what the join checkpoints per partition (the clicks it matched),
+so a restarted worker rebuilds its users' profiles instead of starting them empty.
 """
 
 from __future__ import annotations
 
 import bisect
 import math
+from itertools import chain
+from typing import Callable, Iterator, NamedTuple
 
+import msgspec
 import numpy as np
 
 from semantic_cache.codec import dequantize
@@ -43,33 +51,54 @@ def history_length(decay: float) -> int:
     return max(1, min(MAX_HISTORY, math.ceil(math.log(NEGLIGIBLE_WEIGHT) / math.log(decay))))
 
 
-class ClickProfiles:
-    """Per-user recent clicks, sorted by event time; profiles as of any time they cover."""
+class ClickLog(msgspec.Struct):
+    """Users' clicks in flat form: user ``users[k]`` owns the next ``counts[k]`` of ``ts``/``items``."""
 
-    def __init__(self, dim: int, decay: float) -> None:
-        self.dim = dim
-        self.decay = decay
-        self.history = history_length(decay)
+    users: list[str] = msgspec.field(default_factory=list)
+    counts: list[int] = msgspec.field(default_factory=list)
+    ts: list[float] = msgspec.field(default_factory=list)
+    items: list[str] = msgspec.field(default_factory=list)
+
+    def clicks(self) -> Iterator[tuple[str, float, str]]:
+        """(user, time, item) of every click."""
+        users = (user for user, count in zip(self.users, self.counts) for _ in range(count))
+        return zip(users, self.ts, self.items)
+
+
+class ClickHistory:
+    """Each user's last ``history`` clicks as (event time, item id), sorted by time.
+
+    Clicks may arrive out of event-time order (several partitions feed one cache); each is
+    inserted at its place and the oldest dropped past ``history``. The same click observed twice
+    — a partition replayed after a rebalance, a checkpoint restored into a process that already
+    saw it — is kept once.
+    """
+
+    def __init__(self, history: int) -> None:
+        if history < 1:
+            raise ValueError(f"history must be >= 1, not {history!r}")
+        self.history = history
         self._ts: dict[str, list[float]] = {}
-        self._blobs: dict[str, list[bytes]] = {}
+        self._items: dict[str, list[str]] = {}
 
-    def observe(self, user_id: str, ts: float, blob: bytes) -> None:
-        """Add a click at event time ``ts`` on an item whose reduced vector is ``blob``.
-
-        Clicks may arrive out of event-time order (several partitions feed one cache); each is
-        inserted at its place, and the oldest is dropped past :attr:`history`.
-        """
+    def observe(self, user_id: str, ts: float, item_id: str) -> bool:
+        """Record a click; ``False`` when it is not kept (already held, or older than a full history)."""
         times = self._ts.get(user_id)
         if times is None:
             self._ts[user_id] = [ts]
-            self._blobs[user_id] = [blob]
-            return
-        blobs = self._blobs[user_id]
-        k = bisect.bisect_right(times, ts)
-        times.insert(k, ts)
-        blobs.insert(k, blob)
+            self._items[user_id] = [item_id]
+            return True
+        items = self._items[user_id]
+        lo, hi = bisect.bisect_left(times, ts), bisect.bisect_right(times, ts)
+        if item_id in items[lo:hi]:
+            return False
+        if hi == 0 and len(times) >= self.history:
+            return False  # older than every kept click of a full history: it would be dropped at once
+        times.insert(hi, ts)
+        items.insert(hi, item_id)
         if len(times) > self.history:
-            del times[0], blobs[0]
+            del times[0], items[0]
+        return True
 
     def newest(self, user_id: str) -> float | None:
         """Event time of the user's newest click (``None`` without clicks)."""
@@ -83,16 +112,82 @@ class ClickProfiles:
             return 0
         return len(times) if at is None else bisect.bisect_left(times, at)
 
-    def vector(self, user_id: str, at: float | None = None) -> np.ndarray | None:
-        """The profile from the clicks with ``ts < at`` (all when ``at`` is None), or ``None``."""
-        k = self.clicks_before(user_id, at)
-        if k == 0:
-            return None
-        blobs = self._blobs[user_id]
-        vecs = dequantize(np.frombuffer(b"".join(blobs[:k]), dtype=np.int8).reshape(k, self.dim))
-        weights = self.decay ** np.arange(k - 1, -1, -1, dtype=np.float32)
-        return (weights @ vecs) / weights.sum()
+    def items(self, user_id: str, count: int | None = None) -> list[str]:
+        """Item ids of the user's oldest ``count`` kept clicks (all when None), oldest first."""
+        items = self._items.get(user_id, [])
+        return list(items if count is None else items[:count])
 
-    def clear(self) -> None:
-        self._ts.clear()
-        self._blobs.clear()
+    def export(self) -> ClickLog:
+        """Every user's kept clicks, flat: a checkpoint payload, rewritten at every commit (for
+        100,000 clicks, building and encoding flat lists took 22 ms, a list of pairs per user 102)."""
+        return ClickLog(users=list(self._ts), counts=[len(t) for t in self._ts.values()],
+                        ts=list(chain.from_iterable(self._ts.values())),
+                        items=list(chain.from_iterable(self._items.values())))
+
+    def __len__(self) -> int:
+        return len(self._ts)
+
+
+def decayed_mean(blobs: list[bytes | None], dim: int, decay: float) -> np.ndarray | None:
+    """``Σ decay^age · v / Σ decay^age`` over the present blobs, oldest first (``None`` if none).
+
+    ``age`` counts all later clicks, present or not: a click whose vector is missing weighs
+    nothing but still ages the clicks before it, as it will once its vector arrives.
+    """
+    k = len(blobs)
+    weights = decay ** np.arange(k - 1, -1, -1, dtype=np.float32)
+    present = [j for j, blob in enumerate(blobs) if blob is not None]
+    if not present:
+        return None
+    if len(present) < k:
+        weights = weights[present]
+        blobs = [blobs[j] for j in present]
+    vecs = dequantize(np.frombuffer(b"".join(blobs), dtype=np.int8).reshape(len(blobs), dim))  # type: ignore[arg-type]
+    return (weights @ vecs) / weights.sum()
+
+
+class Profile(NamedTuple):
+    """A folded profile and how many of its clicks had no vector to fold."""
+
+    vector: np.ndarray | None
+    missing: int
+
+
+class ClickProfiles:
+    """Profiles as of any time the kept clicks cover, folded from the vectors ``vector_of`` returns.
+
+    ``vector_of`` is the cache's item lookup (int8 blob or ``None``), asked at fold time.
+    """
+
+    def __init__(self, dim: int, decay: float, vector_of: Callable[[str], bytes | None]) -> None:
+        self.dim = dim
+        self.decay = decay
+        self.clicks = ClickHistory(history_length(decay))
+        self._vector_of = vector_of
+
+    @property
+    def history(self) -> int:
+        return self.clicks.history
+
+    def observe(self, user_id: str, ts: float, item_id: str) -> bool:
+        """Add a click at event time ``ts`` on ``item_id``; ``False`` if it is not kept (see ClickHistory)."""
+        return self.clicks.observe(user_id, ts, item_id)
+
+    def newest(self, user_id: str) -> float | None:
+        return self.clicks.newest(user_id)
+
+    def clicks_before(self, user_id: str, at: float | None) -> int:
+        return self.clicks.clicks_before(user_id, at)
+
+    def profile(self, user_id: str, at: float | None = None) -> Profile:
+        """The profile from the clicks with ``ts < at`` (all when ``at`` is None).
+
+        ``missing`` counts the clicks it folds whose item has no vector yet: the caller may keep
+        a complete answer, and must re-fold an incomplete one once vectors arrive.
+        """
+        k = self.clicks.clicks_before(user_id, at)
+        if k == 0:
+            return Profile(None, 0)
+        vector_of = self._vector_of
+        blobs = [vector_of(item) for item in self.clicks.items(user_id, k)]
+        return Profile(decayed_mean(blobs, self.dim, self.decay), sum(blob is None for blob in blobs))

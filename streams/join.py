@@ -110,6 +110,7 @@ from livectr.events import (
     decision_time,
 )
 from semantic_cache.lookup import SemanticLookup
+from semantic_cache.profiles import ClickHistory, ClickLog
 
 POLICY_WAIT: Final[str] = "wait"
 POLICY_FAKE_NEGATIVE: Final[str] = "fake-negative"
@@ -180,6 +181,9 @@ class PartitionState(msgspec.Struct):
     #: Score requests not yet emitted: (impression ts, impression id); and the sampling rate.
     requests: list[tuple[float, str]] = msgspec.field(default_factory=list)
     score_sample: float = 0.0
+    #: The users' last matched clicks (click ts, item id): restored into the semantic cache's
+    #: profiles so a restarted worker's user vectors do not start empty.
+    user_clicks: ClickLog = msgspec.field(default_factory=ClickLog)
 
 
 class JoinCounters(msgspec.Struct):
@@ -208,7 +212,7 @@ class PartitionJoin:
 
     def __init__(self, partition: int, window_s: float, policy: str = POLICY_WAIT, *,
                  semantics: SemanticLookup | None = None, closed_memory: int = 100_000,
-                 score_sample: float = 0.0) -> None:
+                 score_sample: float = 0.0, profile_history: int = 0) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown join policy {policy!r}; expected one of {POLICIES}")
         if not window_s > 0:
@@ -217,6 +221,9 @@ class PartitionJoin:
         self.window_s = float(window_s)
         self.policy = policy
         self.semantics = semantics
+        #: Clicks this partition matched, per user (the last ``profile_history``), kept for the
+        #: checkpoint only when semantics are attached: the cache's profiles live in memory.
+        self.user_clicks = ClickHistory(profile_history) if semantics is not None and profile_history > 0 else None
         self._wait = policy == POLICY_WAIT
         self.watermark = -_INF
         self.watermark_published = 0.0
@@ -319,6 +326,8 @@ class PartitionJoin:
         self._ready_info[imp.impression_id] = (published, max(delay, 0.0))
         if self.semantics is not None:
             self.semantics.observe_click(imp.user_id, imp.item_id, click.ts)
+            if self.user_clicks is not None:
+                self.user_clicks.observe(imp.user_id, click.ts, imp.item_id)
 
     def _emit(self, imp: Impression, label: int, kind: int, decided_at: float, delay: float) -> None:
         """Append an example (or, with ``KIND_SCORE_REQUEST``, a score request, not counted as one)."""
@@ -556,14 +565,25 @@ class PartitionJoin:
             examples_total=self.examples_total, finished=self.finished,
             ready=[(ts, iid, *self._ready_info[iid]) for ts, iid in sorted(self._ready)],
             requests=sorted(self._requests), score_sample=self.score_sample,
+            user_clicks=self.user_clicks.export() if self.user_clicks is not None else ClickLog(),
         )
 
     @classmethod
     def restore(cls, state: PartitionState, *, semantics: SemanticLookup | None = None,
-                closed_memory: int = 100_000) -> "PartitionJoin":
-        """Rebuild a join from :meth:`snapshot` output (window and policy come from the state)."""
+                closed_memory: int = 100_000, profile_history: int = 0) -> "PartitionJoin":
+        """Rebuild a join from :meth:`snapshot` output (window and policy come from the state).
+
+        The checkpointed clicks go back into ``semantics`` (which ignores clicks it already holds),
+        so user profiles are as they were when the checkpoint was taken; the clicks after it are
+        read again from the checkpoint's offsets.
+        """
         join = cls(state.partition, state.window_s, state.policy, semantics=semantics, closed_memory=closed_memory,
-                   score_sample=state.score_sample)
+                   score_sample=state.score_sample, profile_history=profile_history)
+        if semantics is not None:
+            for user_id, ts, item_id in state.user_clicks.clicks():
+                semantics.observe_click(user_id, item_id, ts)
+                if join.user_clicks is not None:
+                    join.user_clicks.observe(user_id, ts, item_id)
         join.watermark = state.watermark
         join.watermark_published = state.watermark_published
         join.clocks = [msgspec.structs.replace(c) for c in state.clocks]

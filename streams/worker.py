@@ -16,8 +16,9 @@ Delivery, checkpoints, commits — the guarantee
 At most every ``cfg.join.commit_interval_s`` (and on revoke, end of a partition and shutdown)
 the worker: (1) flushes the producer and fails loudly unless every example and dead letter was
 acknowledged; (2) writes, per partition, a checkpoint (temp file + ``os.replace``) under
-``cfg.data_dir / "join-state"`` holding the join state, the consumed positions it reflects, a
-sequence number and the examples-topic offset reached; (3) commits synchronously to Kafka the
+``cfg.data_dir / "join-state"`` holding the join state (with semantics, also the clicks it
+matched per user, so the cache's user profiles survive a restart), the consumed positions it
+reflects, a sequence number and the examples-topic offset reached; (3) commits synchronously to Kafka the
 *replay-safe* offsets — the oldest impression/click the state still holds (the consumed
 position when it holds none) — with ``seq=…;fin=…;ex=…`` as commit metadata.
 
@@ -70,6 +71,7 @@ from livectr.events import (
     encode_example,
 )
 from semantic_cache.lookup import SemanticLookup
+from semantic_cache.profiles import history_length
 from streams.join import CLICKS, IMPRESSIONS, JoinCounters, PartitionJoin, PartitionState
 
 log = logging.getLogger(__name__)
@@ -207,6 +209,8 @@ class JoinWorker:
         self.cfg = cfg
         self.worker_id = worker_id
         self.semantics = semantics
+        #: Clicks per user each partition checkpoints for the cache's profiles (as many as they keep).
+        self._profile_history = history_length(cfg.semantic.user_decay) if semantics is not None else 0
         self.on_status = on_status
         self.stop = stop or threading.Event()
         self.bounded = bounded
@@ -262,7 +266,8 @@ class JoinWorker:
                 log.warning("partition %d: checkpoint has window %.0fs/%s, config %.0fs/%s; keeping the "
                             "checkpoint's until the partition finishes", p, ckpt.state.window_s,
                             ckpt.state.policy, join_cfg.window_s, join_cfg.policy)
-            join = PartitionJoin.restore(ckpt.state, semantics=self.semantics, closed_memory=join_cfg.closed_memory)
+            join = PartitionJoin.restore(ckpt.state, semantics=self.semantics, closed_memory=join_cfg.closed_memory,
+                                         profile_history=self._profile_history)
             self.positions[(IMPRESSIONS, p)] = ckpt.impressions_position
             self.positions[(CLICKS, p)] = ckpt.clicks_position
             self.seq[p] = ckpt.seq
@@ -270,7 +275,8 @@ class JoinWorker:
                 join.suppress = self._delivered_after(p, ckpt.out_partition, ckpt.out_offset)
         else:
             join = PartitionJoin(p, join_cfg.window_s, join_cfg.policy, semantics=self.semantics,
-                                 closed_memory=join_cfg.closed_memory, score_sample=join_cfg.score_sample)
+                                 closed_memory=join_cfg.closed_memory, score_sample=join_cfg.score_sample,
+                                 profile_history=self._profile_history)
             join.examples_total = meta.examples
             join.finished = meta.finished
             for src, tp in ((IMPRESSIONS, imp_tp), (CLICKS, clk_tp)):

@@ -280,6 +280,66 @@ def test_restart_after_stop_loses_and_repeats_nothing(kafka_config: Config) -> N
     assert {e.impression_id: e.label for e in examples} == truth
 
 
+class ClickSetLookup:
+    """An in-memory SemanticLookup whose user vector spells out the user's clicks before the asked
+    time, so an example shows exactly which clicks its worker's cache knew."""
+
+    version = "v-clicks"
+
+    def __init__(self) -> None:
+        self.clicks: dict[str, set[tuple[float, str]]] = {}
+
+    def item(self, item_id: str) -> bytes | None:
+        return item_id.encode()
+
+    def user(self, user_id: str, at: float | None = None) -> bytes | None:
+        before = sorted(c for c in self.clicks.get(user_id, ()) if at is None or c[0] < at)
+        return repr(before).encode() if before else None
+
+    def observe_click(self, user_id: str, item_id: str, ts: float) -> None:
+        self.clicks.setdefault(user_id, set()).add((ts, item_id))
+
+    def stats(self) -> dict[str, float]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+def test_user_profiles_survive_a_restart(kafka_config: Config) -> None:
+    """The restarted worker's cache is empty; the checkpoint gives it back the users' clicks."""
+    cfg = configure(kafka_config)
+    first = make_stream(cfg, 0, 200)
+    publish(cfg, first.records)
+    stop = threading.Event()
+
+    def stop_when_consumed(status: dict[str, Any]) -> None:
+        if status["events_in"] >= len(first.records):
+            stop.set()
+
+    timer = threading.Timer(60, stop.set)
+    timer.start()
+    run_join_worker(cfg, worker_id="w-1", stop=stop, on_status=stop_when_consumed, semantics=ClickSetLookup())
+    timer.cancel()
+    second = make_stream(cfg, 200, 200)
+    publish(cfg, second.records, end_partitions=2)
+    restarted = ClickSetLookup()
+    run_bounded(cfg, worker_id="w-2", semantics=restarted)
+    assert restarted.clicks, "the checkpoint restored clicks into the new cache"
+
+    truth = {**first.truth, **second.truth}
+    matched: dict[str, set[tuple[float, str]]] = {}
+    for k in range(400):
+        if truth[f"imp{k}"]:
+            click_ts = T0 + 2 * k + (1 if k % 11 == 4 else 30)  # the first click that counts
+            matched.setdefault(f"u{k % 7}", set()).add((click_ts, f"i{k % 5}"))
+    examples, _, _ = read_examples(cfg, ends=4)
+    assert len(examples) == 400
+    for ex in examples:
+        before = sorted(c for c in matched.get(ex.user_id, ()) if c[0] < ex.ts)
+        assert ex.user_sem == (repr(before).encode() if before else None), ex.impression_id
+
+
 def delivered(msgs: list[Any], wanted: set[str]) -> bool:
     """Whether any example record among ``msgs`` is about one of the ``wanted`` impressions."""
     for m in msgs:

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from semantic_cache.codec import dequantize, to_bytes
-from semantic_cache.profiles import NEGLIGIBLE_WEIGHT, ClickProfiles, history_length
+from semantic_cache.profiles import NEGLIGIBLE_WEIGHT, ClickHistory, ClickProfiles, history_length
 
 DIM = 8
 
@@ -17,9 +17,17 @@ def _blob(seed: int) -> bytes:
     return to_bytes(v / np.linalg.norm(v))
 
 
+BLOBS = {f"i{seed}": _blob(seed) for seed in range(21)}
+
+
+def _profiles(decay: float) -> ClickProfiles:
+    return ClickProfiles(DIM, decay, BLOBS.get)
+
+
 def _reference(clicks: list[tuple[float, int]], at: float | None, decay: float, keep: int) -> np.ndarray | None:
-    """Decayed mean over the newest ``keep`` clicks, of those with ts < at, in event-time order."""
-    ordered = sorted(clicks, key=lambda c: c[0])[-keep:]  # stable: ties keep arrival order
+    """Decayed mean over the newest ``keep`` distinct clicks, of those with ts < at, in event-time order."""
+    distinct = list(dict.fromkeys(clicks))  # the same click twice is one click
+    ordered = sorted(distinct, key=lambda c: c[0])[-keep:]  # stable: ties keep arrival order
     used = [seed for ts, seed in ordered if at is None or ts < at]
     if not used:
         return None
@@ -35,15 +43,15 @@ def test_history_keeps_clicks_until_their_weight_is_negligible() -> None:
 
 
 def test_profile_as_of_a_time_ignores_later_clicks() -> None:
-    p = ClickProfiles(DIM, decay=0.5)
-    p.observe("u", 10.0, _blob(1))
-    p.observe("u", 30.0, _blob(3))
-    p.observe("u", 20.0, _blob(2))  # out of order: inserted at its time
-    assert p.vector("u", at=5.0) is None and p.vector("nobody") is None
-    assert p.vector("u", at=10.0) is None, "a click at the very time of the impression is not before it"
-    np.testing.assert_allclose(p.vector("u", at=10.5), dequantize(_blob(1), DIM))
+    p = _profiles(decay=0.5)
+    p.observe("u", 10.0, "i1")
+    p.observe("u", 30.0, "i3")
+    p.observe("u", 20.0, "i2")  # out of order: inserted at its time
+    assert p.profile("u", at=5.0).vector is None and p.profile("nobody").vector is None
+    assert p.profile("u", at=10.0).vector is None, "a click at the very time of the impression is not before it"
+    np.testing.assert_allclose(p.profile("u", at=10.5).vector, dequantize(_blob(1), DIM))
     both = (0.5 * dequantize(_blob(1), DIM) + dequantize(_blob(2), DIM)) / 1.5
-    np.testing.assert_allclose(p.vector("u", at=25.0), both, rtol=1e-6)
+    np.testing.assert_allclose(p.profile("u", at=25.0).vector, both, rtol=1e-6)
     assert p.newest("u") == 30.0 and p.clicks_before("u", 20.0) == 1 and p.clicks_before("u", None) == 3
 
 
@@ -53,12 +61,41 @@ def test_profile_as_of_a_time_ignores_later_clicks() -> None:
        decay=st.sampled_from([0.5, 0.8, 0.95]))
 def test_profile_is_the_decayed_mean_of_the_clicks_before_the_time(clicks: list[tuple[float, int]],
                                                                     at: float | None, decay: float) -> None:
-    p = ClickProfiles(DIM, decay)
+    p = _profiles(decay)
     for ts, seed in clicks:
-        p.observe("u", ts, _blob(seed))
-    got, want = p.vector("u", at), _reference(clicks, at, decay, p.history)
+        p.observe("u", ts, f"i{seed}")
+    got, want = p.profile("u", at).vector, _reference(clicks, at, decay, p.history)
     if want is None:
         assert got is None
     else:
         assert got is not None
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_click_seen_twice_counts_once() -> None:
+    """A restored checkpoint or a replayed partition hands the cache clicks it already holds."""
+    h = ClickHistory(3)
+    assert h.observe("u", 1.0, "a") and h.observe("u", 1.0, "b") and not h.observe("u", 1.0, "a")
+    assert h.observe("u", 2.0, "a") and h.items("u") == ["a", "b", "a"]
+    assert not h.observe("u", 0.5, "c"), "older than every click of a full history: not kept"
+    assert h.observe("u", 3.0, "c") and h.observe("v", 1.0, "a")
+    assert list(h.export().clicks()) == [("u", 1.0, "b"), ("u", 2.0, "a"), ("u", 3.0, "c"), ("v", 1.0, "a")]
+    assert h.clicks_before("u", 2.5) == 2 and h.newest("u") == 3.0 and len(h) == 2
+
+
+def test_a_click_without_a_vector_yet_counts_once_the_vector_arrives() -> None:
+    blobs: dict[str, bytes] = {"i1": _blob(1)}
+    p = ClickProfiles(DIM, 0.5, blobs.get)
+    p.observe("u", 10.0, "i1")
+    p.observe("u", 20.0, "late")
+    early = p.profile("u")
+    assert early.missing == 1
+    np.testing.assert_allclose(early.vector, dequantize(_blob(1), DIM), err_msg="the missing click weighs nothing")
+    blobs["late"] = _blob(2)
+    later = p.profile("u")
+    want = (0.5 * dequantize(_blob(1), DIM) + dequantize(_blob(2), DIM)) / 1.5
+    assert later.missing == 0
+    np.testing.assert_allclose(later.vector, want, rtol=1e-6)
+    nothing = ClickProfiles(DIM, 0.5, {}.get)
+    nothing.observe("u", 1.0, "unknown")
+    assert nothing.profile("u") == (None, 1)

@@ -163,7 +163,9 @@ def test_client_miss_is_reported_then_filled(cfg: Config) -> None:
         assert client.user("u", at=150.0) == first and client.user("u", at=100.0) is None, "clicks before a time"
         stats = client.stats()
         assert stats["lookups"] == 5 and stats["misses"] == 4 and stats["miss_rate"] == pytest.approx(4 / 5)
-        assert stats["clicks_folded"] == 2 and stats["clicks_without_vector"] == 1
+        assert stats["clicks_folded"] == 3 and stats["clicks_without_vector"] == 1
+        client.observe_click("u", "x2", 200.0)  # the same click again (a restored checkpoint): ignored
+        assert client.stats()["clicks_repeated"] == 1 and client.stats()["clicks_folded"] == 3
         assert stats["miss_fill_p50_s"] >= 0 and stats["staleness_p50_s"] >= 0.5 - 0.05
         assert stats["ids_reported"] == 2
 
@@ -174,6 +176,16 @@ def test_client_miss_is_reported_then_filled(cfg: Config) -> None:
         _produce(cfg, cfg.topics.semantic, [_vector_record("y", "v2", 3, computed_at=time.time() + 1)])
         assert client.wait_for(["y"], 15)
         assert client.version == "v2" and client.item("x1") is None and client.user("u") is None
+        # The clicks are kept: as the new version's vectors arrive, the profile folds them —
+        # "never-seen" included, a click made before its item had any vector.
+        _produce(cfg, cfg.topics.semantic, [_vector_record("x1", "v2", 5, computed_at=time.time() + 2)])
+        assert client.wait_for(["x1"], 15)
+        only_x1 = client.user("u", at=150.0)
+        assert only_x1 is not None and only_x1 != first, "the v2 vector, not the v1 one"
+        assert client.user("u") == only_x1, "x2 and never-seen have no v2 vector yet"
+        _produce(cfg, cfg.topics.semantic, [_vector_record("never-seen", "v2", 6, computed_at=time.time() + 3)])
+        assert client.wait_for(["never-seen"], 15)
+        assert client.user("u") not in (None, only_x1) and client.user("u", at=150.0) == only_x1
         _produce(cfg, cfg.topics.semantic, [_vector_record("z", "v1", 4, computed_at=time.time() - 100)])
         deadline = time.monotonic() + 10
         while client.stats()["stale_version_records"] < 1 and time.monotonic() < deadline:
