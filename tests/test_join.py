@@ -23,6 +23,7 @@ from livectr.events import (
     decision_time,
     encode_event,
 )
+from lookups import ClickSetLookup
 from streams.join import (
     CLICKS,
     IMPRESSIONS,
@@ -337,32 +338,6 @@ class DictLookup:
     def observe_click(self, user_id: str, item_id: str, ts: float) -> None:
         self.clicks.append((user_id, item_id))
         self.users.setdefault(user_id, []).append((ts, self.items.get(item_id, b"")))
-
-    def stats(self) -> dict[str, float]:
-        return {}
-
-    def close(self) -> None:
-        pass
-
-
-class ClickSetLookup:
-    """A real in-memory SemanticLookup whose user vector spells out the user's clicks before the
-    asked time: a click lost (or doubled) across a checkpoint changes the examples."""
-
-    version = "v-clicks"
-
-    def __init__(self) -> None:
-        self.clicks: dict[str, set[tuple[float, str]]] = {}
-
-    def item(self, item_id: str) -> bytes | None:
-        return item_id.encode()
-
-    def user(self, user_id: str, at: float | None = None) -> bytes | None:
-        before = sorted(c for c in self.clicks.get(user_id, ()) if at is None or c[0] < at)
-        return repr(before).encode() if before else None
-
-    def observe_click(self, user_id: str, item_id: str, ts: float) -> None:
-        self.clicks.setdefault(user_id, set()).add((ts, item_id))
 
     def stats(self) -> dict[str, float]:
         return {}

@@ -32,6 +32,7 @@ from livectr.events import (
     decode_example,
     encode_event,
 )
+from lookups import ClickSetLookup
 from streams.join import REASON_ORPHAN
 from streams.worker import checkpoint_path, read_checkpoint, run_join_worker
 
@@ -251,20 +252,27 @@ def test_fake_negative_policy_on_the_broker(kafka_config: Config) -> None:
     assert sum(m.examples for m in ends) == 2 * len(examples)  # each marker is on both examples partitions
 
 
-def test_restart_after_stop_loses_and_repeats_nothing(kafka_config: Config) -> None:
-    cfg = configure(kafka_config)
-    first = make_stream(cfg, 0, 200)
-    publish(cfg, first.records)
+def run_until_consumed(cfg: Config, records: int, **kwargs: Any) -> dict[str, Any]:
+    """Run a worker until it has read ``records`` events, then stop it (windows still open)."""
     stop = threading.Event()
 
     def stop_when_consumed(status: dict[str, Any]) -> None:
-        if status["events_in"] >= len(first.records):
+        if status["events_in"] >= records:
             stop.set()
 
     timer = threading.Timer(60, stop.set)
     timer.start()
-    summary1 = run_join_worker(cfg, worker_id="w-1", stop=stop, on_status=stop_when_consumed)
-    timer.cancel()
+    try:
+        return run_join_worker(cfg, stop=stop, on_status=stop_when_consumed, **kwargs)
+    finally:
+        timer.cancel()
+
+
+def test_restart_after_stop_loses_and_repeats_nothing(kafka_config: Config) -> None:
+    cfg = configure(kafka_config)
+    first = make_stream(cfg, 0, 200)
+    publish(cfg, first.records)
+    summary1 = run_until_consumed(cfg, len(first.records), worker_id="w-1")
     assert summary1["events_in"] == len(first.records) and summary1["pending"] > 0
     ckpt = read_checkpoint(checkpoint_path(cfg, 0))
     assert ckpt is not None and ckpt.state.queue and not ckpt.state.finished
@@ -280,47 +288,12 @@ def test_restart_after_stop_loses_and_repeats_nothing(kafka_config: Config) -> N
     assert {e.impression_id: e.label for e in examples} == truth
 
 
-class ClickSetLookup:
-    """An in-memory SemanticLookup whose user vector spells out the user's clicks before the asked
-    time, so an example shows exactly which clicks its worker's cache knew."""
-
-    version = "v-clicks"
-
-    def __init__(self) -> None:
-        self.clicks: dict[str, set[tuple[float, str]]] = {}
-
-    def item(self, item_id: str) -> bytes | None:
-        return item_id.encode()
-
-    def user(self, user_id: str, at: float | None = None) -> bytes | None:
-        before = sorted(c for c in self.clicks.get(user_id, ()) if at is None or c[0] < at)
-        return repr(before).encode() if before else None
-
-    def observe_click(self, user_id: str, item_id: str, ts: float) -> None:
-        self.clicks.setdefault(user_id, set()).add((ts, item_id))
-
-    def stats(self) -> dict[str, float]:
-        return {}
-
-    def close(self) -> None:
-        pass
-
-
 def test_user_profiles_survive_a_restart(kafka_config: Config) -> None:
     """The restarted worker's cache is empty; the checkpoint gives it back the users' clicks."""
     cfg = configure(kafka_config)
     first = make_stream(cfg, 0, 200)
     publish(cfg, first.records)
-    stop = threading.Event()
-
-    def stop_when_consumed(status: dict[str, Any]) -> None:
-        if status["events_in"] >= len(first.records):
-            stop.set()
-
-    timer = threading.Timer(60, stop.set)
-    timer.start()
-    run_join_worker(cfg, worker_id="w-1", stop=stop, on_status=stop_when_consumed, semantics=ClickSetLookup())
-    timer.cancel()
+    run_until_consumed(cfg, len(first.records), worker_id="w-1", semantics=ClickSetLookup())
     second = make_stream(cfg, 200, 200)
     publish(cfg, second.records, end_partitions=2)
     restarted = ClickSetLookup()
