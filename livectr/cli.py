@@ -40,6 +40,8 @@ CONFIG_FLAGS: dict[str, tuple[str, type, str]] = {
     "--policy": ("join.policy", str, "labelling policy: wait | fake-negative"),
     "--score-sample": ("join.score_sample", float, "fraction of impressions scored at impression time for serving_auc (0-1)"),
     "--group-id": ("join.group_id", str, "consumer group of the join workers"),
+    "--user-profile-ttl-s": ("semantic.user_profile_ttl_s", float,
+                             "forget a user's click profile after this long without a click (event-time s; 0 = never)"),
     "--batch-size": ("learner.batch_size", int, "learner mini-batch size"),
     "--lr": ("learner.lr", float, "learning rate"),
     "--device": ("learner.device", str, "auto | cpu | cuda"),
@@ -292,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     join = sub.add_parser("join", help="join worker: impressions × clicks → training examples (scale out: same --group-id)")
     _add_common(join)
-    _add_config_flags(join, ["--window-s", "--policy", "--group-id", "--score-sample"])
+    _add_config_flags(join, ["--window-s", "--policy", "--group-id", "--score-sample", "--user-profile-ttl-s"])
     join.add_argument("--worker-id", default=f"join-{socket.gethostname()}-{os.getpid()}")
     join.add_argument("--forever", action="store_true", help="keep running after end-of-stream markers")
     join.set_defaults(func=cmd_join)

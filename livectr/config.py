@@ -190,6 +190,9 @@ class SemanticConfig:
     enrich_url: str = ""
     enrich_model: str = ""
     user_decay: float = 0.8
+    #: A user's click profile is forgotten after this long without a click (event-time seconds;
+    #: 0 keeps every profile): it bounds the join's memory and checkpoints by the active users.
+    user_profile_ttl_s: float = 30 * 86400.0
     #: With enrichment: LLM user summary on a user's first click and then every N clicks, over
     #: the user's last ``user_summary_items`` clicked items.
     user_summary_every: int = 5

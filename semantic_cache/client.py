@@ -141,6 +141,7 @@ class SemanticCacheClient:
         self.clicks_folded = 0
         self.clicks_without_vector = 0
         self.clicks_repeated = 0
+        self.users_expired = 0
         self.records = 0
         self.stale_version_records = 0
         self.version_switches = 0
@@ -209,6 +210,28 @@ class SemanticCacheClient:
         self.clicks_folded += 1
         if self._report_clicks:
             self._click_queue.append((user_id, item_id, ts))
+
+    def expire_users(self, before: float) -> int:
+        """Forget the profiles (and cached answers, LLM summaries) of users with no click since
+        event time ``before``; returns how many users were forgotten.
+
+        Why: this client lives as long as its join worker, and without a cut-off it would hold
+        every user who ever clicked. The join calls this with its watermark minus
+        ``user_profile_ttl_s``.
+        """
+        gone = self._profiles.expire(before)
+        for user_id in gone:
+            self._users.pop(user_id, None)
+            self._past.pop(user_id, None)
+        # Summaries arrive on the semantic topic (also for users this worker never saw click);
+        # one older than the cut-off of a user without kept clicks describes no live profile.
+        for user_id, (_, covered) in list(self._summaries.items()):
+            if covered < before and self._profiles.newest(user_id) is None:
+                self._summaries.pop(user_id, None)
+                self._users.pop(user_id, None)
+                self._past.pop(user_id, None)
+        self.users_expired += len(gone)
+        return len(gone)
 
     def _blend(self, profile: np.ndarray | None, summary: np.ndarray | None) -> bytes | None:
         """Click profile, LLM summary, or the normalised mean of both."""
@@ -419,6 +442,7 @@ class SemanticCacheClient:
             "clicks_folded": float(self.clicks_folded),
             "clicks_without_vector": float(self.clicks_without_vector),
             "clicks_repeated": float(self.clicks_repeated),
+            "users_expired": float(self.users_expired),
             "users_with_clicks": float(len(self._profiles.clicks)),
             "user_summaries": float(self.user_summaries),
             "click_reports_sent": float(self.click_reports_sent),

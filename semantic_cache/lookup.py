@@ -31,6 +31,11 @@ class SemanticLookup(Protocol):
         """Add a click on ``item_id`` at event time ``ts`` to the user's profile."""
         ...
 
+    def expire_users(self, before: float) -> int:
+        """Forget the profiles of users whose newest click is older than event time ``before``;
+        returns how many were forgotten."""
+        ...
+
     def stats(self) -> dict[str, float]:
         """Counters for the summary: lookups, misses, miss_rate, staleness_p50_s, …"""
         ...

@@ -110,7 +110,7 @@ from livectr.events import (
     decision_time,
 )
 from semantic_cache.lookup import SemanticLookup
-from semantic_cache.profiles import ClickHistory, ClickLog
+from semantic_cache.profiles import ClickHistory, ClickLog, ProfileChanges
 
 POLICY_WAIT: Final[str] = "wait"
 POLICY_FAKE_NEGATIVE: Final[str] = "fake-negative"
@@ -181,9 +181,6 @@ class PartitionState(msgspec.Struct):
     #: Score requests not yet emitted: (impression ts, impression id); and the sampling rate.
     requests: list[tuple[float, str]] = msgspec.field(default_factory=list)
     score_sample: float = 0.0
-    #: The users' last matched clicks (click ts, item id): restored into the semantic cache's
-    #: profiles so a restarted worker's user vectors do not start empty.
-    user_clicks: ClickLog = msgspec.field(default_factory=ClickLog)
 
 
 class JoinCounters(msgspec.Struct):
@@ -212,7 +209,7 @@ class PartitionJoin:
 
     def __init__(self, partition: int, window_s: float, policy: str = POLICY_WAIT, *,
                  semantics: SemanticLookup | None = None, closed_memory: int = 100_000,
-                 score_sample: float = 0.0, profile_history: int = 0) -> None:
+                 score_sample: float = 0.0, profile_history: int = 0, profile_ttl_s: float = 0.0) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown join policy {policy!r}; expected one of {POLICIES}")
         if not window_s > 0:
@@ -222,8 +219,12 @@ class PartitionJoin:
         self.policy = policy
         self.semantics = semantics
         #: Clicks this partition matched, per user (the last ``profile_history``), kept for the
-        #: checkpoint only when semantics are attached: the cache's profiles live in memory.
-        self.user_clicks = ClickHistory(profile_history) if semantics is not None and profile_history > 0 else None
+        #: checkpoint only when semantics are attached: the cache's profiles live in memory. The
+        #: worker persists them incrementally (:meth:`take_profile_changes`), apart from the
+        #: state snapshot, and users idle for ``profile_ttl_s`` of event time are forgotten.
+        self.user_clicks = (ClickHistory(profile_history, track_changes=True)
+                            if semantics is not None and profile_history > 0 else None)
+        self.profile_ttl_s = float(profile_ttl_s)
         self._wait = policy == POLICY_WAIT
         self.watermark = -_INF
         self.watermark_published = 0.0
@@ -565,25 +566,54 @@ class PartitionJoin:
             examples_total=self.examples_total, finished=self.finished,
             ready=[(ts, iid, *self._ready_info[iid]) for ts, iid in sorted(self._ready)],
             requests=sorted(self._requests), score_sample=self.score_sample,
-            user_clicks=self.user_clicks.export() if self.user_clicks is not None else ClickLog(),
         )
+
+    def expire_profiles(self) -> list[str]:
+        """Forget the kept clicks of users idle for ``profile_ttl_s`` before the watermark.
+
+        Event time, not wall time, so a replay forgets exactly what a live run would; nothing
+        happens before the watermark is defined or after the partition has ended (+∞).
+        """
+        if self.user_clicks is None or self.profile_ttl_s <= 0 or not math.isfinite(self.watermark):
+            return []
+        return self.user_clicks.expire(self.watermark - self.profile_ttl_s)
+
+    def take_profile_changes(self) -> ProfileChanges | None:
+        """Users whose kept clicks changed or were forgotten since the last call (None without profiles)."""
+        return self.user_clicks.take_changes() if self.user_clicks is not None else None
+
+    def user_clicks_log(self) -> ClickLog:
+        """Every user's kept clicks (what a full restore needs)."""
+        return self.user_clicks.export() if self.user_clicks is not None else ClickLog()
+
+    def load_user_clicks(self, user_clicks: ClickLog) -> None:
+        """Feed persisted clicks back into the semantic cache's profiles and this partition's
+        kept clicks (not marked as changed: they are persisted already)."""
+        if self.semantics is None:
+            return
+        for user_id, ts, item_id in user_clicks.clicks():
+            self.semantics.observe_click(user_id, item_id, ts)
+            if self.user_clicks is not None:
+                self.user_clicks.observe(user_id, ts, item_id)
+        if self.user_clicks is not None:
+            self.user_clicks.take_changes()
 
     @classmethod
     def restore(cls, state: PartitionState, *, semantics: SemanticLookup | None = None,
-                closed_memory: int = 100_000, profile_history: int = 0) -> "PartitionJoin":
+                closed_memory: int = 100_000, profile_history: int = 0, profile_ttl_s: float = 0.0,
+                user_clicks: ClickLog | None = None) -> "PartitionJoin":
         """Rebuild a join from :meth:`snapshot` output (window and policy come from the state).
 
-        The checkpointed clicks go back into ``semantics`` (which ignores clicks it already holds),
-        so user profiles are as they were when the checkpoint was taken; the clicks after it are
-        read again from the checkpoint's offsets.
+        ``user_clicks`` (the kept clicks, persisted apart from the snapshot) go back into
+        ``semantics`` (which ignores clicks it already holds), so user profiles are as they were
+        when the checkpoint was taken; the clicks after it are read again from the checkpoint's
+        offsets. Clicks persisted *after* the snapshot are harmless: the replay re-matches them
+        (counted once), and profiles are read as of each impression's time.
         """
         join = cls(state.partition, state.window_s, state.policy, semantics=semantics, closed_memory=closed_memory,
-                   score_sample=state.score_sample, profile_history=profile_history)
-        if semantics is not None:
-            for user_id, ts, item_id in state.user_clicks.clicks():
-                semantics.observe_click(user_id, item_id, ts)
-                if join.user_clicks is not None:
-                    join.user_clicks.observe(user_id, ts, item_id)
+                   score_sample=state.score_sample, profile_history=profile_history, profile_ttl_s=profile_ttl_s)
+        if user_clicks is not None:
+            join.load_user_clicks(user_clicks)
         join.watermark = state.watermark
         join.watermark_published = state.watermark_published
         join.clocks = [msgspec.structs.replace(c) for c in state.clocks]

@@ -15,9 +15,12 @@ Delivery, checkpoints, commits — the guarantee
 ----------------------------------------------
 At most every ``cfg.join.commit_interval_s`` (and on revoke, end of a partition and shutdown)
 the worker: (1) flushes the producer and fails loudly unless every example and dead letter was
-acknowledged; (2) writes, per partition, a checkpoint (temp file + ``os.replace``) under
-``cfg.data_dir / "join-state"`` holding the join state (with semantics, also the clicks it
-matched per user, so the cache's user profiles survive a restart), the consumed positions it
+acknowledged; (2) with semantics, writes the users' kept clicks that changed since the last
+commit to the partition's profile store (:mod:`streams.profile_store`: incremental, so the
+cache's user profiles survive a restart at a cost that follows the traffic, not the user base;
+users idle for ``semantic.user_profile_ttl_s`` are forgotten there and in the cache), then
+writes, per partition, a checkpoint (temp file + ``os.replace``) under
+``cfg.data_dir / "join-state"`` holding the join state, the consumed positions it
 reflects, a sequence number and the examples-topic offset reached; (3) commits synchronously to Kafka the
 *replay-safe* offsets — the oldest impression/click the state still holds (the consumed
 position when it holds none) — with ``seq=…;fin=…;ex=…`` as commit metadata.
@@ -73,6 +76,7 @@ from livectr.events import (
 from semantic_cache.lookup import SemanticLookup
 from semantic_cache.profiles import history_length
 from streams.join import CLICKS, IMPRESSIONS, JoinCounters, PartitionJoin, PartitionState
+from streams.profile_store import ProfileStore
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +165,12 @@ def checkpoint_path(cfg: Config, partition: int) -> Path:
     return cfg.data_dir / "join-state" / group / f"{topic}-{partition}.ckpt"
 
 
+def profile_store_path(cfg: Config, partition: int) -> Path:
+    """File of input partition ``partition``'s kept user clicks (next to its checkpoint)."""
+    ckpt = checkpoint_path(cfg, partition)
+    return ckpt.with_name(ckpt.stem + ".profiles.sqlite")
+
+
 def write_checkpoint(path: Path, ckpt: Checkpoint) -> None:
     """Atomically replace ``path`` (temp file + rename: readers see old or new, never half)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -211,6 +221,9 @@ class JoinWorker:
         self.semantics = semantics
         #: Clicks per user each partition checkpoints for the cache's profiles (as many as they keep).
         self._profile_history = history_length(cfg.semantic.user_decay) if semantics is not None else 0
+        self._profile_ttl_s = cfg.semantic.user_profile_ttl_s
+        #: Per input partition: its users' kept clicks, persisted incrementally (semantics only).
+        self.profile_stores: dict[int, ProfileStore] = {}
         self.on_status = on_status
         self.stop = stop or threading.Event()
         self.bounded = bounded
@@ -261,13 +274,18 @@ class JoinWorker:
         meta = CommitMeta.parse(imp_tp.metadata if imp_tp is not None else None)
         ckpt = read_checkpoint(checkpoint_path(self.cfg, p))
         join_cfg = self.cfg.join
+        profile_args: dict[str, Any] = {"profile_history": self._profile_history, "profile_ttl_s": self._profile_ttl_s}
+        user_clicks = None
+        if self._profile_history:
+            store = self.profile_stores[p] = ProfileStore(profile_store_path(self.cfg, p))
+            user_clicks = store.load()
         if ckpt is not None and ckpt.seq >= meta.seq:
             if (ckpt.state.window_s, ckpt.state.policy) != (join_cfg.window_s, join_cfg.policy):
                 log.warning("partition %d: checkpoint has window %.0fs/%s, config %.0fs/%s; keeping the "
                             "checkpoint's until the partition finishes", p, ckpt.state.window_s,
                             ckpt.state.policy, join_cfg.window_s, join_cfg.policy)
             join = PartitionJoin.restore(ckpt.state, semantics=self.semantics, closed_memory=join_cfg.closed_memory,
-                                         profile_history=self._profile_history)
+                                         user_clicks=user_clicks, **profile_args)
             self.positions[(IMPRESSIONS, p)] = ckpt.impressions_position
             self.positions[(CLICKS, p)] = ckpt.clicks_position
             self.seq[p] = ckpt.seq
@@ -276,7 +294,9 @@ class JoinWorker:
         else:
             join = PartitionJoin(p, join_cfg.window_s, join_cfg.policy, semantics=self.semantics,
                                  closed_memory=join_cfg.closed_memory, score_sample=join_cfg.score_sample,
-                                 profile_history=self._profile_history)
+                                 **profile_args)
+            if user_clicks is not None:
+                join.load_user_clicks(user_clicks)
             join.examples_total = meta.examples
             join.finished = meta.finished
             for src, tp in ((IMPRESSIONS, imp_tp), (CLICKS, clk_tp)):
@@ -341,6 +361,9 @@ class JoinWorker:
     def _retire(self, partitions: set[int]) -> None:
         for p in partitions:
             join = self.joins.pop(p)
+            store = self.profile_stores.pop(p, None)
+            if store is not None:
+                store.close()
             self._add_counters(self.retired, join.counters)
             for src in (IMPRESSIONS, CLICKS):
                 self.ended.discard((src, p))
@@ -516,6 +539,7 @@ class JoinWorker:
             seq = self.seq.get(p, 0) + 1
             self.seq[p] = seq
             out_partition = p % self.n_out
+            self._persist_profiles(p, join)
             write_checkpoint(checkpoint_path(self.cfg, p), Checkpoint(
                 version=CHECKPOINT_VERSION, group_id=self.cfg.join.group_id, partition=p, seq=seq,
                 impressions_position=imp_pos, clicks_position=clk_pos, out_partition=out_partition,
@@ -529,6 +553,27 @@ class JoinWorker:
                     offsets.append(TopicPartition(topic, p, offset, metadata=meta))
         if offsets:
             self.consumer.commit(offsets=offsets, asynchronous=False)
+        self._expire_cache_profiles()
+
+    def _persist_profiles(self, p: int, join: PartitionJoin) -> None:
+        """Forget idle users, then write the kept clicks that changed (before the checkpoint)."""
+        store = self.profile_stores.get(p)
+        join.expire_profiles()
+        changes = join.take_profile_changes()
+        if store is not None and changes is not None:
+            store.apply(changes)
+
+    def _expire_cache_profiles(self) -> None:
+        """Forget the cache's profiles of users idle for ``user_profile_ttl_s`` of event time.
+
+        The cut-off follows the slowest open partition: the cache serves all of them, and a
+        partition behind the others still asks for profiles as of its own (earlier) times.
+        """
+        if self.semantics is None or self._profile_ttl_s <= 0:
+            return
+        marks = [j.watermark for j in self.joins.values() if not j.finished and math.isfinite(j.watermark)]
+        if marks:
+            self.semantics.expire_users(min(marks) - self._profile_ttl_s)
 
     # --------------------------------------------------------------- status
 
@@ -647,6 +692,9 @@ class JoinWorker:
             try:
                 cons.close()
             finally:
+                for store in self.profile_stores.values():
+                    store.close()
+                self.profile_stores.clear()
                 self.producer.flush(10)
         if self.on_status is not None:
             self.on_status(summary)

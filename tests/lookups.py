@@ -23,6 +23,12 @@ class ClickSetLookup:
     def observe_click(self, user_id: str, item_id: str, ts: float) -> None:
         self.clicks.setdefault(user_id, set()).add((ts, item_id))
 
+    def expire_users(self, before: float) -> int:
+        gone = [u for u, clicks in self.clicks.items() if max(clicks)[0] < before]
+        for user_id in gone:
+            del self.clicks[user_id]
+        return len(gone)
+
     def stats(self) -> dict[str, float]:
         return {}
 

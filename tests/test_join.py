@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import tempfile
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -38,6 +40,8 @@ from streams.join import (
     decode_state,
     encode_state,
 )
+from semantic_cache.profiles import ProfileChanges
+from streams.profile_store import ProfileStore
 
 W = 600.0
 T0 = 1_700_000_000.0
@@ -623,14 +627,23 @@ def test_checkpoint_restore_round_trips(data: tuple[list, list[bool]], policy: s
                      events, advances)
 
     first = Feeder(PartitionJoin(0, WP, policy, score_sample=sample, semantics=lookup(), profile_history=history))
-    for event, adv in zip(events[:cut], advances[:cut]):
-        (first.imp if isinstance(event, Impression) else first.click)(event)
-        if adv:
-            first.advance()
-    first.drain()
-    state = first.join.snapshot()
+    with tempfile.TemporaryDirectory() as tmp:
+        # The kept clicks are persisted incrementally, as the worker does at each commit.
+        store = ProfileStore(Path(tmp) / "p0.profiles.sqlite")
+        for event, adv in zip(events[:cut], advances[:cut]):
+            (first.imp if isinstance(event, Impression) else first.click)(event)
+            if adv:
+                first.advance()
+                store.apply(first.join.take_profile_changes() or ProfileChanges({}, []))
+        first.drain()
+        state = first.join.snapshot()
+        store.apply(first.join.take_profile_changes() or ProfileChanges({}, []))
+        user_clicks = store.load()
+        store.close()
+    assert sorted(user_clicks.clicks()) == sorted(first.join.user_clicks_log().clicks())
     assert decode_state(encode_state(state)) == state
-    restored = PartitionJoin.restore(decode_state(encode_state(state)), semantics=lookup(), profile_history=history)
+    restored = PartitionJoin.restore(decode_state(encode_state(state)), semantics=lookup(), profile_history=history,
+                                     user_clicks=user_clicks)
     assert normalised(restored.snapshot()) == normalised(state)
     second = Feeder(restored)
     second.offsets = list(first.offsets)
@@ -642,3 +655,33 @@ def test_checkpoint_restore_round_trips(data: tuple[list, list[bool]], policy: s
     assert first.examples + second.examples == whole.examples
     assert first.rejected + second.rejected == whole.rejected
     assert restored.examples_total == sum(ex.kind != KIND_SCORE_REQUEST for ex in whole.examples)
+
+
+def test_idle_users_clicks_are_forgotten_at_the_watermark_minus_the_ttl() -> None:
+    join = PartitionJoin(0, W, semantics=ClickSetLookup(), profile_history=8, profile_ttl_s=100.0)
+    f = Feeder(join)
+    f.imp(imp("a", 0, user="u-old"))
+    f.click(clk("a", 1))
+    f.imp(imp("b", 50, user="u-new"))
+    f.click(clk("b", 60))
+    f.advance()
+    assert join.expire_profiles() == []  # watermark 60: cut-off −40
+    f.imp(imp("c", 150, user="u-new"))
+    f.click(clk("c", 155))
+    f.advance()  # watermark 155: cut-off 55 passes u-old's newest click (1), not u-new's (60)
+    assert join.expire_profiles() == ["u-old"]
+    changes = join.take_profile_changes()
+    assert changes is not None and changes.expired == ["u-old"] and list(changes.changed) == ["u-new"]
+    f.close()  # the partition has ended: the watermark is +inf, nothing more is forgotten
+    assert join.expire_profiles() == [] and join.user_clicks_log().users == ["u-new"]
+
+
+def test_profile_store_upserts_deletes_and_survives_reopening(tmp_path: Path) -> None:
+    path = tmp_path / "p0.profiles.sqlite"
+    store = ProfileStore(path)
+    store.apply(ProfileChanges({"u1": ([1.0, 2.0], ["a", "b"]), "u2": ([3.0], ["c"])}, []))
+    store.apply(ProfileChanges({"u1": ([4.0], ["d"])}, ["u2", "u-never"]))
+    store.close()
+    again = ProfileStore(path)
+    assert list(again.load().clicks()) == [("u1", 4.0, "d")] and len(again) == 1
+    again.close()

@@ -34,7 +34,8 @@ from livectr.events import (
 )
 from lookups import ClickSetLookup
 from streams.join import REASON_ORPHAN
-from streams.worker import checkpoint_path, read_checkpoint, run_join_worker
+from streams.profile_store import ProfileStore
+from streams.worker import checkpoint_path, profile_store_path, read_checkpoint, run_join_worker
 
 pytestmark = pytest.mark.integration
 
@@ -311,6 +312,41 @@ def test_user_profiles_survive_a_restart(kafka_config: Config) -> None:
     for ex in examples:
         before = sorted(c for c in matched.get(ex.user_id, ()) if c[0] < ex.ts)
         assert ex.user_sem == (repr(before).encode() if before else None), ex.impression_id
+
+
+def stored_users(cfg: Config, partitions: int = 2) -> set[str]:
+    """Users whose kept clicks the worker persisted, over all input partitions."""
+    users: set[str] = set()
+    for p in range(partitions):
+        store = ProfileStore(profile_store_path(cfg, p))
+        users.update(store.load().users)
+        store.close()
+    return users
+
+
+def test_idle_users_profiles_are_forgotten_by_cache_and_store(kafka_config: Config) -> None:
+    """A user idle for longer than user_profile_ttl_s (event time) leaves the cache, the
+    persisted clicks and so the restarted worker; active users stay."""
+    cfg = configure(kafka_config)
+    cfg.semantic.user_profile_ttl_s = 200.0
+    topics = cfg.topics
+    early: list[Record] = []
+    for k in range(3):  # one user who clicks in the first seconds only
+        iid, ts = f"early{k}", T0 - 10 + k
+        early.append((topics.impressions, 0, encode_event(Impression(iid, ts, "u-early", "i1"))))
+        early.append((topics.clicks, 0, encode_event(Click(iid, ts + 0.5))))
+    stream = make_stream(cfg, 0, 200)  # 400 s of event time: the watermark passes T0 + 200 + ttl
+    publish(cfg, early + stream.records)
+    first = ClickSetLookup()
+    run_until_consumed(cfg, len(early) + len(stream.records), worker_id="w-1", semantics=first)
+    kept = stored_users(cfg)
+    assert "u-early" not in first.clicks and "u-early" not in kept
+    assert {f"u{k}" for k in range(7)} <= kept and set(first.clicks) == kept
+
+    publish(cfg, make_stream(cfg, 200, 20).records, end_partitions=2)
+    restarted = ClickSetLookup()
+    run_bounded(cfg, worker_id="w-2", semantics=restarted)
+    assert "u-early" not in restarted.clicks and {f"u{k}" for k in range(7)} <= set(restarted.clicks)
 
 
 def delivered(msgs: list[Any], wanted: set[str]) -> bool:

@@ -99,3 +99,53 @@ def test_a_click_without_a_vector_yet_counts_once_the_vector_arrives() -> None:
     nothing = ClickProfiles(DIM, 0.5, {}.get)
     nothing.observe("u", 1.0, "unknown")
     assert nothing.profile("u") == (None, 1)
+
+
+def test_expire_forgets_idle_users_only() -> None:
+    h = ClickHistory(3, track_changes=True)
+    h.observe("idle", 10.0, "a")
+    h.observe("busy", 5.0, "a")
+    h.observe("busy", 50.0, "b")  # newer click: the entry at 5.0 is stale, "busy" stays
+    h.observe("late", 60.0, "a")
+    h.observe("late", 1.0, "b")  # an older click does not make the user look idle
+    assert h.expire(20.0) == ["idle"]
+    assert h.newest("idle") is None and h.newest("busy") == 50.0 and h.newest("late") == 60.0
+    assert h.expire(20.0) == []
+    changes = h.take_changes()
+    assert changes.expired == ["idle"] and set(changes.changed) == {"busy", "late"}
+    h.observe("idle", 70.0, "c")  # back after being forgotten: changed, no longer expired
+    changes = h.take_changes()
+    assert changes.expired == [] and list(changes.clicks()) == [("idle", 70.0, "c")]
+    assert h.take_changes() == ({}, [])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(
+    st.tuples(st.just("click"), st.sampled_from(["u0", "u1", "u2", "u3"]), st.integers(0, 60), st.integers(0, 4)),
+    st.tuples(st.just("expire"), st.integers(0, 80)),
+    st.just(("commit",))), max_size=80))
+def test_incremental_changes_rebuild_the_whole_history(ops: list[tuple]) -> None:
+    """Applying every take_changes() to a store (upsert changed users, delete expired ones)
+    gives exactly the full export, whatever the interleaving of clicks, expiry and commits."""
+    h = ClickHistory(3, track_changes=True)
+    store: dict[str, list[tuple[float, str]]] = {}
+
+    def commit() -> None:
+        changes = h.take_changes()
+        for user in changes.expired:
+            store.pop(user, None)
+        for user, (times, items) in changes.changed.items():
+            store[user] = list(zip(times, items))
+
+    for op in ops:
+        if op[0] == "click":
+            h.observe(op[1], float(op[2]), f"i{op[3]}")
+        elif op[0] == "expire":
+            h.expire(float(op[1]))
+        else:
+            commit()
+    commit()
+    full: dict[str, list[tuple[float, str]]] = {}
+    for user, ts, item in h.export().clicks():
+        full.setdefault(user, []).append((ts, item))
+    assert store == full

@@ -191,6 +191,13 @@ def test_client_miss_is_reported_then_filled(cfg: Config) -> None:
         while client.stats()["stale_version_records"] < 1 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert client.stats()["stale_version_records"] == 1 and client.version == "v2"
+
+        # Idle users are forgotten: "u"'s newest click is at 300.
+        client.observe_click("w", "x1", 900.0)
+        assert client.expire_users(300.0) == 0 and client.user("u") is not None
+        assert client.expire_users(301.0) == 1
+        assert client.user("u") is None and client.user("u", at=250.0) is None and client.user("w") is not None
+        assert client.stats()["users_expired"] == 1 and client.stats()["users_with_clicks"] == 1
     finally:
         client.close()
 
