@@ -42,7 +42,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message, TopicPartition
@@ -65,6 +65,18 @@ SAMPLES = 50_000
 #: summary change. Otherwise the stamp is the count of item vectors that had arrived when it was
 #: folded, and any later arrival (maybe one of its missing items) makes it stale.
 COMPLETE = -1
+
+
+class _Answer(NamedTuple):
+    """A folded user vector and what it was folded from (see ``SemanticCacheClient._valid``)."""
+
+    vector: bytes | None
+    #: COMPLETE, or the count of item vector arrivals when a fold lacked some vector.
+    stamp: int
+    #: The user's LLM summary entry when folded (compared by identity).
+    summary: tuple[np.ndarray, float] | None
+    #: The client's version epoch when folded.
+    epoch: int
 
 
 def _percentile(samples: Any, q: float) -> float:
@@ -113,10 +125,12 @@ class SemanticCacheClient:
         self._computed_at: dict[str, float] = {}
         #: Each user's current vector (every click, newest summary) and its stamp (see COMPLETE):
         #: the answer for lookups after the user's newest click, i.e. almost all of them live.
-        self._users: dict[str, tuple[bytes | None, int]] = {}
+        self._users: dict[str, _Answer] = {}
         self._profiles = ClickProfiles(self.dim, self.decay, self._items_get)
         #: Per user, answers about past times by (clicks included, summary used); see _vector_at.
-        self._past: dict[str, dict[tuple[int, bool], tuple[bytes | None, int]]] = {}
+        self._past: dict[str, dict[tuple[int, bool], _Answer]] = {}
+        #: Teacher versions switched to so far (answers folded under another are stale).
+        self._epoch = 0
         #: Item vectors that arrived for ids not held before (stamps cached user answers).
         self._arrivals = 0
         #: LLM user summaries (reduced vectors, float; the event time of the newest click each
@@ -180,16 +194,21 @@ class SemanticCacheClient:
         """
         self.user_lookups += 1
         newest = self._profiles.newest(user_id)
+        summary = self._summaries.get(user_id)
         if at is None or newest is None or at > newest:
-            summary = self._summaries.get(user_id)
             if summary is not None and at is not None and summary[1] >= at:
-                vec = self._vector_at(user_id, at)
+                vec = self._vector_at(user_id, at, summary)
             else:
                 entry = self._users.get(user_id)
-                vec = entry[0] if entry is not None and entry[1] in (COMPLETE, self._arrivals) else self._set_user(user_id)
+                # _valid(entry, summary), inlined with tuple indices: this is the join's common case.
+                if (entry is not None and entry[2] is summary and entry[3] == self._epoch
+                        and (entry[1] == COMPLETE or entry[1] == self._arrivals)):
+                    vec = entry[0]
+                else:
+                    vec = self._set_user(user_id, summary)
         else:
             self.user_lookups_in_past += 1
-            vec = self._vector_at(user_id, at)
+            vec = self._vector_at(user_id, at, summary)
         if vec is None:
             self.user_misses += 1
         return vec
@@ -239,15 +258,26 @@ class SemanticCacheClient:
             profile = summary if profile is None else _unit(_unit(profile) + summary)
         return None if profile is None else to_bytes(profile)
 
-    def _vector_at(self, user_id: str, at: float) -> bytes | None:
-        """The vector from the clicks before ``at``.
+    def _valid(self, answer: "_Answer", summary: tuple[np.ndarray, float] | None) -> bool:
+        """Whether a kept answer still holds: same teacher version, same summary, and either
+        complete or folded after the last vector arrival.
+
+        The summary and the version are compared with what the answer was folded from, not
+        trusted to have been invalidated: the background thread stores a new summary (or
+        switches version) at any moment, possibly while the join thread is folding this user,
+        and an answer stored after such an update would otherwise outlive it.
+        """
+        return (answer.summary is summary and answer.epoch == self._epoch
+                and (answer.stamp == COMPLETE or answer.stamp == self._arrivals))
+
+    def _vector_at(self, user_id: str, at: float, summary: tuple[np.ndarray, float] | None) -> bytes | None:
+        """The vector from the clicks before ``at`` (``summary``: the user's, read by the caller).
 
         Answers are kept per user and (clicks included, summary used) until the user's clicks or
         summary change (or, for a fold that lacked an item's vector, until a vector arrives): a
         replay emits a user's negatives a window after their impressions, many of them between
         the same two clicks, and folding costs ~15 µs against ~0.3 µs.
         """
-        summary = self._summaries.get(user_id)
         usable = summary is not None and summary[1] < at
         key = (self._profiles.clicks_before(user_id, at), usable)
         answers = self._past.get(user_id)
@@ -255,22 +285,28 @@ class SemanticCacheClient:
             answers = self._past[user_id] = {}
         else:
             cached = answers.get(key)
-            if cached is not None and cached[1] in (COMPLETE, self._arrivals):
-                return cached[0]
-        arrivals = self._arrivals  # read before folding: a vector arriving meanwhile makes it stale
-        fold = self._profiles.profile(user_id, at)
-        vec = self._blend(fold.vector, summary[0] if usable and summary is not None else None)
-        answers[key] = (vec, COMPLETE if fold.missing == 0 else arrivals)
-        return vec
+            if cached is not None and self._valid(cached, summary):
+                return cached.vector
+        answer = self._fold(user_id, at, summary, summary if usable else None)
+        answers[key] = answer
+        return answer.vector
 
-    def _set_user(self, user_id: str) -> bytes | None:
+    def _set_user(self, user_id: str, summary: tuple[np.ndarray, float] | None) -> bytes | None:
         """Fold, keep and return the user's current vector (every click, newest summary)."""
-        arrivals = self._arrivals
-        summary = self._summaries.get(user_id)
-        fold = self._profiles.profile(user_id)
-        vec = self._blend(fold.vector, None if summary is None else summary[0])
-        self._users[user_id] = (vec, COMPLETE if fold.missing == 0 else arrivals)
-        return vec
+        answer = self._users[user_id] = self._fold(user_id, None, summary, summary)
+        return answer.vector
+
+    def _fold(self, user_id: str, at: float | None, summary: tuple[np.ndarray, float] | None,
+              blended: tuple[np.ndarray, float] | None) -> "_Answer":
+        """Fold the clicks before ``at`` and blend in ``blended``; stamped for :meth:`_valid`.
+
+        The stamps are read *before* folding: a vector, summary or version arriving meanwhile
+        makes the answer stale rather than silently current.
+        """
+        arrivals, epoch = self._arrivals, self._epoch
+        fold = self._profiles.profile(user_id, at)
+        vec = self._blend(fold.vector, None if blended is None else blended[0])
+        return _Answer(vec, COMPLETE if fold.missing == 0 else arrivals, summary, epoch)
 
     def _items_get(self, item_id: str) -> bytes | None:
         """The item's vector without counting a lookup (profiles fold through this)."""
@@ -371,6 +407,7 @@ class SemanticCacheClient:
         self._users = {}
         self._past = {}
         self._summaries = {}
+        self._epoch += 1  # after the swap: a fold that read the new epoch used the new vectors
 
     def _report_misses(self) -> None:
         """Send missed ids not reported within ``miss_retry_s`` (and still missing)."""
@@ -437,7 +474,7 @@ class SemanticCacheClient:
             "user_miss_rate": self.user_misses / self.user_lookups if self.user_lookups else 0.0,
             "user_lookups_in_past": float(self.user_lookups_in_past),
             "vectors": float(len(self._items)),
-            "users": float(sum(1 for vec, _ in list(self._users.values()) if vec is not None)),
+            "users": float(sum(1 for answer in list(self._users.values()) if answer.vector is not None)),
             "warmed_from_store": float(self.warmed),
             "clicks_folded": float(self.clicks_folded),
             "clicks_without_vector": float(self.clicks_without_vector),

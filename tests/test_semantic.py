@@ -131,11 +131,51 @@ def test_similar_ranks_near_duplicate_first(teacher: Teacher, kafka_config: Conf
 
 # -- client against the broker ---------------------------------------------------------------------
 
-def _vector_record(item_id: str, version: str, seed: int, computed_at: float | None = None) -> tuple[bytes, bytes]:
+def _vector_record(item_id: str, version: str, seed: int, computed_at: float | None = None,
+                   kind: str = "item", source_ts: float = 0.0) -> tuple[bytes, bytes]:
     blob = np.random.default_rng(seed).integers(-127, 128, size=32, dtype=np.int8).tobytes()
     now = time.time()
-    rec = wire.SemanticVector("item", item_id, version, blob, computed_at or now, 0.0, now - 0.5)
-    return wire.vector_key("item", item_id), wire.encode(rec)
+    rec = wire.SemanticVector(kind, item_id, version, blob, computed_at or now, source_ts, now - 0.5)
+    return wire.vector_key(kind, item_id), wire.encode(rec)
+
+
+@pytest.mark.integration
+def test_a_summary_or_version_arriving_during_a_fold_is_not_lost(cfg: Config) -> None:
+    """The background thread may store a user's summary (or switch version) while the join
+    thread folds that user; the answer folded from the older state must not be kept as current."""
+    client = SemanticCacheClient(cfg, warm_from_store=False, catchup_s=2.0)
+    try:
+        _produce(cfg, cfg.topics.semantic, [_vector_record("x1", "v1", 1)])
+        assert client.wait_for(["x1"], 15)
+        client.observe_click("u", "x1", 100.0)
+        fold = client._profiles.profile
+        arrive: list[tuple[bytes, bytes]] = []
+
+        def fold_while_a_record_arrives(user_id: str, at: float | None = None) -> Any:
+            out = fold(user_id, at)
+            if arrive:  # the record lands between this fold and the answer being stored
+                before = client.records
+                _produce(cfg, cfg.topics.semantic, [arrive.pop()])
+                deadline = time.monotonic() + 15
+                while client.records == before and time.monotonic() < deadline:
+                    time.sleep(0.01)
+            return out
+
+        client._profiles.profile = fold_while_a_record_arrives  # type: ignore[method-assign]
+        plain = client.user("u")
+        client.observe_click("u", "x1", 200.0)  # the same item again: the same vector, folded anew
+        arrive.append(_vector_record("u", "v1", 7, kind="user", source_ts=200.0))
+        assert client.user("u") == plain  # folded before the summary was there
+        blended = client.user("u")
+        assert blended not in (None, plain), "the summary that arrived during the fold counts now"
+
+        client.observe_click("v", "x1", 300.0)  # a user without a summary
+        arrive.append(_vector_record("x1", "v2", 9, computed_at=time.time() + 5))
+        stale = client.user("v")  # folded from v1 vectors while v2 replaced them
+        assert client.version == "v2" and stale is not None
+        assert client.user("v") not in (None, stale), "after the switch, the v2 vector, not the v1 answer"
+    finally:
+        client.close()
 
 
 @pytest.mark.integration
