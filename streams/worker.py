@@ -277,6 +277,9 @@ class JoinWorker:
         profile_args: dict[str, Any] = {"profile_history": self._profile_history, "profile_ttl_s": self._profile_ttl_s}
         user_clicks = None
         if self._profile_history:
+            previous = self.profile_stores.pop(p, None)
+            if previous is not None:
+                previous.close()
             store = self.profile_stores[p] = ProfileStore(profile_store_path(self.cfg, p))
             user_clicks = store.load()
         if ckpt is not None and ckpt.seq >= meta.seq:
