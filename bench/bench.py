@@ -53,6 +53,7 @@ from livectr.events import (KIND_FAKE_NEGATIVE, KIND_POSITIVE_COPY, KIND_SCORE_R
 from simulators.publish import publish  # noqa: E402
 from simulators.sources import open_source  # noqa: E402
 from streams.bench import ceiling  # noqa: E402
+from streams.join import request_threshold, requested  # noqa: E402
 from streams.worker import run_join_worker  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -203,6 +204,9 @@ def livectr_serving(cfg: Config, examples: list[Example], fake_negative: bool, s
                     ) -> dict[str, float]:
     """Serving AUCs of the student on :func:`serving_schedule` (scores taken before any later label trains).
 
+    As live, under ``wait`` the impressions the join would sample (``join.score_sample``, same
+    hash) are scored as score requests, whose labelled outcomes the learner uses (its bias
+    corrector's mix is fitted to them); every impression's score counts in the AUC.
     ``examples`` must be in impression order (the cold-start masks are cut in that order).
     """
     cfg = copy.deepcopy(cfg)
@@ -210,22 +214,33 @@ def livectr_serving(cfg: Config, examples: list[Example], fake_negative: bool, s
     if not semantics:
         examples = [msgspec.structs.replace(ex, item_sem=None, user_sem=None) for ex in examples]
     learner = OnlineLearner(cfg)
+    below = 0 if fake_negative else request_threshold(cfg.join.score_sample)
+    is_request = [below > 0 and requested(ex.impression_id, below) for ex in examples]
     scores = np.zeros(len(examples))
     pending: list[int] = []
     batch: list[Example] = []
+
+    def score_pending() -> None:
+        """Score the impressions waiting, before the model changes: it has seen only labels decided before them."""
+        requests = [k for k in pending if is_request[k]]
+        others = [k for k in pending if not is_request[k]]
+        if requests:
+            scores[requests] = learner.score_requests(
+                [msgspec.structs.replace(examples[k], kind=KIND_SCORE_REQUEST) for k in requests])
+        if others:
+            scores[others] = learner.predict_batch([examples[k] for k in others])
+        pending.clear()
+
     for _, what, k, ex in serving_schedule(examples, cfg.join.window_s, fake_negative):
         if what == 0:
             pending.append(k)
             continue
         batch.append(ex)
         if len(batch) >= cfg.learner.batch_size:
-            if pending:  # before the model changes: it has seen only labels decided before them
-                scores[pending] = learner.predict_batch([examples[i] for i in pending])
-                pending = []
+            score_pending()
             learner.learn_batch(batch)
             batch = []
-    if pending:
-        scores[pending] = learner.predict_batch([examples[i] for i in pending])
+    score_pending()
     return _aucs(np.asarray([ex.label for ex in examples]), scores, examples)
 
 

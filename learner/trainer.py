@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from learner.corrector import BiasCorrector
 from learner.features import EncodedBatch, Featurizer
 from learner.metrics import DelayedLabelEvaluator, LearnerMetrics, ServingEvaluator
 from learner.model import ModelConfig, ModelInputs, StudentCTR
@@ -68,6 +69,10 @@ def cosine_distill_loss(pred: torch.Tensor, teacher: torch.Tensor, present: torc
     return ((1 - cos) * mask).sum() / mask.sum().clamp(min=1.0)
 
 
+def _sigmoid(logits: np.ndarray) -> np.ndarray:
+    return (1.0 / (1.0 + np.exp(-np.clip(logits, -30.0, 30.0)))).astype(np.float32)
+
+
 @dataclass
 class LearnerState:
     """Everything needed to resume a learner or serve its model (what a snapshot stores)."""
@@ -111,6 +116,8 @@ class OnlineLearner:
                                        initial_accumulator=lc.embedding_init_accumulator,
                                        wide_prior=lc.wide_prior, wide_lr=lc.wide_lr)
         self.dense_opt = torch.optim.Adam(self.model.dense_parameters(), lr=lc.lr, fused=True)
+        self.corrector = (BiasCorrector(lc.corrector_step, lc.corrector_prior, lc.corrector_mix_lr)
+                          if lc.corrector else None)
         self.metrics = LearnerMetrics()
         self.delayed = DelayedLabelEvaluator(cfg.join.window_s)
         self.serving_eval = ServingEvaluator()
@@ -135,11 +142,19 @@ class OnlineLearner:
         """
         if not records:
             return np.zeros(0, dtype=np.float32)
+        batch, logits = self._student_logits(records)
+        if self.corrector is not None:
+            logits = self.corrector.correct(batch.user, batch.item, logits)
+        return _sigmoid(logits)
+
+    @torch.no_grad()
+    def _student_logits(self, records: Sequence[Any]) -> tuple[EncodedBatch, np.ndarray]:
+        """The student's own logits (before the bias corrector) for Examples or Impressions."""
         labelled = isinstance(records[0], Example)
         batch = self.featurizer.encode(records, grow=False, labelled=labelled)
         self.model.eval()
         out = self.model(batch.to_inputs(self.device), train=False)
-        return torch.sigmoid(out.logit).cpu().numpy()
+        return batch, out.logit.double().cpu().numpy()
 
     def predict_one(self, record: Any) -> float:
         return float(self.predict_batch([record])[0])
@@ -150,8 +165,15 @@ class OnlineLearner:
         Not trained on: the scores wait in :attr:`serving_eval` for the final examples of the
         same impressions (see :class:`learner.metrics.ServingEvaluator`).
         """
-        probs = self.predict_batch(requests)
-        self.serving_eval.scored([ex.impression_id for ex in requests], probs)
+        if not requests:
+            return np.zeros(0, dtype=np.float32)
+        ids = [ex.impression_id for ex in requests]
+        batch, logits = self._student_logits(requests)
+        if self.corrector is not None:
+            self.corrector.scored(ids, batch.user, batch.item, logits)
+            logits = self.corrector.correct(batch.user, batch.item, logits)
+        probs = _sigmoid(logits)
+        self.serving_eval.scored(ids, probs)
         return probs
 
     # -- learning ---------------------------------------------------------------------------
@@ -201,9 +223,14 @@ class OnlineLearner:
         loss.backward()
         self.sparse_opt.step((weights * p * (1 - p)).detach(), loss_scale=len(examples))
         self.dense_opt.step()
+        if self.corrector is not None:
+            mixed = self.corrector.learn(batch.user, batch.item, logit.detach().double().cpu().numpy(), batch.labels,
+                                         weights.detach().double().cpu().numpy())
+            probs = _sigmoid(mixed)
+        else:
+            probs = p.detach().cpu().numpy()
         finished = time.time()
 
-        probs = p.detach().cpu().numpy()
         self._record(batch, probs, finished, distill_value, gate_used, examples)
         self._index_vectors(batch, examples)
         return {"predictions": probs, "loss": float(loss.detach()), "ctr_loss": float(ctr_loss.detach()),
@@ -247,6 +274,8 @@ class OnlineLearner:
         if (batch.kinds == KIND_FINAL).all():
             self.metrics.update(probs, batch.labels, cold)
             self.serving_eval.labelled(self.metrics, examples, batch.labels)
+            if self.corrector is not None:
+                self.corrector.serving_labelled([ex.impression_id for ex in examples], batch.labels)
         else:
             self.delayed.observe(self.metrics, [ex.impression_id for ex in examples],
                                  np.fromiter((ex.ts for ex in examples), np.float64, len(examples)),
@@ -363,6 +392,8 @@ class OnlineLearner:
                    "item_capacity": self.model.item_emb.num_embeddings}
         arrays = {"user_counts": self.featurizer.users.counts.copy(), "item_counts": self.featurizer.items.counts.copy()}
         arrays.update({f"metrics.{k}": np.asarray(v).copy() for k, v in self.metrics.state().items()})
+        if self.corrector is not None:
+            arrays.update({f"corrector.{k}": v for k, v in self.corrector.state().items()})
         index_ids = list(self._indexed_ids)
         if self.index is not None and index_ids:
             arrays["index.vectors"] = np.stack([self.index.vector(i) for i in index_ids]).astype(np.float32)
@@ -374,6 +405,9 @@ class OnlineLearner:
         self.model.load_state_dict({k: v.to(self.device) for k, v in state.tensors.items()})
         self.examples_seen = int(state.meta.get("examples_seen", 0))
         self.items_cold_started = int(state.meta.get("items_cold_started", 0))
+        corrector = {k.split(".", 1)[1]: v for k, v in state.arrays.items() if k.startswith("corrector.")}
+        if self.corrector is not None and corrector:
+            self.corrector.load(corrector)
         if self.serving:
             return
         self.sparse_opt.load({key.split("/")[1]: t for key, t in state.optimizer.items()

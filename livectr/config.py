@@ -151,6 +151,12 @@ class LearnerConfig:
     #: Score each example with the first-order updates of earlier examples of its user and item in
     #: the same mini-batch, as a per-example learner would (RowOptimizer.in_batch_wide_shift).
     in_batch_wide: bool = True
+    #: Per-example residual corrector of user and item biases beside the student, mixed in by a
+    #: learned weight (learner.corrector): Newton step multiplier, prior precision, mixing rate.
+    corrector: bool = True
+    corrector_step: float = 2.0
+    corrector_prior: float = 2.5
+    corrector_mix_lr: float = 0.01
     #: Examples shuffled together before mini-batches are cut (breaks label clumps; see learner.loop).
     shuffle_buffer: int = 4096
     #: Context fields that get their own embedding slot (first seen, first served; extra fields are

@@ -128,6 +128,17 @@ REASON_DUPLICATE_IMPRESSION: Final[str] = "duplicate impression id"
 _INF: Final[float] = math.inf
 
 
+def request_threshold(score_sample: float) -> int:
+    """Hash threshold below which an impression is sent as a score request (see :func:`requested`)."""
+    return int(min(max(score_sample, 0.0), 1.0) * 2**32)
+
+
+def requested(impression_id: str, below: int) -> bool:
+    """Whether the join samples this impression as a score request: a stable hash, so the same
+    impressions are sampled after a restart and by anyone replaying the stream (the bench)."""
+    return zlib.crc32(impression_id.encode()) < below
+
+
 class Rejection(msgspec.Struct, frozen=True):
     """A record the join refuses, for the dead-letter topic (original bytes kept)."""
 
@@ -242,7 +253,7 @@ class PartitionJoin:
         self._ready_info: dict[str, tuple[float, float]] = {}
         #: Score requests (see "Score requests" above): heap of (impression ts, impression id).
         self.score_sample = score_sample if policy == POLICY_WAIT else 0.0
-        self._sample_below = int(min(max(self.score_sample, 0.0), 1.0) * 2**32)
+        self._sample_below = request_threshold(self.score_sample)
         self._requests: list[tuple[float, str]] = []
         self.orphans: dict[str, OrphanClick] = {}
         self._orphan_heap: list[tuple[float, int, str]] = []
@@ -272,7 +283,7 @@ class PartitionJoin:
             self.rejected.append(Rejection(REASON_DUPLICATE_IMPRESSION, raw, IMPRESSIONS, offset, iid))
             return
         self.pending[iid] = imp
-        if self._sample_below and zlib.crc32(iid.encode()) < self._sample_below:
+        if self._sample_below and requested(iid, self._sample_below):
             heapq.heappush(self._requests, (ts, iid))
         if ts >= self._last_queued_ts:
             self._queue.append(imp)

@@ -11,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from learner.corrector import BiasCorrector
 from learner.features import Featurizer
 from learner.metrics import HistogramAUC, LearnerMetrics, LogQuantiles, WindowAUC, exact_auc
 from learner.model import ModelConfig, StudentCTR
@@ -154,9 +155,10 @@ def test_learns_user_item_signal(semantic: bool) -> None:
 
 
 def warm_learner() -> tuple[Config, OnlineLearner, ToyWorld]:
-    """An id-only learner (no in-batch replay, so scores are the plain model's) after one batch."""
+    """An id-only learner (no in-batch replay nor bias corrector, so scores are the plain model's) after one batch."""
     cfg = make_cfg(False)
     cfg.learner.in_batch_wide = False
+    cfg.learner.corrector = False
     learner = OnlineLearner(cfg)
     world = ToyWorld(users=30, items=20)
     learner.learn_batch(world.examples(256))
@@ -175,12 +177,14 @@ def test_learn_batch_returns_pre_update_predictions() -> None:
 def test_in_batch_shift_only_moves_repeat_ids_and_uses_only_earlier_labels() -> None:
     """With the in-batch first-order replay, an example whose user and item are new to the batch
     keeps its pre-update score; the others move; and no score depends on a later label."""
-    learner = OnlineLearner(make_cfg(False))
+    cfg = make_cfg(False)
+    cfg.learner.corrector = False  # its mixing weight moves within the batch; tested below
+    learner = OnlineLearner(cfg)
     world = ToyWorld(users=30, items=20)
     learner.learn_batch(world.examples(256))
     batch = world.examples(256)
     before = learner.predict_batch(batch)
-    twin = OnlineLearner(make_cfg(False), state=learner.state())
+    twin = OnlineLearner(cfg, state=learner.state())
     out = learner.learn_batch(batch)["predictions"]
     users, items = [e.user_id for e in batch], [e.item_id for e in batch]
     fresh = np.array([users.index(u) == k and items.index(i) == k for k, (u, i) in enumerate(zip(users, items))])
@@ -189,6 +193,23 @@ def test_in_batch_shift_only_moves_repeat_ids_and_uses_only_earlier_labels() -> 
     # Flip every label from position 100 on: the first 100 scores must not change.
     flipped = [msgspec.structs.replace(e, label=1 - e.label) if k >= 100 else e for k, e in enumerate(batch)]
     np.testing.assert_allclose(twin.learn_batch(flipped)["predictions"][:100], out[:100], rtol=1e-5, atol=1e-6)
+
+
+def test_bias_corrector_scores_use_only_earlier_labels_and_survive_a_snapshot() -> None:
+    """With the corrector (and the in-batch replay) on, flipping later labels moves no earlier
+    score, and a learner restored from a snapshot serves what the original serves."""
+    learner = OnlineLearner(make_cfg(False))
+    world = ToyWorld(users=30, items=20, seed=3)
+    for _ in range(3):
+        learner.learn_batch(world.examples(256))
+    assert learner.corrector is not None and learner.corrector.mix > 0
+    batch = world.examples(256)
+    twin = OnlineLearner(make_cfg(False), state=learner.state())
+    server = OnlineLearner(make_cfg(False), state=learner.state(), serving=True)
+    np.testing.assert_allclose(server.predict_batch(batch), learner.predict_batch(batch), rtol=1e-6)
+    out = learner.learn_batch(batch)["predictions"]
+    flipped = [msgspec.structs.replace(e, label=1 - e.label) if k >= 100 else e for k, e in enumerate(batch)]
+    np.testing.assert_allclose(twin.learn_batch(flipped)["predictions"][:100], out[:100], rtol=1e-6, atol=1e-7)
 
 
 @given(st.lists(st.tuples(st.floats(0, 1), st.integers(0, 1), st.sampled_from([KIND_FINAL, KIND_FAKE_NEGATIVE,
@@ -209,7 +230,9 @@ def test_fake_negative_weighting_changes_the_update() -> None:
     data = world.examples(256)
     fn = [Example(**{**{f: getattr(e, f) for f in e.__struct_fields__}, "kind": KIND_FAKE_NEGATIVE}) for e in data]
     cfg = make_cfg(False)
-    cfg.learner.in_batch_wide = False  # scores then depend on the (weighted) residuals of earlier examples
+    # Both would make scores depend on the (weighted) residuals of earlier examples.
+    cfg.learner.in_batch_wide = False
+    cfg.learner.corrector = False
     a, b = OnlineLearner(cfg), OnlineLearner(cfg)
     b.model.load_state_dict(a.model.state_dict())
     ra, rb = a.learn_batch(data), b.learn_batch(fn)
@@ -363,3 +386,65 @@ def test_cold_start_mask_counts_impressions_not_positive_copies() -> None:
     m = LearnerMetrics()
     m.update(np.array([0.9, 0.1, 0.8, 0.2]), np.array([1, 0, 1, 0]), np.array([True, True, False, False]))
     assert m.summary()["cold_start_auc"] == 1.0 and m.summary()["cold_start_examples"] == 2
+
+
+# -- bias corrector -------------------------------------------------------------------------
+
+
+def _bernoulli_stream(rng: np.random.Generator, rates: np.ndarray) -> np.ndarray:
+    return (rng.random(len(rates)) < rates).astype(np.float32)
+
+
+def test_bias_corrector_is_trusted_where_biases_drift_and_not_where_the_student_is_right() -> None:
+    rng = np.random.default_rng(0)
+    n, users = 20_000, 20
+    u = rng.integers(1, users + 1, n)
+    i = rng.integers(1, 50, n)
+    # Drift: each user's click rate jumps between 0.1 and 0.6 every 200 of their examples; the
+    # student's logit stays at the long-run mean, so the fast residual is worth trusting.
+    phase = np.zeros(users + 1, dtype=int)
+    rates = np.empty(n)
+    for k, user in enumerate(u):
+        phase[user] += 1
+        rates[k] = 0.6 if (phase[user] // 200) % 2 else 0.1
+    y = _bernoulli_stream(rng, rates)
+    z = np.full(n, np.log(0.35 / 0.65))
+    drift = BiasCorrector()
+    mixed = np.concatenate([drift.learn(u[k:k + 500], i[k:k + 500], z[k:k + 500], y[k:k + 500], np.ones(500))
+                            for k in range(0, n, 500)])
+    assert drift.mix > 0.5
+    assert logloss(y, 1 / (1 + np.exp(-mixed))) < logloss(y, 1 / (1 + np.exp(-z))) - 0.02
+
+    # Stationary and the student already exact: the residual is noise and is kept out.
+    rates = rng.uniform(0.05, 0.5, n)
+    y = _bernoulli_stream(rng, rates)
+    right = BiasCorrector()
+    for k in range(0, n, 500):
+        right.learn(u[k:k + 500], i[k:k + 500], np.log(rates[k:k + 500] / (1 - rates[k:k + 500])), y[k:k + 500],
+                    np.ones(500))
+    assert right.mix < 0.2
+
+
+def test_bias_corrector_mix_follows_serving_outcomes_once_they_arrive() -> None:
+    c = BiasCorrector(mix_lr=0.05)
+    users, items = np.array([1, 1, 1, 1]), np.array([1, 2, 3, 4])
+    c.learn(users, items, np.zeros(4), np.ones(4, dtype=np.float32), np.ones(4))
+    assert c.user_w[1] > 0 and c.mix > 0 and c.serving_feedback == 0
+    # Served at a positive correction, labelled 0: the serving loss pulls the mix down ...
+    c.scored(["r1", "r2"], np.array([1, 1]), np.array([1, 2]), np.zeros(2))
+    before = c.mix
+    c.serving_labelled(["r1", "r2", "unknown"], np.zeros(3, dtype=np.float32))
+    assert c.serving_feedback == 2 and c.mix < before
+    # ... and from now on the training stream no longer moves it.
+    after = c.mix
+    c.learn(users, items, np.zeros(4), np.ones(4, dtype=np.float32), np.ones(4))
+    assert c.mix == after
+    restored = BiasCorrector()
+    restored.load(c.state())
+    assert restored.mix == c.mix and restored.serving_feedback == 2
+    np.testing.assert_array_equal(restored.correct(users, items, np.zeros(4)), c.correct(users, items, np.zeros(4)))
+
+
+def logloss(y: np.ndarray, p: np.ndarray) -> float:
+    p = np.clip(p, 1e-7, 1 - 1e-7)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
