@@ -205,8 +205,8 @@ def livectr_serving(cfg: Config, examples: list[Example], fake_negative: bool, s
     """Serving AUCs of the student on :func:`serving_schedule` (scores taken before any later label trains).
 
     As live, under ``wait`` the impressions the join would sample (``join.score_sample``, same
-    hash) are scored as score requests, whose labelled outcomes the learner uses (its bias
-    corrector's mix is fitted to them); every impression's score counts in the AUC.
+    hash) are scored as score requests, whose labelled outcomes the learner uses (its fast
+    experts' mix is fitted to them); every impression's score counts in the AUC.
     ``examples`` must be in impression order (the cold-start masks are cut in that order).
     """
     cfg = copy.deepcopy(cfg)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from learner.corrector import BiasCorrector
+from learner.experts import FastExperts
 from learner.features import EncodedBatch, Featurizer
 from learner.metrics import DelayedLabelEvaluator, LearnerMetrics, ServingEvaluator
 from learner.model import ModelConfig, ModelInputs, StudentCTR
@@ -116,8 +116,8 @@ class OnlineLearner:
                                        initial_accumulator=lc.embedding_init_accumulator,
                                        wide_prior=lc.wide_prior, wide_lr=lc.wide_lr)
         self.dense_opt = torch.optim.Adam(self.model.dense_parameters(), lr=lc.lr, fused=True)
-        self.corrector = (BiasCorrector(lc.corrector_step, lc.corrector_prior, lc.corrector_mix_lr)
-                          if lc.corrector else None)
+        self.experts = (FastExperts(mc.sem_dim, lc.bias_expert_step, lc.bias_expert_prior, lc.taste_expert_step,
+                                    lc.taste_expert_prior, lc.expert_mix_lr) if lc.fast_experts else None)
         self.metrics = LearnerMetrics()
         self.delayed = DelayedLabelEvaluator(cfg.join.window_s)
         self.serving_eval = ServingEvaluator()
@@ -142,19 +142,32 @@ class OnlineLearner:
         """
         if not records:
             return np.zeros(0, dtype=np.float32)
-        batch, logits = self._student_logits(records)
-        if self.corrector is not None:
-            logits = self.corrector.correct(batch.user, batch.item, logits)
+        batch, logits, vectors = self._student_logits(records)
+        if self.experts is not None:
+            logits = self.experts.correct(batch.user, batch.item, vectors, logits)
         return _sigmoid(logits)
 
     @torch.no_grad()
-    def _student_logits(self, records: Sequence[Any]) -> tuple[EncodedBatch, np.ndarray]:
-        """The student's own logits (before the bias corrector) for Examples or Impressions."""
+    def _student_logits(self, records: Sequence[Any]) -> tuple[EncodedBatch, np.ndarray, np.ndarray | None]:
+        """The student's own logits (before the fast experts) for Examples or Impressions, and
+        the item vectors the taste expert reads."""
         labelled = isinstance(records[0], Example)
         batch = self.featurizer.encode(records, grow=False, labelled=labelled)
         self.model.eval()
-        out = self.model(batch.to_inputs(self.device), train=False)
-        return batch, out.logit.double().cpu().numpy()
+        inp = batch.to_inputs(self.device)
+        out = self.model(inp, train=False)
+        return batch, out.logit.double().cpu().numpy(), self._item_vectors(inp, None)
+
+    @torch.no_grad()
+    def _item_vectors(self, inp: ModelInputs, item_hat: torch.Tensor | None) -> np.ndarray | None:
+        """Unit item vectors for the taste expert: the teacher's where the example carries one,
+        else the student's distilled prediction (what serving has); None without semantics."""
+        if self.experts is None or not self.semantic:
+            return None
+        if item_hat is None:
+            item_hat = self.model.semantic.item_head(self.model.item_emb(inp.item)[:, : self.model.mc.embedding_dim])
+        vec = torch.where(inp.item_sem_mask.unsqueeze(1), F.normalize(inp.item_sem, dim=1), F.normalize(item_hat, dim=1))
+        return vec.double().cpu().numpy()
 
     def predict_one(self, record: Any) -> float:
         return float(self.predict_batch([record])[0])
@@ -168,10 +181,10 @@ class OnlineLearner:
         if not requests:
             return np.zeros(0, dtype=np.float32)
         ids = [ex.impression_id for ex in requests]
-        batch, logits = self._student_logits(requests)
-        if self.corrector is not None:
-            self.corrector.scored(ids, batch.user, batch.item, logits)
-            logits = self.corrector.correct(batch.user, batch.item, logits)
+        batch, logits, vectors = self._student_logits(requests)
+        if self.experts is not None:
+            self.experts.scored(ids, batch.user, batch.item, vectors, logits)
+            logits = self.experts.correct(batch.user, batch.item, vectors, logits)
         probs = _sigmoid(logits)
         self.serving_eval.scored(ids, probs)
         return probs
@@ -223,9 +236,10 @@ class OnlineLearner:
         loss.backward()
         self.sparse_opt.step((weights * p * (1 - p)).detach(), loss_scale=len(examples))
         self.dense_opt.step()
-        if self.corrector is not None:
-            mixed = self.corrector.learn(batch.user, batch.item, logit.detach().double().cpu().numpy(), batch.labels,
-                                         weights.detach().double().cpu().numpy())
+        if self.experts is not None:
+            mixed = self.experts.learn(batch.user, batch.item, self._item_vectors(inp, out.item_hat),
+                                       logit.detach().double().cpu().numpy(), batch.labels,
+                                       weights.detach().double().cpu().numpy())
             probs = _sigmoid(mixed)
         else:
             probs = p.detach().cpu().numpy()
@@ -274,8 +288,8 @@ class OnlineLearner:
         if (batch.kinds == KIND_FINAL).all():
             self.metrics.update(probs, batch.labels, cold)
             self.serving_eval.labelled(self.metrics, examples, batch.labels)
-            if self.corrector is not None:
-                self.corrector.serving_labelled([ex.impression_id for ex in examples], batch.labels)
+            if self.experts is not None:
+                self.experts.serving_labelled([ex.impression_id for ex in examples], batch.labels)
         else:
             self.delayed.observe(self.metrics, [ex.impression_id for ex in examples],
                                  np.fromiter((ex.ts for ex in examples), np.float64, len(examples)),
@@ -392,8 +406,8 @@ class OnlineLearner:
                    "item_capacity": self.model.item_emb.num_embeddings}
         arrays = {"user_counts": self.featurizer.users.counts.copy(), "item_counts": self.featurizer.items.counts.copy()}
         arrays.update({f"metrics.{k}": np.asarray(v).copy() for k, v in self.metrics.state().items()})
-        if self.corrector is not None:
-            arrays.update({f"corrector.{k}": v for k, v in self.corrector.state().items()})
+        if self.experts is not None:
+            arrays.update({f"experts.{k}": v for k, v in self.experts.state().items()})
         index_ids = list(self._indexed_ids)
         if self.index is not None and index_ids:
             arrays["index.vectors"] = np.stack([self.index.vector(i) for i in index_ids]).astype(np.float32)
@@ -405,9 +419,9 @@ class OnlineLearner:
         self.model.load_state_dict({k: v.to(self.device) for k, v in state.tensors.items()})
         self.examples_seen = int(state.meta.get("examples_seen", 0))
         self.items_cold_started = int(state.meta.get("items_cold_started", 0))
-        corrector = {k.split(".", 1)[1]: v for k, v in state.arrays.items() if k.startswith("corrector.")}
-        if self.corrector is not None and corrector:
-            self.corrector.load(corrector)
+        experts = {k.split(".", 1)[1]: v for k, v in state.arrays.items() if k.startswith("experts.")}
+        if self.experts is not None and experts:
+            self.experts.load(experts)
         if self.serving:
             return
         self.sparse_opt.load({key.split("/")[1]: t for key, t in state.optimizer.items()

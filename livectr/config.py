@@ -151,12 +151,15 @@ class LearnerConfig:
     #: Score each example with the first-order updates of earlier examples of its user and item in
     #: the same mini-batch, as a per-example learner would (RowOptimizer.in_batch_wide_shift).
     in_batch_wide: bool = True
-    #: Per-example residual corrector of user and item biases beside the student, mixed in by a
-    #: learned weight (learner.corrector): Newton step multiplier, prior precision, mixing rate.
-    corrector: bool = True
-    corrector_step: float = 2.0
-    corrector_prior: float = 2.5
-    corrector_mix_lr: float = 0.01
+    #: Fast per-example experts beside the student, mixed in by learned weights (learner.experts):
+    #: user and item biases (online Newton step multiplier, prior precision) and, with
+    #: semantics, each user's taste over the item's teacher vector; the mixing weights' rate.
+    fast_experts: bool = True
+    bias_expert_step: float = 2.0
+    bias_expert_prior: float = 2.5
+    taste_expert_step: float = 1.5
+    taste_expert_prior: float = 2.0
+    expert_mix_lr: float = 0.01
     #: Examples shuffled together before mini-batches are cut (breaks label clumps; see learner.loop).
     shuffle_buffer: int = 4096
     #: Context fields that get their own embedding slot (first seen, first served; extra fields are

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from learner.corrector import BiasCorrector
+from learner.experts import FastExperts
 from learner.features import Featurizer
 from learner.metrics import HistogramAUC, LearnerMetrics, LogQuantiles, WindowAUC, exact_auc
 from learner.model import ModelConfig, StudentCTR
@@ -155,10 +155,10 @@ def test_learns_user_item_signal(semantic: bool) -> None:
 
 
 def warm_learner() -> tuple[Config, OnlineLearner, ToyWorld]:
-    """An id-only learner (no in-batch replay nor bias corrector, so scores are the plain model's) after one batch."""
+    """An id-only learner (no in-batch replay nor fast experts, so scores are the plain model's) after one batch."""
     cfg = make_cfg(False)
     cfg.learner.in_batch_wide = False
-    cfg.learner.corrector = False
+    cfg.learner.fast_experts = False
     learner = OnlineLearner(cfg)
     world = ToyWorld(users=30, items=20)
     learner.learn_batch(world.examples(256))
@@ -178,7 +178,7 @@ def test_in_batch_shift_only_moves_repeat_ids_and_uses_only_earlier_labels() -> 
     """With the in-batch first-order replay, an example whose user and item are new to the batch
     keeps its pre-update score; the others move; and no score depends on a later label."""
     cfg = make_cfg(False)
-    cfg.learner.corrector = False  # its mixing weight moves within the batch; tested below
+    cfg.learner.fast_experts = False  # tested below
     learner = OnlineLearner(cfg)
     world = ToyWorld(users=30, items=20)
     learner.learn_batch(world.examples(256))
@@ -195,20 +195,25 @@ def test_in_batch_shift_only_moves_repeat_ids_and_uses_only_earlier_labels() -> 
     np.testing.assert_allclose(twin.learn_batch(flipped)["predictions"][:100], out[:100], rtol=1e-5, atol=1e-6)
 
 
-def test_bias_corrector_scores_use_only_earlier_labels_and_survive_a_snapshot() -> None:
-    """With the corrector (and the in-batch replay) on, flipping later labels moves no earlier
+@pytest.mark.parametrize("semantic", [False, True])
+def test_fast_experts_scores_use_only_earlier_labels_and_survive_a_snapshot(semantic: bool) -> None:
+    """With the fast experts (and the in-batch replay) on, flipping later labels moves no earlier
     score, and a learner restored from a snapshot serves what the original serves."""
-    learner = OnlineLearner(make_cfg(False))
-    world = ToyWorld(users=30, items=20, seed=3)
+    learner = OnlineLearner(make_cfg(semantic))
+    world = ToyWorld(users=30, items=20, seed=3, sem_dim=32 if semantic else 0)
     for _ in range(3):
         learner.learn_batch(world.examples(256))
-    assert learner.corrector is not None and learner.corrector.mix > 0
+    experts = learner.experts
+    assert experts is not None and experts.user_w.any() and experts.taste_w.any() == semantic
+    experts.mix = experts.mix_taste = 0.5  # whatever the stream chose, the experts must count here
     batch = world.examples(256)
-    twin = OnlineLearner(make_cfg(False), state=learner.state())
-    server = OnlineLearner(make_cfg(False), state=learner.state(), serving=True)
+    twin = OnlineLearner(make_cfg(semantic), state=learner.state())
+    server = OnlineLearner(make_cfg(semantic), state=learner.state(), serving=True)
     np.testing.assert_allclose(server.predict_batch(batch), learner.predict_batch(batch), rtol=1e-6)
+    torch.manual_seed(11)  # the gate samples from torch's global generator: the same draws for both
     out = learner.learn_batch(batch)["predictions"]
     flipped = [msgspec.structs.replace(e, label=1 - e.label) if k >= 100 else e for k, e in enumerate(batch)]
+    torch.manual_seed(11)
     np.testing.assert_allclose(twin.learn_batch(flipped)["predictions"][:100], out[:100], rtol=1e-6, atol=1e-7)
 
 
@@ -232,7 +237,7 @@ def test_fake_negative_weighting_changes_the_update() -> None:
     cfg = make_cfg(False)
     # Both would make scores depend on the (weighted) residuals of earlier examples.
     cfg.learner.in_batch_wide = False
-    cfg.learner.corrector = False
+    cfg.learner.fast_experts = False
     a, b = OnlineLearner(cfg), OnlineLearner(cfg)
     b.model.load_state_dict(a.model.state_dict())
     ra, rb = a.learn_batch(data), b.learn_batch(fn)
@@ -388,14 +393,21 @@ def test_cold_start_mask_counts_impressions_not_positive_copies() -> None:
     assert m.summary()["cold_start_auc"] == 1.0 and m.summary()["cold_start_examples"] == 2
 
 
-# -- bias corrector -------------------------------------------------------------------------
+# -- fast experts ---------------------------------------------------------------------------
 
 
 def _bernoulli_stream(rng: np.random.Generator, rates: np.ndarray) -> np.ndarray:
     return (rng.random(len(rates)) < rates).astype(np.float32)
 
 
-def test_bias_corrector_is_trusted_where_biases_drift_and_not_where_the_student_is_right() -> None:
+def _run(experts: FastExperts, u: np.ndarray, i: np.ndarray, v: np.ndarray | None, z: np.ndarray, y: np.ndarray,
+         batch: int = 500) -> np.ndarray:
+    return np.concatenate([experts.learn(u[k:k + batch], i[k:k + batch], None if v is None else v[k:k + batch],
+                                         z[k:k + batch], y[k:k + batch], np.ones(len(y[k:k + batch])))
+                           for k in range(0, len(y), batch)])
+
+
+def test_bias_expert_is_trusted_where_biases_drift_and_not_where_the_student_is_right() -> None:
     rng = np.random.default_rng(0)
     n, users = 20_000, 20
     u = rng.integers(1, users + 1, n)
@@ -409,40 +421,76 @@ def test_bias_corrector_is_trusted_where_biases_drift_and_not_where_the_student_
         rates[k] = 0.6 if (phase[user] // 200) % 2 else 0.1
     y = _bernoulli_stream(rng, rates)
     z = np.full(n, np.log(0.35 / 0.65))
-    drift = BiasCorrector()
-    mixed = np.concatenate([drift.learn(u[k:k + 500], i[k:k + 500], z[k:k + 500], y[k:k + 500], np.ones(500))
-                            for k in range(0, n, 500)])
+    drift = FastExperts()
+    mixed = _run(drift, u, i, None, z, y)
     assert drift.mix > 0.5
     assert logloss(y, 1 / (1 + np.exp(-mixed))) < logloss(y, 1 / (1 + np.exp(-z))) - 0.02
 
     # Stationary and the student already exact: the residual is noise and is kept out.
     rates = rng.uniform(0.05, 0.5, n)
     y = _bernoulli_stream(rng, rates)
-    right = BiasCorrector()
-    for k in range(0, n, 500):
-        right.learn(u[k:k + 500], i[k:k + 500], np.log(rates[k:k + 500] / (1 - rates[k:k + 500])), y[k:k + 500],
-                    np.ones(500))
+    right = FastExperts()
+    _run(right, u, i, None, np.log(rates / (1 - rates)), y)
     assert right.mix < 0.2
 
 
-def test_bias_corrector_mix_follows_serving_outcomes_once_they_arrive() -> None:
-    c = BiasCorrector(mix_lr=0.05)
+def test_taste_expert_learns_each_users_taste_in_the_vector_space() -> None:
+    """Users like items along their own direction of the item vectors; the student's logit knows
+    nothing of it. The taste expert earns its weight; the bias expert alone cannot do this."""
+    rng = np.random.default_rng(1)
+    n, users, items, dim = 30_000, 40, 300, 8
+    item_vec = rng.normal(size=(items + 1, dim))
+    item_vec /= np.linalg.norm(item_vec, axis=1, keepdims=True)
+    taste = rng.normal(size=(users + 1, dim)) * 2.0
+    u = rng.integers(1, users + 1, n)
+    i = rng.integers(1, items + 1, n)
+    logit = np.einsum("nd,nd->n", taste[u], item_vec[i]) - 1.0
+    y = _bernoulli_stream(rng, 1 / (1 + np.exp(-logit)))
+    z = np.full(n, -1.0)
+    experts = FastExperts(dim=dim)
+    mixed = _run(experts, u, i, item_vec[i], z, y)
+    half = n // 2
+    assert experts.mix_taste > 0.5
+    assert exact_auc(1 / (1 + np.exp(-mixed[half:])), y[half:]) > 0.7
+
+
+def test_taste_rounds_equal_a_sequential_scan() -> None:
+    """The taste expert's batched rounds give what example-by-example updates give."""
+    rng = np.random.default_rng(2)
+    n, dim = 400, 4
+    u = rng.integers(1, 6, n)
+    v = rng.normal(size=(n, dim))
+    z = rng.normal(size=n)
+    y = (rng.random(n) < 0.3).astype(np.float32)
+    batched, sequential = FastExperts(dim=dim, mix_lr=0.0), FastExperts(dim=dim, mix_lr=0.0)
+    items = np.ones(n, dtype=np.int64)
+    batched.learn(u, items, v, z, y, np.ones(n))
+    for k in range(n):
+        sequential.learn(u[k:k + 1], items[k:k + 1], v[k:k + 1], z[k:k + 1], y[k:k + 1], np.ones(1))
+    np.testing.assert_allclose(batched.taste_w, sequential.taste_w, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(batched.user_w, sequential.user_w, rtol=1e-9, atol=1e-12)
+
+
+def test_expert_mix_follows_serving_outcomes_once_they_arrive() -> None:
+    c = FastExperts(mix_lr=0.05)
     users, items = np.array([1, 1, 1, 1]), np.array([1, 2, 3, 4])
-    c.learn(users, items, np.zeros(4), np.ones(4, dtype=np.float32), np.ones(4))
+    c.learn(users, items, None, np.zeros(4), np.ones(4, dtype=np.float32), np.ones(4))
+    c.learn(users, items, None, np.zeros(4), np.ones(4, dtype=np.float32), np.ones(4))
     assert c.user_w[1] > 0 and c.mix > 0 and c.serving_feedback == 0
     # Served at a positive correction, labelled 0: the serving loss pulls the mix down ...
-    c.scored(["r1", "r2"], np.array([1, 1]), np.array([1, 2]), np.zeros(2))
+    c.scored(["r1", "r2"], np.array([1, 1]), np.array([1, 2]), None, np.zeros(2))
     before = c.mix
     c.serving_labelled(["r1", "r2", "unknown"], np.zeros(3, dtype=np.float32))
     assert c.serving_feedback == 2 and c.mix < before
     # ... and from now on the training stream no longer moves it.
     after = c.mix
-    c.learn(users, items, np.zeros(4), np.ones(4, dtype=np.float32), np.ones(4))
+    c.learn(users, items, None, np.zeros(4), np.ones(4, dtype=np.float32), np.ones(4))
     assert c.mix == after
-    restored = BiasCorrector()
+    restored = FastExperts()
     restored.load(c.state())
     assert restored.mix == c.mix and restored.serving_feedback == 2
-    np.testing.assert_array_equal(restored.correct(users, items, np.zeros(4)), c.correct(users, items, np.zeros(4)))
+    np.testing.assert_array_equal(restored.correct(users, items, None, np.zeros(4)),
+                                  c.correct(users, items, None, np.zeros(4)))
 
 
 def logloss(y: np.ndarray, p: np.ndarray) -> float:
