@@ -188,16 +188,31 @@ class FastExperts:
         uw, uh = self.user_w[user_rows].tolist(), self.user_h[user_rows].tolist()
         iw, ih = self.item_w[item_rows].tolist(), self.item_h[item_rows].tolist()
         step, exp = self.bias_step, math.exp
-        out = []
-        for u, i, z, y, w in zip(u_at.tolist(), i_at.tolist(), logits.tolist(), labels.tolist(), weights.tolist()):
-            f = uw[u] + iw[i]
-            out.append(f)
-            p = 1.0 / (1.0 + exp(-min(_CLIP, max(-_CLIP, z + f))))
-            g, h = w * (p - y), w * p * (1.0 - p)
-            uh[u] += h
-            ih[i] += h
-            uw[u] -= step * g / uh[u]
-            iw[i] -= step * g / ih[i]
+        out: list[float] = []
+        append = out.append
+        if np.all(weights == 1.0):  # the usual case (every policy but fake-negative): no weights to apply
+            rows = zip(u_at.tolist(), i_at.tolist(), logits.tolist(), labels.tolist())
+            for u, i, z, y in rows:
+                f = uw[u] + iw[i]
+                append(f)
+                x = z + f
+                p = 1.0 / (1.0 + exp(-x)) if -_CLIP < x < _CLIP else (1.0 if x > 0 else 0.0)
+                sg, h = step * (p - y), p - p * p
+                hu, hi = uh[u] + h, ih[i] + h
+                uh[u], ih[i] = hu, hi
+                uw[u] -= sg / hu
+                iw[i] -= sg / hi
+        else:
+            for u, i, z, y, w in zip(u_at.tolist(), i_at.tolist(), logits.tolist(), labels.tolist(), weights.tolist()):
+                f = uw[u] + iw[i]
+                append(f)
+                x = z + f
+                p = 1.0 / (1.0 + exp(-x)) if -_CLIP < x < _CLIP else (1.0 if x > 0 else 0.0)
+                sg, h = step * w * (p - y), w * (p - p * p)
+                hu, hi = uh[u] + h, ih[i] + h
+                uh[u], ih[i] = hu, hi
+                uw[u] -= sg / hu
+                iw[i] -= sg / hi
         self.user_w[user_rows], self.user_h[user_rows] = uw, uh
         self.item_w[item_rows], self.item_h[item_rows] = iw, ih
         return np.asarray(out)
