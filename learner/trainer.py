@@ -385,6 +385,9 @@ class OnlineLearner:
                    users=len(self.featurizer.users) - 1, items=len(self.featurizer.items) - 1,
                    context_fields=list(self.featurizer.context.slots),
                    context_fields_dropped=self.featurizer.context.dropped)
+        if self.experts is not None:
+            out.update(expert_mix_bias=self.experts.mix, expert_mix_taste=self.experts.mix_taste,
+                       expert_mix_fitted_to="served outcomes" if self.experts.serving_feedback else "training stream")
         if self.semantic:
             flops = self.model.flops_per_example()
             usage = out["gate_usage"]
