@@ -27,8 +27,8 @@ What the mix is fitted to matters under the ``wait`` policy: there a session's c
 learner ten minutes before its non-clicks, a fast expert rides that order, and a mix fitted to
 the training stream trusts it more than serving warrants (MovieLens 100K, serving order: 0.6883
 → 0.6817 with the bias expert). So once *score requests* come back labelled — impressions
-scored at their own time, as a server scores them (``learner.metrics.ServingEvaluator``) — the
-mix is fitted to those outcomes instead, and the training stream no longer moves it.
+scored at their own time, as a server scores them (``learner.metrics.ServingEvaluator``
+keeps what each was served from until its label arrives) — the mix is fitted to those outcomes instead, and the training stream no longer moves it.
 
 Cost: the bias scan is a Python loop (~1.3 µs per example); the taste rounds are numpy, a few
 tens of µs per round.
@@ -37,7 +37,7 @@ tens of µs per round.
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -79,9 +79,6 @@ class FastExperts:
         self.mix_taste = 0.0
         #: Labelled score requests that have fitted the mix (from the first one on, only they do).
         self.serving_feedback = 0
-        #: Score requests awaiting their label: impression id → (student logit, bias, taste).
-        self._requests: dict[str, tuple[float, float, float]] = {}
-        self.max_requests = 1_000_000
         self.user_w = np.zeros(capacity)
         self.user_h = np.full(capacity, self.bias_prior)
         self.item_w = np.zeros(capacity)
@@ -118,35 +115,27 @@ class FastExperts:
 
     # -- serving --------------------------------------------------------------------------------
 
+    def components(self, users: np.ndarray, items: np.ndarray, vectors: np.ndarray | None,
+                   logits: np.ndarray) -> np.ndarray:
+        """Rows ``(student logit, bias, taste)``: what a score is served from."""
+        bias, taste = self._values(users, items, vectors)
+        return np.stack([logits, bias, taste], axis=1)
+
+    def mixed(self, components: np.ndarray) -> np.ndarray:
+        """Served logits ``z + a·bias + b·taste`` of :meth:`components` rows."""
+        return components[:, 0] + self.mix * components[:, 1] + self.mix_taste * components[:, 2]
+
     def correct(self, users: np.ndarray, items: np.ndarray, vectors: np.ndarray | None, logits: np.ndarray) -> np.ndarray:
-        """Served logits ``z + a·bias + b·taste`` (no learning)."""
-        bias, taste = self._values(users, items, vectors)
-        return logits + self.mix * bias + self.mix_taste * taste
+        """Served logits (no learning)."""
+        return self.mixed(self.components(users, items, vectors, logits))
 
-    def scored(self, ids: list[str], users: np.ndarray, items: np.ndarray, vectors: np.ndarray | None,
-               logits: np.ndarray) -> None:
-        """Remember what score requests were served from, until their labels arrive."""
-        bias, taste = self._values(users, items, vectors)
-        pending = self._requests
-        for iid, z, f, t in zip(ids, logits.tolist(), bias.tolist(), taste.tolist()):
-            pending[iid] = (z, f, t)
-        while len(pending) > self.max_requests:
-            del pending[next(iter(pending))]
-
-    def serving_labelled(self, ids: list[str], labels: np.ndarray) -> None:
-        """Fit the mix to the served scores of requests whose final labels are in."""
-        if not self._requests:
+    def fit_to_served(self, components: Sequence[np.ndarray], labels: Sequence[float]) -> None:
+        """Fit the mix to served scores (:meth:`components` rows) whose final labels are in."""
+        if not len(labels):
             return
-        served, ys = [], []
-        for iid, y in zip(ids, labels.tolist()):
-            entry = self._requests.pop(iid, None)
-            if entry is not None:
-                served.append(entry)
-                ys.append(y)
-        if served:
-            z, f, t = np.asarray(served).T
-            self._mix_step(z, f, t, np.asarray(ys, dtype=np.float64), np.ones(len(ys)))
-            self.serving_feedback += len(ys)
+        z, f, t = np.asarray(components).T
+        self._mix_step(z, f, t, np.asarray(labels, dtype=np.float64), np.ones(len(labels)))
+        self.serving_feedback += len(labels)
 
     def _mix_step(self, z: np.ndarray, bias: np.ndarray, taste: np.ndarray, labels: np.ndarray,
                   weights: np.ndarray) -> None:

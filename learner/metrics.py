@@ -239,33 +239,43 @@ class ServingEvaluator:
 
     def __init__(self, max_pending: int = 1_000_000) -> None:
         self.max_pending = max_pending
-        self._pending: dict[str, float] = {}
+        #: Impression id → (served probability, what it was served from, or None).
+        self._pending: dict[str, tuple[float, Any]] = {}
 
     def __len__(self) -> int:
         return len(self._pending)
 
-    def scored(self, ids: list[str], probs: np.ndarray) -> None:
-        """Remember the scores of score requests until their labels arrive."""
+    def scored(self, ids: list[str], probs: np.ndarray, served_from: Sequence[Any] | None = None) -> None:
+        """Remember the scores of score requests until their labels arrive; ``served_from``
+        (one entry per request) is handed back with the label, for learners fitted to outcomes."""
         pending = self._pending
-        for iid, p in zip(ids, probs.tolist()):
-            pending[iid] = p
+        extras = served_from if served_from is not None else [None] * len(ids)
+        for iid, p, extra in zip(ids, probs.tolist(), extras):
+            pending[iid] = (p, extra)
         while len(pending) > self.max_pending:
             del pending[next(iter(pending))]
 
-    def labelled(self, metrics: LearnerMetrics, examples: Sequence[Example], labels: np.ndarray) -> None:
-        """Pair the labels of final examples with their requests' scores (if any) into ``metrics``."""
+    def labelled(self, metrics: LearnerMetrics, examples: Sequence[Example], labels: np.ndarray
+                 ) -> tuple[list[Any], list[float]]:
+        """Pair the labels of final examples with their requests' scores (if any) into ``metrics``;
+        returns the ``served_from`` entries of the requests labelled now, with their labels."""
         pending = self._pending
+        served: list[Any] = []
+        served_labels: list[float] = []
         if not pending:
-            return
+            return served, served_labels
         probs, ys = [], []
         for ex, y in zip(examples, labels.tolist()):
-            iid = ex.impression_id
-            p = pending.pop(iid, None)
-            if p is not None:
-                probs.append(p)
+            entry = pending.pop(ex.impression_id, None)
+            if entry is not None:
+                probs.append(entry[0])
                 ys.append(y)
+                if entry[1] is not None:
+                    served.append(entry[1])
+                    served_labels.append(y)
         if probs:
             metrics.serving_auc.add(np.asarray(probs), np.asarray(ys))
+        return served, served_labels
 
 
 class DelayedLabelEvaluator:

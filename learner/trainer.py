@@ -182,11 +182,12 @@ class OnlineLearner:
             return np.zeros(0, dtype=np.float32)
         ids = [ex.impression_id for ex in requests]
         batch, logits, vectors = self._student_logits(requests)
+        served_from = None
         if self.experts is not None:
-            self.experts.scored(ids, batch.user, batch.item, vectors, logits)
-            logits = self.experts.correct(batch.user, batch.item, vectors, logits)
+            served_from = self.experts.components(batch.user, batch.item, vectors, logits)
+            logits = self.experts.mixed(served_from)
         probs = _sigmoid(logits)
-        self.serving_eval.scored(ids, probs)
+        self.serving_eval.scored(ids, probs, served_from)
         return probs
 
     # -- learning ---------------------------------------------------------------------------
@@ -287,9 +288,9 @@ class OnlineLearner:
         self.featurizer.count_users(batch)
         if (batch.kinds == KIND_FINAL).all():
             self.metrics.update(probs, batch.labels, cold)
-            self.serving_eval.labelled(self.metrics, examples, batch.labels)
+            served_from, served_labels = self.serving_eval.labelled(self.metrics, examples, batch.labels)
             if self.experts is not None:
-                self.experts.serving_labelled([ex.impression_id for ex in examples], batch.labels)
+                self.experts.fit_to_served(served_from, served_labels)
         else:
             self.delayed.observe(self.metrics, [ex.impression_id for ex in examples],
                                  np.fromiter((ex.ts for ex in examples), np.float64, len(examples)),

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from learner.experts import FastExperts
 from learner.features import Featurizer
-from learner.metrics import HistogramAUC, LearnerMetrics, LogQuantiles, WindowAUC, exact_auc
+from learner.metrics import HistogramAUC, LearnerMetrics, LogQuantiles, ServingEvaluator, WindowAUC, exact_auc
 from learner.model import ModelConfig, StudentCTR
 from learner.synthetic import ToyWorld
 from learner.trainer import OnlineLearner, fake_negative_weights
@@ -478,9 +478,11 @@ def test_expert_mix_follows_serving_outcomes_once_they_arrive() -> None:
     c.learn(users, items, None, np.zeros(4), np.ones(4, dtype=np.float32), np.ones(4))
     assert c.user_w[1] > 0 and c.mix > 0 and c.serving_feedback == 0
     # Served at a positive correction, labelled 0: the serving loss pulls the mix down ...
-    c.scored(["r1", "r2"], np.array([1, 1]), np.array([1, 2]), None, np.zeros(2))
+    served = ServingEvaluator()
+    served.scored(["r1", "r2"], np.zeros(2), c.components(np.array([1, 1]), np.array([1, 2]), None, np.zeros(2)))
     before = c.mix
-    c.serving_labelled(["r1", "r2", "unknown"], np.zeros(3, dtype=np.float32))
+    finals = [Example(iid, 0.0, "u1", "i1", {}, 0, KIND_FINAL, 0.0) for iid in ("r1", "r2", "unknown")]
+    c.fit_to_served(*served.labelled(LearnerMetrics(), finals, np.zeros(3, dtype=np.float32)))
     assert c.serving_feedback == 2 and c.mix < before
     # ... and from now on the training stream no longer moves it.
     after = c.mix
