@@ -84,12 +84,14 @@ class ProfileChanges(NamedTuple):
 
 
 class ClickHistory:
-    """Each user's last ``history`` clicks as (event time, item id), sorted by time.
+    """Each user's last ``history`` clicks as (event time, item id), sorted by time, then item id.
 
     Clicks may arrive out of event-time order (several partitions feed one cache); each is
     inserted at its place and the oldest dropped past ``history``. The same click observed twice
     — a partition replayed after a rebalance, a checkpoint restored into a process that already
-    saw it — is kept once. With ``track_changes`` it remembers which users changed, for
+    saw it — is kept once. Clicks at the same time are ordered by item id, not by arrival: the
+    order partitions are read in must not change a profile, and a click dropped as the oldest
+    must stay dropped when it is observed again. With ``track_changes`` it remembers which users changed, for
     incremental checkpoints (:meth:`take_changes`).
     """
 
@@ -116,13 +118,15 @@ class ClickHistory:
             return True
         items = self._items[user_id]
         lo, hi = bisect.bisect_left(times, ts), bisect.bisect_right(times, ts)
-        if item_id in items[lo:hi]:
+        ties = items[lo:hi]  # clicks at the same time, ordered by item id
+        if item_id in ties:
             return False
-        if hi == 0 and len(times) >= self.history:
-            return False  # older than every kept click of a full history: it would be dropped at once
+        at = lo + bisect.bisect_left(ties, item_id)
+        if at == 0 and len(times) >= self.history:
+            return False  # before every kept click of a full history: it would be dropped at once
         newer = ts > times[-1]
-        times.insert(hi, ts)
-        items.insert(hi, item_id)
+        times.insert(at, ts)
+        items.insert(at, item_id)
         if len(times) > self.history:
             del times[0], items[0]
         if newer:

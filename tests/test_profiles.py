@@ -25,9 +25,10 @@ def _profiles(decay: float) -> ClickProfiles:
 
 
 def _reference(clicks: list[tuple[float, int]], at: float | None, decay: float, keep: int) -> np.ndarray | None:
-    """Decayed mean over the newest ``keep`` distinct clicks, of those with ts < at, in event-time order."""
+    """Decayed mean over the newest ``keep`` distinct clicks, of those with ts < at, in event-time
+    order (clicks at the same time by item id)."""
     distinct = list(dict.fromkeys(clicks))  # the same click twice is one click
-    ordered = sorted(distinct, key=lambda c: c[0])[-keep:]  # stable: ties keep arrival order
+    ordered = sorted(distinct, key=lambda c: (c[0], f"i{c[1]}"))[-keep:]
     used = [seed for ts, seed in ordered if at is None or ts < at]
     if not used:
         return None
