@@ -86,15 +86,18 @@ def read_examples(cfg: Config, expected: int, timeout_s: float = 120.0) -> list[
 
 
 def impression_order(examples: list[Example]) -> list[Example]:
-    """The examples in impression event-time order (stable).
+    """The examples in impression event-time order, ties broken by impression id.
 
     Why: under ``wait`` a positive is emitted when its click arrives and a negative only when
     its window closes, so in arrival order labels come in clumps (positives early, negatives
     W later). A learner that adapts per example (VW, batch size 1) rides those clumps and its
     progressive AUC then measures emission order, not CTR skill — it even beats the oracle.
-    Comparing learners on the same examples in impression order removes that artefact.
+    Comparing learners on the same examples in impression order removes that artefact. Ties
+    need the same care: MovieLens stamps ratings to the second, three quarters of its examples
+    share their user's timestamp with another, and a stable sort would keep those in emission
+    order — positives first. The impression id orders them without looking at labels.
     """
-    return sorted(examples, key=lambda ex: ex.ts)
+    return sorted(examples, key=lambda ex: (ex.ts, ex.impression_id))
 
 
 def cold_mask(examples: Iterable[Example], first_n: int = COLD_FIRST_N) -> np.ndarray:
