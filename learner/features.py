@@ -27,7 +27,8 @@ _PAIR_MULT_ITEM = 2_246_822_519
 
 @dataclass
 class EncodedBatch:
-    """Numpy view of a mini-batch; ``labels``/``kinds``/``decided_at`` are empty for impressions."""
+    """Numpy view of a mini-batch; ``labels``/``kinds``/``decided_at`` are empty for impressions;
+    ``ts`` is each record's event time."""
 
     user: np.ndarray
     item: np.ndarray
@@ -42,6 +43,7 @@ class EncodedBatch:
     labels: np.ndarray
     kinds: np.ndarray
     decided_at: np.ndarray
+    ts: np.ndarray
 
     def __len__(self) -> int:
         return len(self.user)
@@ -102,7 +104,8 @@ class Featurizer:
             labels, kinds, decided = np.zeros(0, np.float32), np.zeros(0, np.int64), np.zeros(0, np.float64)
         return EncodedBatch(users, items, context, self.pairs(users, items), self.items.counts[items].astype(np.float32),
                             item_sem, item_mask,
-                            user_sem, user_mask, new_items, labels, kinds, decided)
+                            user_sem, user_mask, new_items, labels, kinds, decided,
+                            np.fromiter((r.ts for r in records), dtype=np.float64, count=n))
 
     def cold_mask_and_count(self, batch: EncodedBatch, first_n: int) -> np.ndarray:
         """Mark examples among their item's first ``first_n`` impressions, then count this batch in.

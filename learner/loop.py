@@ -332,7 +332,7 @@ class _Run:
             "context_fields_dropped": s["context_fields_dropped"],
             "device": str(self.learner.device),
         }
-        out.update({k: s[k] for k in ("expert_mix_bias", "expert_mix_taste", "expert_mix_fitted_to") if k in s})
+        out.update({k: s[k] for k in ("expert_mix_bias", "expert_mix_taste", "expert_mix_slope", "expert_mix_fitted_to") if k in s})
         if self.learner.semantic:
             out.update(gate_usage=s["gate_usage"], gate_compute_saved=s["gate_compute_saved"],
                        distill_loss=s["distill_loss"], items_cold_started=s["items_cold_started"],

@@ -116,8 +116,10 @@ class OnlineLearner:
                                        initial_accumulator=lc.embedding_init_accumulator,
                                        wide_prior=lc.wide_prior, wide_lr=lc.wide_lr)
         self.dense_opt = torch.optim.Adam(self.model.dense_parameters(), lr=lc.lr, fused=True)
-        self.experts = (FastExperts(mc.sem_dim, lc.bias_expert_step, lc.bias_expert_prior, lc.taste_expert_step,
-                                    lc.taste_expert_prior, lc.expert_mix_lr) if lc.fast_experts else None)
+        self.experts = (FastExperts(mc.sem_dim, lc.bias_expert_step, lc.bias_expert_prior, lc.user_bias_rate,
+                                    lc.taste_expert_step, lc.taste_expert_prior, lc.slope_expert_prior,
+                                    lc.population_taste, lc.user_session_s, lc.expert_mix_lr)
+                        if lc.fast_experts else None)
         self.metrics = LearnerMetrics()
         self.delayed = DelayedLabelEvaluator(cfg.join.window_s)
         self.serving_eval = ServingEvaluator()
@@ -144,7 +146,7 @@ class OnlineLearner:
             return np.zeros(0, dtype=np.float32)
         batch, logits, vectors = self._student_logits(records)
         if self.experts is not None:
-            logits = self.experts.correct(batch.user, batch.item, vectors, logits)
+            logits = self.experts.correct(batch.user, batch.item, vectors, logits, batch.ts)
         return _sigmoid(logits)
 
     @torch.no_grad()
@@ -184,7 +186,7 @@ class OnlineLearner:
         batch, logits, vectors = self._student_logits(requests)
         served_from = None
         if self.experts is not None:
-            served_from = self.experts.components(batch.user, batch.item, vectors, logits)
+            served_from = self.experts.components(batch.user, batch.item, vectors, logits, batch.ts)
             logits = self.experts.mixed(served_from)
         probs = _sigmoid(logits)
         self.serving_eval.scored(ids, probs, served_from)
@@ -240,7 +242,7 @@ class OnlineLearner:
         if self.experts is not None:
             mixed = self.experts.learn(batch.user, batch.item, self._item_vectors(inp, out.item_hat),
                                        logit.detach().double().cpu().numpy(), batch.labels,
-                                       weights.detach().double().cpu().numpy())
+                                       weights.detach().double().cpu().numpy(), batch.ts)
             probs = _sigmoid(mixed)
         else:
             probs = p.detach().cpu().numpy()
@@ -388,6 +390,7 @@ class OnlineLearner:
                    context_fields_dropped=self.featurizer.context.dropped)
         if self.experts is not None:
             out.update(expert_mix_bias=self.experts.mix, expert_mix_taste=self.experts.mix_taste,
+                       expert_mix_slope=self.experts.mix_slope,
                        expert_mix_fitted_to="served outcomes" if self.experts.serving_feedback else "training stream")
         if self.semantic:
             flops = self.model.flops_per_example()

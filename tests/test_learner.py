@@ -205,7 +205,8 @@ def test_fast_experts_scores_use_only_earlier_labels_and_survive_a_snapshot(sema
         learner.learn_batch(world.examples(256))
     experts = learner.experts
     assert experts is not None and experts.user_w.any() and experts.taste_w.any() == semantic
-    experts.mix = experts.mix_taste = 0.5  # whatever the stream chose, the experts must count here
+    assert experts.slope_w.any() and experts.taste_w0.any() == semantic
+    experts.mix = experts.mix_taste = experts.mix_slope = 0.5  # whatever the stream chose, the experts must count here
     batch = world.examples(256)
     twin = OnlineLearner(make_cfg(semantic), state=learner.state())
     server = OnlineLearner(make_cfg(semantic), state=learner.state(), serving=True)
@@ -454,21 +455,103 @@ def test_taste_expert_learns_each_users_taste_in_the_vector_space() -> None:
     assert exact_auc(1 / (1 + np.exp(-mixed[half:])), y[half:]) > 0.7
 
 
-def test_taste_rounds_equal_a_sequential_scan() -> None:
-    """The taste expert's batched rounds give what example-by-example updates give."""
+@pytest.mark.parametrize("weighted", [False, True])
+def test_user_rounds_and_bias_scan_equal_a_sequential_scan(weighted: bool) -> None:
+    """The user expert's batched rounds and the bias scan (with its session fading and
+    fake-negative weights) give what example-by-example updates give. The population taste
+    steps once per batch, so it is off here: with it, batch size changes what is learned."""
     rng = np.random.default_rng(2)
     n, dim = 400, 4
     u = rng.integers(1, 6, n)
     v = rng.normal(size=(n, dim))
     z = rng.normal(size=n)
     y = (rng.random(n) < 0.3).astype(np.float32)
-    batched, sequential = FastExperts(dim=dim, mix_lr=0.0), FastExperts(dim=dim, mix_lr=0.0)
-    items = np.ones(n, dtype=np.int64)
-    batched.learn(u, items, v, z, y, np.ones(n))
-    for k in range(n):
-        sequential.learn(u[k:k + 1], items[k:k + 1], v[k:k + 1], z[k:k + 1], y[k:k + 1], np.ones(1))
-    np.testing.assert_allclose(batched.taste_w, sequential.taste_w, rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(batched.user_w, sequential.user_w, rtol=1e-9, atol=1e-12)
+    w = rng.uniform(0.5, 1.5, n) if weighted else np.ones(n)
+    ts = np.cumsum(rng.choice([0.0, 0.0, 30.0, 2000.0], n))  # same-time runs, short and long gaps
+    ts[::7] -= 100.0  # a few late examples: a user's clock must not run backwards
+    make = lambda: FastExperts(dim=dim, mix_lr=0.0, population_taste=False, session_s=300.0)  # noqa: E731
+    batched, sequential = make(), make()
+    items = rng.integers(1, 4, n)
+    out = batched.learn(u, items, v, z, y, w, ts)
+    one_by_one = [sequential.learn(u[k:k + 1], items[k:k + 1], v[k:k + 1], z[k:k + 1], y[k:k + 1], w[k:k + 1],
+                                   ts[k:k + 1]) for k in range(n)]
+    np.testing.assert_allclose(out, np.concatenate(one_by_one), rtol=1e-9, atol=1e-12)
+    for table in ("taste_w", "slope_w", "user_w", "user_ts", "item_w"):
+        np.testing.assert_allclose(getattr(batched, table), getattr(sequential, table), rtol=1e-9, atol=1e-12)
+
+
+def test_tracked_user_bias_fades_between_sessions() -> None:
+    """A user who clicked everything in one sitting gets a raised bias in that sitting; an hour
+    later (session_s = 5 min) it is gone, in training and at serving alike."""
+    experts = FastExperts(mix_lr=0.0, session_s=300.0)
+    experts.mix = 1.0
+    n = 30
+    users, items = np.ones(n, dtype=np.int64), np.arange(1, n + 1)
+    experts.learn(users, items, None, np.zeros(n), np.ones(n, dtype=np.float32), np.ones(n), np.full(n, 1000.0))
+    assert experts.user_w[1] > 1.0
+    soon, later = experts.components(np.array([1, 1]), np.array([40, 40]), None, np.zeros(2), np.array([1060.0, 4600.0]))[:, 1]
+    assert soon > 0.8 * experts.user_w[1] and abs(later) < 1e-3 * experts.user_w[1]
+    first_next_session = experts.learn(np.array([1]), np.array([41]), None, np.zeros(1), np.zeros(1, dtype=np.float32),
+                                       np.ones(1), np.array([4600.0]))
+    assert abs(first_next_session[0]) < 1e-3
+    # Without event times nothing fades (the scorer of a caller that sends none still works).
+    assert FastExperts(session_s=300.0).components(users[:1], items[:1], None, np.zeros(1))[0, 1] == 0.0
+
+
+def test_slope_expert_learns_which_users_follow_the_student() -> None:
+    """Half the users click as the student predicts, half ignore it (a constant rate): per user
+    the slope on the student's logit finds which is which, and the mix takes it."""
+    rng = np.random.default_rng(4)
+    n, users = 40_000, 40
+    u = rng.integers(1, users + 1, n)
+    z = rng.normal(0.0, 1.5, n)
+    follows = u % 2 == 0
+    y = _bernoulli_stream(rng, np.where(follows, 1 / (1 + np.exp(-z)), 0.3))
+    experts = FastExperts(mix_lr=0.002)
+    mixed = _run(experts, u, rng.integers(1, 50, n), None, z, y)
+    assert experts.mix_slope > 0.5
+    slopes = experts.slope_w[1:users + 1]
+    ignore, follow = slopes[0::2], slopes[1::2]  # users 1, 3, … and 2, 4, …
+    assert ignore.mean() < -0.7 and abs(follow.mean()) < 0.2  # z cancelled for those who ignore it
+    half = n // 2
+    assert logloss(y[half:], 1 / (1 + np.exp(-mixed[half:]))) < logloss(y[half:], 1 / (1 + np.exp(-z[half:]))) - 0.03
+
+
+def test_population_taste_reaches_users_never_seen() -> None:
+    """Everyone likes items along one direction: a new user's first example of a new item is
+    already scored by it (the population taste); per-user tastes and item biases have nothing yet."""
+    rng = np.random.default_rng(5)
+    n, dim = 20_000, 8
+    item_vec = rng.normal(size=(n, dim))
+    item_vec /= np.linalg.norm(item_vec, axis=1, keepdims=True)
+    shared = rng.normal(size=dim) * 3.0
+    u = i = np.arange(n) + 1  # every example a new user and a new item
+    item_vec = np.vstack([np.zeros((1, dim)), item_vec])
+    y = _bernoulli_stream(rng, 1 / (1 + np.exp(-(item_vec[i] @ shared))))
+    experts = FastExperts(dim=dim)
+    mixed = _run(experts, u, i, item_vec[i], np.zeros(n), y)
+    half = n // 2
+    assert exact_auc(1 / (1 + np.exp(-mixed[half:])), y[half:]) > 0.75
+    alone = FastExperts(dim=dim, population_taste=False)
+    assert exact_auc(1 / (1 + np.exp(-_run(alone, u, i, item_vec[i], np.zeros(n), y)[half:])), y[half:]) < 0.55
+
+
+def test_expert_state_of_an_older_version_loads() -> None:
+    """A snapshot written before the slope, the population taste and the session clocks existed
+    still loads; the new parts start fresh."""
+    old = {"user_w": np.array([0.0, 0.4]), "user_h": np.array([2.5, 3.0]), "item_w": np.array([0.0, -0.2]),
+           "item_h": np.array([2.5, 3.0]), "taste_w": np.zeros((2, 4)), "taste_h": np.full((2, 4), 2.0),
+           "mix": np.array([0.7, 0.3]), "serving_feedback": np.array([0])}
+    experts = FastExperts(dim=4)
+    experts.load(old)
+    assert experts.mix == 0.7 and experts.mix_taste == 0.3 and experts.mix_slope == 0.0
+    c = experts.components(np.array([1, 5]), np.array([1, 1]), np.ones((2, 4)) / 2, np.zeros(2), np.array([10.0, 10.0]))
+    # User 1's bias has no session clock: it counts as from a past session and has faded. User 5
+    # is unknown. Both keep the item's bias.
+    np.testing.assert_allclose(c[:, 1], [-0.2, -0.2])
+    experts.learn(np.array([1]), np.array([1]), np.ones((1, 4)) / 2, np.zeros(1), np.ones(1, dtype=np.float32),
+                  np.ones(1), np.array([20.0]))
+    assert experts.user_ts[1] == 20.0 and experts.slope_w.shape[0] >= 2
 
 
 def test_expert_mix_follows_serving_outcomes_once_they_arrive() -> None:
@@ -491,8 +574,8 @@ def test_expert_mix_follows_serving_outcomes_once_they_arrive() -> None:
     restored = FastExperts()
     restored.load(c.state())
     assert restored.mix == c.mix and restored.serving_feedback == 2
-    np.testing.assert_array_equal(restored.correct(users, items, None, np.zeros(4)),
-                                  c.correct(users, items, None, np.zeros(4)))
+    np.testing.assert_array_equal(restored.correct(users, items, None, np.zeros(4), np.full(4, 50.0)),
+                                  c.correct(users, items, None, np.zeros(4), np.full(4, 50.0)))
 
 
 def logloss(y: np.ndarray, p: np.ndarray) -> float:
