@@ -160,12 +160,19 @@ class SourceClock(msgspec.Struct):
 
 
 class OrphanClick(msgspec.Struct):
-    """A click waiting for its impression (clicks may overtake impressions)."""
+    """A click waiting for its impression (clicks may overtake impressions).
+
+    ``more`` holds later clicks on the same impression, (click, offset, publish time, raw), so
+    that they are judged once the impression arrives — as duplicates or as late — exactly as
+    they would have been had the impression come first: which of the two topics a consumer
+    reads ahead must not change the accounting.
+    """
 
     click: Click
     offset: int
     published: float
     raw: bytes
+    more: list[tuple[Click, int, float, bytes]] = msgspec.field(default_factory=list)
 
 
 class PartitionState(msgspec.Struct):
@@ -300,6 +307,8 @@ class PartitionJoin:
             orphan = self.orphans.pop(iid, None)
             if orphan is not None:
                 self._match(imp, orphan.click, orphan.offset, published, orphan.raw)
+                for click, click_offset, click_published, raw in orphan.more:
+                    self._click_on_pending(imp, click, click_offset, click_published, raw)
 
     def on_click(self, click: Click, offset: int, published: float, raw: bytes) -> None:
         """A click from this partition's clicks source; ``raw`` is kept for dead letters."""
@@ -312,19 +321,26 @@ class PartitionJoin:
         iid = click.impression_id
         imp = self.pending.get(iid)
         if imp is not None:
-            if iid not in self.clicked or ts - imp.ts > self.window_s:
-                self._match(imp, click, offset, published, raw)
-            else:
-                self.counters.duplicates += 1
+            self._click_on_pending(imp, click, offset, published, raw)
             return
-        if iid in self.orphans:
-            self.counters.duplicates += 1
+        orphan = self.orphans.get(iid)
+        if orphan is not None:
+            if offset != orphan.offset and all(offset != o for _, o, _, _ in orphan.more):  # not a replayed record
+                orphan.more.append((click, offset, published, raw))
         elif iid in self._closed_now or iid in self._closed_prev:
             self.counters.late_clicks += 1
             self.rejected.append(Rejection(REASON_LATE_CLOSED, raw, CLICKS, offset, iid))
         else:
             self.orphans[iid] = OrphanClick(click, offset, published, raw)
             heapq.heappush(self._orphan_heap, (ts, offset, iid))
+
+    def _click_on_pending(self, imp: Impression, click: Click, offset: int, published: float, raw: bytes) -> None:
+        """A click on an impression whose window is open: the first counting one matches, a
+        later one within the window is a duplicate, one outside the window is late."""
+        if imp.impression_id not in self.clicked or click.ts - imp.ts > self.window_s:
+            self._match(imp, click, offset, published, raw)
+        else:
+            self.counters.duplicates += 1
 
     def _match(self, imp: Impression, click: Click, click_offset: int, published: float, raw: bytes) -> None:
         delay = click.ts - imp.ts
@@ -481,6 +497,7 @@ class PartitionJoin:
             if orphan is not None and orphan.offset == offset:
                 del self.orphans[iid]
                 self.counters.orphans += 1
+                self.counters.duplicates += len(orphan.more)  # as if each had found the orphan buffered
                 self.rejected.append(Rejection(REASON_ORPHAN, orphan.raw, CLICKS, offset, iid))
 
     def _close(self, imp: Impression, published: float) -> None:

@@ -407,7 +407,7 @@ class ReferenceJoin:
         self.max_ts = [-math.inf, -math.inf]
         self.wm = -math.inf
         self.pending: dict[str, list] = {}  # iid -> [impression, clicked]
-        self.orphans: dict[str, Click] = {}
+        self.orphans: dict[str, list[Click]] = {}  # every click of a not-yet-seen impression, in arrival order
         self.closed: set[str] = set()
         self.out: list[tuple[str, int, int]] = []
         self.rejected: list[tuple[str, str]] = []
@@ -417,8 +417,8 @@ class ReferenceJoin:
         self.pending[i.impression_id] = [i, False]
         if not self.wait:
             self.out.append((i.impression_id, 0, KIND_FAKE_NEGATIVE))
-        if i.impression_id in self.orphans:
-            self.match(i.impression_id, self.orphans.pop(i.impression_id))
+        for c in self.orphans.pop(i.impression_id, []):
+            self.click(c)  # judged as if the impression had come first
 
     def click(self, c: Click) -> None:
         self.max_ts[1] = max(self.max_ts[1], c.ts)
@@ -427,11 +427,11 @@ class ReferenceJoin:
             if not self.pending[iid][1] or c.ts - self.pending[iid][0].ts > WP:
                 self.match(iid, c)
         elif iid in self.orphans:
-            pass
+            self.orphans[iid].append(c)
         elif iid in self.closed:
             self.rejected.append((iid, REASON_LATE_CLOSED))
         else:
-            self.orphans[iid] = c
+            self.orphans[iid] = [c]
 
     def match(self, iid: str, c: Click) -> None:
         entry = self.pending[iid]
@@ -451,8 +451,8 @@ class ReferenceJoin:
                 self.closed.add(iid)
                 if self.wait and not clicked:
                     self.out.append((iid, 0, KIND_FINAL))
-        for iid, c in list(self.orphans.items()):
-            if c.ts < horizon:
+        for iid, cs in list(self.orphans.items()):
+            if cs[0].ts < horizon:  # the first click decides; later ones were duplicates of an orphan
                 del self.orphans[iid]
                 self.rejected.append((iid, REASON_ORPHAN))
 
@@ -530,6 +530,27 @@ def test_join_matches_reference_model(data: tuple[list, list[bool]], policy: str
     else:
         assert sum(e.kind == KIND_FAKE_NEGATIVE for e in f.examples) == n_imps
     assert not f.join.pending and not f.join.orphans
+
+
+@pytest.mark.parametrize("impression_first", [True, False])
+def test_clicks_that_overtake_their_impression_are_judged_as_if_it_had_come_first(impression_first: bool) -> None:
+    """A clicked impression's second click, outside the window, is late whichever topic the
+    consumer read ahead; a third, within the window, a duplicate. (Counted as duplicates of a
+    buffered orphan, the late one's dead letter used to depend on the read order.)"""
+    join = PartitionJoin(0, WP, POLICY_WAIT)
+    f = Feeder(join)
+    imp = Impression("a", 100.0, "u", "it", {})
+    clicks = [Click("a", 110.0), Click("a", 100.0 + 2 * WP), Click("a", 120.0)]
+    if impression_first:
+        f.imp(imp)
+    for c in clicks:
+        f.click(c)
+    if not impression_first:
+        f.imp(imp)
+    f.close()
+    assert [(e.impression_id, e.label) for e in f.examples] == [("a", 1)]
+    assert [(r.key, r.reason) for r in f.rejected] == [("a", REASON_LATE_OUTSIDE)]
+    assert join.counters.duplicates == 1 and join.counters.late_clicks == 1
 
 
 @settings(max_examples=300, deadline=None)
