@@ -116,9 +116,8 @@ class OnlineLearner:
                                        initial_accumulator=lc.embedding_init_accumulator,
                                        wide_prior=lc.wide_prior, wide_lr=lc.wide_lr)
         self.dense_opt = torch.optim.Adam(self.model.dense_parameters(), lr=lc.lr, fused=True)
-        self.experts = (FastExperts(mc.sem_dim, lc.bias_expert_step, lc.bias_expert_prior, lc.user_bias_rate,
-                                    lc.taste_expert_step, lc.taste_expert_prior, lc.slope_expert_prior,
-                                    lc.population_taste, lc.user_session_s, lc.expert_mix_lr)
+        self.experts = (FastExperts(mc.sem_dim, lc.user_bias_rate, lc.taste_expert_step, lc.taste_expert_prior,
+                                    lc.slope_expert_prior, lc.population_taste, lc.user_session_s, lc.expert_mix_lr)
                         if lc.fast_experts else None)
         self.metrics = LearnerMetrics()
         self.delayed = DelayedLabelEvaluator(cfg.join.window_s)
@@ -146,7 +145,7 @@ class OnlineLearner:
             return np.zeros(0, dtype=np.float32)
         batch, logits, vectors = self._student_logits(records)
         if self.experts is not None:
-            logits = self.experts.correct(batch.user, batch.item, vectors, logits, batch.ts)
+            logits = self.experts.correct(batch.user, vectors, logits, batch.ts)
         return _sigmoid(logits)
 
     @torch.no_grad()
@@ -186,7 +185,7 @@ class OnlineLearner:
         batch, logits, vectors = self._student_logits(requests)
         served_from = None
         if self.experts is not None:
-            served_from = self.experts.components(batch.user, batch.item, vectors, logits, batch.ts)
+            served_from = self.experts.components(batch.user, vectors, logits, batch.ts)
             logits = self.experts.mixed(served_from)
         probs = _sigmoid(logits)
         self.serving_eval.scored(ids, probs, served_from)
@@ -240,7 +239,7 @@ class OnlineLearner:
         self.sparse_opt.step((weights * p * (1 - p)).detach(), loss_scale=len(examples))
         self.dense_opt.step()
         if self.experts is not None:
-            mixed = self.experts.learn(batch.user, batch.item, self._item_vectors(inp, out.item_hat),
+            mixed = self.experts.learn(batch.user, self._item_vectors(inp, out.item_hat),
                                        logit.detach().double().cpu().numpy(), batch.labels,
                                        weights.detach().double().cpu().numpy(), batch.ts)
             probs = _sigmoid(mixed)

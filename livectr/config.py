@@ -152,13 +152,11 @@ class LearnerConfig:
     #: the same mini-batch, as a per-example learner would (RowOptimizer.in_batch_wide_shift).
     in_batch_wide: bool = True
     #: Fast per-example experts beside the student, mixed in by learned weights (learner.experts):
-    #: item biases (online Newton step multiplier, prior precision), user biases that track (a
-    #: constant step, fading between sessions), and per user a slope on the student's logit (its prior precision) and,
-    #: with semantics, a taste over the item's teacher vector (step, prior precision), plus one
-    #: population taste shared by all users; the mixing weights' rate.
+    #: a session bias per user (a constant step, fading between sessions), and per user a slope
+    #: on the student's logit (its prior precision) and, with semantics, a taste over the item's
+    #: teacher vector (step, prior precision), plus one population taste shared by all users;
+    #: the mixing weights' rate.
     fast_experts: bool = True
-    bias_expert_step: float = 1.0
-    bias_expert_prior: float = 2.5
     user_bias_rate: float = 0.5
     #: A user's tracked bias fades with this time constant (event-time seconds, 0 = never):
     #: it is a *session* effect, stale once the user has been away.

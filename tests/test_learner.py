@@ -401,18 +401,17 @@ def _bernoulli_stream(rng: np.random.Generator, rates: np.ndarray) -> np.ndarray
     return (rng.random(len(rates)) < rates).astype(np.float32)
 
 
-def _run(experts: FastExperts, u: np.ndarray, i: np.ndarray, v: np.ndarray | None, z: np.ndarray, y: np.ndarray,
+def _run(experts: FastExperts, u: np.ndarray, v: np.ndarray | None, z: np.ndarray, y: np.ndarray,
          batch: int = 500) -> np.ndarray:
-    return np.concatenate([experts.learn(u[k:k + batch], i[k:k + batch], None if v is None else v[k:k + batch],
+    return np.concatenate([experts.learn(u[k:k + batch], None if v is None else v[k:k + batch],
                                          z[k:k + batch], y[k:k + batch], np.ones(len(y[k:k + batch])))
                            for k in range(0, len(y), batch)])
 
 
-def test_bias_expert_is_trusted_where_biases_drift_and_not_where_the_student_is_right() -> None:
+def test_session_bias_is_trusted_where_biases_drift_and_not_where_the_student_is_right() -> None:
     rng = np.random.default_rng(0)
     n, users = 20_000, 20
     u = rng.integers(1, users + 1, n)
-    i = rng.integers(1, 50, n)
     # Drift: each user's click rate jumps between 0.1 and 0.6 every 200 of their examples; the
     # student's logit stays at the long-run mean, so the fast residual is worth trusting.
     phase = np.zeros(users + 1, dtype=int)
@@ -423,7 +422,7 @@ def test_bias_expert_is_trusted_where_biases_drift_and_not_where_the_student_is_
     y = _bernoulli_stream(rng, rates)
     z = np.full(n, np.log(0.35 / 0.65))
     drift = FastExperts()
-    mixed = _run(drift, u, i, None, z, y)
+    mixed = _run(drift, u, None, z, y)
     assert drift.mix > 0.5
     assert logloss(y, 1 / (1 + np.exp(-mixed))) < logloss(y, 1 / (1 + np.exp(-z))) - 0.02
 
@@ -431,13 +430,13 @@ def test_bias_expert_is_trusted_where_biases_drift_and_not_where_the_student_is_
     rates = rng.uniform(0.05, 0.5, n)
     y = _bernoulli_stream(rng, rates)
     right = FastExperts()
-    _run(right, u, i, None, np.log(rates / (1 - rates)), y)
+    _run(right, u, None, np.log(rates / (1 - rates)), y)
     assert right.mix < 0.2
 
 
 def test_taste_expert_learns_each_users_taste_in_the_vector_space() -> None:
     """Users like items along their own direction of the item vectors; the student's logit knows
-    nothing of it. The taste expert earns its weight; the bias expert alone cannot do this."""
+    nothing of it. The taste earns its weight; the session bias alone cannot do this."""
     rng = np.random.default_rng(1)
     n, users, items, dim = 30_000, 40, 300, 8
     item_vec = rng.normal(size=(items + 1, dim))
@@ -449,16 +448,16 @@ def test_taste_expert_learns_each_users_taste_in_the_vector_space() -> None:
     y = _bernoulli_stream(rng, 1 / (1 + np.exp(-logit)))
     z = np.full(n, -1.0)
     experts = FastExperts(dim=dim)
-    mixed = _run(experts, u, i, item_vec[i], z, y)
+    mixed = _run(experts, u, item_vec[i], z, y)
     half = n // 2
     assert experts.mix_taste > 0.5
     assert exact_auc(1 / (1 + np.exp(-mixed[half:])), y[half:]) > 0.7
 
 
 @pytest.mark.parametrize("weighted", [False, True])
-def test_user_rounds_and_bias_scan_equal_a_sequential_scan(weighted: bool) -> None:
-    """The user expert's batched rounds and the bias scan (with its session fading and
-    fake-negative weights) give what example-by-example updates give. The population taste
+def test_expert_rounds_equal_a_sequential_scan(weighted: bool) -> None:
+    """The experts' batched rounds (with the session fading and fake-negative weights) give
+    what example-by-example updates give. The population taste
     steps once per batch, so it is off here: with it, batch size changes what is learned."""
     rng = np.random.default_rng(2)
     n, dim = 400, 4
@@ -471,12 +470,11 @@ def test_user_rounds_and_bias_scan_equal_a_sequential_scan(weighted: bool) -> No
     ts[::7] -= 100.0  # a few late examples: a user's clock must not run backwards
     make = lambda: FastExperts(dim=dim, mix_lr=0.0, population_taste=False, session_s=300.0)  # noqa: E731
     batched, sequential = make(), make()
-    items = rng.integers(1, 4, n)
-    out = batched.learn(u, items, v, z, y, w, ts)
-    one_by_one = [sequential.learn(u[k:k + 1], items[k:k + 1], v[k:k + 1], z[k:k + 1], y[k:k + 1], w[k:k + 1],
-                                   ts[k:k + 1]) for k in range(n)]
+    out = batched.learn(u, v, z, y, w, ts)
+    one_by_one = [sequential.learn(u[k:k + 1], v[k:k + 1], z[k:k + 1], y[k:k + 1], w[k:k + 1], ts[k:k + 1])
+                  for k in range(n)]
     np.testing.assert_allclose(out, np.concatenate(one_by_one), rtol=1e-9, atol=1e-12)
-    for table in ("taste_w", "slope_w", "user_w", "user_ts", "item_w"):
+    for table in ("taste_w", "slope_w", "user_w", "user_ts"):
         np.testing.assert_allclose(getattr(batched, table), getattr(sequential, table), rtol=1e-9, atol=1e-12)
 
 
@@ -486,16 +484,16 @@ def test_tracked_user_bias_fades_between_sessions() -> None:
     experts = FastExperts(mix_lr=0.0, session_s=300.0)
     experts.mix = 1.0
     n = 30
-    users, items = np.ones(n, dtype=np.int64), np.arange(1, n + 1)
-    experts.learn(users, items, None, np.zeros(n), np.ones(n, dtype=np.float32), np.ones(n), np.full(n, 1000.0))
+    users = np.ones(n, dtype=np.int64)
+    experts.learn(users, None, np.zeros(n), np.ones(n, dtype=np.float32), np.ones(n), np.full(n, 1000.0))
     assert experts.user_w[1] > 1.0
-    soon, later = experts.components(np.array([1, 1]), np.array([40, 40]), None, np.zeros(2), np.array([1060.0, 4600.0]))[:, 1]
+    soon, later = experts.components(np.array([1, 1]), None, np.zeros(2), np.array([1060.0, 4600.0]))[:, 1]
     assert soon > 0.8 * experts.user_w[1] and abs(later) < 1e-3 * experts.user_w[1]
-    first_next_session = experts.learn(np.array([1]), np.array([41]), None, np.zeros(1), np.zeros(1, dtype=np.float32),
+    first_next_session = experts.learn(np.array([1]), None, np.zeros(1), np.zeros(1, dtype=np.float32),
                                        np.ones(1), np.array([4600.0]))
     assert abs(first_next_session[0]) < 1e-3
-    # Without event times nothing fades (the scorer of a caller that sends none still works).
-    assert FastExperts(session_s=300.0).components(users[:1], items[:1], None, np.zeros(1))[0, 1] == 0.0
+    # Without event times nothing fades: a caller that sends none is served the bias as it stands.
+    assert experts.components(np.array([1]), None, np.zeros(1))[0, 1] == experts.user_w[1] != 0.0
 
 
 def test_slope_expert_learns_which_users_follow_the_student() -> None:
@@ -508,7 +506,7 @@ def test_slope_expert_learns_which_users_follow_the_student() -> None:
     follows = u % 2 == 0
     y = _bernoulli_stream(rng, np.where(follows, 1 / (1 + np.exp(-z)), 0.3))
     experts = FastExperts(mix_lr=0.002)
-    mixed = _run(experts, u, rng.integers(1, 50, n), None, z, y)
+    mixed = _run(experts, u, None, z, y)
     assert experts.mix_slope > 0.5
     slopes = experts.slope_w[1:users + 1]
     ignore, follow = slopes[0::2], slopes[1::2]  # users 1, 3, … and 2, 4, …
@@ -525,15 +523,14 @@ def test_population_taste_reaches_users_never_seen() -> None:
     item_vec = rng.normal(size=(n, dim))
     item_vec /= np.linalg.norm(item_vec, axis=1, keepdims=True)
     shared = rng.normal(size=dim) * 3.0
-    u = i = np.arange(n) + 1  # every example a new user and a new item
-    item_vec = np.vstack([np.zeros((1, dim)), item_vec])
-    y = _bernoulli_stream(rng, 1 / (1 + np.exp(-(item_vec[i] @ shared))))
+    u = np.arange(n) + 1  # every example a new user and a new item
+    y = _bernoulli_stream(rng, 1 / (1 + np.exp(-(item_vec @ shared))))
     experts = FastExperts(dim=dim)
-    mixed = _run(experts, u, i, item_vec[i], np.zeros(n), y)
+    mixed = _run(experts, u, item_vec, np.zeros(n), y)
     half = n // 2
     assert exact_auc(1 / (1 + np.exp(-mixed[half:])), y[half:]) > 0.75
     alone = FastExperts(dim=dim, population_taste=False)
-    assert exact_auc(1 / (1 + np.exp(-_run(alone, u, i, item_vec[i], np.zeros(n), y)[half:])), y[half:]) < 0.55
+    assert exact_auc(1 / (1 + np.exp(-_run(alone, u, item_vec, np.zeros(n), y)[half:])), y[half:]) < 0.55
 
 
 def test_expert_state_of_an_older_version_loads() -> None:
@@ -545,37 +542,37 @@ def test_expert_state_of_an_older_version_loads() -> None:
     experts = FastExperts(dim=4)
     experts.load(old)
     assert experts.mix == 0.7 and experts.mix_taste == 0.3 and experts.mix_slope == 0.0
-    c = experts.components(np.array([1, 5]), np.array([1, 1]), np.ones((2, 4)) / 2, np.zeros(2), np.array([10.0, 10.0]))
+    c = experts.components(np.array([1, 5]), np.ones((2, 4)) / 2, np.zeros(2), np.array([10.0, 10.0]))
     # User 1's bias has no session clock: it counts as from a past session and has faded. User 5
-    # is unknown. Both keep the item's bias.
-    np.testing.assert_allclose(c[:, 1], [-0.2, -0.2])
-    experts.learn(np.array([1]), np.array([1]), np.ones((1, 4)) / 2, np.zeros(1), np.ones(1, dtype=np.float32),
+    # is unknown. (The older version's item biases are gone.)
+    np.testing.assert_allclose(c[:, 1], [0.0, 0.0])
+    experts.learn(np.array([1]), np.ones((1, 4)) / 2, np.zeros(1), np.ones(1, dtype=np.float32),
                   np.ones(1), np.array([20.0]))
     assert experts.user_ts[1] == 20.0 and experts.slope_w.shape[0] >= 2
 
 
 def test_expert_mix_follows_serving_outcomes_once_they_arrive() -> None:
     c = FastExperts(mix_lr=0.05)
-    users, items = np.array([1, 1, 1, 1]), np.array([1, 2, 3, 4])
-    c.learn(users, items, None, np.zeros(4), np.ones(4, dtype=np.float32), np.ones(4))
-    c.learn(users, items, None, np.zeros(4), np.ones(4, dtype=np.float32), np.ones(4))
+    users = np.array([1, 1, 1, 1])
+    c.learn(users, None, np.zeros(4), np.ones(4, dtype=np.float32), np.ones(4))
+    c.learn(users, None, np.zeros(4), np.ones(4, dtype=np.float32), np.ones(4))
     assert c.user_w[1] > 0 and c.mix > 0 and c.serving_feedback == 0
     # Served at a positive correction, labelled 0: the serving loss pulls the mix down ...
     served = ServingEvaluator()
-    served.scored(["r1", "r2"], np.zeros(2), c.components(np.array([1, 1]), np.array([1, 2]), None, np.zeros(2)))
+    served.scored(["r1", "r2"], np.zeros(2), c.components(np.array([1, 1]), None, np.zeros(2)))
     before = c.mix
     finals = [Example(iid, 0.0, "u1", "i1", {}, 0, KIND_FINAL, 0.0) for iid in ("r1", "r2", "unknown")]
     c.fit_to_served(*served.labelled(LearnerMetrics(), finals, np.zeros(3, dtype=np.float32)))
     assert c.serving_feedback == 2 and c.mix < before
     # ... and from now on the training stream no longer moves it.
     after = c.mix
-    c.learn(users, items, None, np.zeros(4), np.ones(4, dtype=np.float32), np.ones(4))
+    c.learn(users, None, np.zeros(4), np.ones(4, dtype=np.float32), np.ones(4))
     assert c.mix == after
     restored = FastExperts()
     restored.load(c.state())
     assert restored.mix == c.mix and restored.serving_feedback == 2
-    np.testing.assert_array_equal(restored.correct(users, items, None, np.zeros(4), np.full(4, 50.0)),
-                                  c.correct(users, items, None, np.zeros(4), np.full(4, 50.0)))
+    np.testing.assert_array_equal(restored.correct(users, None, np.zeros(4), np.full(4, 50.0)),
+                                  c.correct(users, None, np.zeros(4), np.full(4, 50.0)))
 
 
 def logloss(y: np.ndarray, p: np.ndarray) -> float:
