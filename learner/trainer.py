@@ -154,7 +154,8 @@ class OnlineLearner:
         the item vectors the taste expert reads."""
         labelled = isinstance(records[0], Example)
         batch = self.featurizer.encode(records, grow=False, labelled=labelled)
-        self.model.eval()
+        if self.model.training:  # switching walks every submodule: only when the mode changes
+            self.model.eval()
         inp = batch.to_inputs(self.device)
         out = self.model(inp, train=False)
         return batch, out.logit.double().cpu().numpy(), self._item_vectors(inp, None)
@@ -209,7 +210,8 @@ class OnlineLearner:
         labels = torch.from_numpy(batch.labels).to(self.device)
         kinds = torch.from_numpy(batch.kinds).to(self.device)
 
-        self.model.train()
+        if not self.model.training:
+            self.model.train()
         out = self.model(inp, train=True)
         shift = self._in_batch_shift(inp, out.logit, labels, kinds)
         logit = out.logit + shift
