@@ -177,11 +177,11 @@ class FastExperts:
         weighting, 1 otherwise), ``ts`` the event times (None: the session biases do not fade).
         """
         self._grow(users)
-        components = self._rounds(users, vectors if self.dim else None, logits, labels.astype(np.float64),
-                                  weights.astype(np.float64), ts)
+        labels, weights = labels.astype(np.float64), weights.astype(np.float64)
+        components = self._rounds(users, vectors if self.dim else None, logits, labels, weights, ts)
         mixed = self.mixed(components)
         if not self.serving_feedback:
-            self._mix_step(components, labels.astype(np.float64), weights.astype(np.float64))
+            self._mix_step(components, labels, weights)
         return mixed
 
     def _rounds(self, users: np.ndarray, vectors: np.ndarray | None, logits: np.ndarray, labels: np.ndarray,
@@ -205,7 +205,7 @@ class FastExperts:
             rows, z, y, w = users[at], logits[at], labels[at], weights[at]
             if fading:
                 now = ts[at]
-                bw[rows] *= np.exp(-np.maximum(now - bt[rows], 0.0) / self.session_s)
+                bw[rows] *= self._fade(bt[rows], now)
                 bt[rows] = np.maximum(bt[rows], now)
             b, s = bw[rows], sw[rows] * z
             out[at, 1], out[at, 3] = b, s

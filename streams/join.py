@@ -306,7 +306,7 @@ class PartitionJoin:
         if self.orphans:
             orphan = self.orphans.pop(iid, None)
             if orphan is not None:
-                self._match(imp, orphan.click, orphan.offset, published, orphan.raw)
+                self._match(imp, orphan.click, orphan.offset, published, orphan.raw)  # decided by the impression
                 for click, click_offset, click_published, raw in orphan.more:
                     self._click_on_pending(imp, click, click_offset, click_published, raw)
 
