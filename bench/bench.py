@@ -44,17 +44,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from vw_baseline import exact_auc, vw_line, vw_progressive  # noqa: E402
 
-from learner.trainer import OnlineLearner  # noqa: E402
-from livectr import bus  # noqa: E402
-from livectr.broker import EmbeddedBroker  # noqa: E402
-from livectr.config import Config  # noqa: E402
-from livectr.events import (KIND_FAKE_NEGATIVE, KIND_POSITIVE_COPY, KIND_SCORE_REQUEST, Example,  # noqa: E402
+from livectr.learner.online import OnlineLearner  # noqa: E402
+from livectr.core import bus  # noqa: E402
+from livectr.core.broker import EmbeddedBroker  # noqa: E402
+from livectr.core.config import Config  # noqa: E402
+from livectr.core.events import (KIND_FAKE_NEGATIVE, KIND_POSITIVE_COPY, KIND_SCORE_REQUEST, Example,  # noqa: E402
                             ExampleBatch, Item, decision_time, decode_example)
-from simulators.publish import publish  # noqa: E402
-from simulators.sources import open_source  # noqa: E402
-from streams.bench import ceiling  # noqa: E402
-from streams.join import request_threshold, requested  # noqa: E402
-from streams.worker import run_join_worker  # noqa: E402
+from livectr.simulators.publish import publish  # noqa: E402
+from livectr.simulators.sources import open_source  # noqa: E402
+from join_speed import ceiling  # noqa: E402
+from livectr.streams.join import request_threshold, requested  # noqa: E402
+from livectr.streams.worker import run_join_worker  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "ml-100k"
@@ -322,8 +322,8 @@ def pipeline_part(events: int, workdir: Path) -> dict[str, Any]:
 
 def _joined_with_semantics(cfg: Config, source_events: list[Any], titles_out: dict[str, str]) -> tuple[list[Example], dict]:
     """Publish, warm the cache with the refresher, join with the cache client; examples + cache figures."""
-    from semantic_cache.client import SemanticCacheClient
-    from semantic_cache.refresher import run_refresher
+    from livectr.semantic_cache.client import SemanticCacheClient
+    from livectr.semantic_cache.refresher import run_refresher
 
     bus.ensure_topics(cfg)
     for ev in source_events:
@@ -362,7 +362,7 @@ def _joined_with_semantics(cfg: Config, source_events: list[Any], titles_out: di
 
 
 def _encoded(ex: Example) -> bytes:
-    from livectr.events import encode_example
+    from livectr.core.events import encode_example
 
     return encode_example(ex)
 
@@ -388,7 +388,7 @@ def _gate_free(cfg: Config) -> Config:
 
 def semantic_part(events: int, workdir: Path, seeds: int = 3) -> dict[str, Any]:
     """Issue 3's table: the same examples scored by four learners, for two datasets."""
-    from simulators.ml100k import convert_ml100k
+    from livectr.simulators.ml100k import convert_ml100k
 
     datasets: dict[str, tuple[Path | None, Path | None]] = {"synthetic": (None, None)}
     if SHARED.is_dir():

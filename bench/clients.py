@@ -13,10 +13,10 @@ import argparse
 import asyncio
 import time
 
-from livectr import bus
-from livectr.broker import EmbeddedBroker
-from livectr.config import Config
-from livectr.events import Impression, decode_event, encode_event
+from livectr.core import bus
+from livectr.core.broker import EmbeddedBroker
+from livectr.core.config import Config
+from livectr.core.events import Impression, decode_event, encode_event
 
 
 def _records(n: int) -> list[bytes]:

@@ -12,7 +12,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from livectr.events import Example
+from livectr.core.events import Example
 
 _SAFE = re.compile(r"[\s|:]+")
 

@@ -4,7 +4,7 @@ Why: each join source (input partition) writes its examples in the order their l
 decided, but the learner reads several examples partitions, and in a replay one of them can
 be a whole fetch — seconds to minutes of event time — ahead of another. Trained in arrival
 order, the model would then hold labels decided *after* an impression when it scores that
-impression's score request (see :data:`~livectr.events.KIND_SCORE_REQUEST`), which would make
+impression's score request (see :data:`~livectr.core.events.KIND_SCORE_REQUEST`), which would make
 the serving AUC a leak rather than a measurement. So the learner merges the sources by
 decision time, like a stream processor aligning watermarks across inputs:
 
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from itertools import repeat
 from operator import itemgetter
 
-from livectr.events import KIND_FAKE_NEGATIVE, KIND_SCORE_REQUEST, Example
+from livectr.core.events import KIND_FAKE_NEGATIVE, KIND_SCORE_REQUEST, Example
 
 Source = bytes
 _DECIDED_AT_IMPRESSION = frozenset((KIND_SCORE_REQUEST, KIND_FAKE_NEGATIVE))
@@ -77,7 +77,7 @@ class EventTimeMerge:
         self._open.setdefault(partition, {})[offset] = [len(examples), 0]
         self._per_partition[partition] = self._per_partition.get(partition, 0) + len(examples)
         window, at_once = self.window_s, _DECIDED_AT_IMPRESSION
-        # livectr.events.decision_time, inlined as a comprehension: this runs once per example.
+        # livectr.core.events.decision_time, inlined as a comprehension: this runs once per example.
         times = [ex.ts if ex.kind in at_once else (ex.ts + (ex.click_delay if ex.click_delay > 0.0 else 0.0))
                  if ex.label else ex.ts + window for ex in examples]
         q.items.extend(zip(times, examples, repeat(partition), repeat(offset)))

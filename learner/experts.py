@@ -35,7 +35,7 @@ What the mix is fitted to matters under the ``wait`` policy: there a session's c
 learner ten minutes before its non-clicks, a fast expert rides that order, and a mix fitted to
 the training stream trusts it more than serving warrants (MovieLens 100K, serving order: 0.6883
 → 0.6817 with the first, Newton-stepped bias expert). So once *score requests* come back labelled — impressions
-scored at their own time, as a server scores them (``learner.metrics.ServingEvaluator``
+scored at their own time, as a server scores them (``livectr.learner.metrics.ServingEvaluator``
 keeps what each was served from until its label arrives) — the mix is fitted to those outcomes instead, and the training stream no longer moves it.
 
 Cost: numpy, a few tens of µs per round; on 512-example batches of 5,000 users ~0.6 µs per

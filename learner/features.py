@@ -14,10 +14,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from learner.model import ModelInputs
-from learner.vocab import ContextHasher, GrowingVocab
-from livectr.events import KIND_POSITIVE_COPY
-from semantic_cache.codec import dequantize_many
+from livectr.learner.model import ModelInputs
+from livectr.learner.vocab import ContextHasher, GrowingVocab
+from livectr.core.events import KIND_POSITIVE_COPY
+from livectr.semantic_cache.codec import dequantize_many
 
 
 #: Odd 32-bit multipliers (Knuth's and MurmurHash3's) that spread (user, item) rows over the pair buckets.

@@ -16,7 +16,7 @@ Design points:
 * **Bounded runs** end when every examples partition has carried an ``ExampleEnd`` for each
   of the ``source_partitions`` join inputs; the markers seen are kept in the manifest so a
   resumed learner still knows which ones it already consumed.
-* **Event-time alignment.** Examples pass through :class:`learner.align.EventTimeMerge`
+* **Event-time alignment.** Examples pass through :class:`livectr.learner.align.EventTimeMerge`
   before training, so partitions that run ahead in a replay wait for the others (and stop
   being fetched past ``align_max_buffered``); score requests are scored as they leave it. The
   snapshot's offsets stop at the first record the merge still holds, and the manifest lists
@@ -37,13 +37,13 @@ import numpy as np
 
 from confluent_kafka import KafkaError, Message, TopicPartition
 
-from learner.align import EventTimeMerge
-from learner.model import ModelConfig
-from learner.snapshot import clean_temp, load_latest, manifest_offsets, publish_snapshot
-from learner.trainer import OnlineLearner
-from livectr import bus
-from livectr.config import Config, config_hash
-from livectr.events import (KIND_FINAL, KIND_POSITIVE_COPY, KIND_SCORE_REQUEST, DecodeError, Example, ExampleBatch,
+from livectr.learner.align import EventTimeMerge
+from livectr.learner.model import ModelConfig
+from livectr.learner.snapshot import clean_temp, load_latest, manifest_offsets, publish_snapshot
+from livectr.learner.online import OnlineLearner
+from livectr.core import bus
+from livectr.core.config import Config, config_hash
+from livectr.core.events import (KIND_FINAL, KIND_POSITIVE_COPY, KIND_SCORE_REQUEST, DecodeError, Example, ExampleBatch,
                             ExampleEnd, decode_example, encode_example)
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from livectr.events import KIND_FAKE_NEGATIVE, KIND_POSITIVE_COPY, Example
+from livectr.core.events import KIND_FAKE_NEGATIVE, KIND_POSITIVE_COPY, Example
 
 _LOGIT_RANGE = 16.0
 _EPS = 1e-7
@@ -232,7 +232,7 @@ class ServingEvaluator:
     model that scores a negative has already learned from the user's later clicks, and the
     figure rewards reacting to label order (a per-example learner even beats the oracle that
     way). A score request is scored in event-time order at its impression's time (see
-    :mod:`learner.align`), as a server would have scored it; the AUC of those scores against
+    :mod:`livectr.learner.align`), as a server would have scored it; the AUC of those scores against
     the labels is the serving AUC. Pending scores are bounded (oldest dropped) and in memory
     only: requests scored before a restart are not evaluated.
     """

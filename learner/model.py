@@ -1,7 +1,7 @@
 """The student CTR model: id embeddings → DCN-v2 cross + MLP → logit, plus a gated semantic part.
 
 Module boundaries follow TorchRec: sparse id tables (rows grow with the vocabularies and are
-trained per example by :mod:`learner.sparse`, not by autograd optimisers), a dense interaction
+trained per example by :mod:`livectr.learner.sparse`, not by autograd optimisers), a dense interaction
 part, and the semantic extras, each a small module.
 
 Semantic part (MSD-style distillation, present only when ``sem_dim > 0``):
@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from learner.sparse import SparseTable
-from livectr.config import Config
+from livectr.learner.sparse import SparseTable
+from livectr.core.config import Config
 
 #: Scale of the log-count gate feature: log1p(count) / COUNT_SCALE is ~1 at ~1000 impressions.
 COUNT_SCALE = 7.0
@@ -84,7 +84,7 @@ class ModelConfig:
 
 
 class ModelInputs(NamedTuple):
-    """One tensorised mini-batch (see :mod:`learner.features`)."""
+    """One tensorised mini-batch (see :mod:`livectr.learner.features`)."""
 
     user: torch.Tensor  # int64 [B]
     item: torch.Tensor  # int64 [B]
@@ -200,7 +200,7 @@ class StudentCTR(nn.Module):
         self.semantic = SemanticPart(mc) if mc.sem_dim > 0 else None
 
     def sparse_tables(self) -> dict[str, SparseTable]:
-        """The id tables, trained by :class:`learner.sparse.RowAdagrad` rather than autograd optimisers."""
+        """The id tables, trained by :class:`livectr.learner.sparse.RowAdagrad` rather than autograd optimisers."""
         tables = {"user": self.user_emb, "item": self.item_emb, "context": self.context_emb}
         if self.pair_w is not None:
             tables["pair"] = self.pair_w

@@ -22,10 +22,10 @@ from typing import Any, Sequence
 import msgspec
 import numpy as np
 
-from learner.snapshot import latest_version, load_latest
-from learner.trainer import OnlineLearner
-from livectr.config import Config
-from livectr.events import Impression
+from livectr.learner.snapshot import latest_version, load_latest
+from livectr.learner.predictor import Predictor
+from livectr.core.config import Config
+from livectr.core.events import Impression
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +39,9 @@ class NoSnapshotError(RuntimeError):
 class _Loaded:
     """One loaded snapshot: immutable once built, swapped as a whole."""
 
-    def __init__(self, manifest: dict[str, Any], learner: OnlineLearner) -> None:
+    def __init__(self, manifest: dict[str, Any], predictor: Predictor) -> None:
         self.manifest = manifest
-        self.learner = learner
+        self.predictor = predictor
         self.version = int(manifest["version"])
         self.lock = threading.Lock()
 
@@ -82,13 +82,11 @@ class Scorer:
             pointed = latest_version(self.data_dir)
             if pointed is None or (self._current is not None and pointed == self._current.version):
                 return False
-            loaded = load_latest(self.data_dir)
+            loaded = load_latest(self.data_dir, with_optimizer=False)
             if loaded is None:
                 return False
             manifest, state = loaded
-            learner = OnlineLearner(self.cfg, state=state, serving=True)
-            learner.set_unknown_rows_to_mean()
-            self._current = _Loaded(manifest, learner)
+            self._current = _Loaded(manifest, Predictor.for_serving(self.cfg, state))
             self.reloads += 1
             log.info("scorer loaded snapshot v%08d", self._current.version)
             return True
@@ -105,7 +103,7 @@ class Scorer:
         if current is None:
             raise NoSnapshotError(f"no snapshot under {self.data_dir / 'snapshots'} yet")
         with current.lock:
-            return current.learner.predict_batch(list(impressions))
+            return current.predictor.predict_batch(list(impressions))
 
 
 class ScoreRequest(msgspec.Struct, forbid_unknown_fields=True):

@@ -24,16 +24,29 @@ import os
 import re
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from safetensors.numpy import load_file as load_numpy, save_file as save_numpy
 from safetensors.torch import load_file as load_torch, save_file as save_torch
 
-from learner.trainer import LearnerState
 
 log = logging.getLogger(__name__)
+
+@dataclass
+class LearnerState:
+    """Everything needed to resume a learner or serve its model (what a snapshot stores)."""
+
+    model_config: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    optimizer: dict[str, torch.Tensor]
+    arrays: dict[str, np.ndarray]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
 
 VERSION_RE = re.compile(r"^v(\d{8})$")
 LATEST_LINK = "latest"
@@ -177,21 +190,23 @@ def latest_version(data_dir: Path | str) -> int | None:
     return versions[-1] if versions else None
 
 
-def load_version(data_dir: Path | str, version: int) -> tuple[dict[str, Any], LearnerState]:
-    """Read one snapshot; raises ``OSError``/``ValueError`` if it is gone or unreadable."""
+def load_version(data_dir: Path | str, version: int, with_optimizer: bool = True
+                 ) -> tuple[dict[str, Any], LearnerState]:
+    """Read one snapshot (without the optimiser moments when serving); raises
+    ``OSError``/``ValueError`` if it is gone or unreadable."""
     path = snapshots_dir(data_dir) / version_name(version)
     manifest = json.loads((path / MANIFEST).read_text())
     state = LearnerState(
         model_config=manifest["model_config"],
         tensors=load_torch(str(path / "model.safetensors")),
-        optimizer=load_torch(str(path / "optimizer.safetensors")),
+        optimizer=load_torch(str(path / "optimizer.safetensors")) if with_optimizer else {},
         arrays=load_numpy(str(path / "state.safetensors")),
         meta=json.loads((path / "vocab.json").read_text()),
     )
     return manifest, state
 
 
-def load_latest(data_dir: Path | str) -> tuple[dict[str, Any], LearnerState] | None:
+def load_latest(data_dir: Path | str, with_optimizer: bool = True) -> tuple[dict[str, Any], LearnerState] | None:
     """The latest complete snapshot as ``(manifest, learner state)``, or None when there is none.
 
     If the pointed-to version vanished between reading the pointer and the files (pruned by a
@@ -202,7 +217,7 @@ def load_latest(data_dir: Path | str) -> tuple[dict[str, Any], LearnerState] | N
         if version is None:
             return None
         try:
-            return load_version(data_dir, version)
+            return load_version(data_dir, version, with_optimizer)
         except (OSError, ValueError) as exc:
             log.warning("snapshot %s unreadable (%s); retrying", version_name(version), exc)
             time.sleep(0.05)

@@ -39,7 +39,7 @@ class GrowingVocab:
     """Id → row map whose capacity doubles; row 0 is the shared row of unknown ids.
 
     ``counts[row]`` counts the impressions each row has been trained on (positive copies of
-    the fake-negative policy excluded, see :mod:`learner.trainer`); the gate and the cold-start
+    the fake-negative policy excluded, see :mod:`livectr.learner.online`); the gate and the cold-start
     logic use it as the "how well do we know this id" feature.
     """
 

@@ -3,7 +3,7 @@
 Every stage command (``produce``, ``join``, ``refresh``, ``learn``, ``serve``) is what
 ``livectr run`` starts as a child process, so a user can scale out by starting the same
 commands on several machines against one Kafka cluster. Flags override environment
-variables (``LIVECTR_<SECTION>__<FIELD>``), which override defaults (see ``livectr.config``).
+variables (``LIVECTR_<SECTION>__<FIELD>``), which override defaults (see ``livectr.core.config``).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from livectr import config as config_mod
-from livectr.config import Config
-from livectr.status import StatusFile, write_json_atomic
+from livectr.core import config as config_mod
+from livectr.core.config import Config
+from livectr.core.status import StatusFile, write_json_atomic
 
 log = logging.getLogger("livectr")
 
@@ -119,9 +119,9 @@ def _run_stage(args: argparse.Namespace, body: Callable[[Config, StatusFile, thr
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
-    from livectr import bus
-    from simulators.publish import publish
-    from simulators.sources import leading_items, open_source
+    from livectr.core import bus
+    from livectr.simulators.publish import publish
+    from livectr.simulators.sources import leading_items, open_source
 
     def body(cfg: Config, status: StatusFile, stop: threading.Event) -> dict[str, Any]:
         bus.ensure_topics(cfg)
@@ -136,14 +136,14 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
 
 def cmd_join(args: argparse.Namespace) -> int:
-    from livectr import bus
-    from streams.worker import run_join_worker
+    from livectr.core import bus
+    from livectr.streams.worker import run_join_worker
 
     def body(cfg: Config, status: StatusFile, stop: threading.Event) -> dict[str, Any]:
         bus.ensure_topics(cfg)
         semantics = None
         if cfg.semantic.enabled:
-            from semantic_cache.client import SemanticCacheClient
+            from livectr.semantic_cache.client import SemanticCacheClient
 
             semantics = SemanticCacheClient(cfg)
         try:
@@ -160,8 +160,8 @@ def cmd_join(args: argparse.Namespace) -> int:
 
 
 def cmd_refresh(args: argparse.Namespace) -> int:
-    from livectr import bus
-    from semantic_cache.refresher import run_refresher
+    from livectr.core import bus
+    from livectr.semantic_cache.refresher import run_refresher
 
     def body(cfg: Config, status: StatusFile, stop: threading.Event) -> dict[str, Any]:
         bus.ensure_topics(cfg)
@@ -171,8 +171,8 @@ def cmd_refresh(args: argparse.Namespace) -> int:
 
 
 def cmd_learn(args: argparse.Namespace) -> int:
-    from livectr import bus
-    from learner.loop import run_learner
+    from livectr.core import bus
+    from livectr.learner.loop import run_learner
 
     def body(cfg: Config, status: StatusFile, stop: threading.Event) -> dict[str, Any]:
         bus.ensure_topics(cfg)
@@ -193,7 +193,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
-    from livectr.broker import EmbeddedBroker
+    from livectr.core.broker import EmbeddedBroker
 
     stop = _stop_on_signals()
     with EmbeddedBroker(port=args.port) as broker:
@@ -204,7 +204,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 
 def cmd_topics(args: argparse.Namespace) -> int:
-    from livectr import bus
+    from livectr.core import bus
 
     cfg = build_config(args)
     _require_broker(cfg)
@@ -214,7 +214,7 @@ def cmd_topics(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from learner.scorer import serve
+    from livectr.learner.scorer import serve
 
     cfg = build_config(args)
     serve(cfg, args.host, args.port)
@@ -223,8 +223,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_score(args: argparse.Namespace) -> int:
     """Score impressions (JSON lines on stdin) with the latest snapshot; one probability per line."""
-    from learner.scorer import Scorer
-    from livectr.events import DecodeError, Impression, decode_event
+    from livectr.learner.scorer import Scorer
+    from livectr.core.events import DecodeError, Impression, decode_event
 
     cfg = build_config(args)
     scorer = Scorer(cfg.data_dir)
@@ -245,7 +245,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_similar(args: argparse.Namespace) -> int:
-    from semantic_cache.similar import similar
+    from livectr.semantic_cache.similar import similar
 
     cfg = build_config(args)
     neighbours = similar(cfg, args.item_id, k=args.k)
@@ -258,7 +258,7 @@ def cmd_similar(args: argparse.Namespace) -> int:
 
 
 def cmd_convert_ml100k(args: argparse.Namespace) -> int:
-    from simulators.ml100k import convert_ml100k
+    from livectr.simulators.ml100k import convert_ml100k
 
     events, items = convert_ml100k(args.src, args.out)
     print(f"events: {events}\nitems:  {items}\nrun:    livectr run --log {events} --items {items}")

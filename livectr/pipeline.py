@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from livectr import bus
-from livectr import config as config_mod
-from livectr.broker import EmbeddedBroker
-from livectr.config import Config
-from livectr.status import read_json
+from livectr.core import bus
+from livectr.core import config as config_mod
+from livectr.core.broker import EmbeddedBroker
+from livectr.core.config import Config
+from livectr.core.status import read_json
 
 log = logging.getLogger(__name__)
 

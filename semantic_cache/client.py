@@ -12,12 +12,12 @@ background thread that
   and encodes them first.
 
 User vectors are computed here: the decayed mean (``user_decay`` per click) of the reduced
-vectors of the items the user clicked before a given event time (:mod:`semantic_cache.profiles`),
+vectors of the items the user clicked before a given event time (:mod:`livectr.semantic_cache.profiles`),
 fed by ``observe_click``; it needs no extra topic and follows the user's clicks immediately.
 ``user(user_id, at)`` answers from the clicks made before event time ``at`` — the join passes
 the impression's time, so an example never carries clicks made after its impression, whatever
 order a replay reads the topics in. With LLM enrichment on, the clicks are also sent to the refresher
-(:class:`~semantic_cache.wire.UserClicks` on the misses topic), which has the LLM summarise the
+(:class:`~livectr.semantic_cache.wire.UserClicks` on the misses topic), which has the LLM summarise the
 user's recent items and publishes the summary's vector (kind ``user``, ``source_ts`` = event
 time of the newest click it covers); the user vector is then the normalised mean of the click
 profile and the newest summary that covers only clicks before ``at`` — MSD's user-level
@@ -47,13 +47,13 @@ from typing import Any, NamedTuple
 import numpy as np
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message, TopicPartition
 
-from livectr import bus
-from livectr.config import Config
-from livectr.events import DecodeError
-from semantic_cache import wire
-from semantic_cache.codec import dequantize, to_bytes
-from semantic_cache.profiles import ClickProfiles
-from semantic_cache.store import VectorStore
+from livectr.core import bus
+from livectr.core.config import Config
+from livectr.core.events import DecodeError
+from livectr.semantic_cache import wire
+from livectr.semantic_cache.codec import dequantize, to_bytes
+from livectr.semantic_cache.profiles import ClickProfiles
+from livectr.semantic_cache.store import VectorStore
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def _warm_rows(cfg: Config) -> tuple[str, dict[str, tuple[bytes, float]]]:
 
 
 class SemanticCacheClient:
-    """Implements :class:`semantic_cache.lookup.SemanticLookup` over the semantic topic.
+    """Implements :class:`livectr.core.lookup.SemanticLookup` over the semantic topic.
 
     The constructor starts the background thread and waits (at most
     ``cfg.semantic.client_catchup_s``) until the vectors already on the topic are loaded, so

@@ -28,7 +28,7 @@ def quantize(vectors: np.ndarray) -> np.ndarray:
 
 
 def to_bytes(vector: np.ndarray) -> bytes:
-    """One vector as the bytes an :class:`~livectr.events.Example` carries."""
+    """One vector as the bytes an :class:`~livectr.core.events.Example` carries."""
     return quantize(vector).tobytes()
 
 

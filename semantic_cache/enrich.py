@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from livectr.config import Config
+from livectr.core.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ class HFCausalLMEnricher(Enricher):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from semantic_cache.teacher import resolve_device
+        from livectr.semantic_cache.teacher import resolve_device
 
         self._torch = torch
         self.model_path = Path(model_path)

@@ -2,7 +2,7 @@
 
 Why PCA, fitted once: every joined example carries the item's and the user's vector, so the
 stream pays for each dimension on every record (``reduced_dim`` int8 bytes each, see
-:mod:`semantic_cache.codec`). A linear projection keeps cosine structure better than random
+:mod:`livectr.semantic_cache.codec`). A linear projection keeps cosine structure better than random
 projection at this size, needs no training loop, and, crucially, is *frozen*: the student
 learns on these coordinates, so refitting would silently change their meaning. The
 projection is therefore fitted once on the first few hundred items (or all there are),
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from semantic_cache.codec import to_bytes
+from livectr.semantic_cache.codec import to_bytes
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ stream on a fresh broker is served at once, and nothing is recomputed after a re
 Misses are read from the end: a client re-reports ids that are still missing.
 
 User summaries (LLM enrichment on): join workers' cache clients send each user's clicks
-(:class:`~semantic_cache.wire.UserClicks`, on the misses topic). The refresher keeps the last
+(:class:`~livectr.semantic_cache.wire.UserClicks`, on the misses topic). The refresher keeps the last
 ``user_summary_items`` clicked items per user and, on a user's first click and then every
 ``user_summary_every`` clicks, asks the LLM to summarise the preferences behind them; the
 teacher encodes the summary and it is published as a ``user`` vector. Item work always goes
@@ -28,7 +28,7 @@ first: the stream waits on item vectors, a user summary only refines a profile t
 
 The reduction (PCA) is fitted once ``reducer_fit_min`` items are encoded — or, when fewer
 items exist, after ``reducer_fit_idle_s`` without new work — and then frozen (see
-:mod:`semantic_cache.reducer`). Vectors encoded before the fit are published right after it.
+:mod:`livectr.semantic_cache.reducer`). Vectors encoded before the fit are published right after it.
 """
 
 from __future__ import annotations
@@ -43,14 +43,14 @@ from typing import Any, Callable
 import numpy as np
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message, Producer
 
-from livectr import bus
-from livectr.config import Config
-from livectr.events import DecodeError, EndOfStream, Item, decode_event
-from semantic_cache import wire
-from semantic_cache.enrich import Enricher, make_enricher
-from semantic_cache.reducer import PCAReducer, bytes_per_example, load_reducer, reducer_path
-from semantic_cache.store import StoredVector, VectorStore, text_hash
-from semantic_cache.teacher import Teacher, make_teacher
+from livectr.core import bus
+from livectr.core.config import Config
+from livectr.core.events import DecodeError, EndOfStream, Item, decode_event
+from livectr.semantic_cache import wire
+from livectr.semantic_cache.enrich import Enricher, make_enricher
+from livectr.semantic_cache.reducer import PCAReducer, bytes_per_example, load_reducer, reducer_path
+from livectr.semantic_cache.store import StoredVector, VectorStore, text_hash
+from livectr.semantic_cache.teacher import Teacher, make_teacher
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Why full vectors, not the reduced ones: this is the human check that the teacher's space makes
 sense ("is a near-duplicate ice cream next to this one?"), so it uses the 384-d vectors from
 the persisted store, exact below ``faiss_exact_below`` items and HNSW above (see
-:class:`semantic_cache.index.ItemIndex`). It reads the store, so it works while (or after)
+:class:`livectr.semantic_cache.index.ItemIndex`). It reads the store, so it works while (or after)
 the refresher runs, from another process, without a broker.
 """
 
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from livectr.config import Config
-from semantic_cache.index import ItemIndex
-from semantic_cache.store import StoredVector, VectorStore
+from livectr.core.config import Config
+from livectr.semantic_cache.index import ItemIndex
+from livectr.semantic_cache.store import StoredVector, VectorStore
 
 
 def build_index(rows: list[StoredVector], exact_below: int = 50_000) -> ItemIndex:

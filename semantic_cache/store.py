@@ -25,7 +25,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from livectr.config import Config
+from livectr.core.config import Config
 
 KINDS = ("item", "user")
 

@@ -18,7 +18,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from livectr.config import Config
+from livectr.core.config import Config
 
 
 @runtime_checkable

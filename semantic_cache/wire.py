@@ -19,7 +19,7 @@ from typing import Any
 
 import msgspec
 
-from livectr.events import DecodeError
+from livectr.core.events import DecodeError
 
 
 class SemanticVector(msgspec.Struct, frozen=True, tag="vec", array_like=True):

@@ -11,7 +11,7 @@ Why these choices:
   per-record Python callback would cost more than producing. ``flush_or_raise`` still proves
   every record was acknowledged (nothing left in the queue, no failure reported) before the end
   markers are written, and again after them.
-* Bounded runs end with one :class:`~livectr.events.EndOfStream` per partition of each topic,
+* Bounded runs end with one :class:`~livectr.core.events.EndOfStream` per partition of each topic,
   carrying how many records this producer wrote there, so consumers can tell they have read
   everything without trusting watermarks. Markers are also written when ``stop`` is set.
 * Bad records from a replay go to the dead-letter topic with their reason; malformed synthetic
@@ -30,10 +30,10 @@ from typing import Any, Callable, Iterable
 from confluent_kafka import Producer
 from tqdm import tqdm
 
-from livectr import bus
-from livectr.config import Config
-from livectr.events import Click, Impression, Item, encode_event
-from simulators.records import BadRecord, SourceRecord
+from livectr.core import bus
+from livectr.core.config import Config
+from livectr.core.events import Click, Impression, Item, encode_event
+from livectr.simulators.records import BadRecord, SourceRecord
 
 #: Records between two housekeeping steps (poll, stop check, status, progress bar) at full speed.
 HOUSEKEEPING_EVERY = 1024
@@ -81,7 +81,7 @@ def publish(cfg: Config, events: Iterable[SourceRecord], *, producer_id: str, sp
     """Send ``events`` (in order) and, unless ``end_markers`` is False, end markers; return a summary.
 
     ``end_markers=False`` is for a prelude that is not the stream itself (the catalogue
-    published ahead of traffic, see :func:`simulators.sources.leading_items`).
+    published ahead of traffic, see :func:`livectr.simulators.sources.leading_items`).
 
     The topics must exist (``bus.ensure_topics``). Raises ``bus.DeliveryFailed`` if the broker
     did not acknowledge every record.

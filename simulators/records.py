@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Union
 
-from livectr.events import Click, Impression, Item
+from livectr.core.events import Click, Impression, Item
 
 #: Logical topic names a bad record may claim to belong to (see :class:`BadRecord`).
 RAW_TOPICS = ("impressions", "clicks", "items")

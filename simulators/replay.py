@@ -12,7 +12,7 @@ Why everything is loaded and sorted in memory: a log exported from a warehouse i
 event-time order, and the join needs event time to be (nearly) monotone per partition; a stable
 sort by (ts, items first, impressions before clicks) also guarantees that an item's description
 goes out before the first impression that shows it. A row that cannot become a valid event is
-never dropped silently: it comes out as a :class:`~simulators.records.BadRecord` with its
+never dropped silently: it comes out as a :class:`~livectr.simulators.records.BadRecord` with its
 original line bytes and the reason, and the publisher dead-letters it.
 """
 
@@ -27,8 +27,8 @@ from typing import Any, Iterable, Iterator
 
 import msgspec
 
-from livectr.events import Click, ContextValue, Impression, Item
-from simulators.records import BadRecord, SourceRecord
+from livectr.core.events import Click, ContextValue, Impression, Item
+from livectr.simulators.records import BadRecord, SourceRecord
 
 #: Largest plausible unix time in seconds (the same bound ``decode_event`` applies).
 MAX_TS = 1e11

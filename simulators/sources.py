@@ -6,11 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from livectr.config import Config
-from livectr.events import Item
-from simulators.records import SourceRecord
-from simulators.replay import load_replay
-from simulators.synthetic import GroundTruth, SyntheticTraffic
+from livectr.core.config import Config
+from livectr.core.events import Item
+from livectr.simulators.records import SourceRecord
+from livectr.simulators.replay import load_replay
+from livectr.simulators.synthetic import GroundTruth, SyntheticTraffic
 
 
 @dataclass

@@ -16,7 +16,7 @@ vector) and then plays it out in event time:
   10-minute attribution window); a few clicks are duplicated; optionally malformed raw records
   are mixed in (``malformed_rate``);
 * user tastes drift as an Ornstein-Uhlenbeck process, so a model frozen at the start decays;
-* new items are announced by an :class:`~livectr.events.Item` event at their birth, before any
+* new items are announced by an :class:`~livectr.core.events.Item` event at their birth, before any
   impression of them.
 
 Everything is drawn in numpy chunks of impressions and merged by event time per chunk, which
@@ -35,9 +35,9 @@ from typing import Final, Iterator
 
 import numpy as np
 
-from livectr.config import SimulatorConfig
-from livectr.events import Click, Impression, Item, encode_event
-from simulators.records import BadRecord, SourceRecord
+from livectr.core.config import SimulatorConfig
+from livectr.core.events import Click, Impression, Item, encode_event
+from livectr.simulators.records import BadRecord, SourceRecord
 
 #: Event time of the first simulated second (2023-11-14 22:13:20 UTC).
 EPOCH: Final[float] = 1_700_000_000.0

@@ -9,7 +9,7 @@ Event time and the watermark
 Windows close in **event time**, never wall time, so a replay at any speed labels exactly as
 the live run did. Each of the two sources (impressions ``p``, clicks ``p``) has a clock: the
 largest event ``ts`` it has delivered. The partition's watermark is the minimum over the
-sources (a source that delivered its :class:`~livectr.events.EndOfStream` counts as +inf) and
+sources (a source that delivered its :class:`~livectr.core.events.EndOfStream` counts as +inf) and
 never moves backwards. An impression's window is *open* while ``watermark <= ts + W``; the
 first :meth:`PartitionJoin.advance` that sees ``watermark > ts + W`` closes it (strict, so a
 click at exactly ``ts + W`` still counts). Using only the partition's own two sources (rather
@@ -32,14 +32,14 @@ before the orphan expires). Negative delays (logger clock skew) count, with
 event-time truth "some click within W of its impression" (the property tests check it); with
 disorder a click that arrives after the window closed is late.
 
-* policy ``wait``: one :data:`~livectr.events.KIND_FINAL` example per impression — label 1 at
+* policy ``wait``: one :data:`~livectr.core.events.KIND_FINAL` example per impression — label 1 at
   the first counting click (``decided_at`` = publish time of the record that completed the
   join: the click, or the impression when the click came first), label 0 when the window
   closes (``decided_at`` = publish time of the record that set the watermark to its value: the
   limiting source's newest record, or the end marker that made it +inf).
 * policy ``fake-negative`` (Ktena et al., RecSys 2019): a
-  :data:`~livectr.events.KIND_FAKE_NEGATIVE` at once when the impression arrives, then one
-  :data:`~livectr.events.KIND_POSITIVE_COPY` at the first counting click; state is kept until
+  :data:`~livectr.core.events.KIND_FAKE_NEGATIVE` at once when the impression arrives, then one
+  :data:`~livectr.core.events.KIND_POSITIVE_COPY` at the first counting click; state is kept until
   the window closes only to drop duplicate clicks.
 
 Output order
@@ -53,7 +53,7 @@ on match, the positives of minutes of stream would come before negatives that we
 earlier, and the learner — and any progressive metric — would see labels out of time.
 
 Score requests (policy ``wait``, a ``score_sample`` fraction of impressions chosen by a hash
-of the id): a copy of the impression with kind :data:`~livectr.events.KIND_SCORE_REQUEST`,
+of the id): a copy of the impression with kind :data:`~livectr.core.events.KIND_SCORE_REQUEST`,
 placed in the same decision-time order at the impression's own time — after every label
 decided before the impression, before any decided after it. A learner that consumes the
 examples in that order scores the request with exactly the labels a server would have had
@@ -64,7 +64,7 @@ examples.
 
 Semantic vectors (when a cache is attached) go onto each example as the join emits it: the
 item's current vector, and the user's profile *as of the impression's event time* (clicks with
-``ts < imp.ts``, see :mod:`semantic_cache.profiles`). Not the profile at emission, which
+``ts < imp.ts``, see :mod:`livectr.semantic_cache.profiles`). Not the profile at emission, which
 would include clicks made during the window, i.e. after the impression; and not the profile
 when the impression was read, which in a replay depends on how far the consumer has read
 ahead on the clicks topic (minutes of event time either way).
@@ -84,7 +84,7 @@ to a heap, orphan clicks to a heap; :meth:`advance` pops only what closes.
 
 Replay bookkeeping: every impression and click held in state keeps its offset, so
 :meth:`oldest_offsets` tells the worker how far back a replay must start to rebuild this
-state without a checkpoint (see ``streams.worker``).
+state without a checkpoint (see ``livectr.streams.worker``).
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ from typing import Final
 
 import msgspec
 
-from livectr.events import (
+from livectr.core.events import (
     KIND_FAKE_NEGATIVE,
     KIND_FINAL,
     KIND_POSITIVE_COPY,
@@ -109,8 +109,8 @@ from livectr.events import (
     Impression,
     decision_time,
 )
-from semantic_cache.lookup import SemanticLookup
-from semantic_cache.profiles import ClickHistory, ClickLog, ProfileChanges
+from livectr.core.lookup import SemanticLookup
+from livectr.streams.profiles import ClickHistory, ClickLog, ProfileChanges
 
 POLICY_WAIT: Final[str] = "wait"
 POLICY_FAKE_NEGATIVE: Final[str] = "fake-negative"

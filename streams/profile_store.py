@@ -25,7 +25,7 @@ from pathlib import Path
 
 import msgspec
 
-from semantic_cache.profiles import ClickLog, ProfileChanges
+from livectr.streams.profiles import ClickLog, ProfileChanges
 
 
 #: A row's value: one user's kept clicks, (event times, item ids), oldest first.

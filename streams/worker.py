@@ -3,11 +3,11 @@
 Scaling: workers share one consumer group (``cfg.join.group_id``) subscribed to the
 impressions and the clicks topics with *range* assignment, so partition ``p`` of both topics
 (co-partitioned by impression id) always lands on the same worker, which owns one
-:class:`~streams.join.PartitionJoin` per such ``p``.
+:class:`~livectr.streams.join.PartitionJoin` per such ``p``.
 
 Hot path: ``consume()`` batches of up to 10k records, ``decode_event`` (msgspec), a couple of
 dict operations per event; the examples one batch produced for one input partition travel as
-one :class:`~livectr.events.ExampleBatch` record (key = input partition, examples partition =
+one :class:`~livectr.core.events.ExampleBatch` record (key = input partition, examples partition =
 ``p % n``), because one ``produce()`` plus a delivery report per example costs more than the
 join itself (``python -m streams.bench`` measures both).
 
@@ -16,7 +16,7 @@ Delivery, checkpoints, commits — the guarantee
 At most every ``cfg.join.commit_interval_s`` (and on revoke, end of a partition and shutdown)
 the worker: (1) flushes the producer and fails loudly unless every example and dead letter was
 acknowledged; (2) with semantics, writes the users' kept clicks that changed since the last
-commit to the partition's profile store (:mod:`streams.profile_store`: incremental, so the
+commit to the partition's profile store (:mod:`livectr.streams.profile_store`: incremental, so the
 cache's user profiles survive a restart at a cost that follows the traffic, not the user base;
 users idle for ``semantic.user_profile_ttl_s`` are forgotten there and in the cache), then
 writes, per partition, a checkpoint (temp file + ``os.replace``) under
@@ -38,8 +38,8 @@ again (at-least-once). ``ExampleEnd`` markers may repeat after a crash; consumer
 distinct ``source_partition``.
 
 Bounded runs: when impressions ``p`` and clicks ``p`` have both delivered an
-:class:`~livectr.events.EndOfStream`, every window of ``p`` is closed, the examples are
-delivered, an :class:`~livectr.events.ExampleEnd` goes to every examples partition, and ``p``
+:class:`~livectr.core.events.EndOfStream`, every window of ``p`` is closed, the examples are
+delivered, an :class:`~livectr.core.events.ExampleEnd` goes to every examples partition, and ``p``
 is checkpointed and committed as finished. A record after its source's end marker is
 dead-lettered in a bounded run and starts a new event-time epoch in an unbounded one.
 """
@@ -49,19 +49,15 @@ from __future__ import annotations
 import gc
 import logging
 import math
-import os
-import re
 import threading
 import time
-from pathlib import Path
 from typing import Any, Callable
 
-import msgspec
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from livectr import bus
-from livectr.config import Config
-from livectr.events import (
+from livectr.core import bus
+from livectr.core.config import Config
+from livectr.core.events import (
     Click,
     DecodeError,
     EndOfStream,
@@ -73,14 +69,15 @@ from livectr.events import (
     decode_example,
     encode_example,
 )
-from semantic_cache.lookup import SemanticLookup
-from semantic_cache.profiles import history_length
-from streams.join import CLICKS, IMPRESSIONS, JoinCounters, PartitionJoin, PartitionState
-from streams.profile_store import ProfileStore
+from livectr.core.lookup import SemanticLookup
+from livectr.streams.checkpoint import (CHECKPOINT_VERSION, Checkpoint, CommitMeta, checkpoint_path, delivered_after,
+                                        profile_store_path, read_checkpoint, write_checkpoint)
+from livectr.streams.join import CLICKS, IMPRESSIONS, JoinCounters, PartitionJoin
+from livectr.streams.profile_store import ProfileStore
+from livectr.streams.profiles import history_length
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_VERSION = 1
 #: Records per ``consume()`` call: large batches amortise the Python overhead per call.
 CONSUME_BATCH = 10_000
 #: Examples per ExampleBatch record (≈150 B each without vectors): stays far below 1 MB.
@@ -91,49 +88,8 @@ STAGE = "join"
 GC_GEN0_THRESHOLD = 100_000
 
 
-class Checkpoint(msgspec.Struct):
-    """One input partition's checkpoint file."""
-
-    version: int
-    group_id: str
-    partition: int
-    seq: int
-    #: Next offsets to read from impressions p / clicks p (what ``state`` reflects).
-    impressions_position: int
-    clicks_position: int
-    #: Examples partition this input partition writes to, and the next offset there after
-    #: this worker's last delivered record when the checkpoint was taken (-1: unknown).
-    out_partition: int
-    out_offset: int
-    state: PartitionState
-
-
-_ckpt_encoder = msgspec.msgpack.Encoder()
-_ckpt_decoder = msgspec.msgpack.Decoder(Checkpoint)
-
-
-class CommitMeta(msgspec.Struct):
-    """What the worker stores in Kafka's commit metadata (survives a lost checkpoint)."""
-
-    seq: int = 0
-    finished: bool = False
-    examples: int = 0
-
-    def encode(self) -> str:
-        return f"seq={self.seq};fin={int(self.finished)};ex={self.examples}"
-
-    @classmethod
-    def parse(cls, text: str | None) -> "CommitMeta":
-        """Parse :meth:`encode` output; anything else (or nothing) is the empty metadata."""
-        fields = dict(part.split("=", 1) for part in (text or "").split(";") if "=" in part)
-        try:
-            return cls(int(fields.get("seq", 0)), fields.get("fin", "0") == "1", int(fields.get("ex", 0)))
-        except ValueError:
-            return cls()
-
-
 class _Provenance:
-    """Where a rejected record came from, for :class:`livectr.bus.DeadLetterSink` headers.
+    """Where a rejected record came from, for :class:`livectr.core.bus.DeadLetterSink` headers.
 
     Orphan clicks are dead-lettered long after their Kafka message is gone; this carries the
     same four facts the sink reads from a live message.
@@ -155,40 +111,6 @@ class _Provenance:
 
     def key(self) -> bytes | None:
         return self._key
-
-
-def checkpoint_path(cfg: Config, partition: int) -> Path:
-    """File of input partition ``partition``'s checkpoint (per group and impressions topic)."""
-    safe = re.compile(r"[^A-Za-z0-9._-]")
-    group = safe.sub("_", cfg.join.group_id)
-    topic = safe.sub("_", cfg.topics.impressions)
-    return cfg.data_dir / "join-state" / group / f"{topic}-{partition}.ckpt"
-
-
-def profile_store_path(cfg: Config, partition: int) -> Path:
-    """File of input partition ``partition``'s kept user clicks (next to its checkpoint)."""
-    ckpt = checkpoint_path(cfg, partition)
-    return ckpt.with_name(ckpt.stem + ".profiles.sqlite")
-
-
-def write_checkpoint(path: Path, ckpt: Checkpoint) -> None:
-    """Atomically replace ``path`` (temp file + rename: readers see old or new, never half)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(_ckpt_encoder.encode(ckpt))
-    os.replace(tmp, path)
-
-
-def read_checkpoint(path: Path) -> Checkpoint | None:
-    """The checkpoint at ``path``, or ``None`` when absent or unreadable (then Kafka's commit rules)."""
-    try:
-        ckpt = _ckpt_decoder.decode(path.read_bytes())
-    except FileNotFoundError:
-        return None
-    except (OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:
-        log.warning("ignoring unreadable join checkpoint %s: %s", path, exc)
-        return None
-    return ckpt if ckpt.version == CHECKPOINT_VERSION else None
 
 
 class _ExampleDelivery(bus.DeliveryTracker):
@@ -231,7 +153,7 @@ class JoinWorker:
         self.n_in = bus.partition_count(cfg.kafka, self.topics.impressions)
         self.n_out = bus.partition_count(cfg.kafka, self.topics.examples)
         if self.n_in == 0 or self.n_out == 0:
-            raise RuntimeError("join topics missing: run livectr.bus.ensure_topics(cfg) first")
+            raise RuntimeError("join topics missing: run livectr.core.bus.ensure_topics(cfg) first")
         self.track_idle = not bounded and cfg.join.idle_timeout_s > 0
         extra: dict[str, object] = {"enable.partition.eof": True} if self.track_idle else {}
         self.consumer: Consumer = bus.consumer(cfg.kafka, cfg.join.group_id, **extra)
@@ -293,7 +215,7 @@ class JoinWorker:
             self.positions[(CLICKS, p)] = ckpt.clicks_position
             self.seq[p] = ckpt.seq
             if not join.finished and ckpt.out_offset >= 0:
-                join.suppress = self._delivered_after(p, ckpt.out_partition, ckpt.out_offset)
+                join.suppress = delivered_after(self.cfg, p, ckpt.out_partition, ckpt.out_offset)
         else:
             join = PartitionJoin(p, join_cfg.window_s, join_cfg.policy, semantics=self.semantics,
                                  closed_memory=join_cfg.closed_memory, score_sample=join_cfg.score_sample,
@@ -312,45 +234,6 @@ class JoinWorker:
                 if join.clocks[src].done:
                     self.ended.add((src, p))
         self.joins[p] = join
-
-    def _delivered_after(self, p: int, out_partition: int, start: int) -> set[tuple[str, int]]:
-        """(impression_id, kind) of the examples input partition ``p`` delivered after ``start``.
-
-        These were produced after the checkpoint being restored; the replay will produce them
-        again and the join drops them once each.
-        """
-        reader = bus.consumer(self.cfg.kafka)
-        tp = TopicPartition(self.topics.examples, out_partition, start)
-        try:
-            _, high = reader.get_watermark_offsets(tp, timeout=10)
-            seen: set[tuple[str, int]] = set()
-            if high <= start:
-                return seen
-            reader.assign([tp])
-            key = str(p).encode()
-            position = start
-            deadline = time.monotonic() + 30
-            while position < high and time.monotonic() < deadline:
-                for msg in reader.consume(10_000, 0.5):
-                    if msg.error() is not None:
-                        continue
-                    position = msg.offset() + 1
-                    if msg.key() != key:
-                        continue
-                    try:
-                        record = decode_example(msg.value())
-                    except DecodeError:
-                        continue
-                    examples = record.examples if isinstance(record, ExampleBatch) else (
-                        [record] if isinstance(record, Example) else [])
-                    seen.update((ex.impression_id, ex.kind) for ex in examples)
-            if position < high:
-                log.warning("partition %d: could not re-read delivered examples; duplicates possible", p)
-            if seen:
-                log.info("partition %d: %d examples delivered after the checkpoint will not be resent", p, len(seen))
-            return seen
-        finally:
-            reader.close()
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         revoked = {tp.partition for tp in partitions} & set(self.joins)

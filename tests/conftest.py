@@ -14,8 +14,8 @@ from typing import Iterator
 
 import pytest
 
-from livectr.broker import EmbeddedBroker
-from livectr.config import Config
+from livectr.core.broker import EmbeddedBroker
+from livectr.core.config import Config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

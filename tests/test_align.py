@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from learner.align import EventTimeMerge
-from livectr.events import KIND_FINAL, KIND_SCORE_REQUEST, Example, decision_time
+from livectr.learner.align import EventTimeMerge
+from livectr.core.events import KIND_FINAL, KIND_SCORE_REQUEST, Example, decision_time
 
 W = 10.0
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from learner.metrics import DelayedLabelEvaluator, LearnerMetrics
-from livectr.events import KIND_FAKE_NEGATIVE, KIND_FINAL, KIND_POSITIVE_COPY
+from livectr.learner.metrics import DelayedLabelEvaluator, LearnerMetrics
+from livectr.core.events import KIND_FAKE_NEGATIVE, KIND_FINAL, KIND_POSITIVE_COPY
 
 
 def _feed(ev: DelayedLabelEvaluator, m: LearnerMetrics, rows: list[tuple[str, float, float, int, int]]) -> None:

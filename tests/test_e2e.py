@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from livectr.config import Config
-from simulators.synthetic import SyntheticTraffic
+from livectr.core.config import Config
+from livectr.simulators.synthetic import SyntheticTraffic
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

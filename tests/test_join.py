@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from livectr.events import (
+from livectr.core.events import (
     KIND_FAKE_NEGATIVE,
     KIND_FINAL,
     KIND_POSITIVE_COPY,
@@ -26,7 +26,7 @@ from livectr.events import (
     encode_event,
 )
 from lookups import ClickSetLookup
-from streams.join import (
+from livectr.streams.join import (
     CLICKS,
     IMPRESSIONS,
     POLICY_FAKE_NEGATIVE,
@@ -40,8 +40,8 @@ from streams.join import (
     decode_state,
     encode_state,
 )
-from semantic_cache.profiles import ProfileChanges
-from streams.profile_store import ProfileStore
+from livectr.streams.profiles import ProfileChanges
+from livectr.streams.profile_store import ProfileStore
 
 W = 600.0
 T0 = 1_700_000_000.0

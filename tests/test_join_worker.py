@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from livectr import bus
-from livectr.config import Config, from_dict, to_dict
-from livectr.events import (
+from livectr.core import bus
+from livectr.core.config import Config, from_dict, to_dict
+from livectr.core.events import (
     KIND_FAKE_NEGATIVE,
     KIND_FINAL,
     KIND_POSITIVE_COPY,
@@ -33,9 +33,10 @@ from livectr.events import (
     encode_event,
 )
 from lookups import ClickSetLookup
-from streams.join import REASON_ORPHAN
-from streams.profile_store import ProfileStore
-from streams.worker import checkpoint_path, profile_store_path, read_checkpoint, run_join_worker
+from livectr.streams.join import REASON_ORPHAN
+from livectr.streams.profile_store import ProfileStore
+from livectr.streams.checkpoint import checkpoint_path, profile_store_path, read_checkpoint
+from livectr.streams.worker import run_join_worker
 
 pytestmark = pytest.mark.integration
 

@@ -11,15 +11,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from learner.experts import FastExperts
-from learner.features import Featurizer
-from learner.metrics import HistogramAUC, LearnerMetrics, LogQuantiles, ServingEvaluator, WindowAUC, exact_auc
-from learner.model import ModelConfig, StudentCTR
-from learner.synthetic import ToyWorld
-from learner.trainer import OnlineLearner, fake_negative_weights
-from learner.vocab import UNKNOWN_ROW, ContextHasher, GrowingVocab, stable_bucket
-from livectr.config import Config
-from livectr.events import KIND_FAKE_NEGATIVE, KIND_FINAL, KIND_POSITIVE_COPY, Example
+from livectr.learner.experts import FastExperts
+from livectr.learner.features import Featurizer
+from livectr.learner.metrics import HistogramAUC, LearnerMetrics, LogQuantiles, ServingEvaluator, WindowAUC, exact_auc
+from livectr.learner.model import ModelConfig, StudentCTR
+from toyworld import ToyWorld
+from livectr.learner.online import OnlineLearner, fake_negative_weights
+from livectr.learner.predictor import Predictor
+from livectr.learner.vocab import UNKNOWN_ROW, ContextHasher, GrowingVocab, stable_bucket
+from livectr.core.config import Config
+from livectr.core.events import KIND_FAKE_NEGATIVE, KIND_FINAL, KIND_POSITIVE_COPY, Example
 
 
 def make_cfg(semantic: bool = True) -> Config:
@@ -209,7 +210,7 @@ def test_fast_experts_scores_use_only_earlier_labels_and_survive_a_snapshot(sema
     experts.mix = experts.mix_taste = experts.mix_slope = 0.5  # whatever the stream chose, the experts must count here
     batch = world.examples(256)
     twin = OnlineLearner(make_cfg(semantic), state=learner.state())
-    server = OnlineLearner(make_cfg(semantic), state=learner.state(), serving=True)
+    server = Predictor(make_cfg(semantic), state=learner.state())
     np.testing.assert_allclose(server.predict_batch(batch), learner.predict_batch(batch), rtol=1e-6)
     torch.manual_seed(11)  # the gate samples from torch's global generator: the same draws for both
     out = learner.learn_batch(batch)["predictions"]
@@ -302,7 +303,8 @@ def test_cold_start_copies_neighbour_embeddings() -> None:
     sims = np.array([s for i, s in hits if s > 0][: cfg.semantic.neighbours])
     W = learner.model.item_emb.weight.detach()
     expected = (torch.tensor(sims / sims.sum(), dtype=W.dtype) @ W[rows])
-    assert learner._cold_start(batch, [new]) == 1
+    assert learner.cold_start is not None
+    assert learner.cold_start.initialise(learner.featurizer, learner.model.item_emb.weight, batch, [new]) == 1
     row = learner.featurizer.items.row("brand-new")
     torch.testing.assert_close(learner.model.item_emb.weight.detach()[row], expected)
     assert rows[0] == learner.featurizer.items.row("i3")  # the best neighbour is the item with the same vector

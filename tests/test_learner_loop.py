@@ -6,12 +6,12 @@ import threading
 import time
 from typing import Any
 
-from learner import snapshot as snap
-from learner.loop import run_learner
-from learner.synthetic import ToyWorld
-from livectr import bus
-from livectr.config import Config
-from livectr.events import Example, ExampleBatch, ExampleEnd, encode_example
+from livectr.learner import snapshot as snap
+from livectr.learner.loop import run_learner
+from toyworld import ToyWorld
+from livectr.core import bus
+from livectr.core.config import Config
+from livectr.core.events import Example, ExampleBatch, ExampleEnd, encode_example
 
 
 def produce(cfg: Config, batches: dict[int, list[list[Example]]], raw: list[tuple[int, bytes]] = (),

@@ -6,8 +6,9 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from semantic_cache.codec import dequantize, to_bytes
-from semantic_cache.profiles import NEGLIGIBLE_WEIGHT, ClickHistory, ClickProfiles, history_length
+from livectr.semantic_cache.codec import dequantize, to_bytes
+from livectr.semantic_cache.profiles import ClickProfiles
+from livectr.streams.profiles import NEGLIGIBLE_WEIGHT, ClickHistory, history_length
 
 DIM = 8
 

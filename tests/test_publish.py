@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from livectr import bus
-from livectr.config import Config
-from livectr.events import Click, DecodeError, EndOfStream, Impression, Item, decode_event
-from simulators.publish import partition_for, publish
-from simulators.sources import open_source
+from livectr.core import bus
+from livectr.core.config import Config
+from livectr.core.events import Click, DecodeError, EndOfStream, Impression, Item, decode_event
+from livectr.simulators.publish import partition_for, publish
+from livectr.simulators.sources import open_source
 
 pytestmark = pytest.mark.integration
 

@@ -12,12 +12,12 @@ from typing import Any, Iterator
 import numpy as np
 import pytest
 
-from learner import snapshot as snap
-from learner.scorer import NoSnapshotError, Scorer, make_server
-from learner.synthetic import ToyWorld
-from learner.trainer import OnlineLearner
-from livectr.config import Config
-from livectr.events import Impression
+from livectr.learner import snapshot as snap
+from livectr.learner.scorer import NoSnapshotError, Scorer, make_server
+from toyworld import ToyWorld
+from livectr.learner.online import OnlineLearner
+from livectr.core.config import Config
+from livectr.core.events import Impression
 
 
 def impressions(world: ToyWorld, n: int) -> list[Impression]:

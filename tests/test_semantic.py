@@ -14,18 +14,18 @@ from typing import Any, Iterator
 import numpy as np
 import pytest
 
-from livectr import bus
-from livectr.config import Config
-from livectr.events import EndOfStream, Impression, Item, encode_event
-from semantic_cache import wire
-from semantic_cache.client import SemanticCacheClient
-from semantic_cache.codec import dequantize
-from semantic_cache.lookup import SemanticLookup
-from semantic_cache.reducer import PCAReducer
-from semantic_cache.refresher import run_refresher
-from semantic_cache.similar import similar
-from semantic_cache.store import StoredVector, VectorStore, text_hash
-from semantic_cache.teacher import MiniLMTeacher, Teacher
+from livectr.core import bus
+from livectr.core.config import Config
+from livectr.core.events import EndOfStream, Impression, Item, encode_event
+from livectr.semantic_cache import wire
+from livectr.semantic_cache.client import SemanticCacheClient
+from livectr.semantic_cache.codec import dequantize
+from livectr.core.lookup import SemanticLookup
+from livectr.semantic_cache.reducer import PCAReducer
+from livectr.semantic_cache.refresher import run_refresher
+from livectr.semantic_cache.similar import similar
+from livectr.semantic_cache.store import StoredVector, VectorStore, text_hash
+from livectr.semantic_cache.teacher import MiniLMTeacher, Teacher
 
 PRODUCTS = ["strawberry ice cream", "dark chocolate bar", "running shoes", "noise-cancelling headphones",
             "espresso beans", "crime novel", "yoga mat", "cast-iron skillet", "winter tyres", "green tea"]

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from livectr.config import Config
-from semantic_cache.enrich import ITEM_EXAMPLE, HFCausalLMEnricher, make_enricher
+from livectr.core.config import Config
+from livectr.semantic_cache.enrich import ITEM_EXAMPLE, HFCausalLMEnricher, make_enricher
 
 CORPUS = [ITEM_EXAMPLE, "brand tier premium budget luxury; health light indulgent; occasion gift snack",
           "price level high low; audience families adults; strawberry vanilla chocolate ice cream"]

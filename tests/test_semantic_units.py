@@ -11,16 +11,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from livectr.broker import free_port
-from livectr.config import Config
-from livectr.events import DecodeError
-from semantic_cache import wire
-from semantic_cache.codec import dequantize
-from semantic_cache.enrich import (OpenAICompatibleEnricher, clean_output, enriched_text, item_prompt,
+from livectr.core.broker import free_port
+from livectr.core.config import Config
+from livectr.core.events import DecodeError
+from livectr.semantic_cache import wire
+from livectr.semantic_cache.codec import dequantize
+from livectr.semantic_cache.enrich import (OpenAICompatibleEnricher, clean_output, enriched_text, item_prompt,
                                    make_enricher)
-from semantic_cache.reducer import PCAReducer, bytes_per_example, load_reducer, reducer_path
-from semantic_cache.refresher import EncodeJob, WorkQueue
-from semantic_cache.store import StoredVector, VectorStore, text_hash
+from livectr.semantic_cache.reducer import PCAReducer, bytes_per_example, load_reducer, reducer_path
+from livectr.semantic_cache.refresher import EncodeJob, WorkQueue
+from livectr.semantic_cache.store import StoredVector, VectorStore, text_hash
 
 
 def _unit(rows: np.ndarray) -> np.ndarray:

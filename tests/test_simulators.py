@@ -14,13 +14,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from livectr.config import Config, SimulatorConfig
-from livectr.events import Click, DecodeError, Impression, Item, decode_event, encode_event
-from simulators.ml100k import POSITIVE_RATING, age_bucket, click_delay_s, convert_ml100k
-from simulators.records import BadRecord
-from simulators.replay import load_replay
-from simulators.sources import open_source
-from simulators.synthetic import (AXES, EPOCH, SLOTS, SyntheticTraffic, auc, axis_of_word, describe_item,
+from livectr.core.config import Config, SimulatorConfig
+from livectr.core.events import Click, DecodeError, Impression, Item, decode_event, encode_event
+from livectr.simulators.ml100k import POSITIVE_RATING, age_bucket, click_delay_s, convert_ml100k
+from livectr.simulators.records import BadRecord
+from livectr.simulators.replay import load_replay
+from livectr.simulators.sources import open_source
+from livectr.simulators.synthetic import (AXES, EPOCH, SLOTS, SyntheticTraffic, auc, axis_of_word, describe_item,
                                   synthetic_stream)
 from tests.conftest import SHARED_DATA
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from learner import snapshot as snap
-from learner.synthetic import ToyWorld
-from learner.trainer import OnlineLearner
-from livectr.config import Config
+from livectr.learner import snapshot as snap
+from toyworld import ToyWorld
+from livectr.learner.online import OnlineLearner
+from livectr.core.config import Config
 
 
 def trained(cfg: Config, batches: int = 5, seed: int = 0) -> tuple[OnlineLearner, ToyWorld]:

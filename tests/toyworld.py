@@ -13,8 +13,8 @@ import time
 
 import numpy as np
 
-from livectr.events import KIND_FINAL, Example
-from semantic_cache.codec import quantize
+from livectr.core.events import KIND_FINAL, Example
+from livectr.semantic_cache.codec import quantize
 
 
 class ToyWorld:

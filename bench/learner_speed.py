@@ -12,10 +12,10 @@ import argparse
 import json
 import time
 
-from learner.synthetic import ToyWorld
-from learner.trainer import OnlineLearner
-from livectr.config import Config
-from livectr.events import ExampleBatch, decode_example, encode_example
+from toyworld import ToyWorld
+from livectr.learner.online import OnlineLearner
+from livectr.core.config import Config
+from livectr.core.events import ExampleBatch, decode_example, encode_example
 
 
 def measure(cfg: Config, examples: int = 80_000, records_of: int = 100, seed: int = 1) -> dict[str, float]:

@@ -13,7 +13,7 @@ from typing import Protocol, runtime_checkable
 
 @runtime_checkable
 class SemanticLookup(Protocol):
-    """Non-blocking access to reduced (int8, see :mod:`semantic_cache.codec`) teacher vectors."""
+    """Non-blocking access to reduced (int8, see :mod:`livectr.semantic_cache.codec`) teacher vectors."""
 
     #: Teacher + reduction version the vectors belong to (copied into each example).
     version: str

@@ -20,11 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from livectr import bus
-from livectr.broker import EmbeddedBroker
-from livectr.config import Config
-from livectr.events import Click, Impression, decode_event, encode_event
-from streams.worker import run_join_worker
+from livectr.core import bus
+from livectr.core.broker import EmbeddedBroker
+from livectr.core.config import Config
+from livectr.core.events import Click, Impression, decode_event, encode_event
+from livectr.streams.worker import run_join_worker
 
 T0 = 1_700_000_000.0
 

@@ -17,8 +17,8 @@ from typing import Iterable
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from livectr.config import Config, KafkaConfig, Topics
-from livectr.events import EndOfStream, encode_event
+from livectr.core.config import Config, KafkaConfig, Topics
+from livectr.core.events import EndOfStream, encode_event
 
 log = logging.getLogger(__name__)
 
