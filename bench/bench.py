@@ -34,25 +34,34 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import msgspec
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from join_speed import ceiling  # noqa: E402
 from vw_baseline import exact_auc, vw_line, vw_progressive  # noqa: E402
 
-from livectr.learner.online import OnlineLearner  # noqa: E402
 from livectr.core import bus  # noqa: E402
 from livectr.core.broker import EmbeddedBroker  # noqa: E402
 from livectr.core.config import Config  # noqa: E402
-from livectr.core.events import (KIND_FAKE_NEGATIVE, KIND_POSITIVE_COPY, KIND_SCORE_REQUEST, Example,  # noqa: E402
-                            ExampleBatch, Item, decision_time, decode_example)
+from livectr.core.events import (  # noqa: E402
+    KIND_FAKE_NEGATIVE,
+    KIND_POSITIVE_COPY,
+    KIND_SCORE_REQUEST,
+    Example,
+    ExampleBatch,
+    Item,
+    decision_time,
+    decode_example,
+)
+from livectr.learner.online import OnlineLearner  # noqa: E402
 from livectr.simulators.publish import publish  # noqa: E402
 from livectr.simulators.sources import open_source  # noqa: E402
-from join_speed import ceiling  # noqa: E402
 from livectr.streams.join import request_threshold, requested  # noqa: E402
 from livectr.streams.worker import run_join_worker  # noqa: E402
 
@@ -128,12 +137,17 @@ def _aucs(y: np.ndarray, p: np.ndarray, examples: list[Example]) -> dict[str, fl
     """Overall, cold-start and cold-start-among-new-items AUC of scores ``p``."""
     cold = cold_mask(examples)
     cold_new = cold & new_item_mask(examples)
-    return {"auc": exact_auc(y, p), "cold_auc": exact_auc(y[cold], p[cold]),
-            "cold_new_auc": exact_auc(y[cold_new], p[cold_new]), "cold_new_impressions": int(cold_new.sum())}
+    return {
+        "auc": exact_auc(y, p),
+        "cold_auc": exact_auc(y[cold], p[cold]),
+        "cold_new_auc": exact_auc(y[cold_new], p[cold_new]),
+        "cold_new_impressions": int(cold_new.sum()),
+    }
 
 
-def livectr_seeds(cfg: Config, examples: list[Example], semantics: bool, seeds: int,
-                  fake_negative: bool | None = None) -> dict[str, float]:
+def livectr_seeds(
+    cfg: Config, examples: list[Example], semantics: bool, seeds: int, fake_negative: bool | None = None
+) -> dict[str, float]:
     """:func:`livectr_progressive` (or, with a policy, :func:`livectr_serving`) averaged over
     ``seeds`` model seeds, with the AUCs' spread.
 
@@ -145,8 +159,11 @@ def livectr_seeds(cfg: Config, examples: list[Example], semantics: bool, seeds: 
     for seed in range(seeds):
         seeded = copy.deepcopy(cfg)
         seeded.learner.seed = seed
-        runs.append(livectr_progressive(seeded, examples, semantics) if fake_negative is None
-                    else livectr_serving(seeded, examples, fake_negative, semantics))
+        runs.append(
+            livectr_progressive(seeded, examples, semantics)
+            if fake_negative is None
+            else livectr_serving(seeded, examples, fake_negative, semantics)
+        )
     out = {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
     for k in ("auc", "cold_auc", "cold_new_auc"):
         out[f"{k}_std"] = float(np.std([r[k] for r in runs]))
@@ -166,7 +183,7 @@ def livectr_progressive(cfg: Config, examples: list[Example], semantics: bool) -
     preds = []
     start = time.perf_counter()
     for k in range(0, len(examples), bs):
-        preds.append(learner.learn_batch(examples[k:k + bs])["predictions"])
+        preds.append(learner.learn_batch(examples[k : k + bs])["predictions"])
     elapsed = time.perf_counter() - start
     p = np.concatenate(preds)
     y = np.asarray([ex.label for ex in examples])
@@ -178,8 +195,9 @@ def livectr_progressive(cfg: Config, examples: list[Example], semantics: bool) -
     return out
 
 
-def serving_schedule(examples: list[Example], window_s: float, fake_negative: bool
-                     ) -> list[tuple[float, int, int, Example | None]]:
+def serving_schedule(
+    examples: list[Example], window_s: float, fake_negative: bool
+) -> list[tuple[float, int, int, Example | None]]:
     """What a live system does, in event time: score impression ``k`` at its time, train each
     label when it is decided. Entries are ``(time, 0, k, None)`` (score) and ``(time, 1, k,
     example)`` (train), sorted; at equal times scoring comes first.
@@ -197,14 +215,16 @@ def serving_schedule(examples: list[Example], window_s: float, fake_negative: bo
             continue
         out.append((ex.ts, 1, k, msgspec.structs.replace(ex, label=0, kind=KIND_FAKE_NEGATIVE)))
         if ex.label:
-            out.append((ex.ts + max(ex.click_delay, 0.0), 1, k,
-                        msgspec.structs.replace(ex, label=1, kind=KIND_POSITIVE_COPY)))
+            out.append(
+                (ex.ts + max(ex.click_delay, 0.0), 1, k, msgspec.structs.replace(ex, label=1, kind=KIND_POSITIVE_COPY))
+            )
     out.sort(key=lambda e: (e[0], e[1]))
     return out
 
 
-def livectr_serving(cfg: Config, examples: list[Example], fake_negative: bool, semantics: bool = False
-                    ) -> dict[str, float]:
+def livectr_serving(
+    cfg: Config, examples: list[Example], fake_negative: bool, semantics: bool = False
+) -> dict[str, float]:
     """Serving AUCs of the student on :func:`serving_schedule` (scores taken before any later label trains).
 
     As live, under ``wait`` the impressions the join would sample (``join.score_sample``, same
@@ -229,7 +249,8 @@ def livectr_serving(cfg: Config, examples: list[Example], fake_negative: bool, s
         others = [k for k in pending if not is_request[k]]
         if requests:
             scores[requests] = learner.score_requests(
-                [msgspec.structs.replace(examples[k], kind=KIND_SCORE_REQUEST) for k in requests])
+                [msgspec.structs.replace(examples[k], kind=KIND_SCORE_REQUEST) for k in requests]
+            )
         if others:
             scores[others] = learner.predict_batch([examples[k] for k in others])
         pending.clear()
@@ -296,20 +317,44 @@ def pipeline_part(events: int, workdir: Path) -> dict[str, Any]:
     on = livectr_progressive(cfg, examples, semantics=True)
     off = livectr_progressive(cfg, examples, semantics=False)
     vw = vw_scores(examples, None)
-    res.update(learner_examples_per_s=on["examples_per_s"], learner_examples_per_s_no_semantics=off["examples_per_s"],
-               arrival_livectr_auc=on["auc"], arrival_livectr_auc_no_semantics=off["auc"], arrival_vw_auc=vw["auc"])
+    res.update(
+        learner_examples_per_s=on["examples_per_s"],
+        learner_examples_per_s_no_semantics=off["examples_per_s"],
+        arrival_livectr_auc=on["auc"],
+        arrival_livectr_auc_no_semantics=off["auc"],
+        arrival_vw_auc=vw["auc"],
+    )
     ordered = impression_order(examples)
-    on, off, vw = (livectr_progressive(cfg, ordered, semantics=True), livectr_progressive(cfg, ordered, semantics=False),
-                   vw_scores(ordered, None))
+    on, off, vw = (
+        livectr_progressive(cfg, ordered, semantics=True),
+        livectr_progressive(cfg, ordered, semantics=False),
+        vw_scores(ordered, None),
+    )
     res.update(livectr_auc=on["auc"], livectr_auc_no_semantics=off["auc"], vw_auc=vw["auc"])
     for policy, fn in (("wait", False), ("fake_negative", True)):
         res[f"serving_livectr_auc_{policy}"] = livectr_serving(cfg, impression_order(examples), fn)["auc"]
         res[f"serving_vw_auc_{policy}"] = vw_serving(examples, cfg.join.window_s, fn)
     for semantics in ("on", "off"):
         summary_path = workdir / f"e2e-{semantics}.json"
-        subprocess.run([sys.executable, "-m", "livectr", "run", "--quiet", "--events", str(events),
-                        "--semantics", semantics, "--data-dir", str(workdir / f"e2e-{semantics}"),
-                        "--summary-json", str(summary_path)], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "livectr",
+                "run",
+                "--quiet",
+                "--events",
+                str(events),
+                "--semantics",
+                semantics,
+                "--data-dir",
+                str(workdir / f"e2e-{semantics}"),
+                "--summary-json",
+                str(summary_path),
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         summary = json.loads(summary_path.read_text())
         res[f"e2e_events_per_s_semantics_{semantics}"] = summary["events_per_second"]
         res[f"e2e_auc_semantics_{semantics}"] = summary["progressive_auc"]
@@ -320,7 +365,9 @@ def pipeline_part(events: int, workdir: Path) -> dict[str, Any]:
     return res
 
 
-def _joined_with_semantics(cfg: Config, source_events: list[Any], titles_out: dict[str, str]) -> tuple[list[Example], dict]:
+def _joined_with_semantics(
+    cfg: Config, source_events: list[Any], titles_out: dict[str, str]
+) -> tuple[list[Example], dict]:
     """Publish, warm the cache with the refresher, join with the cache client; examples + cache figures."""
     from livectr.semantic_cache.client import SemanticCacheClient
     from livectr.semantic_cache.refresher import run_refresher
@@ -353,10 +400,15 @@ def _joined_with_semantics(cfg: Config, source_events: list[Any], titles_out: di
     client.close()
     stop.set()
     thread.join(timeout=120)
-    figures = {"miss_rate": stats.get("miss_rate"), "lookup_p50_ns": lookup[0], "lookup_p99_ns": lookup[1],
-               "refresh_texts_per_s": refresh_summary.get("texts_per_second"),
-               "bytes_per_example_semantic": refresh_summary.get("bytes_per_example"),
-               "events": pub["events_published"], "examples": len(examples)}
+    figures = {
+        "miss_rate": stats.get("miss_rate"),
+        "lookup_p50_ns": lookup[0],
+        "lookup_p99_ns": lookup[1],
+        "refresh_texts_per_s": refresh_summary.get("texts_per_second"),
+        "bytes_per_example_semantic": refresh_summary.get("bytes_per_example"),
+        "events": pub["events_published"],
+        "examples": len(examples),
+    }
     figures["bytes_per_example_total"] = float(np.mean([len(_encoded(ex)) for ex in examples[:5000]]))
     return examples, figures
 
@@ -402,12 +454,14 @@ def semantic_part(events: int, workdir: Path, seeds: int = 3) -> dict[str, Any]:
             titles: dict[str, str] = {}
             examples, figures = _joined_with_semantics(cfg, source_events, titles)
             examples = impression_order(examples)
-            row = {"figures": figures,
-                   "livectr_off": livectr_seeds(cfg, examples, semantics=False, seeds=seeds),
-                   "livectr_on": livectr_seeds(cfg, examples, semantics=True, seeds=seeds),
-                   "livectr_on_gate_free": livectr_seeds(_gate_free(cfg), examples, semantics=True, seeds=seeds),
-                   "vw": vw_scores(examples, None),
-                   "vw_title_words": vw_scores(examples, titles)}
+            row = {
+                "figures": figures,
+                "livectr_off": livectr_seeds(cfg, examples, semantics=False, seeds=seeds),
+                "livectr_on": livectr_seeds(cfg, examples, semantics=True, seeds=seeds),
+                "livectr_on_gate_free": livectr_seeds(_gate_free(cfg), examples, semantics=True, seeds=seeds),
+                "vw": vw_scores(examples, None),
+                "vw_title_words": vw_scores(examples, titles),
+            }
             for policy, fn in (("fake_negative", True), ("wait", False)):
                 for sem in ("off", "on"):
                     row[f"serving_{policy}_{sem}"] = livectr_seeds(cfg, examples, sem == "on", seeds, fake_negative=fn)
@@ -430,58 +484,86 @@ def _print_pipeline(r: dict[str, Any]) -> None:
         print(f"  {label:<40} {value:>12,.0f}  {note}")
     for order, prefix in (("impression order", ""), ("arrival order", "arrival_")):
         print(f"  progressive AUC, {order}:")
-        print(f"    {'livectr (semantics on)':<38} {r[prefix + 'livectr_auc']:>12.4f}  "
-              f"{r[prefix + 'livectr_auc'] - r[prefix + 'vw_auc']:+.4f} vs VW (target ≥ 0)")
+        print(
+            f"    {'livectr (semantics on)':<38} {r[prefix + 'livectr_auc']:>12.4f}  "
+            f"{r[prefix + 'livectr_auc'] - r[prefix + 'vw_auc']:+.4f} vs VW (target ≥ 0)"
+        )
         print(f"    {'livectr (semantics off)':<38} {r[prefix + 'livectr_auc_no_semantics']:>12.4f}")
         print(f"    {'Vowpal Wabbit':<38} {r[prefix + 'vw_auc']:>12.4f}")
     print("  serving AUC (score at impression time, train each label when decided; same examples):")
     for policy in ("wait", "fake_negative"):
-        print(f"    {'livectr / VW, policy ' + policy:<38} {r['serving_livectr_auc_' + policy]:>12.4f}"
-              f"  / {r['serving_vw_auc_' + policy]:.4f}")
+        print(
+            f"    {'livectr / VW, policy ' + policy:<38} {r['serving_livectr_auc_' + policy]:>12.4f}"
+            f"  / {r['serving_vw_auc_' + policy]:.4f}"
+        )
     for s in ("on", "off"):
-        print(f"  {'end to end AUC / freshness p50, p99 (' + s + ')':<40} {r[f'e2e_auc_semantics_{s}']:>12.4f}"
-              f"  {r[f'e2e_freshness_p50_s_semantics_{s}']:.2f} s, {r[f'e2e_freshness_p99_s_semantics_{s}']:.2f} s")
-        print(f"  {'end to end serving AUC (' + s + ')':<40} {r[f'e2e_serving_auc_semantics_{s}']:>12.4f}"
-              f"  over {r[f'e2e_serving_impressions_semantics_{s}']:,} sampled impressions, each scored at its own time")
+        print(
+            f"  {'end to end AUC / freshness p50, p99 (' + s + ')':<40} {r[f'e2e_auc_semantics_{s}']:>12.4f}"
+            f"  {r[f'e2e_freshness_p50_s_semantics_{s}']:.2f} s, {r[f'e2e_freshness_p99_s_semantics_{s}']:.2f} s"
+        )
+        print(
+            f"  {'end to end serving AUC (' + s + ')':<40} {r[f'e2e_serving_auc_semantics_{s}']:>12.4f}"
+            f"  over {r[f'e2e_serving_impressions_semantics_{s}']:,} sampled impressions, each scored at its own time"
+        )
 
 
 def _print_semantic(res: dict[str, Any]) -> None:
     for name, row in res.items():
         f = row["figures"]
         on, off, vwt = row["livectr_on"], row["livectr_off"], row["vw_title_words"]
-        print(f"\n== semantics: {name} ({f['examples']:,} examples; livectr: mean ± sd over {on['seeds']} seeds;"
-              f" cold start = an item's first {COLD_FIRST_N} impressions, new items = first seen after"
-              f" {WARMUP_FRACTION:.0%} of the stream: {on['cold_new_impressions']:,.0f} impressions) ==")
+        print(
+            f"\n== semantics: {name} ({f['examples']:,} examples; livectr: mean ± sd over {on['seeds']} seeds;"
+            f" cold start = an item's first {COLD_FIRST_N} impressions, new items = first seen after"
+            f" {WARMUP_FRACTION:.0%} of the stream: {on['cold_new_impressions']:,.0f} impressions) =="
+        )
         print(f"  {'learner':<30} {'AUC':>15} {'cold-start AUC':>15} {'cold, new items':>15}")
-        for key, label in (("livectr_off", "livectr, semantics off"), ("livectr_on", "livectr, semantics on"),
-                           ("livectr_on_gate_free", "livectr, sem. on, gate cost 0"),
-                           ("vw", "VW (FTRL, u×i)"), ("vw_title_words", "VW + title words")):
+        for key, label in (
+            ("livectr_off", "livectr, semantics off"),
+            ("livectr_on", "livectr, semantics on"),
+            ("livectr_on_gate_free", "livectr, sem. on, gate cost 0"),
+            ("vw", "VW (FTRL, u×i)"),
+            ("vw_title_words", "VW + title words"),
+        ):
             r = row[key]
-            cells = [f"{r[k]:.4f}" + (f"±{r[k + '_std']:.4f}" if k + "_std" in r else "")
-                     for k in ("auc", "cold_auc", "cold_new_auc")]
+            cells = [
+                f"{r[k]:.4f}" + (f"±{r[k + '_std']:.4f}" if k + "_std" in r else "")
+                for k in ("auc", "cold_auc", "cold_new_auc")
+            ]
             print(f"  {label:<30} {cells[0]:>15} {cells[1]:>15} {cells[2]:>15}")
-        print(f"  lift on−off: overall {on['auc'] - off['auc']:+.4f}, cold start {on['cold_auc'] - off['cold_auc']:+.4f},"
-              f" cold new items {on['cold_new_auc'] - off['cold_new_auc']:+.4f};"
-              f" on − VW+title words: {on['auc'] - vwt['auc']:+.4f}")
-        print(f"  learner speed on these examples (vectors attached): semantics on {on['examples_per_s']:,.0f},"
-              f" off {off['examples_per_s']:,.0f} examples/s")
+        print(
+            f"  lift on−off: overall {on['auc'] - off['auc']:+.4f}, cold start {on['cold_auc'] - off['cold_auc']:+.4f},"
+            f" cold new items {on['cold_new_auc'] - off['cold_new_auc']:+.4f};"
+            f" on − VW+title words: {on['auc'] - vwt['auc']:+.4f}"
+        )
+        print(
+            f"  learner speed on these examples (vectors attached): semantics on {on['examples_per_s']:,.0f},"
+            f" off {off['examples_per_s']:,.0f} examples/s"
+        )
         free = row["livectr_on_gate_free"]
-        print(f"  gate usage {on.get('gate_usage', float('nan')):.3f}, compute saved {on.get('gate_compute_saved', float('nan')):.3f}"
-              f" (gate cost 0: usage {free.get('gate_usage', float('nan')):.3f}, saved"
-              f" {free.get('gate_compute_saved', float('nan')):.3f}),"
-              f" items cold-started from FAISS neighbours {on.get('items_cold_started', 0)}")
+        print(
+            f"  gate usage {on.get('gate_usage', float('nan')):.3f}, compute saved {on.get('gate_compute_saved', float('nan')):.3f}"
+            f" (gate cost 0: usage {free.get('gate_usage', float('nan')):.3f}, saved"
+            f" {free.get('gate_compute_saved', float('nan')):.3f}),"
+            f" items cold-started from FAISS neighbours {on.get('items_cold_started', 0)}"
+        )
         print("  serving order (each impression scored at its time, labels trained when decided), livectr:")
         for policy in ("fake_negative", "wait"):
             for sem in ("off", "on"):
                 r = row[f"serving_{policy}_{sem}"]
                 cells = [f"{r[k]:.4f}±{r[k + '_std']:.4f}" for k in ("auc", "cold_auc", "cold_new_auc")]
-                print(f"    {'policy ' + policy + ', semantics ' + sem:<28} {cells[0]:>15} {cells[1]:>15} {cells[2]:>15}")
+                print(
+                    f"    {'policy ' + policy + ', semantics ' + sem:<28} {cells[0]:>15} {cells[1]:>15} {cells[2]:>15}"
+                )
             on_, off_ = row[f"serving_{policy}_on"], row[f"serving_{policy}_off"]
-            print(f"    lift ({policy}): overall {on_['auc'] - off_['auc']:+.4f}, cold start"
-                  f" {on_['cold_auc'] - off_['cold_auc']:+.4f}, cold new items {on_['cold_new_auc'] - off_['cold_new_auc']:+.4f}")
-        print(f"  cache lookup p50 {f['lookup_p50_ns']:.0f} ns, p99 {f['lookup_p99_ns']:.0f} ns; miss rate {f['miss_rate']:.4f};"
-              f" refresh {f['refresh_texts_per_s'] or float('nan'):.0f} texts/s; bytes per example"
-              f" {f['bytes_per_example_total']:.0f} (semantic part {f['bytes_per_example_semantic']})")
+            print(
+                f"    lift ({policy}): overall {on_['auc'] - off_['auc']:+.4f}, cold start"
+                f" {on_['cold_auc'] - off_['cold_auc']:+.4f}, cold new items {on_['cold_new_auc'] - off_['cold_new_auc']:+.4f}"
+            )
+        print(
+            f"  cache lookup p50 {f['lookup_p50_ns']:.0f} ns, p99 {f['lookup_p99_ns']:.0f} ns; miss rate {f['miss_rate']:.4f};"
+            f" refresh {f['refresh_texts_per_s'] or float('nan'):.0f} texts/s; bytes per example"
+            f" {f['bytes_per_example_total']:.0f} (semantic part {f['bytes_per_example_semantic']})"
+        )
 
 
 def main() -> None:

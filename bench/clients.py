@@ -20,8 +20,14 @@ from livectr.core.events import Impression, decode_event, encode_event
 
 
 def _records(n: int) -> list[bytes]:
-    return [encode_event(Impression(f"imp{i}", 1_700_000_000.0 + i, f"u{i % 5000}", f"i{i % 2000}",
-                                    {"device": "mobile", "hour": i % 24})) for i in range(n)]
+    return [
+        encode_event(
+            Impression(
+                f"imp{i}", 1_700_000_000.0 + i, f"u{i % 5000}", f"i{i % 2000}", {"device": "mobile", "hour": i % 24}
+            )
+        )
+        for i in range(n)
+    ]
 
 
 def produce_confluent(cfg: Config, topic: str, records: list[bytes]) -> float:
@@ -67,8 +73,12 @@ def consume_confluent(cfg: Config, topic: str, n: int) -> float:
 def consume_kafka_python(cfg: Config, topic: str, n: int) -> float:
     from kafka import KafkaConsumer, TopicPartition
 
-    cons = KafkaConsumer(bootstrap_servers=cfg.kafka.bootstrap_servers, enable_auto_commit=False,
-                         max_poll_records=10_000, fetch_max_bytes=64 << 20)
+    cons = KafkaConsumer(
+        bootstrap_servers=cfg.kafka.bootstrap_servers,
+        enable_auto_commit=False,
+        max_poll_records=10_000,
+        fetch_max_bytes=64 << 20,
+    )
     parts = [TopicPartition(topic, p) for p in range(bus.partition_count(cfg.kafka, topic))]
     cons.assign(parts)
     cons.seek_to_beginning(*parts)
@@ -88,8 +98,12 @@ def consume_aiokafka(cfg: Config, topic: str, n: int) -> float:
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     async def run() -> float:
-        cons = AIOKafkaConsumer(bootstrap_servers=cfg.kafka.bootstrap_servers, enable_auto_commit=False,
-                                auto_offset_reset="earliest", max_partition_fetch_bytes=16 << 20)
+        cons = AIOKafkaConsumer(
+            bootstrap_servers=cfg.kafka.bootstrap_servers,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=16 << 20,
+        )
         await cons.start()
         parts = [TopicPartition(topic, p) for p in range(bus.partition_count(cfg.kafka, topic))]
         cons.assign(parts)
@@ -126,7 +140,9 @@ def main() -> None:
         rates["consume+decode kafka-python"] = consume_kafka_python(cfg, topics.impressions, args.messages)
     print(f"{'client':<34} {'msg/s':>12} {'× confluent':>12}")
     for name, rate in rates.items():
-        base = rates["produce confluent-kafka"] if name.startswith("produce") else rates["consume+decode confluent-kafka"]
+        base = (
+            rates["produce confluent-kafka"] if name.startswith("produce") else rates["consume+decode confluent-kafka"]
+        )
         print(f"{name:<34} {rate:>12,.0f} {rate / base:>12.2f}")
 
 

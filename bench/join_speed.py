@@ -39,8 +39,22 @@ def publish(cfg: Config, impressions: int, ctr: float, seed: int = 1) -> int:
     for k in range(impressions):
         ts, p = T0 + k / 200.0, k % cfg.kafka.partitions
         iid = f"imp{k}"
-        timed.append((ts, topics.impressions, p, encode_event(Impression(
-            iid, ts, f"u{rng.randrange(5000)}", f"i{rng.randrange(2000)}", {"device": "mobile", "hour": k % 24}))))
+        timed.append(
+            (
+                ts,
+                topics.impressions,
+                p,
+                encode_event(
+                    Impression(
+                        iid,
+                        ts,
+                        f"u{rng.randrange(5000)}",
+                        f"i{rng.randrange(2000)}",
+                        {"device": "mobile", "hour": k % 24},
+                    )
+                ),
+            )
+        )
         if rng.random() < ctr:
             cts = ts + rng.uniform(1, 120)
             timed.append((cts, topics.clicks, p, encode_event(Click(iid, cts))))
@@ -101,9 +115,11 @@ def main() -> None:
         for run, batch in enumerate((True, False)):
             summary = join_rate(cfg, batch, run)
             rate = summary["events_per_second"]
-            print(f"join ({'ExampleBatch' if batch else 'one record per example'}): {rate:,.0f} events/s "
-                  f"= {rate / base:.2f} × ceiling; examples {summary['examples_out']:,} in "
-                  f"{summary['example_records_out']:,} records")
+            print(
+                f"join ({'ExampleBatch' if batch else 'one record per example'}): {rate:,.0f} events/s "
+                f"= {rate / base:.2f} × ceiling; examples {summary['examples_out']:,} in "
+                f"{summary['example_records_out']:,} records"
+            )
 
 
 if __name__ == "__main__":

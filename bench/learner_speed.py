@@ -13,16 +13,17 @@ import json
 import time
 
 from toyworld import ToyWorld
-from livectr.learner.online import OnlineLearner
+
 from livectr.core.config import Config
 from livectr.core.events import ExampleBatch, decode_example, encode_example
+from livectr.learner.online import OnlineLearner
 
 
 def measure(cfg: Config, examples: int = 80_000, records_of: int = 100, seed: int = 1) -> dict[str, float]:
     """Examples/s of one pass over ``examples`` synthetic examples (after a warm-up pass)."""
     world = ToyWorld(users=5000, items=2000, sem_dim=cfg.semantic.reduced_dim, seed=seed)
     data = world.examples(examples)
-    raws = [encode_example(ExampleBatch(data[k:k + records_of])) for k in range(0, len(data), records_of)]
+    raws = [encode_example(ExampleBatch(data[k : k + records_of])) for k in range(0, len(data), records_of)]
     learner = OnlineLearner(cfg)
     size = cfg.learner.batch_size
 
@@ -40,8 +41,15 @@ def measure(cfg: Config, examples: int = 80_000, records_of: int = 100, seed: in
     wall, cpu = time.perf_counter(), time.process_time()
     one_pass()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    return {"examples": examples, "batch_size": size, "semantics": cfg.semantic.enabled, "threads": cfg.learner.threads,
-            "device": str(learner.device), "wall_examples_per_s": examples / wall, "cpu_examples_per_s": examples / cpu}
+    return {
+        "examples": examples,
+        "batch_size": size,
+        "semantics": cfg.semantic.enabled,
+        "threads": cfg.learner.threads,
+        "device": str(learner.device),
+        "wall_examples_per_s": examples / wall,
+        "cpu_examples_per_s": examples / cpu,
+    }
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ same progressive validation livectr's learner reports, so the two AUCs are compa
 from __future__ import annotations
 
 import re
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
@@ -58,8 +58,9 @@ def vw_line(ex: Example, title_words: Mapping[str, str] | None) -> str:
     return line
 
 
-def vw_progressive(examples: Iterable[Example], title_words: Mapping[str, str] | None = None,
-                   bits: int = 22) -> tuple[np.ndarray, np.ndarray]:
+def vw_progressive(
+    examples: Iterable[Example], title_words: Mapping[str, str] | None = None, bits: int = 22
+) -> tuple[np.ndarray, np.ndarray]:
     """Predict-then-learn over ``examples``; returns (labels, predictions).
 
     With ``title_words`` the item's text words are a namespace of their own and are crossed with

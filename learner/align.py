@@ -78,8 +78,14 @@ class EventTimeMerge:
         self._per_partition[partition] = self._per_partition.get(partition, 0) + len(examples)
         window, at_once = self.window_s, _DECIDED_AT_IMPRESSION
         # livectr.core.events.decision_time, inlined as a comprehension: this runs once per example.
-        times = [ex.ts if ex.kind in at_once else (ex.ts + (ex.click_delay if ex.click_delay > 0.0 else 0.0))
-                 if ex.label else ex.ts + window for ex in examples]
+        times = [
+            ex.ts
+            if ex.kind in at_once
+            else (ex.ts + (ex.click_delay if ex.click_delay > 0.0 else 0.0))
+            if ex.label
+            else ex.ts + window
+            for ex in examples
+        ]
         q.items.extend(zip(times, examples, repeat(partition), repeat(offset)))
         q.latest = max(q.latest, max(times))
 
@@ -160,5 +166,9 @@ class EventTimeMerge:
         A resumed learner re-reads these records and must skip that many examples of each (they
         are in the snapshot's weights already).
         """
-        return [(partition, offset, done) for partition, records in self._open.items()
-                for offset, (_, done) in records.items() if done]
+        return [
+            (partition, offset, done)
+            for partition, records in self._open.items()
+            for offset, (_, done) in records.items()
+            if done
+        ]

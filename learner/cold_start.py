@@ -7,7 +7,7 @@ their similarity-weighted mean, so the item scores like items that read like it.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -32,8 +32,9 @@ class ColdStart:
         return len(self.index)
 
     @torch.no_grad()
-    def initialise(self, featurizer: Featurizer, weight: torch.Tensor, batch: EncodedBatch,
-                   examples: Sequence[Example]) -> int:
+    def initialise(
+        self, featurizer: Featurizer, weight: torch.Tensor, batch: EncodedBatch, examples: Sequence[Example]
+    ) -> int:
         """Initialise ``batch``'s new item rows of ``weight``; returns how many were.
 
         Uses the teacher vector carried by the item's first example in the batch; neighbours

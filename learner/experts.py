@@ -44,7 +44,7 @@ example without semantics and ~1.4 µs with a 32-d taste; more on bursty streams
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -73,9 +73,18 @@ class FastExperts:
     ``dim`` is the item vectors' dimension (0: no taste, the user expert is the slope alone).
     """
 
-    def __init__(self, dim: int = 0, user_rate: float = 0.5, taste_step: float = 1.5, taste_prior: float = 2.0,
-                 slope_prior: float = 5.5, population_taste: bool = True, session_s: float = 300.0,
-                 mix_lr: float = 0.005, capacity: int = 1024) -> None:
+    def __init__(
+        self,
+        dim: int = 0,
+        user_rate: float = 0.5,
+        taste_step: float = 1.5,
+        taste_prior: float = 2.0,
+        slope_prior: float = 5.5,
+        population_taste: bool = True,
+        session_s: float = 300.0,
+        mix_lr: float = 0.005,
+        capacity: int = 1024,
+    ) -> None:
         if min(user_rate, taste_step, taste_prior, slope_prior) <= 0 or mix_lr < 0 or session_s < 0:
             raise ValueError("steps, rates and priors must be > 0, session_s and mix_lr >= 0")
         self.dim = int(dim)
@@ -121,9 +130,11 @@ class FastExperts:
             return np.ones(len(last))
         return np.exp(-np.maximum(now - last, 0.0) / self.session_s)
 
-    def _values(self, users: np.ndarray, vectors: np.ndarray | None, logits: np.ndarray,
-                ts: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _values(
+        self, users: np.ndarray, vectors: np.ndarray | None, logits: np.ndarray, ts: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Current session bias, slope and taste values (rows beyond the tables count as unknown: 0)."""
+
         def at(table: np.ndarray) -> np.ndarray:
             return table[np.where(users < table.shape[0], users, 0)]
 
@@ -135,19 +146,25 @@ class FastExperts:
 
     # -- serving --------------------------------------------------------------------------------
 
-    def components(self, users: np.ndarray, vectors: np.ndarray | None, logits: np.ndarray,
-                   ts: np.ndarray | None = None) -> np.ndarray:
+    def components(
+        self, users: np.ndarray, vectors: np.ndarray | None, logits: np.ndarray, ts: np.ndarray | None = None
+    ) -> np.ndarray:
         """Rows ``(student logit, bias, taste, slope)`` at event times ``ts``: what a score is served from."""
         bias, slope, taste = self._values(users, vectors, logits, ts)
         return np.stack([logits, bias, taste, slope], axis=1)
 
     def mixed(self, components: np.ndarray) -> np.ndarray:
         """Served logits ``z + a·bias + b·taste + c·slope`` of :meth:`components` rows."""
-        return (components[:, 0] + self.mix * components[:, 1] + self.mix_taste * components[:, 2]
-                + self.mix_slope * components[:, 3])
+        return (
+            components[:, 0]
+            + self.mix * components[:, 1]
+            + self.mix_taste * components[:, 2]
+            + self.mix_slope * components[:, 3]
+        )
 
-    def correct(self, users: np.ndarray, vectors: np.ndarray | None, logits: np.ndarray,
-                ts: np.ndarray | None = None) -> np.ndarray:
+    def correct(
+        self, users: np.ndarray, vectors: np.ndarray | None, logits: np.ndarray, ts: np.ndarray | None = None
+    ) -> np.ndarray:
         """Served logits (no learning)."""
         return self.mixed(self.components(users, vectors, logits, ts))
 
@@ -168,8 +185,15 @@ class FastExperts:
 
     # -- learning -------------------------------------------------------------------------------
 
-    def learn(self, users: np.ndarray, vectors: np.ndarray | None, logits: np.ndarray, labels: np.ndarray,
-              weights: np.ndarray, ts: np.ndarray | None = None) -> np.ndarray:
+    def learn(
+        self,
+        users: np.ndarray,
+        vectors: np.ndarray | None,
+        logits: np.ndarray,
+        labels: np.ndarray,
+        weights: np.ndarray,
+        ts: np.ndarray | None = None,
+    ) -> np.ndarray:
         """Score each example with the experts as they stood before it, learn from it; mixed logits.
 
         ``logits`` are the student's (already out of sample), ``vectors`` the items' unit vectors
@@ -184,8 +208,15 @@ class FastExperts:
             self._mix_step(components, labels, weights)
         return mixed
 
-    def _rounds(self, users: np.ndarray, vectors: np.ndarray | None, logits: np.ndarray, labels: np.ndarray,
-                weights: np.ndarray, ts: np.ndarray | None) -> np.ndarray:
+    def _rounds(
+        self,
+        users: np.ndarray,
+        vectors: np.ndarray | None,
+        logits: np.ndarray,
+        labels: np.ndarray,
+        weights: np.ndarray,
+        ts: np.ndarray | None,
+    ) -> np.ndarray:
         """Per-user online learning of the session bias, slope and taste, one round per occurrence
         of a user in the batch; :meth:`components` rows of each example before its update.
 
@@ -233,12 +264,18 @@ class FastExperts:
     # -- state ----------------------------------------------------------------------------------
 
     def state(self) -> dict[str, np.ndarray]:
-        return {"user_w": self.user_w.copy(), "user_ts": self.user_ts.copy(),
-                "slope_w": self.slope_w.copy(), "slope_h": self.slope_h.copy(),
-                "taste_w": self.taste_w.copy(), "taste_h": self.taste_h.copy(),
-                "taste_w0": self.taste_w0.copy(), "taste_h0": self.taste_h0.copy(),
-                "mix": np.asarray([self.mix, self.mix_taste, self.mix_slope]),
-                "serving_feedback": np.asarray([self.serving_feedback])}
+        return {
+            "user_w": self.user_w.copy(),
+            "user_ts": self.user_ts.copy(),
+            "slope_w": self.slope_w.copy(),
+            "slope_h": self.slope_h.copy(),
+            "taste_w": self.taste_w.copy(),
+            "taste_h": self.taste_h.copy(),
+            "taste_w0": self.taste_w0.copy(),
+            "taste_h0": self.taste_h0.copy(),
+            "mix": np.asarray([self.mix, self.mix_taste, self.mix_slope]),
+            "serving_feedback": np.asarray([self.serving_feedback]),
+        }
 
     def load(self, state: Mapping[str, np.ndarray]) -> None:
         """Restore :meth:`state`; parts a snapshot lacks (written by an older version) start fresh.
@@ -246,10 +283,14 @@ class FastExperts:
         An older version's user biases have no session clock: they count as from a past session.
         """
         self.user_w = np.asarray(state["user_w"], float).copy()
-        self.user_ts = (np.asarray(state["user_ts"], float).copy() if "user_ts" in state
-                        else np.full(self.user_w.shape, -np.inf))
+        self.user_ts = (
+            np.asarray(state["user_ts"], float).copy() if "user_ts" in state else np.full(self.user_w.shape, -np.inf)
+        )
         if "slope_w" in state:
-            self.slope_w, self.slope_h = np.asarray(state["slope_w"], float).copy(), np.asarray(state["slope_h"], float).copy()
+            self.slope_w, self.slope_h = (
+                np.asarray(state["slope_w"], float).copy(),
+                np.asarray(state["slope_h"], float).copy(),
+            )
         if self.dim and "taste_w" in state and np.asarray(state["taste_w"]).shape[1:] == (self.dim,):
             self.taste_w = np.asarray(state["taste_w"], float).copy()
             self.taste_h = np.asarray(state["taste_h"], float).copy()

@@ -8,17 +8,17 @@ arrays become tensors once per mini-batch.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
+from livectr.core.events import KIND_POSITIVE_COPY
 from livectr.learner.model import ModelInputs
 from livectr.learner.vocab import ContextHasher, GrowingVocab
-from livectr.core.events import KIND_POSITIVE_COPY
 from livectr.semantic_cache.codec import dequantize_many
-
 
 #: Odd 32-bit multipliers (Knuth's and MurmurHash3's) that spread (user, item) rows over the pair buckets.
 _PAIR_MULT_USER = 2_654_435_761
@@ -52,15 +52,25 @@ class EncodedBatch:
         def t(a: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(a).to(device, non_blocking=True)
 
-        return ModelInputs(t(self.user), t(self.item), t(self.context), t(self.pair), t(self.item_count), t(self.item_sem),
-                           t(self.item_sem_mask), t(self.user_sem), t(self.user_sem_mask))
+        return ModelInputs(
+            t(self.user),
+            t(self.item),
+            t(self.context),
+            t(self.pair),
+            t(self.item_count),
+            t(self.item_sem),
+            t(self.item_sem_mask),
+            t(self.user_sem),
+            t(self.user_sem_mask),
+        )
 
 
 class Featurizer:
     """The learner's vocabularies and the one place records become arrays."""
 
-    def __init__(self, users: GrowingVocab, items: GrowingVocab, context: ContextHasher, sem_dim: int,
-                 pair_buckets: int = 0) -> None:
+    def __init__(
+        self, users: GrowingVocab, items: GrowingVocab, context: ContextHasher, sem_dim: int, pair_buckets: int = 0
+    ) -> None:
         self.users = users
         self.items = items
         self.context = context
@@ -68,10 +78,21 @@ class Featurizer:
         self.pair_buckets = pair_buckets
 
     @classmethod
-    def new(cls, context_fields: int, context_buckets: int, sem_dim: int, initial_capacity: int = 1024,
-            pair_buckets: int = 0) -> "Featurizer":
-        return cls(GrowingVocab("user_id", initial_capacity), GrowingVocab("item_id", initial_capacity),
-                   ContextHasher(context_fields, context_buckets), sem_dim, pair_buckets)
+    def new(
+        cls,
+        context_fields: int,
+        context_buckets: int,
+        sem_dim: int,
+        initial_capacity: int = 1024,
+        pair_buckets: int = 0,
+    ) -> Featurizer:
+        return cls(
+            GrowingVocab("user_id", initial_capacity),
+            GrowingVocab("item_id", initial_capacity),
+            ContextHasher(context_fields, context_buckets),
+            sem_dim,
+            pair_buckets,
+        )
 
     def pairs(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         """Bucket of each (user row, item row) pair (rows are stable, so buckets are too)."""
@@ -102,10 +123,22 @@ class Featurizer:
             decided = np.fromiter((r.decided_at for r in records), dtype=np.float64, count=n)
         else:
             labels, kinds, decided = np.zeros(0, np.float32), np.zeros(0, np.int64), np.zeros(0, np.float64)
-        return EncodedBatch(users, items, context, self.pairs(users, items), self.items.counts[items].astype(np.float32),
-                            item_sem, item_mask,
-                            user_sem, user_mask, new_items, labels, kinds, decided,
-                            np.fromiter((r.ts for r in records), dtype=np.float64, count=n))
+        return EncodedBatch(
+            users,
+            items,
+            context,
+            self.pairs(users, items),
+            self.items.counts[items].astype(np.float32),
+            item_sem,
+            item_mask,
+            user_sem,
+            user_mask,
+            new_items,
+            labels,
+            kinds,
+            decided,
+            np.fromiter((r.ts for r in records), dtype=np.float64, count=n),
+        )
 
     def cold_mask_and_count(self, batch: EncodedBatch, first_n: int) -> np.ndarray:
         """Mark examples among their item's first ``first_n`` impressions, then count this batch in.
@@ -134,12 +167,22 @@ class Featurizer:
         np.add.at(self.users.counts, batch.user[batch.kinds != KIND_POSITIVE_COPY], 1)
 
     def state(self) -> dict[str, Any]:
-        return {"users": self.users.state(), "items": self.items.state(), "context": self.context.state(),
-                "sem_dim": self.sem_dim, "pair_buckets": self.pair_buckets}
+        return {
+            "users": self.users.state(),
+            "items": self.items.state(),
+            "context": self.context.state(),
+            "sem_dim": self.sem_dim,
+            "pair_buckets": self.pair_buckets,
+        }
 
     @classmethod
-    def from_state(cls, state: Mapping[str, Any], user_counts: np.ndarray | None = None,
-                   item_counts: np.ndarray | None = None) -> "Featurizer":
-        return cls(GrowingVocab.from_state(state["users"], user_counts),
-                   GrowingVocab.from_state(state["items"], item_counts),
-                   ContextHasher.from_state(state["context"]), int(state["sem_dim"]), int(state.get("pair_buckets", 0)))
+    def from_state(
+        cls, state: Mapping[str, Any], user_counts: np.ndarray | None = None, item_counts: np.ndarray | None = None
+    ) -> Featurizer:
+        return cls(
+            GrowingVocab.from_state(state["users"], user_counts),
+            GrowingVocab.from_state(state["items"], item_counts),
+            ContextHasher.from_state(state["context"]),
+            int(state["sem_dim"]),
+            int(state.get("pair_buckets", 0)),
+        )

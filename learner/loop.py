@@ -30,21 +30,30 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
-
 from confluent_kafka import KafkaError, Message, TopicPartition
 
-from livectr.learner.align import EventTimeMerge
-from livectr.learner.model import ModelConfig
-from livectr.learner.snapshot import clean_temp, load_latest, manifest_offsets, publish_snapshot
-from livectr.learner.online import OnlineLearner
 from livectr.core import bus
 from livectr.core.config import Config, config_hash
-from livectr.core.events import (KIND_FINAL, KIND_POSITIVE_COPY, KIND_SCORE_REQUEST, DecodeError, Example, ExampleBatch,
-                            ExampleEnd, decode_example, encode_example)
+from livectr.core.events import (
+    KIND_FINAL,
+    KIND_POSITIVE_COPY,
+    KIND_SCORE_REQUEST,
+    DecodeError,
+    Example,
+    ExampleBatch,
+    ExampleEnd,
+    decode_example,
+    encode_example,
+)
+from livectr.learner.align import EventTimeMerge
+from livectr.learner.model import ModelConfig
+from livectr.learner.online import OnlineLearner
+from livectr.learner.snapshot import clean_temp, load_latest, manifest_offsets, publish_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -83,15 +92,21 @@ class EndTracker:
         return all(len(self.seen.get(p, ())) >= self.source_partitions for p in range(partitions))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"seen": {str(p): sorted(s) for p, s in self.seen.items()},
-                "source_partitions": self.source_partitions, "examples_announced": self.examples_announced}
+        return {
+            "seen": {str(p): sorted(s) for p, s in self.seen.items()},
+            "source_partitions": self.source_partitions,
+            "examples_announced": self.examples_announced,
+        }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> "EndTracker":
+    def from_dict(cls, d: dict[str, Any] | None) -> EndTracker:
         if not d:
             return cls()
-        return cls({int(p): set(s) for p, s in d.get("seen", {}).items()}, int(d.get("source_partitions", 0)),
-                   int(d.get("examples_announced", 0)))
+        return cls(
+            {int(p): set(s) for p, s in d.get("seen", {}).items()},
+            int(d.get("source_partitions", 0)),
+            int(d.get("examples_announced", 0)),
+        )
 
 
 def _resume(cfg: Config) -> tuple[dict[str, Any] | None, OnlineLearner]:
@@ -126,8 +141,9 @@ class _Run:
         self.offsets: dict[int, int] = manifest_offsets(self.manifest or {}, self.topic)
         self.merge = EventTimeMerge(cfg.join.window_s, cfg.learner.align_idle_s)
         #: Records of the snapshot we resumed from that were partly trained: (partition, offset) → examples to skip.
-        self.skip: dict[tuple[int, int], int] = {(int(q), int(o)): int(n) for q, o, n in
-                                                 (self.manifest or {}).get("partly_trained", [])}
+        self.skip: dict[tuple[int, int], int] = {
+            (int(q), int(o)): int(n) for q, o, n in (self.manifest or {}).get("partly_trained", [])
+        }
         self.requests_scored = 0
         self.requests: list[Example] = []
         #: Join sources (impressions partitions) the merge waits for once the first record is in.
@@ -240,7 +256,7 @@ class _Run:
         head, self.buffer = self.buffer[:n], self.buffer[n:]
         pending = [head[i] for i in self.rng.permutation(n)]
         for start in range(0, n, size):
-            batch = pending[start:start + size]
+            batch = pending[start : start + size]
             t = time.perf_counter()
             self.learner.learn_batch(batch)
             self.train_s += time.perf_counter() - t
@@ -254,8 +270,9 @@ class _Run:
     def snapshot_due(self) -> bool:
         lc = self.cfg.learner
         new = self.trained - self.trained_at_snapshot
-        return new > 0 and (new >= lc.snapshot_every_examples
-                            or time.monotonic() - self.last_snapshot_t >= lc.snapshot_every_s)
+        return new > 0 and (
+            new >= lc.snapshot_every_examples or time.monotonic() - self.last_snapshot_t >= lc.snapshot_every_s
+        )
 
     def snapshot(self, dlq: bus.DeadLetterSink) -> None:
         """Publish a snapshot; the buffer must be empty so offsets only cover trained records."""
@@ -274,7 +291,9 @@ class _Run:
             "config_hash": config_hash(self.cfg),
             "semantics": self.cfg.semantic.enabled,
         }
-        version, _ = publish_snapshot(self.cfg.data_dir, self.learner.state(), manifest, self.cfg.learner.keep_snapshots)
+        version, _ = publish_snapshot(
+            self.cfg.data_dir, self.learner.state(), manifest, self.cfg.learner.keep_snapshots
+        )
         self.snapshots += 1
         self.last_version = version
         self.last_snapshot_t = time.monotonic()
@@ -287,15 +306,25 @@ class _Run:
         now = time.monotonic()
         if not force and now - self.last_status_t < 1.0:
             return None
-        rate = (self.trained - self.trained_at_status) / max(now - self.last_status_t, 1e-9) if self.last_status_t else 0.0
+        rate = (
+            (self.trained - self.trained_at_status) / max(now - self.last_status_t, 1e-9) if self.last_status_t else 0.0
+        )
         self.last_status_t, self.trained_at_status = now, self.trained
         m = self.learner.metrics.summary()
-        status = {"examples_trained": self.trained, "examples_per_second": rate,
-                  "progressive_auc": m["progressive_auc"], "windowed_auc": m["windowed_auc"],
-                  "logloss": m["progressive_logloss"], "progressive_logloss": m["progressive_logloss"],
-                  "snapshots": self.snapshots, "snapshot_version": self.last_version,
-                  "gate_usage": m["gate_usage"], "dead_letters": dlq.count,
-                  "buffered": len(self.buffer) + len(self.merge), "serving_auc": m["serving_auc"]}
+        status = {
+            "examples_trained": self.trained,
+            "examples_per_second": rate,
+            "progressive_auc": m["progressive_auc"],
+            "windowed_auc": m["windowed_auc"],
+            "logloss": m["progressive_logloss"],
+            "progressive_logloss": m["progressive_logloss"],
+            "snapshots": self.snapshots,
+            "snapshot_version": self.last_version,
+            "gate_usage": m["gate_usage"],
+            "dead_letters": dlq.count,
+            "buffered": len(self.buffer) + len(self.merge),
+            "serving_auc": m["serving_auc"],
+        }
         if self.on_status is not None:
             self.on_status(status)
         return status
@@ -328,15 +357,27 @@ class _Run:
             "examples_per_second": self.trained / elapsed if elapsed > 0 else 0.0,
             "train_examples_per_second": self.trained / self.train_s if self.train_s > 0 else 0.0,
             "busy_examples_per_second": self.trained / self.busy_s if self.busy_s > 0 else 0.0,
-            "users": s["users"], "items": s["items"], "context_fields": s["context_fields"],
+            "users": s["users"],
+            "items": s["items"],
+            "context_fields": s["context_fields"],
             "context_fields_dropped": s["context_fields_dropped"],
             "device": str(self.learner.device),
         }
-        out.update({k: s[k] for k in ("expert_mix_bias", "expert_mix_taste", "expert_mix_slope", "expert_mix_fitted_to") if k in s})
+        out.update(
+            {
+                k: s[k]
+                for k in ("expert_mix_bias", "expert_mix_taste", "expert_mix_slope", "expert_mix_fitted_to")
+                if k in s
+            }
+        )
         if self.learner.semantic:
-            out.update(gate_usage=s["gate_usage"], gate_compute_saved=s["gate_compute_saved"],
-                       distill_loss=s["distill_loss"], items_cold_started=s["items_cold_started"],
-                       model_macs_per_example=s["model_macs_per_example"])
+            out.update(
+                gate_usage=s["gate_usage"],
+                gate_compute_saved=s["gate_compute_saved"],
+                distill_loss=s["distill_loss"],
+                items_cold_started=s["items_cold_started"],
+                model_macs_per_example=s["model_macs_per_example"],
+            )
         return out
 
 
@@ -354,8 +395,9 @@ def _throttle(cons: Any, run: _Run, paused: set[int]) -> set[int]:
     return paused
 
 
-def run_learner(cfg: Config, *, on_status: StatusCallback | None = None, stop: threading.Event | None = None,
-                bounded: bool = True) -> dict[str, Any]:
+def run_learner(
+    cfg: Config, *, on_status: StatusCallback | None = None, stop: threading.Event | None = None, bounded: bool = True
+) -> dict[str, Any]:
     """Train on the examples topic until the end markers (``bounded``) or ``stop``; returns a summary."""
     stop = stop or threading.Event()
     partitions = bus.partition_count(cfg.kafka, cfg.topics.examples)

@@ -14,10 +14,10 @@ p > 1 - 1e-7) share the edge bins and count as ties.
 
 from __future__ import annotations
 
-from collections import deque
-
 import math
-from typing import Any, Sequence
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -104,7 +104,7 @@ class WindowAUC:
         self.n = 0
 
     def add(self, probs: np.ndarray, labels: np.ndarray) -> None:
-        probs, labels = np.asarray(probs)[-self.size:], np.asarray(labels)[-self.size:]
+        probs, labels = np.asarray(probs)[-self.size :], np.asarray(labels)[-self.size :]
         idx = (self.n + np.arange(len(probs))) % self.size
         self.probs[idx] = probs
         self.labels[idx] = labels
@@ -128,8 +128,11 @@ class LogQuantiles:
         v = v[np.isfinite(v)]
         if v.size == 0:
             return
-        idx = np.where(v < self.lo, self.bins,
-                       np.clip((np.log(np.maximum(v, self.lo) / self.lo) * self._scale).astype(np.int64), 0, self.bins - 1))
+        idx = np.where(
+            v < self.lo,
+            self.bins,
+            np.clip((np.log(np.maximum(v, self.lo) / self.lo) * self._scale).astype(np.int64), 0, self.bins - 1),
+        )
         np.add.at(self.counts, idx, 1)
 
     @property
@@ -206,11 +209,28 @@ class LearnerMetrics:
 
     def state(self) -> dict[str, np.ndarray]:
         """Arrays for the snapshot, so a resumed learner keeps cumulative metrics."""
-        scalars = np.array([self.examples, self.positives, self.logloss_sum, self.distill_sum,
-                            self.distill_batches, self.gate_used, self.gate_seen], dtype=np.float64)
-        return {"auc.pos": self.auc.pos, "auc.neg": self.auc.neg, "cold.pos": self.cold_auc.pos,
-                "cold.neg": self.cold_auc.neg, "fresh": self.freshness.counts, "scalars": scalars,
-                "serving.pos": self.serving_auc.pos, "serving.neg": self.serving_auc.neg}
+        scalars = np.array(
+            [
+                self.examples,
+                self.positives,
+                self.logloss_sum,
+                self.distill_sum,
+                self.distill_batches,
+                self.gate_used,
+                self.gate_seen,
+            ],
+            dtype=np.float64,
+        )
+        return {
+            "auc.pos": self.auc.pos,
+            "auc.neg": self.auc.neg,
+            "cold.pos": self.cold_auc.pos,
+            "cold.neg": self.cold_auc.neg,
+            "fresh": self.freshness.counts,
+            "scalars": scalars,
+            "serving.pos": self.serving_auc.pos,
+            "serving.neg": self.serving_auc.neg,
+        }
 
     def load(self, state: dict[str, np.ndarray]) -> None:
         self.auc.load({"pos": state["auc.pos"], "neg": state["auc.neg"]})
@@ -255,8 +275,9 @@ class ServingEvaluator:
         while len(pending) > self.max_pending:
             del pending[next(iter(pending))]
 
-    def labelled(self, metrics: LearnerMetrics, examples: Sequence[Example], labels: np.ndarray
-                 ) -> tuple[list[Any], list[float]]:
+    def labelled(
+        self, metrics: LearnerMetrics, examples: Sequence[Example], labels: np.ndarray
+    ) -> tuple[list[Any], list[float]]:
         """Pair the labels of final examples with their requests' scores (if any) into ``metrics``;
         returns the ``served_from`` entries of the requests labelled now, with their labels."""
         pending = self._pending
@@ -310,8 +331,16 @@ class DelayedLabelEvaluator:
     def __len__(self) -> int:
         return len(self._pending) + len(self._early)
 
-    def observe(self, metrics: "LearnerMetrics", ids: list[str], ts: np.ndarray, probs: np.ndarray,
-                labels: np.ndarray, kinds: np.ndarray, cold: np.ndarray) -> None:
+    def observe(
+        self,
+        metrics: LearnerMetrics,
+        ids: list[str],
+        ts: np.ndarray,
+        probs: np.ndarray,
+        labels: np.ndarray,
+        kinds: np.ndarray,
+        cold: np.ndarray,
+    ) -> None:
         """Route a trained batch's pre-update scores to ``metrics`` by example kind."""
         out_p: list[float] = []
         out_y: list[int] = []
@@ -343,7 +372,7 @@ class DelayedLabelEvaluator:
         self._expire(self._max_ts - self.horizon_s, out_p, out_y, out_c)
         _evaluated(metrics, out_p, out_y, out_c)
 
-    def flush(self, metrics: "LearnerMetrics") -> None:
+    def flush(self, metrics: LearnerMetrics) -> None:
         """End of a bounded stream: every impression still waiting was not clicked."""
         out_p: list[float] = []
         out_y: list[int] = []

@@ -27,15 +27,16 @@ Semantic part (MSD-style distillation, present only when ``sem_dim > 0``):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from livectr.learner.sparse import SparseTable
 from livectr.core.config import Config
+from livectr.learner.sparse import SparseTable
 
 #: Scale of the log-count gate feature: log1p(count) / COUNT_SCALE is ~1 at ~1000 impressions.
 COUNT_SCALE = 7.0
@@ -60,14 +61,21 @@ class ModelConfig:
     item_capacity: int = 1024
 
     @classmethod
-    def from_config(cls, cfg: Config, user_capacity: int = 1024, item_capacity: int = 1024) -> "ModelConfig":
+    def from_config(cls, cfg: Config, user_capacity: int = 1024, item_capacity: int = 1024) -> ModelConfig:
         lc = cfg.learner
         hidden = tuple(int(h) for h in lc.hidden.split(",") if h.strip())
-        return cls(embedding_dim=lc.embedding_dim, context_fields=lc.context_fields,
-                   context_buckets=lc.context_buckets, pair_buckets=lc.pair_buckets,
-                   cross_layers=lc.cross_layers, hidden=hidden,
-                   sem_dim=cfg.semantic.reduced_dim if cfg.semantic.enabled else 0,
-                   sem_hidden=lc.sem_hidden, user_capacity=user_capacity, item_capacity=item_capacity)
+        return cls(
+            embedding_dim=lc.embedding_dim,
+            context_fields=lc.context_fields,
+            context_buckets=lc.context_buckets,
+            pair_buckets=lc.pair_buckets,
+            cross_layers=lc.cross_layers,
+            hidden=hidden,
+            sem_dim=cfg.semantic.reduced_dim if cfg.semantic.enabled else 0,
+            sem_hidden=lc.sem_hidden,
+            user_capacity=user_capacity,
+            item_capacity=item_capacity,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -75,7 +83,7 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
         return cls(**{**d, "hidden": tuple(d["hidden"])})
 
     @property
@@ -160,8 +168,9 @@ class SemanticPart(nn.Module):
         present = inp.item_sem_mask.to(u.dtype).unsqueeze(1)
         return self.gate(torch.cat([u.detach(), i.detach(), count, present], dim=1)).squeeze(1)
 
-    def branch_logit(self, u: torch.Tensor, i: torch.Tensor, inp: ModelInputs, rows: torch.Tensor | None
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def branch_logit(
+        self, u: torch.Tensor, i: torch.Tensor, inp: ModelInputs, rows: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Residual logit for ``rows`` (all when None), plus the predicted item/user vectors."""
         item_sem, item_mask, user_sem, user_mask = inp.item_sem, inp.item_sem_mask, inp.user_sem, inp.user_sem_mask
         if rows is not None:
@@ -238,8 +247,10 @@ class StudentCTR(nn.Module):
         """Distilled (student-side) item and user vectors, unit-norm."""
         assert self.semantic is not None, "model has no semantic part"
         d = self.mc.embedding_dim
-        return (F.normalize(self.semantic.item_head(self.item_emb(item_rows)[:, :d]), dim=1),
-                F.normalize(self.semantic.user_head(self.user_emb(user_rows)[:, :d]), dim=1))
+        return (
+            F.normalize(self.semantic.item_head(self.item_emb(item_rows)[:, :d]), dim=1),
+            F.normalize(self.semantic.user_head(self.user_emb(user_rows)[:, :d]), dim=1),
+        )
 
     def flops_per_example(self) -> dict[str, int]:
         """Multiply-adds per example of each part, to turn the gate's usage into saved compute."""

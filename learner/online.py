@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,31 +55,30 @@ def cosine_distill_loss(pred: torch.Tensor, teacher: torch.Tensor, present: torc
     return ((1 - cos) * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def cosine_distill_loss(pred: torch.Tensor, teacher: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-    """Mean ``1 - cos(pred, teacher)`` over rows that carry a teacher vector (0 when none do).
-
-    Masked arithmetic rather than boolean indexing: no host sync and no gather in the hot loop.
-    """
-    mask = present.to(pred.dtype)
-    cos = F.cosine_similarity(pred, teacher, dim=1, eps=1e-6)
-    return ((1 - cos) * mask).sum() / mask.sum().clamp(min=1.0)
-
-
 class OnlineLearner(Predictor):
     """A :class:`Predictor` that learns: optimisers, metrics and the cold-start index on top."""
 
     def __init__(self, cfg: Config, state: LearnerState | None = None, device: str | None = None) -> None:
         super().__init__(cfg, state=state, device=device)
         lc = cfg.learner
-        self.sparse_opt = RowOptimizer(self.model.sparse_tables(), lr=lc.embedding_lr,
-                                       initial_accumulator=lc.embedding_init_accumulator,
-                                       wide_prior=lc.wide_prior, wide_lr=lc.wide_lr)
+        self.sparse_opt = RowOptimizer(
+            self.model.sparse_tables(),
+            lr=lc.embedding_lr,
+            initial_accumulator=lc.embedding_init_accumulator,
+            wide_prior=lc.wide_prior,
+            wide_lr=lc.wide_lr,
+        )
         self.dense_opt = torch.optim.Adam(self.model.dense_parameters(), lr=lc.lr, fused=True)
         self.metrics = LearnerMetrics()
         self.delayed = DelayedLabelEvaluator(cfg.join.window_s)
         self.serving_eval = ServingEvaluator()
-        self.cold_start = (ColdStart(self.model.mc.sem_dim, cfg.semantic.faiss_exact_below, cfg.semantic.neighbours,
-                                     lc.cold_start_min_count) if self.semantic else None)
+        self.cold_start = (
+            ColdStart(
+                self.model.mc.sem_dim, cfg.semantic.faiss_exact_below, cfg.semantic.neighbours, lc.cold_start_min_count
+            )
+            if self.semantic
+            else None
+        )
         if state is not None:
             self._load(state)
 
@@ -122,8 +122,11 @@ class OnlineLearner(Predictor):
         if self.examples_seen == 0:
             self._init_base_rate(batch.labels)
         self._sync_capacity()
-        cold_started = (self.cold_start.initialise(self.featurizer, self.model.item_emb.weight, batch, examples)
-                        if self.cold_start is not None else 0)
+        cold_started = (
+            self.cold_start.initialise(self.featurizer, self.model.item_emb.weight, batch, examples)
+            if self.cold_start is not None
+            else 0
+        )
         inp = batch.to_inputs(self.device)
         labels = torch.from_numpy(batch.labels).to(self.device)
         kinds = torch.from_numpy(batch.kinds).to(self.device)
@@ -150,8 +153,12 @@ class OnlineLearner(Predictor):
             # The branch learns on every example, from the id part's logit (held fixed), not only
             # where the gate is open: a closed gate would otherwise starve the branch, which then
             # never becomes worth opening for (DynMM trains its experts before its gate for this).
-            branch_loss = (weights * F.binary_cross_entropy_with_logits(
-                out.base_logit.detach() + shift + out.branch_logit, labels, reduction="none")).mean()
+            branch_loss = (
+                weights
+                * F.binary_cross_entropy_with_logits(
+                    out.base_logit.detach() + shift + out.branch_logit, labels, reduction="none"
+                )
+            ).mean()
             loss = loss + branch_loss + self.cfg.learner.gate_cost * out.gate_prob.mean()
             gate_used = float(out.gate.detach().sum())
         self.dense_opt.zero_grad(set_to_none=True)
@@ -159,9 +166,14 @@ class OnlineLearner(Predictor):
         self.sparse_opt.step((weights * p * (1 - p)).detach(), loss_scale=len(examples))
         self.dense_opt.step()
         if self.experts is not None:
-            mixed = self.experts.learn(batch.user, self._item_vectors(inp, out.item_hat),
-                                       logit.detach().double().cpu().numpy(), batch.labels,
-                                       weights.detach().double().cpu().numpy(), batch.ts)
+            mixed = self.experts.learn(
+                batch.user,
+                self._item_vectors(inp, out.item_hat),
+                logit.detach().double().cpu().numpy(),
+                batch.labels,
+                weights.detach().double().cpu().numpy(),
+                batch.ts,
+            )
             probs = sigmoid(mixed)
         else:
             probs = p.detach().cpu().numpy()
@@ -170,12 +182,19 @@ class OnlineLearner(Predictor):
         self._record(batch, probs, finished, distill_value, gate_used, examples)
         if self.cold_start is not None:
             self.cold_start.add(self.featurizer, batch)
-        return {"predictions": probs, "loss": float(loss.detach()), "ctr_loss": float(ctr_loss.detach()),
-                "distill_loss": distill_value, "gate_usage": gate_used / len(examples) if self.semantic else None,
-                "cold_started": cold_started}
+        return {
+            "predictions": probs,
+            "loss": float(loss.detach()),
+            "ctr_loss": float(ctr_loss.detach()),
+            "distill_loss": distill_value,
+            "gate_usage": gate_used / len(examples) if self.semantic else None,
+            "cold_started": cold_started,
+        }
 
     @torch.no_grad()
-    def _in_batch_shift(self, inp: ModelInputs, logit: torch.Tensor, labels: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
+    def _in_batch_shift(
+        self, inp: ModelInputs, logit: torch.Tensor, labels: torch.Tensor, kinds: torch.Tensor
+    ) -> torch.Tensor:
         """Per-example first-order updates of the user and item within the batch (see RowOptimizer).
 
         Why: with mini-batches, every example of a user in one batch is scored before anything
@@ -187,8 +206,9 @@ class OnlineLearner(Predictor):
         p = torch.sigmoid(logit)
         w = fake_negative_weights(p, labels, kinds)
         grad, curvature = w * (p - labels), w * p * (1 - p)
-        return (self.sparse_opt.in_batch_wide_shift("user", inp.user, grad, curvature)
-                + self.sparse_opt.in_batch_wide_shift("item", inp.item, grad, curvature))
+        return self.sparse_opt.in_batch_wide_shift(
+            "user", inp.user, grad, curvature
+        ) + self.sparse_opt.in_batch_wide_shift("item", inp.item, grad, curvature)
 
     @torch.no_grad()
     def _init_base_rate(self, labels: np.ndarray) -> None:
@@ -204,8 +224,15 @@ class OnlineLearner(Predictor):
         """Train on one example; returns its pre-update prediction."""
         return float(self.learn_batch([example])["predictions"][0])
 
-    def _record(self, batch: EncodedBatch, probs: np.ndarray, finished: float, distill: float | None,
-                gate_used: float, examples: Sequence[Example]) -> None:
+    def _record(
+        self,
+        batch: EncodedBatch,
+        probs: np.ndarray,
+        finished: float,
+        distill: float | None,
+        gate_used: float,
+        examples: Sequence[Example],
+    ) -> None:
         cold = self.featurizer.cold_mask_and_count(batch, self.cfg.learner.cold_start_impressions)
         self.featurizer.count_users(batch)
         if (batch.kinds == KIND_FINAL).all():
@@ -214,9 +241,15 @@ class OnlineLearner(Predictor):
             if self.experts is not None:
                 self.experts.fit_to_served(served_from, served_labels)
         else:
-            self.delayed.observe(self.metrics, [ex.impression_id for ex in examples],
-                                 np.fromiter((ex.ts for ex in examples), np.float64, len(examples)),
-                                 probs, batch.labels, batch.kinds, cold)
+            self.delayed.observe(
+                self.metrics,
+                [ex.impression_id for ex in examples],
+                np.fromiter((ex.ts for ex in examples), np.float64, len(examples)),
+                probs,
+                batch.labels,
+                batch.kinds,
+                cold,
+            )
         valid = batch.decided_at > 0
         self.metrics.freshness.add(np.maximum(finished - batch.decided_at[valid], 0.0))
         if self.semantic:
@@ -227,7 +260,10 @@ class OnlineLearner(Predictor):
 
     def _sync_capacity(self) -> None:
         """Grow id tables to the vocabularies' capacities (the optimiser pads its state on its next step)."""
-        for table, vocab in ((self.model.user_emb, self.featurizer.users), (self.model.item_emb, self.featurizer.items)):
+        for table, vocab in (
+            (self.model.user_emb, self.featurizer.users),
+            (self.model.item_emb, self.featurizer.items),
+        ):
             table.grow(vocab.capacity)
 
     # -- state ------------------------------------------------------------------------------
@@ -235,21 +271,32 @@ class OnlineLearner(Predictor):
     def summary(self) -> dict[str, Any]:
         """Metrics plus model/semantic figures (gate compute saving, tables, cold starts)."""
         out = self.metrics.summary()
-        out.update(examples_seen=self.examples_seen, positives=self.metrics.positives,
-                   users=len(self.featurizer.users) - 1, items=len(self.featurizer.items) - 1,
-                   context_fields=list(self.featurizer.context.slots),
-                   context_fields_dropped=self.featurizer.context.dropped)
+        out.update(
+            examples_seen=self.examples_seen,
+            positives=self.metrics.positives,
+            users=len(self.featurizer.users) - 1,
+            items=len(self.featurizer.items) - 1,
+            context_fields=list(self.featurizer.context.slots),
+            context_fields_dropped=self.featurizer.context.dropped,
+        )
         if self.experts is not None:
-            out.update(expert_mix_bias=self.experts.mix, expert_mix_taste=self.experts.mix_taste,
-                       expert_mix_slope=self.experts.mix_slope,
-                       expert_mix_fitted_to="served outcomes" if self.experts.serving_feedback else "training stream")
+            out.update(
+                expert_mix_bias=self.experts.mix,
+                expert_mix_taste=self.experts.mix_taste,
+                expert_mix_slope=self.experts.mix_slope,
+                expert_mix_fitted_to="served outcomes" if self.experts.serving_feedback else "training stream",
+            )
         if self.semantic:
             flops = self.model.flops_per_example()
             usage = out["gate_usage"]
             full = flops["base"] + flops["gate"] + flops["semantic_branch"]
             used = flops["base"] + flops["gate"] + (usage if usage == usage else 1.0) * flops["semantic_branch"]
-            out.update(items_cold_started=self.items_cold_started, semantic_index_items=len(self.index or ()),
-                       model_macs_per_example=flops, gate_compute_saved=1 - used / full)
+            out.update(
+                items_cold_started=self.items_cold_started,
+                semantic_index_items=len(self.index or ()),
+                model_macs_per_example=flops,
+                gate_compute_saved=1 - used / full,
+            )
         return out
 
     def state(self) -> LearnerState:
@@ -260,9 +307,15 @@ class OnlineLearner(Predictor):
             for key, value in st.items():
                 optimizer[f"dense/{names[id(p)]}/{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
         mc = self.model.mc
-        mc_dict = {**mc.to_dict(), "user_capacity": self.model.user_emb.num_embeddings,
-                   "item_capacity": self.model.item_emb.num_embeddings}
-        arrays = {"user_counts": self.featurizer.users.counts.copy(), "item_counts": self.featurizer.items.counts.copy()}
+        mc_dict = {
+            **mc.to_dict(),
+            "user_capacity": self.model.user_emb.num_embeddings,
+            "item_capacity": self.model.item_emb.num_embeddings,
+        }
+        arrays = {
+            "user_counts": self.featurizer.users.counts.copy(),
+            "item_counts": self.featurizer.items.counts.copy(),
+        }
         arrays.update({f"metrics.{k}": np.asarray(v).copy() for k, v in self.metrics.state().items()})
         if self.experts is not None:
             arrays.update({f"experts.{k}": v for k, v in self.experts.state().items()})
@@ -270,16 +323,25 @@ class OnlineLearner(Predictor):
         vectors = self.cold_start.vectors() if self.cold_start is not None else None
         if vectors is not None:
             arrays["index.vectors"] = vectors
-        meta = {"featurizer": self.featurizer.state(), "examples_seen": self.examples_seen,
-                "items_cold_started": self.items_cold_started, "index_ids": index_ids}
+        meta = {
+            "featurizer": self.featurizer.state(),
+            "examples_seen": self.examples_seen,
+            "items_cold_started": self.items_cold_started,
+            "index_ids": index_ids,
+        }
         return LearnerState(mc_dict, tensors, optimizer, arrays, meta)
 
     def _load(self, state: LearnerState) -> None:
         """Restore what training needs beyond the predictor: optimiser moments, metrics, the index."""
         if self.cold_start is not None:
             self.cold_start.initialised = int(state.meta.get("items_cold_started", 0))
-        self.sparse_opt.load({key.split("/")[1]: t for key, t in state.optimizer.items()
-                              if key.startswith("sparse/") and key.endswith("/accum")})
+        self.sparse_opt.load(
+            {
+                key.split("/")[1]: t
+                for key, t in state.optimizer.items()
+                if key.startswith("sparse/") and key.endswith("/accum")
+            }
+        )
         for name, p in self.model.named_parameters():
             st = {key.rsplit("/", 1)[1]: t for key, t in state.optimizer.items() if key.startswith(f"dense/{name}/")}
             if st:

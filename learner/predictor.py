@@ -8,7 +8,8 @@ online learner (:class:`livectr.learner.online.OnlineLearner`) builds on it.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,18 +50,34 @@ class Predictor:
         torch.manual_seed(lc.seed)
         if state is None:
             mc = ModelConfig.from_config(cfg)
-            self.featurizer = Featurizer.new(mc.context_fields, mc.context_buckets, mc.sem_dim,
-                                             initial_capacity=min(mc.user_capacity, mc.item_capacity),
-                                             pair_buckets=mc.pair_buckets)
+            self.featurizer = Featurizer.new(
+                mc.context_fields,
+                mc.context_buckets,
+                mc.sem_dim,
+                initial_capacity=min(mc.user_capacity, mc.item_capacity),
+                pair_buckets=mc.pair_buckets,
+            )
         else:
             mc = ModelConfig.from_dict(state.model_config)
-            self.featurizer = Featurizer.from_state(state.meta["featurizer"], state.arrays.get("user_counts"),
-                                                    state.arrays.get("item_counts"))
+            self.featurizer = Featurizer.from_state(
+                state.meta["featurizer"], state.arrays.get("user_counts"), state.arrays.get("item_counts")
+            )
         self.model = StudentCTR(mc).to(self.device)
         self.semantic = mc.sem_dim > 0
-        self.experts = (FastExperts(mc.sem_dim, lc.user_bias_rate, lc.taste_expert_step, lc.taste_expert_prior,
-                                    lc.slope_expert_prior, lc.population_taste, lc.user_session_s, lc.expert_mix_lr)
-                        if lc.fast_experts else None)
+        self.experts = (
+            FastExperts(
+                mc.sem_dim,
+                lc.user_bias_rate,
+                lc.taste_expert_step,
+                lc.taste_expert_prior,
+                lc.slope_expert_prior,
+                lc.population_taste,
+                lc.user_session_s,
+                lc.expert_mix_lr,
+            )
+            if lc.fast_experts
+            else None
+        )
         self.examples_seen = 0
         if state is not None:
             self.model.load_state_dict({k: v.to(self.device) for k, v in state.tensors.items()})
@@ -70,7 +87,7 @@ class Predictor:
                 self.experts.load(experts)
 
     @classmethod
-    def for_serving(cls, cfg: Config, state: LearnerState, device: str | None = None) -> "Predictor":
+    def for_serving(cls, cfg: Config, state: LearnerState, device: str | None = None) -> Predictor:
         """A predictor for a scorer: unknown ids score as the impression-weighted mean id."""
         predictor = cls(cfg, state=state, device=device)
         predictor.set_unknown_rows_to_mean()
@@ -112,13 +129,18 @@ class Predictor:
             return None
         if item_hat is None:
             item_hat = self.model.semantic.item_head(self.model.item_emb(inp.item)[:, : self.model.mc.embedding_dim])
-        vec = torch.where(inp.item_sem_mask.unsqueeze(1), F.normalize(inp.item_sem, dim=1), F.normalize(item_hat, dim=1))
+        vec = torch.where(
+            inp.item_sem_mask.unsqueeze(1), F.normalize(inp.item_sem, dim=1), F.normalize(item_hat, dim=1)
+        )
         return vec.double().cpu().numpy()
 
     def set_unknown_rows_to_mean(self) -> None:
         """Make row 0 (unknown ids) the impression-weighted mean of trained rows, for serving."""
         with torch.no_grad():
-            for table, vocab in ((self.model.user_emb, self.featurizer.users), (self.model.item_emb, self.featurizer.items)):
+            for table, vocab in (
+                (self.model.user_emb, self.featurizer.users),
+                (self.model.item_emb, self.featurizer.items),
+            ):
                 n = len(vocab)
                 counts = torch.from_numpy(vocab.counts[1:n].astype(np.float32)).to(self.device)
                 if n > 1 and float(counts.sum()) > 0:

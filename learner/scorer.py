@@ -15,17 +15,18 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import msgspec
 import numpy as np
 
-from livectr.learner.snapshot import latest_version, load_latest
-from livectr.learner.predictor import Predictor
 from livectr.core.config import Config
 from livectr.core.events import Impression
+from livectr.learner.predictor import Predictor
+from livectr.learner.snapshot import latest_version, load_latest
 
 log = logging.getLogger(__name__)
 

@@ -30,11 +30,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file as load_numpy, save_file as save_numpy
-from safetensors.torch import load_file as load_torch, save_file as save_torch
-
+from safetensors.numpy import load_file as load_numpy
+from safetensors.numpy import save_file as save_numpy
+from safetensors.torch import load_file as load_torch
+from safetensors.torch import save_file as save_torch
 
 log = logging.getLogger(__name__)
+
 
 @dataclass
 class LearnerState:
@@ -45,7 +47,6 @@ class LearnerState:
     optimizer: dict[str, torch.Tensor]
     arrays: dict[str, np.ndarray]
     meta: dict[str, Any] = field(default_factory=dict)
-
 
 
 VERSION_RE = re.compile(r"^v(\d{8})$")
@@ -116,8 +117,9 @@ def _atomic_pointer(root: Path, name: str) -> None:
     _fsync_path(root)
 
 
-def publish_snapshot(data_dir: Path | str, state: LearnerState, manifest: dict[str, Any],
-                     keep: int = 5) -> tuple[int, Path]:
+def publish_snapshot(
+    data_dir: Path | str, state: LearnerState, manifest: dict[str, Any], keep: int = 5
+) -> tuple[int, Path]:
     """Write ``state`` as the next version, swap ``latest`` to it, prune old versions.
 
     ``manifest`` holds the caller's fields (offsets, metrics, config_hash, …); ``version``,
@@ -190,8 +192,9 @@ def latest_version(data_dir: Path | str) -> int | None:
     return versions[-1] if versions else None
 
 
-def load_version(data_dir: Path | str, version: int, with_optimizer: bool = True
-                 ) -> tuple[dict[str, Any], LearnerState]:
+def load_version(
+    data_dir: Path | str, version: int, with_optimizer: bool = True
+) -> tuple[dict[str, Any], LearnerState]:
     """Read one snapshot (without the optimiser moments when serving); raises
     ``OSError``/``ValueError`` if it is gone or unreadable."""
     path = snapshots_dir(data_dir) / version_name(version)
@@ -229,4 +232,3 @@ def manifest_offsets(manifest: dict[str, Any], topic: str) -> dict[int, int]:
     if manifest.get("offsets_topic") != topic:
         return {}
     return {int(p): int(o) for p, o in manifest.get("offsets", {}).items()}
-

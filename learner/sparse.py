@@ -36,8 +36,9 @@ from torch import nn
 INIT_STD = 0.05
 
 
-def fresh_rows(rows: int, dim: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32
-               ) -> torch.Tensor:
+def fresh_rows(
+    rows: int, dim: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """New rows: small random embedding, zero first-order weight (the last column)."""
     out = torch.empty(rows, dim + 1, dtype=dtype, device=device)
     nn.init.normal_(out, std=INIT_STD)
@@ -88,8 +89,14 @@ class SparseTable(nn.Module):
 class RowOptimizer:
     """Optimiser of named :class:`SparseTable` s (see the module docstring)."""
 
-    def __init__(self, tables: dict[str, SparseTable], lr: float, initial_accumulator: float,
-                 wide_prior: float, wide_lr: float = 1.0) -> None:
+    def __init__(
+        self,
+        tables: dict[str, SparseTable],
+        lr: float,
+        initial_accumulator: float,
+        wide_prior: float,
+        wide_lr: float = 1.0,
+    ) -> None:
         self.tables = tables
         self.wide_lr = wide_lr
         self.lr = lr
@@ -131,7 +138,9 @@ class RowOptimizer:
             second = grads * grads
             second[:, d] = h
             rows, inverse = torch.unique(idx, return_inverse=True)
-            total = torch.zeros(rows.numel(), d + 1, dtype=grads.dtype, device=grads.device).index_add_(0, inverse, grads)
+            total = torch.zeros(rows.numel(), d + 1, dtype=grads.dtype, device=grads.device).index_add_(
+                0, inverse, grads
+            )
             acc_rows = acc.index_select(0, rows).index_add_(0, inverse, second)
             acc.index_copy_(0, rows, acc_rows)
             rate = acc_rows
@@ -140,8 +149,9 @@ class RowOptimizer:
             table.weight.data.index_add_(0, rows, total.mul_(rate).neg_())
 
     @torch.no_grad()
-    def in_batch_wide_shift(self, name: str, rows: torch.Tensor, grad: torch.Tensor, curvature: torch.Tensor
-                            ) -> torch.Tensor:
+    def in_batch_wide_shift(
+        self, name: str, rows: torch.Tensor, grad: torch.Tensor, curvature: torch.Tensor
+    ) -> torch.Tensor:
         """Logit shift of each example from the first-order updates of *earlier* examples of its id.
 
         A per-example learner has already moved an id's first-order weight by the time it scores

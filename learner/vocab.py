@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -107,7 +108,7 @@ class GrowingVocab:
         return {"name": self.name, "capacity": self.capacity, "ids": self._ids[1:]}
 
     @classmethod
-    def from_state(cls, state: Mapping[str, Any], counts: np.ndarray | None = None) -> "GrowingVocab":
+    def from_state(cls, state: Mapping[str, Any], counts: np.ndarray | None = None) -> GrowingVocab:
         vocab = cls(state["name"], int(state["capacity"]))
         ids = list(state["ids"])
         vocab._ids = ["<unk>", *ids]
@@ -153,7 +154,8 @@ class ContextHasher:
         #: Whole-context memo (contexts repeat a lot); cleared whenever a slot is assigned.
         self._rows: dict[tuple[tuple[str, object], ...], np.ndarray] = {}
         self._missing_row = np.array(
-            [stable_bucket(self._slot_name(i), _MISSING_TOKEN, buckets) for i in range(self.fields)], dtype=np.int64)
+            [stable_bucket(self._slot_name(i), _MISSING_TOKEN, buckets) for i in range(self.fields)], dtype=np.int64
+        )
 
     def _slot_name(self, i: int) -> str:
         return self.slots[i] if i < len(self.slots) else f"<slot{i}>"
@@ -218,6 +220,5 @@ class ContextHasher:
         return {"fields": self.fields, "buckets": self.buckets, "slots": list(self.slots)}
 
     @classmethod
-    def from_state(cls, state: Mapping[str, Any]) -> "ContextHasher":
+    def from_state(cls, state: Mapping[str, Any]) -> ContextHasher:
         return cls(int(state["fields"]), int(state["buckets"]), state["slots"])
-

@@ -16,18 +16,36 @@ import signal
 import socket
 import sys
 import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
+from livectr.core import bus
 from livectr.core import config as config_mod
+from livectr.core.broker import EmbeddedBroker
 from livectr.core.config import Config
+from livectr.core.events import DecodeError, Impression, decode_event
 from livectr.core.status import StatusFile, write_json_atomic
+from livectr.learner.loop import run_learner
+from livectr.learner.scorer import Scorer, serve
+from livectr.pipeline import run_pipeline
+from livectr.semantic_cache.client import SemanticCacheClient
+from livectr.semantic_cache.refresher import run_refresher
+from livectr.semantic_cache.similar import similar
+from livectr.simulators.ml100k import convert_ml100k
+from livectr.simulators.publish import publish
+from livectr.simulators.sources import leading_items, open_source
+from livectr.streams.worker import run_join_worker
 
 log = logging.getLogger("livectr")
 
 #: flag → (config key, type, help). Only flags the user actually gives override the config.
 CONFIG_FLAGS: dict[str, tuple[str, type, str]] = {
-    "--bootstrap-servers": ("kafka.bootstrap_servers", str, "Kafka bootstrap servers HOST:PORT (default: start the embedded broker)"),
+    "--bootstrap-servers": (
+        "kafka.bootstrap_servers",
+        str,
+        "Kafka bootstrap servers HOST:PORT (default: start the embedded broker)",
+    ),
     "--topic-prefix": ("kafka.topic_prefix", str, "prefix of every topic name (default livectr.)"),
     "--partitions": ("kafka.partitions", int, "partitions of the topics livectr creates"),
     "--data-dir": ("data_dir", Path, "snapshots and state (default ./livectr-data)"),
@@ -35,13 +53,24 @@ CONFIG_FLAGS: dict[str, tuple[str, type, str]] = {
     "--seed": ("simulator.seed", int, "seed of the synthetic world"),
     "--users": ("simulator.users", int, "synthetic users"),
     "--items-count": ("simulator.items", int, "synthetic items"),
-    "--speed": ("simulator.speed", float, "replay speed: 0 = as fast as possible, 1 = real time, 60 = a minute per second"),
+    "--speed": (
+        "simulator.speed",
+        float,
+        "replay speed: 0 = as fast as possible, 1 = real time, 60 = a minute per second",
+    ),
     "--window-s": ("join.window_s", float, "attribution window in event-time seconds (default 600)"),
     "--policy": ("join.policy", str, "labelling policy: wait | fake-negative"),
-    "--score-sample": ("join.score_sample", float, "fraction of impressions scored at impression time for serving_auc (0-1)"),
+    "--score-sample": (
+        "join.score_sample",
+        float,
+        "fraction of impressions scored at impression time for serving_auc (0-1)",
+    ),
     "--group-id": ("join.group_id", str, "consumer group of the join workers"),
-    "--user-profile-ttl-s": ("semantic.user_profile_ttl_s", float,
-                             "forget a user's click profile after this long without a click (event-time s; 0 = never)"),
+    "--user-profile-ttl-s": (
+        "semantic.user_profile_ttl_s",
+        float,
+        "forget a user's click profile after this long without a click (event-time s; 0 = never)",
+    ),
     "--batch-size": ("learner.batch_size", int, "learner mini-batch size"),
     "--lr": ("learner.lr", float, "learning rate"),
     "--device": ("learner.device", str, "auto | cpu | cuda"),
@@ -62,7 +91,9 @@ def _add_config_flags(parser: argparse.ArgumentParser, names: Sequence[str]) -> 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     _add_config_flags(parser, ["--bootstrap-servers", "--topic-prefix", "--partitions", "--data-dir"])
-    parser.add_argument("--semantics", choices=["on", "off"], default=None, help="semantic cache and distillation (default on)")
+    parser.add_argument(
+        "--semantics", choices=["on", "off"], default=None, help="semantic cache and distillation (default on)"
+    )
     parser.add_argument("--config-json", type=Path, default=None, help="start from a config written by `livectr run`")
     parser.add_argument("--status-file", type=Path, default=None, help="write live counters here (JSON)")
     parser.add_argument("--summary-json", type=Path, default=None, help="write the final summary here (JSON)")
@@ -86,8 +117,10 @@ def build_config(args: argparse.Namespace) -> Config:
 
 def _require_broker(cfg: Config) -> None:
     if not cfg.kafka.bootstrap_servers:
-        raise SystemExit("this command needs --bootstrap-servers (or LIVECTR_KAFKA__BOOTSTRAP_SERVERS); "
-                         "`livectr run` and `livectr broker` start an embedded one")
+        raise SystemExit(
+            "this command needs --bootstrap-servers (or LIVECTR_KAFKA__BOOTSTRAP_SERVERS); "
+            "`livectr run` and `livectr broker` start an embedded one"
+        )
 
 
 def _stop_on_signals() -> threading.Event:
@@ -119,36 +152,42 @@ def _run_stage(args: argparse.Namespace, body: Callable[[Config, StatusFile, thr
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
-    from livectr.core import bus
-    from livectr.simulators.publish import publish
-    from livectr.simulators.sources import leading_items, open_source
 
     def body(cfg: Config, status: StatusFile, stop: threading.Event) -> dict[str, Any]:
         bus.ensure_topics(cfg)
         source = open_source(cfg, log=args.log, items=args.items)
         events = leading_items(source.events) if args.catalogue_only else source.events
         log.info("publishing %s%s", "the catalogue of " if args.catalogue_only else "", source.description)
-        return publish(cfg, events, producer_id=args.producer_id, speed=cfg.simulator.speed,
-                       progress=cfg.simulator.progress and not args.no_progress, on_status=status, stop=stop,
-                       end_markers=not args.catalogue_only)
+        return publish(
+            cfg,
+            events,
+            producer_id=args.producer_id,
+            speed=cfg.simulator.speed,
+            progress=cfg.simulator.progress and not args.no_progress,
+            on_status=status,
+            stop=stop,
+            end_markers=not args.catalogue_only,
+        )
 
     return _run_stage(args, body)
 
 
 def cmd_join(args: argparse.Namespace) -> int:
-    from livectr.core import bus
-    from livectr.streams.worker import run_join_worker
 
     def body(cfg: Config, status: StatusFile, stop: threading.Event) -> dict[str, Any]:
         bus.ensure_topics(cfg)
         semantics = None
         if cfg.semantic.enabled:
-            from livectr.semantic_cache.client import SemanticCacheClient
-
             semantics = SemanticCacheClient(cfg)
         try:
-            summary = run_join_worker(cfg, worker_id=args.worker_id, semantics=semantics, on_status=status,
-                                      stop=stop, bounded=not args.forever)
+            summary = run_join_worker(
+                cfg,
+                worker_id=args.worker_id,
+                semantics=semantics,
+                on_status=status,
+                stop=stop,
+                bounded=not args.forever,
+            )
         finally:
             if semantics is not None:
                 semantics.close()
@@ -160,8 +199,6 @@ def cmd_join(args: argparse.Namespace) -> int:
 
 
 def cmd_refresh(args: argparse.Namespace) -> int:
-    from livectr.core import bus
-    from livectr.semantic_cache.refresher import run_refresher
 
     def body(cfg: Config, status: StatusFile, stop: threading.Event) -> dict[str, Any]:
         bus.ensure_topics(cfg)
@@ -171,8 +208,6 @@ def cmd_refresh(args: argparse.Namespace) -> int:
 
 
 def cmd_learn(args: argparse.Namespace) -> int:
-    from livectr.core import bus
-    from livectr.learner.loop import run_learner
 
     def body(cfg: Config, status: StatusFile, stop: threading.Event) -> dict[str, Any]:
         bus.ensure_topics(cfg)
@@ -182,18 +217,23 @@ def cmd_learn(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from livectr.pipeline import run_pipeline
 
     cfg = build_config(args)
-    summary = run_pipeline(cfg, log_path=args.log, items_path=args.items, forever=args.forever,
-                           join_workers=args.join_workers, quiet=args.quiet, warm_catalogue=not args.cold_cache)
+    summary = run_pipeline(
+        cfg,
+        log_path=args.log,
+        items_path=args.items,
+        forever=args.forever,
+        join_workers=args.join_workers,
+        quiet=args.quiet,
+        warm_catalogue=not args.cold_cache,
+    )
     if args.summary_json is not None:
         write_json_atomic(args.summary_json, summary)
     return 0 if summary.get("ok", False) else 1
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
-    from livectr.core.broker import EmbeddedBroker
 
     stop = _stop_on_signals()
     with EmbeddedBroker(port=args.port) as broker:
@@ -204,7 +244,6 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 
 def cmd_topics(args: argparse.Namespace) -> int:
-    from livectr.core import bus
 
     cfg = build_config(args)
     _require_broker(cfg)
@@ -214,7 +253,6 @@ def cmd_topics(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from livectr.learner.scorer import serve
 
     cfg = build_config(args)
     serve(cfg, args.host, args.port)
@@ -223,8 +261,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_score(args: argparse.Namespace) -> int:
     """Score impressions (JSON lines on stdin) with the latest snapshot; one probability per line."""
-    from livectr.learner.scorer import Scorer
-    from livectr.core.events import DecodeError, Impression, decode_event
 
     cfg = build_config(args)
     scorer = Scorer(cfg.data_dir)
@@ -245,7 +281,6 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_similar(args: argparse.Namespace) -> int:
-    from livectr.semantic_cache.similar import similar
 
     cfg = build_config(args)
     neighbours = similar(cfg, args.item_id, k=args.k)
@@ -258,7 +293,6 @@ def cmd_similar(args: argparse.Namespace) -> int:
 
 
 def cmd_convert_ml100k(args: argparse.Namespace) -> int:
-    from livectr.simulators.ml100k import convert_ml100k
 
     events, items = convert_ml100k(args.src, args.out)
     print(f"events: {events}\nitems:  {items}\nrun:    livectr run --log {events} --items {items}")
@@ -269,16 +303,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="livectr", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="the whole pipeline: broker (embedded by default) → simulator/replay → join → learner")
+    run = sub.add_parser(
+        "run", help="the whole pipeline: broker (embedded by default) → simulator/replay → join → learner"
+    )
     _add_common(run)
-    _add_config_flags(run, [f for f in CONFIG_FLAGS if f not in {"--bootstrap-servers", "--topic-prefix", "--partitions", "--data-dir"}])
-    run.add_argument("--log", type=Path, default=None, help="replay this recorded events log instead of synthetic traffic")
+    _add_config_flags(
+        run,
+        [f for f in CONFIG_FLAGS if f not in {"--bootstrap-servers", "--topic-prefix", "--partitions", "--data-dir"}],
+    )
+    run.add_argument(
+        "--log", type=Path, default=None, help="replay this recorded events log instead of synthetic traffic"
+    )
     run.add_argument("--items", type=Path, default=None, help="items file of the recorded log")
     run.add_argument("--forever", action="store_true", help="run until stopped instead of a bounded demo")
     run.add_argument("--join-workers", type=int, default=None, help="join worker processes (one consumer group)")
     run.add_argument("--quiet", action="store_true", help="no live progress line")
-    run.add_argument("--cold-cache", action="store_true",
-                     help="start traffic without first letting the teacher encode the existing catalogue")
+    run.add_argument(
+        "--cold-cache",
+        action="store_true",
+        help="start traffic without first letting the teacher encode the existing catalogue",
+    )
     run.set_defaults(func=cmd_run)
 
     produce = sub.add_parser("produce", help="publish synthetic traffic or replay a recorded log")
@@ -288,11 +332,16 @@ def build_parser() -> argparse.ArgumentParser:
     produce.add_argument("--items", type=Path, default=None)
     produce.add_argument("--producer-id", default="producer-0")
     produce.add_argument("--no-progress", action="store_true")
-    produce.add_argument("--catalogue-only", action="store_true",
-                         help="publish only the items that precede the traffic (no end markers): warms the semantic cache")
+    produce.add_argument(
+        "--catalogue-only",
+        action="store_true",
+        help="publish only the items that precede the traffic (no end markers): warms the semantic cache",
+    )
     produce.set_defaults(func=cmd_produce)
 
-    join = sub.add_parser("join", help="join worker: impressions × clicks → training examples (scale out: same --group-id)")
+    join = sub.add_parser(
+        "join", help="join worker: impressions × clicks → training examples (scale out: same --group-id)"
+    )
     _add_common(join)
     _add_config_flags(join, ["--window-s", "--policy", "--group-id", "--score-sample", "--user-profile-ttl-s"])
     join.add_argument("--worker-id", default=f"join-{socket.gethostname()}-{os.getpid()}")
@@ -306,7 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     learn = sub.add_parser("learn", help="learner: train the student online and publish snapshots")
     _add_common(learn)
-    _add_config_flags(learn, ["--batch-size", "--lr", "--device", "--threads", "--snapshot-every-s", "--snapshot-every-examples"])
+    _add_config_flags(
+        learn, ["--batch-size", "--lr", "--device", "--threads", "--snapshot-every-s", "--snapshot-every-examples"]
+    )
     learn.add_argument("--forever", action="store_true", help="keep running after end-of-stream markers")
     learn.set_defaults(func=cmd_learn)
 
@@ -346,8 +397,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     return int(args.func(args) or 0)
 
 

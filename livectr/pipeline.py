@@ -30,9 +30,19 @@ log = logging.getLogger(__name__)
 
 #: Keys every run summary carries (the issue's contract), in display order.
 SUMMARY_KEYS = (
-    "events_published", "impressions", "clicks", "examples_trained", "positives",
-    "progressive_auc", "progressive_logloss", "cold_start_auc", "events_per_second",
-    "freshness_p50_s", "freshness_p99_s", "snapshots_published", "dead_letters",
+    "events_published",
+    "impressions",
+    "clicks",
+    "examples_trained",
+    "positives",
+    "progressive_auc",
+    "progressive_logloss",
+    "cold_start_auc",
+    "events_per_second",
+    "freshness_p50_s",
+    "freshness_p99_s",
+    "snapshots_published",
+    "dead_letters",
 )
 
 
@@ -61,10 +71,21 @@ class Stage:
 
     def start(self, config_path: Path) -> None:
         self.log_file = open(self.log_path, "wb")
-        cmd = [sys.executable, "-m", "livectr", *self.args, "--config-json", str(config_path),
-               "--status-file", str(self.status_path), "--summary-json", str(self.summary_path)]
-        self.proc = subprocess.Popen(cmd, stdout=self.log_file, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "livectr",
+            *self.args,
+            "--config-json",
+            str(config_path),
+            "--status-file",
+            str(self.status_path),
+            "--summary-json",
+            str(self.summary_path),
+        ]
+        self.proc = subprocess.Popen(
+            cmd, stdout=self.log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
 
     def poll(self) -> int | None:
         code = self.proc.poll() if self.proc is not None else None
@@ -135,13 +156,15 @@ class Progress:
         joins = [s.status() for n, s in stages.items() if n.startswith("join")]
         learn = stages["learn"].status() if "learn" in stages else {}
         refresh = stages["refresh"].status() if "refresh" in stages else {}
-        parts = [f"[{now - self.started:6.1f}s]",
-                 f"published {prod.get('events_published', 0):,} ({prod.get('events_per_second', 0) / 1000:.1f}k/s)",
-                 f"joined {sum(j.get('examples_out', 0) for j in joins):,}",
-                 f"trained {learn.get('examples_trained', 0):,} ({learn.get('examples_per_second', 0) / 1000:.1f}k/s)",
-                 f"AUC {learn.get('progressive_auc', float('nan')):.4f}",
-                 f"serving AUC {learn.get('serving_auc', float('nan')):.4f}",
-                 f"logloss {learn.get('progressive_logloss', float('nan')):.4f}"]
+        parts = [
+            f"[{now - self.started:6.1f}s]",
+            f"published {prod.get('events_published', 0):,} ({prod.get('events_per_second', 0) / 1000:.1f}k/s)",
+            f"joined {sum(j.get('examples_out', 0) for j in joins):,}",
+            f"trained {learn.get('examples_trained', 0):,} ({learn.get('examples_per_second', 0) / 1000:.1f}k/s)",
+            f"AUC {learn.get('progressive_auc', float('nan')):.4f}",
+            f"serving AUC {learn.get('serving_auc', float('nan')):.4f}",
+            f"logloss {learn.get('progressive_logloss', float('nan')):.4f}",
+        ]
         if refresh:
             parts.append(f"teacher {refresh.get('texts_encoded', 0):,} texts")
         dead = prod.get("dead_letters", 0) + sum(j.get("dead_letters", 0) for j in joins) + learn.get("dead_letters", 0)
@@ -159,7 +182,9 @@ class Progress:
             self.out.flush()
 
 
-def _plan(cfg: Config, log_path: Path | None, items_path: Path | None, forever: bool, join_workers: int) -> dict[str, list[str]]:
+def _plan(
+    cfg: Config, log_path: Path | None, items_path: Path | None, forever: bool, join_workers: int
+) -> dict[str, list[str]]:
     """The stage commands, in start order (consumers first, so nothing waits on a producer)."""
     tail = ["--forever"] if forever else []
     plan: dict[str, list[str]] = {}
@@ -190,8 +215,14 @@ class StageFailed(RuntimeError):
         self.stage = stage
 
 
-def _warm_catalogue(stages: dict[str, Stage], produce_args: list[str], run_dir: Path, config_path: Path,
-                    quiet: bool, timeout_s: float = 300.0) -> None:
+def _warm_catalogue(
+    stages: dict[str, Stage],
+    produce_args: list[str],
+    run_dir: Path,
+    config_path: Path,
+    quiet: bool,
+    timeout_s: float = 300.0,
+) -> None:
     """Publish the catalogue ahead of the traffic and wait until the teacher has encoded it.
 
     A deployment's semantic cache is warm for the items that already exist; what the demo
@@ -209,19 +240,26 @@ def _warm_catalogue(stages: dict[str, Stage], produce_args: list[str], run_dir: 
             if code not in (None, 0):
                 raise StageFailed(stage.name, f"stage {stage.name} failed (exit {code})")
         st, items = refresh.status(), catalogue.summary().get("items")
-        if items is not None and st.get("reducer_fitted") and st.get("items_seen", 0) >= items \
-                and st.get("queue_depth", 1) == 0:
+        if (
+            items is not None
+            and st.get("reducer_fitted")
+            and st.get("items_seen", 0) >= items
+            and st.get("queue_depth", 1) == 0
+        ):
             return
         if not quiet and time.monotonic() - announced >= 5.0:
             announced = time.monotonic()
-            sys.stderr.write(f"warming the semantic cache: {st.get('texts_encoded', 0):,} item texts encoded"
-                             f" of {items if items is not None else '…'}\n")
+            sys.stderr.write(
+                f"warming the semantic cache: {st.get('texts_encoded', 0):,} item texts encoded"
+                f" of {items if items is not None else '…'}\n"
+            )
         time.sleep(0.25)
     raise StageFailed("refresh", f"the semantic cache did not warm up within {timeout_s:.0f}s")
 
 
 def merge_summaries(stages: dict[str, Stage], cfg: Config, started: float) -> dict[str, Any]:
     """The run summary: the issue's keys first, then per-stage details."""
+
     def summary_of(name: str) -> dict[str, Any]:
         return stages[name].summary() if name in stages else {}
 
@@ -229,8 +267,12 @@ def merge_summaries(stages: dict[str, Stage], cfg: Config, started: float) -> di
     joins = {n: s.summary() for n, s in stages.items() if n.startswith("join")}
     first = prod.get("first_publish_wall") or started
     end = (stages["learn"].ended_at if "learn" in stages else None) or time.time()
-    dead = prod.get("dead_letters", 0) + sum(j.get("dead_letters", 0) for j in joins.values()) + learn.get("dead_letters", 0) \
+    dead = (
+        prod.get("dead_letters", 0)
+        + sum(j.get("dead_letters", 0) for j in joins.values())
+        + learn.get("dead_letters", 0)
         + refresh.get("dead_letters", 0)
+    )
     summary: dict[str, Any] = {
         "events_published": prod.get("events_published", 0),
         "impressions": prod.get("impressions", 0),
@@ -276,8 +318,16 @@ def print_summary(summary: dict[str, Any], out: TextIO) -> None:
     out.flush()
 
 
-def run_pipeline(cfg: Config, *, log_path: Path | None = None, items_path: Path | None = None, forever: bool = False,
-                 join_workers: int | None = None, quiet: bool = False, warm_catalogue: bool = True) -> dict[str, Any]:
+def run_pipeline(
+    cfg: Config,
+    *,
+    log_path: Path | None = None,
+    items_path: Path | None = None,
+    forever: bool = False,
+    join_workers: int | None = None,
+    quiet: bool = False,
+    warm_catalogue: bool = True,
+) -> dict[str, Any]:
     """Start the broker if needed, every stage as a child process, show progress, return the summary."""
     started = time.time()
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
@@ -327,8 +377,10 @@ def run_pipeline(cfg: Config, *, log_path: Path | None = None, items_path: Path 
         summary["interrupted"] = interrupted
         if failed:
             summary["failed_stage"] = failed
-            sys.stderr.write(f"\nstage {failed} failed (exit code {stages[failed].poll()}); the end of its log "
-                             f"({stages[failed].log_path}):\n{stages[failed].log_tail()}\n")
+            sys.stderr.write(
+                f"\nstage {failed} failed (exit code {stages[failed].poll()}); the end of its log "
+                f"({stages[failed].log_path}):\n{stages[failed].log_tail()}\n"
+            )
         print_summary(summary, sys.stdout)
         return summary
     finally:

@@ -112,8 +112,9 @@ class SemanticCacheClient:
     a restarted join worker does not begin with a burst of misses.
     """
 
-    def __init__(self, cfg: Config, *, warm_from_store: bool = True, reporter: str = "",
-                 catchup_s: float | None = None) -> None:
+    def __init__(
+        self, cfg: Config, *, warm_from_store: bool = True, reporter: str = "", catchup_s: float | None = None
+    ) -> None:
         self.cfg = cfg
         self.dim = cfg.semantic.reduced_dim
         self.decay = cfg.semantic.user_decay
@@ -201,8 +202,12 @@ class SemanticCacheClient:
             else:
                 entry = self._users.get(user_id)
                 # _valid(entry, summary), inlined with tuple indices: this is the join's common case.
-                if (entry is not None and entry[2] is summary and entry[3] == self._epoch
-                        and (entry[1] == COMPLETE or entry[1] == self._arrivals)):
+                if (
+                    entry is not None
+                    and entry[2] is summary
+                    and entry[3] == self._epoch
+                    and (entry[1] == COMPLETE or entry[1] == self._arrivals)
+                ):
                     vec = entry[0]
                 else:
                     vec = self._set_user(user_id, summary)
@@ -258,7 +263,7 @@ class SemanticCacheClient:
             profile = summary if profile is None else _unit(_unit(profile) + summary)
         return None if profile is None else to_bytes(profile)
 
-    def _valid(self, answer: "_Answer", summary: tuple[np.ndarray, float] | None) -> bool:
+    def _valid(self, answer: _Answer, summary: tuple[np.ndarray, float] | None) -> bool:
         """Whether a kept answer still holds: same teacher version, same summary, and either
         complete or folded after the last vector arrival.
 
@@ -267,8 +272,11 @@ class SemanticCacheClient:
         switches version) at any moment, possibly while the join thread is folding this user,
         and an answer stored after such an update would otherwise outlive it.
         """
-        return (answer.summary is summary and answer.epoch == self._epoch
-                and (answer.stamp == COMPLETE or answer.stamp == self._arrivals))
+        return (
+            answer.summary is summary
+            and answer.epoch == self._epoch
+            and (answer.stamp == COMPLETE or answer.stamp == self._arrivals)
+        )
 
     def _vector_at(self, user_id: str, at: float, summary: tuple[np.ndarray, float] | None) -> bytes | None:
         """The vector from the clicks before ``at`` (``summary``: the user's, read by the caller).
@@ -296,8 +304,13 @@ class SemanticCacheClient:
         answer = self._users[user_id] = self._fold(user_id, None, summary, summary)
         return answer.vector
 
-    def _fold(self, user_id: str, at: float | None, summary: tuple[np.ndarray, float] | None,
-              blended: tuple[np.ndarray, float] | None) -> "_Answer":
+    def _fold(
+        self,
+        user_id: str,
+        at: float | None,
+        summary: tuple[np.ndarray, float] | None,
+        blended: tuple[np.ndarray, float] | None,
+    ) -> _Answer:
         """Fold the clicks before ``at`` and blend in ``blended``; stamped for :meth:`_valid`.
 
         The stamps are read *before* folding: a vector, summary or version arriving meanwhile
@@ -329,8 +342,9 @@ class SemanticCacheClient:
         if not tps:
             log.warning("semantic topic %s does not exist: no vectors will arrive", self.topics.semantic)
         for tp in tps:
-            low, high = self._consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=10.0,
-                                                             cached=False)
+            low, high = self._consumer.get_watermark_offsets(
+                TopicPartition(tp.topic, tp.partition), timeout=10.0, cached=False
+            )
             if high > low:
                 self._remaining[tp.partition] = high
         if not self._remaining:
@@ -364,8 +378,10 @@ class SemanticCacheClient:
         try:
             record = wire.decode_vector(msg.value())
             if record.kind not in ("item", "user") or len(record.reduced) != self.dim:
-                raise DecodeError(f"invalid semantic vector: kind {record.kind!r}, {len(record.reduced)} bytes, "
-                                  f"expected item or user with {self.dim}")
+                raise DecodeError(
+                    f"invalid semantic vector: kind {record.kind!r}, {len(record.reduced)} bytes, "
+                    f"expected item or user with {self.dim}"
+                )
         except DecodeError as exc:
             self._dead_letters.send(msg.value(), exc.reason, source=msg)
             return
@@ -427,10 +443,11 @@ class SemanticCacheClient:
             self._first_miss.setdefault(item_id, now)
             batch.append(item_id)
         for start in range(0, len(batch), MISS_BATCH):
-            ids = batch[start:start + MISS_BATCH]
+            ids = batch[start : start + MISS_BATCH]
             record = wire.MissReport(kind="item", ids=ids, ts=time.time(), reporter=self.reporter)
-            bus.produce(self._producer, self.topics.semantic_misses, wire.encode(record),
-                        on_delivery=self._delivery.callback)
+            bus.produce(
+                self._producer, self.topics.semantic_misses, wire.encode(record), on_delivery=self._delivery.callback
+            )
             self.ids_reported += len(ids)
             self.reports_sent += 1
 
@@ -444,10 +461,16 @@ class SemanticCacheClient:
             times.append(ts)
         now = time.time()
         for user_id, (item_ids, times) in by_user.items():
-            record = wire.UserClicks(user_id=user_id, item_ids=item_ids, ts=now, reporter=self.reporter,
-                                     event_ts=max(times))
-            bus.produce(self._producer, self.topics.semantic_misses, wire.encode(record),
-                        key=wire.vector_key("user", user_id), on_delivery=self._delivery.callback)
+            record = wire.UserClicks(
+                user_id=user_id, item_ids=item_ids, ts=now, reporter=self.reporter, event_ts=max(times)
+            )
+            bus.produce(
+                self._producer,
+                self.topics.semantic_misses,
+                wire.encode(record),
+                key=wire.vector_key("user", user_id),
+                on_delivery=self._delivery.callback,
+            )
             self.click_reports_sent += 1
 
     # -- reporting -----------------------------------------------------------------------------

@@ -36,7 +36,9 @@ def dequantize(data: bytes | np.ndarray, dim: int | None = None) -> np.ndarray:
     """int8 bytes (or array, ``[n, d]`` or ``[d]``) back to float32 unit-scale vectors."""
     q = np.frombuffer(data, dtype=np.int8) if isinstance(data, (bytes, bytearray, memoryview)) else np.asarray(data)
     d = dim or q.shape[-1]
-    return q.astype(np.float32).reshape(-1, d).squeeze(0) / _scale(d) if q.ndim == 1 else q.astype(np.float32) / _scale(d)
+    return (
+        q.astype(np.float32).reshape(-1, d).squeeze(0) / _scale(d) if q.ndim == 1 else q.astype(np.float32) / _scale(d)
+    )
 
 
 def dequantize_many(blobs: list[bytes | None], dim: int) -> tuple[np.ndarray, np.ndarray]:

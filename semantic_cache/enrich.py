@@ -22,11 +22,12 @@ import time
 import urllib.error
 import urllib.request
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 from livectr.core.config import Config
+from livectr.semantic_cache.teacher import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +90,13 @@ class EnrichStats:
     last_error: str = ""
 
     def as_dict(self) -> dict[str, float | int | str]:
-        return {"enrich_requests": self.requests, "enrich_succeeded": self.succeeded,
-                "enrich_fallbacks": self.fallbacks, "enrich_seconds": round(self.seconds, 3),
-                "enrich_last_error": self.last_error}
+        return {
+            "enrich_requests": self.requests,
+            "enrich_succeeded": self.succeeded,
+            "enrich_fallbacks": self.fallbacks,
+            "enrich_seconds": round(self.seconds, 3),
+            "enrich_last_error": self.last_error,
+        }
 
 
 class Enricher(ABC):
@@ -150,8 +155,9 @@ class OpenAICompatibleEnricher(Enricher):
     ``api_key`` defaults to ``$OPENAI_API_KEY`` when set; local servers usually need none.
     """
 
-    def __init__(self, url: str, model: str, api_key: str | None = None, timeout_s: float = 20.0,
-                 max_tokens: int = 64) -> None:
+    def __init__(
+        self, url: str, model: str, api_key: str | None = None, timeout_s: float = 20.0, max_tokens: int = 64
+    ) -> None:
         super().__init__(max_tokens)
         base = url.rstrip("/")
         self.endpoint = f"{base}/chat/completions" if base.endswith("/v1") else f"{base}/v1/chat/completions"
@@ -161,9 +167,14 @@ class OpenAICompatibleEnricher(Enricher):
         self.tag = f"openai:{model}"
 
     def complete(self, system: str, prompt: str) -> str:
-        body = json.dumps({"model": self.model, "temperature": 0, "max_tokens": self.max_tokens,
-                           "messages": [{"role": "system", "content": system},
-                                        {"role": "user", "content": prompt}]}).encode()
+        body = json.dumps(
+            {
+                "model": self.model,
+                "temperature": 0,
+                "max_tokens": self.max_tokens,
+                "messages": [{"role": "system", "content": system}, {"role": "user", "content": prompt}],
+            }
+        ).encode()
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
@@ -192,16 +203,17 @@ class HFCausalLMEnricher(Enricher):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from livectr.semantic_cache.teacher import resolve_device
-
         self._torch = torch
         self.model_path = Path(model_path)
         self.device = resolve_device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_path), local_files_only=True)
         self.model = AutoModelForCausalLM.from_pretrained(str(self.model_path), local_files_only=True)
         self.model.to(self.device).eval()
-        self.context = int(getattr(self.model.config, "max_position_embeddings", 0)
-                           or getattr(self.model.config, "n_positions", 0) or 2048)
+        self.context = int(
+            getattr(self.model.config, "max_position_embeddings", 0)
+            or getattr(self.model.config, "n_positions", 0)
+            or 2048
+        )
         self.tag = f"hf:{self.model_path.name}"
 
     def _render(self, system: str, prompt: str) -> str:
@@ -216,10 +228,15 @@ class HFCausalLMEnricher(Enricher):
         ids = ids[:, -budget:].to(self.device)
         eos = self.tokenizer.eos_token_id
         with self._torch.inference_mode():
-            out = self.model.generate(input_ids=ids, attention_mask=self._torch.ones_like(ids),
-                                      max_new_tokens=self.max_tokens, do_sample=False,
-                                      pad_token_id=eos, eos_token_id=eos)
-        return str(self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+            out = self.model.generate(
+                input_ids=ids,
+                attention_mask=self._torch.ones_like(ids),
+                max_new_tokens=self.max_tokens,
+                do_sample=False,
+                pad_token_id=eos,
+                eos_token_id=eos,
+            )
+        return str(self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
 
 
 def make_enricher(cfg: Config) -> Enricher | None:
@@ -230,11 +247,13 @@ def make_enricher(cfg: Config) -> Enricher | None:
     if sem.enrich == "openai":
         if not sem.enrich_url or not sem.enrich_model:
             raise ValueError("--enrich openai needs --enrich-url and --enrich-model")
-        return OpenAICompatibleEnricher(sem.enrich_url, sem.enrich_model, timeout_s=sem.enrich_timeout_s,
-                                        max_tokens=sem.enrich_max_tokens)
+        return OpenAICompatibleEnricher(
+            sem.enrich_url, sem.enrich_model, timeout_s=sem.enrich_timeout_s, max_tokens=sem.enrich_max_tokens
+        )
     if sem.enrich == "hf":
         if not sem.enrich_model or not Path(sem.enrich_model).is_dir():
-            raise ValueError(f"--enrich hf needs --enrich-model pointing to a local model directory, not {sem.enrich_model!r}")
-        return HFCausalLMEnricher(sem.enrich_model, max_new_tokens=sem.enrich_max_tokens,
-                                  device=sem.teacher_device)
+            raise ValueError(
+                f"--enrich hf needs --enrich-model pointing to a local model directory, not {sem.enrich_model!r}"
+            )
+        return HFCausalLMEnricher(sem.enrich_model, max_new_tokens=sem.enrich_max_tokens, device=sem.teacher_device)
     raise ValueError(f"unknown enrichment back-end {sem.enrich!r}: use '', 'openai' or 'hf'")

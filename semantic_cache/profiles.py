@@ -10,12 +10,14 @@ read "now" would hold the user's future clicks (a leak; see docs/design.md).
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 
 from livectr.semantic_cache.codec import dequantize
 from livectr.streams.profiles import ClickHistory, history_length
+
 
 def decayed_mean(blobs: list[bytes | None], dim: int, decay: float) -> np.ndarray | None:
     """``Σ decay^age · v / Σ decay^age`` over the present blobs, oldest first (``None`` if none).

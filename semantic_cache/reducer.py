@@ -52,7 +52,7 @@ class PCAReducer:
         return f"{teacher_version}/pca{self.dim}-{self.hash}"
 
     @classmethod
-    def fit(cls, vectors: np.ndarray, dim: int) -> "PCAReducer":
+    def fit(cls, vectors: np.ndarray, dim: int) -> PCAReducer:
         """Fit on ``[n, d]`` vectors (``n >= 2``).
 
         With fewer than ``dim`` informative directions (a tiny catalogue) the missing components
@@ -72,7 +72,7 @@ class PCAReducer:
         components[:keep] = vt[:keep]
         signs = np.sign(components[np.arange(dim), np.abs(components).argmax(axis=1)])
         components *= np.where(signs == 0, 1.0, signs)[:, None]
-        variance = singular ** 2
+        variance = singular**2
         explained = float(variance[:keep].sum() / variance.sum()) if variance.sum() > 0 else 1.0
         return cls(mean.astype(np.float32), components.astype(np.float32), explained, int(x.shape[0]))
 
@@ -90,15 +90,24 @@ class PCAReducer:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
         with open(tmp, "wb") as fh:
-            np.savez(fh, mean=self.mean, components=self.components,
-                     explained_variance=np.float64(self.explained_variance), fitted_on=np.int64(self.fitted_on))
+            np.savez(
+                fh,
+                mean=self.mean,
+                components=self.components,
+                explained_variance=np.float64(self.explained_variance),
+                fitted_on=np.int64(self.fitted_on),
+            )
         tmp.replace(path)
 
     @classmethod
-    def load(cls, path: Path) -> "PCAReducer":
+    def load(cls, path: Path) -> PCAReducer:
         with np.load(path) as data:
-            return cls(data["mean"].astype(np.float32), data["components"].astype(np.float32),
-                       float(data["explained_variance"]), int(data["fitted_on"]))
+            return cls(
+                data["mean"].astype(np.float32),
+                data["components"].astype(np.float32),
+                float(data["explained_variance"]),
+                int(data["fitted_on"]),
+            )
 
 
 def reducer_path(semantic_dir: Path, teacher_version: str, dim: int) -> Path:

@@ -37,8 +37,9 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message, Producer
@@ -164,8 +165,15 @@ class RefresherCounters:
 class Refresher:
     """State and logic of one refresher; :func:`run_refresher` drives it."""
 
-    def __init__(self, cfg: Config, teacher: Teacher, store: VectorStore, producer: Producer,
-                 dead_letters: bus.DeadLetterSink, enricher: Enricher | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        teacher: Teacher,
+        store: VectorStore,
+        producer: Producer,
+        dead_letters: bus.DeadLetterSink,
+        enricher: Enricher | None = None,
+    ) -> None:
         self.cfg = cfg
         self.teacher = teacher
         self.enricher = enricher
@@ -175,7 +183,9 @@ class Refresher:
         self.topic = cfg.topics.semantic
         self.teacher_version = teacher.version + (f"+{enricher.tag}" if enricher is not None else "")
         self.semantic_dir = store.directory
-        self.reducer: PCAReducer | None = load_reducer(self.semantic_dir, self.teacher_version, cfg.semantic.reduced_dim)
+        self.reducer: PCAReducer | None = load_reducer(
+            self.semantic_dir, self.teacher_version, cfg.semantic.reduced_dim
+        )
         self.queue = WorkQueue()
         self.counters = RefresherCounters()
         self.delivery = bus.DeliveryTracker()
@@ -214,8 +224,9 @@ class Refresher:
             self.counters.end_markers += 1
             return
         if not isinstance(event, Item):
-            self.dead_letters.send(msg.value(), f"unexpected event: {type(event).__name__.lower()} on the items topic",
-                                   source=msg)
+            self.dead_letters.send(
+                msg.value(), f"unexpected event: {type(event).__name__.lower()} on the items topic", source=msg
+            )
             return
         if not event.text.strip():
             self.dead_letters.send(msg.value(), "invalid item: empty text", source=msg)
@@ -236,8 +247,9 @@ class Refresher:
         with self._lock:
             urgent = event.item_id in self._wanted
             self._wanted.discard(event.item_id)
-        self.queue.put(EncodeJob(event.item_id, event.text, dict(event.attributes), hash_, event.ts, requested_at),
-                       urgent=urgent)
+        self.queue.put(
+            EncodeJob(event.item_id, event.text, dict(event.attributes), hash_, event.ts, requested_at), urgent=urgent
+        )
 
     def handle_miss_record(self, msg: Message) -> None:
         """A join worker lacked these ids: republish, prioritise, or remember them."""
@@ -310,9 +322,22 @@ class Refresher:
         now = time.time()
         reducer = self.reducer
         reduced: list[bytes | None] = list(reducer.reduce_bytes(vectors)) if reducer is not None else [None] * len(jobs)
-        rows = [StoredVector("item", j.item_id, self.teacher_version, j.hash, j.text, d, v.astype(np.float16), r,
-                             reducer.hash if reducer is not None else "", j.source_ts, now)
-                for j, d, v, r in zip(jobs, details, vectors, reduced)]
+        rows = [
+            StoredVector(
+                "item",
+                j.item_id,
+                self.teacher_version,
+                j.hash,
+                j.text,
+                d,
+                v.astype(np.float16),
+                r,
+                reducer.hash if reducer is not None else "",
+                j.source_ts,
+                now,
+            )
+            for j, d, v, r in zip(jobs, details, vectors, reduced)
+        ]
         self.store.put_many(rows)
         self.counters.texts_encoded += len(jobs)
         self.counters.batches += 1
@@ -351,9 +376,22 @@ class Refresher:
         self.counters.encode_seconds += time.perf_counter() - started
         now = time.time()
         reducer = self.reducer
-        rows = [StoredVector("user", job.user_id, self.teacher_version, text_hash(summary), summary, "",
-                             v.astype(np.float16), r, reducer.hash, job.event_ts, now)
-                for (job, summary), v, r in zip(ready, vectors, reducer.reduce_bytes(vectors))]
+        rows = [
+            StoredVector(
+                "user",
+                job.user_id,
+                self.teacher_version,
+                text_hash(summary),
+                summary,
+                "",
+                v.astype(np.float16),
+                r,
+                reducer.hash,
+                job.event_ts,
+                now,
+            )
+            for (job, summary), v, r in zip(ready, vectors, reducer.reduce_bytes(vectors))
+        ]
         self.store.put_many(rows)
         self.counters.user_summaries += len(rows)
         self._last_work = time.monotonic()
@@ -366,15 +404,25 @@ class Refresher:
             return False
         rows = self.store.rows("item", self.teacher_version)
         enough = len(rows) >= self.cfg.semantic.reducer_fit_min
-        quiet = idle and len(rows) >= 2 and len(self.queue) == 0 and \
-            time.monotonic() - self._last_work >= self.cfg.semantic.reducer_fit_idle_s
+        quiet = (
+            idle
+            and len(rows) >= 2
+            and len(self.queue) == 0
+            and time.monotonic() - self._last_work >= self.cfg.semantic.reducer_fit_idle_s
+        )
         if not (enough or quiet):
             return False
         reducer = PCAReducer.fit(np.stack([r.full.astype(np.float32) for r in rows]), self.cfg.semantic.reduced_dim)
         reducer.save(reducer_path(self.semantic_dir, self.teacher_version, reducer.dim))
         self.reducer = reducer
-        log.info("fitted PCA %d->%d on %d items (%.1f%% variance kept): version %s", reducer.input_dim,
-                 reducer.dim, len(rows), 100 * reducer.explained_variance, self.version)
+        log.info(
+            "fitted PCA %d->%d on %d items (%.1f%% variance kept): version %s",
+            reducer.input_dim,
+            reducer.dim,
+            len(rows),
+            100 * reducer.explained_variance,
+            self.version,
+        )
         reduced_rows = self._reduce_stale_rows()
         waiting, self._awaiting_fit = self._awaiting_fit, {}
         self._publish(reduced_rows, {r.id: waiting.get(r.id, self.counters.started) for r in reduced_rows})
@@ -383,7 +431,11 @@ class Refresher:
     def _reduce_stale_rows(self) -> list[StoredVector]:
         """Reduce every stored item vector of this teacher that lacks the current projection."""
         assert self.reducer is not None
-        stale = [r for r in self.store.rows("item", self.teacher_version) if r.reducer != self.reducer.hash or r.reduced is None]
+        stale = [
+            r
+            for r in self.store.rows("item", self.teacher_version)
+            if r.reducer != self.reducer.hash or r.reduced is None
+        ]
         if stale:
             blobs = self.reducer.reduce_bytes(np.stack([r.full.astype(np.float32) for r in stale]))
             self.store.set_reduced((r.key, b, self.reducer.hash) for r, b in zip(stale, blobs))
@@ -395,11 +447,22 @@ class Refresher:
         for row in rows:
             if row.reduced is None:
                 continue
-            record = wire.SemanticVector(kind=row.kind, id=row.id, version=version, reduced=row.reduced,
-                                         computed_at=row.updated_at, source_ts=row.source_ts,
-                                         requested_at=requested_at.get(row.id, now))
-            bus.produce(self.producer, self.topic, wire.encode(record), key=wire.vector_key(row.kind, row.id),
-                        on_delivery=self.delivery.callback)
+            record = wire.SemanticVector(
+                kind=row.kind,
+                id=row.id,
+                version=version,
+                reduced=row.reduced,
+                computed_at=row.updated_at,
+                source_ts=row.source_ts,
+                requested_at=requested_at.get(row.id, now),
+            )
+            bus.produce(
+                self.producer,
+                self.topic,
+                wire.encode(record),
+                key=wire.vector_key(row.kind, row.id),
+                on_delivery=self.delivery.callback,
+            )
             with self._lock:
                 if row.kind == "item":
                     self._published[row.id] = (row.text_hash, time.monotonic())
@@ -469,12 +532,20 @@ def _encoder_loop(refresher: Refresher, stop: threading.Event, errors: list[Base
 def _assign(cfg: Config, consumer: Any) -> None:
     """Items from the beginning (the store skips what is current), misses from the end."""
     topics = cfg.topics
-    misses_end = {(topics.semantic_misses, p): -1 for p in range(bus.partition_count(cfg.kafka, topics.semantic_misses))}
+    misses_end = {
+        (topics.semantic_misses, p): -1 for p in range(bus.partition_count(cfg.kafka, topics.semantic_misses))
+    }
     bus.assign_all(consumer, cfg.kafka, [topics.items, topics.semantic_misses], offsets=misses_end)
 
 
-def run_refresher(cfg: Config, *, teacher: Teacher | None = None, on_status: StatusCallback | None = None,
-                  stop: threading.Event | None = None, enricher: Enricher | None = None) -> dict[str, Any]:
+def run_refresher(
+    cfg: Config,
+    *,
+    teacher: Teacher | None = None,
+    on_status: StatusCallback | None = None,
+    stop: threading.Event | None = None,
+    enricher: Enricher | None = None,
+) -> dict[str, Any]:
     """Run the refresher until ``stop`` is set; returns its final counters.
 
     ``teacher``/``enricher`` default to those named in ``cfg.semantic`` (tests pass a loaded
@@ -490,8 +561,9 @@ def run_refresher(cfg: Config, *, teacher: Teacher | None = None, on_status: Sta
     consumer = bus.consumer(cfg.kafka)
     encoder_stop = threading.Event()
     errors: list[BaseException] = []
-    encoder = threading.Thread(target=_encoder_loop, args=(refresher, encoder_stop, errors),
-                               name="semantic-encoder", daemon=True)
+    encoder = threading.Thread(
+        target=_encoder_loop, args=(refresher, encoder_stop, errors), name="semantic-encoder", daemon=True
+    )
     try:
         _assign(cfg, consumer)
         encoder.start()

@@ -47,4 +47,7 @@ def similar(cfg: Config, item_id: str, k: int = 10) -> list[tuple[str, float, st
         store.close()
     index = build_index(rows, cfg.semantic.faiss_exact_below)
     texts = {r.id: r.text for r in rows}
-    return [(other, score, texts[other]) for other, score in index.search(anchor.full.astype(np.float32), k, exclude=item_id)]
+    return [
+        (other, score, texts[other])
+        for other, score in index.search(anchor.full.astype(np.float32), k, exclude=item_id)
+    ]

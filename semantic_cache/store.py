@@ -19,9 +19,9 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import numpy as np
 
@@ -102,16 +102,29 @@ class VectorStore:
         self._load()
 
     @classmethod
-    def open(cls, cfg: Config) -> "VectorStore":
+    def open(cls, cfg: Config) -> VectorStore:
         """The store of a config: ``cfg.data_dir / "semantic"``."""
         return cls(Path(cfg.data_dir) / "semantic")
 
     def _load(self) -> None:
-        cur = self._db.execute("SELECT kind, id, teacher_version, text_hash, text, detail, full, reduced, reducer,"
-                               " source_ts, updated_at FROM vectors")
+        cur = self._db.execute(
+            "SELECT kind, id, teacher_version, text_hash, text, detail, full, reduced, reducer,"
+            " source_ts, updated_at FROM vectors"
+        )
         for row in cur:
-            vec = StoredVector(row[0], row[1], row[2], row[3], row[4], row[5],
-                               np.frombuffer(row[6], dtype=np.float16), row[7], row[8], row[9], row[10])
+            vec = StoredVector(
+                row[0],
+                row[1],
+                row[2],
+                row[3],
+                row[4],
+                row[5],
+                np.frombuffer(row[6], dtype=np.float16),
+                row[7],
+                row[8],
+                row[9],
+                row[10],
+            )
             self._rows[vec.key] = vec
 
     def __len__(self) -> int:
@@ -131,9 +144,22 @@ class VectorStore:
         rows = list(rows)
         if not rows:
             return
-        params = [(r.kind, r.id, r.teacher_version, r.text_hash, r.text, r.detail,
-                   np.ascontiguousarray(r.full, dtype=np.float16).tobytes(), r.reduced, r.reducer,
-                   float(r.source_ts), float(r.updated_at)) for r in rows]
+        params = [
+            (
+                r.kind,
+                r.id,
+                r.teacher_version,
+                r.text_hash,
+                r.text,
+                r.detail,
+                np.ascontiguousarray(r.full, dtype=np.float16).tobytes(),
+                r.reduced,
+                r.reducer,
+                float(r.source_ts),
+                float(r.updated_at),
+            )
+            for r in rows
+        ]
         with self._lock:
             self._db.executemany("INSERT OR REPLACE INTO vectors VALUES (?,?,?,?,?,?,?,?,?,?,?)", params)
             self._db.commit()
@@ -149,15 +175,19 @@ class VectorStore:
         with self._lock:
             self._db.executemany(
                 "UPDATE vectors SET reduced=?, reducer=?, updated_at=? WHERE kind=? AND id=? AND teacher_version=?",
-                [(blob, reducer, now, *key) for key, blob, reducer in updates])
+                [(blob, reducer, now, *key) for key, blob, reducer in updates],
+            )
             self._db.commit()
             for key, blob, reducer in updates:
                 self._rows[key] = replace(self._rows[key], reduced=blob, reducer=reducer, updated_at=now)
 
     def rows(self, kind: str | None = None, teacher_version: str | None = None) -> list[StoredVector]:
         """All rows matching ``kind`` and ``teacher_version`` (``None`` = any)."""
-        return [r for r in list(self._rows.values())
-                if (kind is None or r.kind == kind) and (teacher_version is None or r.teacher_version == teacher_version)]
+        return [
+            r
+            for r in list(self._rows.values())
+            if (kind is None or r.kind == kind) and (teacher_version is None or r.teacher_version == teacher_version)
+        ]
 
     def versions(self, kind: str = "item") -> dict[str, int]:
         """Teacher versions present for ``kind`` with their row counts."""

@@ -65,8 +65,14 @@ class MiniLMTeacher:
 
     dim: int
 
-    def __init__(self, model_path: str | Path | None = None, device: str = "auto", threads: int | None = 1,
-                 batch_size: int = 64, name: str | None = None) -> None:
+    def __init__(
+        self,
+        model_path: str | Path | None = None,
+        device: str = "auto",
+        threads: int | None = 1,
+        batch_size: int = 64,
+        name: str | None = None,
+    ) -> None:
         os.environ["HF_HUB_OFFLINE"] = "1"
         os.environ["TRANSFORMERS_OFFLINE"] = "1"
         import torch
@@ -91,8 +97,13 @@ class MiniLMTeacher:
         """Unit-norm float32 embeddings; an empty list gives a ``[0, dim]`` array."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        out = self._model.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True,
-                                 convert_to_numpy=True, show_progress_bar=False)
+        out = self._model.encode(
+            list(texts),
+            batch_size=self.batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        )
         return np.ascontiguousarray(out, dtype=np.float32)
 
 

@@ -75,7 +75,7 @@ def read_items(src: Path, genre_names: list[str]) -> list[tuple[str, str, str, s
             continue
         fields = line.split("|")
         movie_id, title, release = fields[0], fields[1].strip(), fields[2]
-        flags = fields[5:5 + len(genre_names)]
+        flags = fields[5 : 5 + len(genre_names)]
         genres = [g for g, f in zip(genre_names, flags) if f == "1" and g != "unknown"]
         match = re.search(r"\((\d{4})\)\s*$", title) or re.search(r"(\d{4})$", release)
         year = match.group(1) if match else ""

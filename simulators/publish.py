@@ -25,7 +25,8 @@ import sys
 import threading
 import time
 import zlib
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from confluent_kafka import Producer
 from tqdm import tqdm
@@ -75,9 +76,17 @@ class _Pacer:
             self.prod.poll(min(delay, 0.1))  # serves delivery reports while waiting
 
 
-def publish(cfg: Config, events: Iterable[SourceRecord], *, producer_id: str, speed: float = 0.0,
-            progress: bool = False, on_status: Callable[[dict[str, Any]], None] | None = None,
-            stop: threading.Event | None = None, end_markers: bool = True) -> dict[str, Any]:
+def publish(
+    cfg: Config,
+    events: Iterable[SourceRecord],
+    *,
+    producer_id: str,
+    speed: float = 0.0,
+    progress: bool = False,
+    on_status: Callable[[dict[str, Any]], None] | None = None,
+    stop: threading.Event | None = None,
+    end_markers: bool = True,
+) -> dict[str, Any]:
     """Send ``events`` (in order) and, unless ``end_markers`` is False, end markers; return a summary.
 
     ``end_markers=False`` is for a prelude that is not the stream itself (the catalogue
@@ -100,8 +109,11 @@ def publish(cfg: Config, events: Iterable[SourceRecord], *, producer_id: str, sp
     prod = bus.producer(cfg.kafka, on_delivery=tracker.callback, **{"delivery.report.only.error": True})
     sink = bus.DeadLetterSink(prod, topics.dead_letters, stage="publish")
     pacer = _Pacer(speed, prod, stop) if speed > 0 else None
-    bar = tqdm(total=operator.length_hint(events) or None, unit="ev", file=sys.stderr, mininterval=0.5,
-               desc="publish") if progress else None
+    bar = (
+        tqdm(total=operator.length_hint(events) or None, unit="ev", file=sys.stderr, mininterval=0.5, desc="publish")
+        if progress
+        else None
+    )
 
     imp_topic, clk_topic, item_topic = names["impressions"], names["clicks"], names["items"]
     imp_counts, clk_counts, item_counts = counts["impressions"], counts["clicks"], counts["items"]
@@ -117,9 +129,15 @@ def publish(cfg: Config, events: Iterable[SourceRecord], *, producer_id: str, sp
 
     def status() -> dict[str, Any]:
         elapsed = max(time.time() - (first_wall or started), 1e-9)
-        return {"events_published": impressions + clicks, "impressions": impressions, "clicks": clicks,
-                "items": items, "malformed": malformed, "dead_letters": sink.count,
-                "events_per_second": (impressions + clicks) / elapsed}
+        return {
+            "events_published": impressions + clicks,
+            "impressions": impressions,
+            "clicks": clicks,
+            "items": items,
+            "malformed": malformed,
+            "dead_letters": sink.count,
+            "events_per_second": (impressions + clicks) / elapsed,
+        }
 
     for rec in events:
         if first_wall is None:
@@ -182,16 +200,18 @@ def publish(cfg: Config, events: Iterable[SourceRecord], *, producer_id: str, sp
 
     summary = status()
     end = last_wall or time.time()
-    summary.update({
-        "producer_id": producer_id,
-        "elapsed_s": time.time() - started,
-        "first_publish_wall": first_wall,
-        "last_publish_wall": last_wall,
-        "events_per_second": (impressions + clicks) / max(end - (first_wall or started), 1e-9),
-        "partition_counts": counts,
-        "dead_letter_reasons": dict(sink.reasons),
-        "stopped": stopped,
-    })
+    summary.update(
+        {
+            "producer_id": producer_id,
+            "elapsed_s": time.time() - started,
+            "first_publish_wall": first_wall,
+            "last_publish_wall": last_wall,
+            "events_per_second": (impressions + clicks) / max(end - (first_wall or started), 1e-9),
+            "partition_counts": counts,
+            "dead_letter_reasons": dict(sink.reasons),
+            "stopped": stopped,
+        }
+    )
     if on_status is not None:
         on_status(summary)
     return summary

@@ -10,7 +10,6 @@ exercised and has to dead-letter it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
 from livectr.core.events import Click, Impression, Item
 
@@ -39,4 +38,4 @@ class BadRecord:
 
 
 #: One element of a source's event stream.
-SourceRecord = Union[Impression, Click, Item, BadRecord]
+SourceRecord = Impression | Click | Item | BadRecord

@@ -22,8 +22,9 @@ import csv
 import gzip
 import io
 import math
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import msgspec
 
@@ -94,7 +95,7 @@ class _LineTap:
         self._it = iter(fh)
         self.taken: list[str] = []
 
-    def __iter__(self) -> "_LineTap":
+    def __iter__(self) -> _LineTap:
         return self
 
     def __next__(self) -> str:
@@ -188,14 +189,23 @@ def event_from_row(row: dict[str, Any]) -> Impression | Click:
     impression_id = _text_field(row, "impression_id")
     if kind.strip().lower() == "click":
         return Click(impression_id=impression_id, ts=ts)
-    return Impression(impression_id=impression_id, ts=ts, user_id=_text_field(row, "user_id"),
-                      item_id=_text_field(row, "item_id"), context=_extra(row, EVENT_COLUMNS))
+    return Impression(
+        impression_id=impression_id,
+        ts=ts,
+        user_id=_text_field(row, "user_id"),
+        item_id=_text_field(row, "item_id"),
+        context=_extra(row, EVENT_COLUMNS),
+    )
 
 
 def item_from_row(row: dict[str, Any], default_ts: float) -> Item:
     """Validate one items-file row; ``default_ts`` when it has no ``ts``; raises :class:`RowError`."""
-    return Item(item_id=_text_field(row, "item_id"), ts=_ts_field(row, default_ts),
-                text=_text_field(row, "text"), attributes=_extra(row, ITEM_COLUMNS))
+    return Item(
+        item_id=_text_field(row, "item_id"),
+        ts=_ts_field(row, default_ts),
+        text=_text_field(row, "text"),
+        attributes=_extra(row, ITEM_COLUMNS),
+    )
 
 
 def _parse(path: Path, build: Any) -> tuple[list[Any], list[BadRecord]]:
@@ -230,8 +240,12 @@ def load_replay(log: Path, items: Path | None = None) -> tuple[list[SourceRecord
         for e in events:
             if type(e) is Impression and e.ts < first_shown.get(e.item_id, math.inf):
                 first_shown[e.item_id] = e.ts
-        item_events = [it if it.ts <= first_shown.get(it.item_id, math.inf)
-                       else msgspec.structs.replace(it, ts=first_shown[it.item_id]) for it in item_events]
+        item_events = [
+            it
+            if it.ts <= first_shown.get(it.item_id, math.inf)
+            else msgspec.structs.replace(it, ts=first_shown[it.item_id])
+            for it in item_events
+        ]
     merged: list[Impression | Click | Item] = [*item_events, *events]
     # Stable: equal keys keep file order (items file before log, then line order).
     merged.sort(key=lambda e: (e.ts, _KIND_RANK[type(e)]))

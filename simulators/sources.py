@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from livectr.core.config import Config
 from livectr.core.events import Item
@@ -33,12 +33,16 @@ def open_source(cfg: Config, log: Path | None = None, items: Path | None = None)
             raise ValueError("an items file only makes sense with a log to replay (--log)")
         sim = cfg.simulator
         traffic = SyntheticTraffic(sim)
-        desc = (f"synthetic traffic: {sim.events:,} impressions+clicks, {sim.users:,} users, "
-                f"{sim.items:,} items ({sim.new_item_fraction:.0%} born during the run), seed {sim.seed}")
+        desc = (
+            f"synthetic traffic: {sim.events:,} impressions+clicks, {sim.users:,} users, "
+            f"{sim.items:,} items ({sim.new_item_fraction:.0%} born during the run), seed {sim.seed}"
+        )
         return Source(events=iter(traffic), truth=traffic.truth, description=desc)
     records, counts = load_replay(Path(log), Path(items) if items is not None else None)
-    desc = (f"replay of {log}: {counts['impressions']:,} impressions, {counts['clicks']:,} clicks, "
-            f"{counts['items']:,} items, {counts['bad_records']:,} bad records")
+    desc = (
+        f"replay of {log}: {counts['impressions']:,} impressions, {counts['clicks']:,} clicks, "
+        f"{counts['items']:,} items, {counts['bad_records']:,} bad records"
+    )
     return Source(events=iter(records), truth=None, description=desc)
 
 

@@ -30,8 +30,9 @@ emitted.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Final, Iterator
+from typing import Final
 
 import numpy as np
 
@@ -63,13 +64,29 @@ AXES: Final[tuple[tuple[tuple[str, ...], tuple[str, ...]], ...]] = (
     (("scientific", "educational", "factual"), ("fantasy", "magical", "mythical")),
 )
 CATEGORIES: Final[tuple[str, ...]] = (
-    "book", "film", "song", "game", "gadget", "jacket", "recipe", "podcast", "lamp", "backpack",
-    "course", "poster",
+    "book",
+    "film",
+    "song",
+    "game",
+    "gadget",
+    "jacket",
+    "recipe",
+    "podcast",
+    "lamp",
+    "backpack",
+    "course",
+    "poster",
 )
 #: Filler sentences carry no signal; they make texts less templated.
 FILLERS: Final[tuple[str, ...]] = (
-    "Now available.", "A new arrival in the catalogue.", "Limited stock.", "Ships worldwide.",
-    "Part of this season's selection.", "Reviewed by our editors.", "", "",
+    "Now available.",
+    "A new arrival in the catalogue.",
+    "Limited stock.",
+    "Ships worldwide.",
+    "Part of this season's selection.",
+    "Reviewed by our editors.",
+    "",
+    "",
 )
 INTENSIFIERS: Final[tuple[str, ...]] = ("very", "extremely", "remarkably", "truly")
 #: How many of an item's strongest latent coordinates its text mentions.
@@ -140,16 +157,16 @@ def axis_of_word(word: str) -> tuple[int, int] | None:
 class World:
     """The static part of the simulation: users, items and the click model's parameters."""
 
-    user_latent: np.ndarray      # (users, d), drifts during the run (mutated in place)
+    user_latent: np.ndarray  # (users, d), drifts during the run (mutated in place)
     user_bias: np.ndarray
-    user_device: np.ndarray      # preferred device index
+    user_device: np.ndarray  # preferred device index
     user_tz: np.ndarray
     user_cum_weight: np.ndarray  # cumulative activity weights
-    item_latent: np.ndarray      # (items, d), items ordered by birth time
+    item_latent: np.ndarray  # (items, d), items ordered by birth time
     item_bias: np.ndarray
     item_category: np.ndarray
-    item_birth: np.ndarray       # event time of birth; EPOCH for the initial catalogue
-    item_zipf: np.ndarray        # base popularity weight
+    item_birth: np.ndarray  # event time of birth; EPOCH for the initial catalogue
+    item_zipf: np.ndarray  # base popularity weight
     item_text: list[str]
     latent_scale: float
     intercept: float = 0.0
@@ -188,7 +205,7 @@ def build_world(sim: SimulatorConfig, rng: np.random.Generator) -> World:
     scale = (AFFINITY_VARIANCE / d) ** 0.25  # so that var(user·item) = AFFINITY_VARIANCE
     users = sim.users
     user_rank = rng.permutation(users) + 1.0
-    user_weight = user_rank ** -0.5
+    user_weight = user_rank**-0.5
     n_items = sim.items
     n_initial = max(1, round(n_items * (1.0 - sim.new_item_fraction)))
     births = np.full(n_items, EPOCH)
@@ -211,9 +228,8 @@ def build_world(sim: SimulatorConfig, rng: np.random.Generator) -> World:
         item_bias=rng.normal(0.0, 0.3, n_items) + category_bias[categories],
         item_category=categories,
         item_birth=births,
-        item_zipf=item_rank ** -sim.zipf_a,
-        item_text=[describe_item(item_latent[i], CATEGORIES[categories[i]], scale, text_rng)
-                   for i in range(n_items)],
+        item_zipf=item_rank**-sim.zipf_a,
+        item_text=[describe_item(item_latent[i], CATEGORIES[categories[i]], scale, text_rng) for i in range(n_items)],
         latent_scale=scale,
     )
     world.intercept = _calibrate_intercept(world, sim, rng)
@@ -226,8 +242,9 @@ def draw(cum_weight: np.ndarray, rng: np.random.Generator, n: int) -> np.ndarray
     return np.minimum(idx, len(cum_weight) - 1)
 
 
-def _context(world: World, users: np.ndarray, ts: np.ndarray, rng: np.random.Generator
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _context(
+    world: World, users: np.ndarray, ts: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Device (mostly the user's usual one), the user's local hour and the slot (1-based)."""
     n = len(users)
     device = np.where(rng.random(n) < 0.8, world.user_device[users], rng.integers(len(DEVICES), size=n))
@@ -236,13 +253,27 @@ def _context(world: World, users: np.ndarray, ts: np.ndarray, rng: np.random.Gen
     return device, hour, slot
 
 
-def click_logit(world: World, users: np.ndarray, items: np.ndarray, device: np.ndarray,
-                hour: np.ndarray, slot: np.ndarray, intercept: float | None = None) -> np.ndarray:
+def click_logit(
+    world: World,
+    users: np.ndarray,
+    items: np.ndarray,
+    device: np.ndarray,
+    hour: np.ndarray,
+    slot: np.ndarray,
+    intercept: float | None = None,
+) -> np.ndarray:
     """True click logit of impressions (current user tastes)."""
     b0 = world.intercept if intercept is None else intercept
     affinity = np.einsum("ij,ij->i", world.user_latent[users], world.item_latent[items])
-    return (b0 + affinity + world.user_bias[users] + world.item_bias[items]
-            + DEVICE_EFFECT[device] + hour_effect(hour) + SLOT_EFFECT * (slot - 1))
+    return (
+        b0
+        + affinity
+        + world.user_bias[users]
+        + world.item_bias[items]
+        + DEVICE_EFFECT[device]
+        + hour_effect(hour)
+        + SLOT_EFFECT * (slot - 1)
+    )
 
 
 def _calibrate_intercept(world: World, sim: SimulatorConfig, rng: np.random.Generator) -> float:
@@ -291,14 +322,16 @@ class GroundTruth:
     malformed: int = 0
     malformed_by_topic: dict[str, int] = field(default_factory=dict)
     new_item_boost_s: float = 0.0
-    _imp: dict[str, list[np.ndarray]] = field(repr=False, default_factory=lambda: {
-        k: [] for k in ("ts", "p", "user", "item", "item_birth")})
+    _imp: dict[str, list[np.ndarray]] = field(
+        repr=False, default_factory=lambda: {k: [] for k in ("ts", "p", "user", "item", "item_birth")}
+    )
     _click_imp: list[np.ndarray] = field(repr=False, default_factory=list)
     _click_ts: list[np.ndarray] = field(repr=False, default_factory=list)
     _cache: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
 
-    def record_impressions(self, ts: np.ndarray, p: np.ndarray, users: np.ndarray, items: np.ndarray,
-                           item_birth: np.ndarray) -> None:
+    def record_impressions(
+        self, ts: np.ndarray, p: np.ndarray, users: np.ndarray, items: np.ndarray, item_birth: np.ndarray
+    ) -> None:
         for key, arr in (("ts", ts), ("p", p), ("user", users), ("item", items), ("item_birth", item_birth)):
             self._imp[key].append(arr)
         self._cache.clear()
@@ -353,7 +386,7 @@ class GroundTruth:
         """True click probability of one impression, by id."""
         if not impression_id.startswith(self.id_prefix):
             raise KeyError(impression_id)
-        return float(self._cat("p")[int(impression_id[len(self.id_prefix):])])
+        return float(self._cat("p")[int(impression_id[len(self.id_prefix) :])])
 
     def oracle_auc(self, window_s: float | None = None) -> float:
         """AUC of the true probabilities against the emitted labels: the ceiling for any model."""
@@ -377,10 +410,15 @@ class GroundTruth:
     def summary(self, window_s: float | None = None) -> dict[str, float | int]:
         """Counts for reports (and, with ``window_s``, the expected positives under ``wait``)."""
         out: dict[str, float | int] = {
-            "impressions": self.impressions, "clicks": self.clicks, "duplicate_clicks": self.duplicate_clicks,
-            "malformed": self.malformed, "items": self.items, "cold_start_items": self.cold_start_items,
+            "impressions": self.impressions,
+            "clicks": self.clicks,
+            "duplicate_clicks": self.duplicate_clicks,
+            "malformed": self.malformed,
+            "items": self.items,
+            "cold_start_items": self.cold_start_items,
             "cold_start_impressions": int(self.cold_start_mask().sum()),
-            "ctr": self.clicks / max(self.impressions, 1), "oracle_auc": self.oracle_auc(window_s),
+            "ctr": self.clicks / max(self.impressions, 1),
+            "oracle_auc": self.oracle_auc(window_s),
         }
         if window_s is not None:
             out["clicks_within_window"] = self.clicks_within(window_s)
@@ -393,13 +431,19 @@ def _malformed(kind: int, ts: float, ref: str, key: str) -> tuple[bytes, str, st
         raw = encode_event(Impression(impression_id=key, ts=ts, user_id="u0", item_id="i0"))
         return raw[: len(raw) // 2], "truncated-json", "impressions"
     if kind == 1:
-        return (b'{"type":"impression","ts":%.3f,"user_id":"u0","item_id":"i0"}' % ts,
-                "missing-impression-id", "impressions")
+        return (
+            b'{"type":"impression","ts":%.3f,"user_id":"u0","item_id":"i0"}' % ts,
+            "missing-impression-id",
+            "impressions",
+        )
     if kind == 2:
         return b'{"type":"click","impression_id":12345,"ts":%.3f}' % ts, "id-not-a-string", "clicks"
     if kind == 3:
-        return (b'{"type":"click","impression_id":"%s","ts":%d}' % (ref.encode(), int(ts * 1000)),
-                "ts-in-milliseconds", "clicks")
+        return (
+            b'{"type":"click","impression_id":"%s","ts":%d}' % (ref.encode(), int(ts * 1000)),
+            "ts-in-milliseconds",
+            "clicks",
+        )
     if kind == 4:
         return b'{"type":"view","impression_id":"%s","ts":%.3f}' % (key.encode(), ts), "unknown-type", "impressions"
     if kind == 5:
@@ -495,7 +539,9 @@ class SyntheticTraffic:
 
             # Merge by (ts, kind): items before impressions before clicks at equal times.
             all_ts = np.concatenate((w.item_birth[i_idx], ts, c_ts))
-            kind = np.concatenate((np.zeros(len(i_idx), np.int8), np.ones(CHUNK, np.int8), np.full(len(c_ts), 2, np.int8)))
+            kind = np.concatenate(
+                (np.zeros(len(i_idx), np.int8), np.ones(CHUNK, np.int8), np.full(len(c_ts), 2, np.int8))
+            )
             ref = np.concatenate((i_idx, np.arange(CHUNK), np.arange(len(c_ts))))
             order = np.lexsort((kind, all_ts))
             kind, ref, all_ts = kind[order], ref[order], all_ts[order]
@@ -505,8 +551,9 @@ class SyntheticTraffic:
                 kind, ref, all_ts = kind[:cut], ref[:cut], all_ts[:cut]
             remaining -= int(np.sum(kind > 0))
 
-            records = self._build_records(kind, ref, all_ts, ts, users, items, device, hour, slot, n0,
-                                          c_ts, c_imp, c_dup, user_ids, item_ids)
+            records = self._build_records(
+                kind, ref, all_ts, ts, users, items, device, hour, slot, n0, c_ts, c_imp, c_dup, user_ids, item_ids
+            )
             # Ground truth of exactly what is emitted.
             n_imp = int(np.sum(kind == 1))
             truth.record_impressions(ts[:n_imp], p[:n_imp], users[:n_imp], items[:n_imp], w.item_birth[items[:n_imp]])
@@ -521,10 +568,24 @@ class SyntheticTraffic:
             n0 += CHUNK
             yield from records
 
-    def _build_records(self, kind: np.ndarray, ref: np.ndarray, all_ts: np.ndarray, ts: np.ndarray,
-                       users: np.ndarray, items: np.ndarray, device: np.ndarray, hour: np.ndarray,
-                       slot: np.ndarray, n0: int, c_ts: np.ndarray, c_imp: np.ndarray, c_dup: np.ndarray,
-                       user_ids: list[str], item_ids: list[str]) -> list[SourceRecord]:
+    def _build_records(
+        self,
+        kind: np.ndarray,
+        ref: np.ndarray,
+        all_ts: np.ndarray,
+        ts: np.ndarray,
+        users: np.ndarray,
+        items: np.ndarray,
+        device: np.ndarray,
+        hour: np.ndarray,
+        slot: np.ndarray,
+        n0: int,
+        c_ts: np.ndarray,
+        c_imp: np.ndarray,
+        c_dup: np.ndarray,
+        user_ids: list[str],
+        item_ids: list[str],
+    ) -> list[SourceRecord]:
         """Turn a merged chunk into event objects (bulk list comprehensions: no per-event numpy)."""
         n_imp = int(np.sum(kind == 1))
         prefix = self.id_prefix
@@ -532,8 +593,13 @@ class SyntheticTraffic:
         u_l, i_l = users[:n_imp].tolist(), items[:n_imp].tolist()
         d_l, h_l, s_l = device[:n_imp].tolist(), hour[:n_imp].tolist(), slot[:n_imp].tolist()
         impressions = [
-            Impression(impression_id=f"{prefix}{n0 + j}", ts=ts_l[j], user_id=user_ids[u_l[j]],
-                       item_id=item_ids[i_l[j]], context={"device": DEVICES[d_l[j]], "hour": h_l[j], "slot": s_l[j]})
+            Impression(
+                impression_id=f"{prefix}{n0 + j}",
+                ts=ts_l[j],
+                user_id=user_ids[u_l[j]],
+                item_id=item_ids[i_l[j]],
+                context={"device": DEVICES[d_l[j]], "hour": h_l[j], "slot": s_l[j]},
+            )
             for j in range(n_imp)
         ]
         clicks = [Click(impression_id=f"{prefix}{i}", ts=t) for i, t in zip(c_imp.tolist(), c_ts.tolist())]
@@ -547,8 +613,14 @@ class SyntheticTraffic:
             elif k == 2:
                 append(clicks[r])
             else:
-                append(Item(item_id=item_ids[r], ts=float(w.item_birth[r]), text=w.item_text[r],
-                            attributes={"category": CATEGORIES[int(w.item_category[r])]}))
+                append(
+                    Item(
+                        item_id=item_ids[r],
+                        ts=float(w.item_birth[r]),
+                        text=w.item_text[r],
+                        attributes={"category": CATEGORIES[int(w.item_category[r])]},
+                    )
+                )
         if self.sim.malformed_rate > 0 and out:
             out = self._insert_malformed(out, all_ts)
         return out

@@ -61,7 +61,7 @@ class CommitMeta(msgspec.Struct):
         return f"seq={self.seq};fin={int(self.finished)};ex={self.examples}"
 
     @classmethod
-    def parse(cls, text: str | None) -> "CommitMeta":
+    def parse(cls, text: str | None) -> CommitMeta:
         """Parse :meth:`encode` output; anything else (or nothing) is the empty metadata."""
         fields = dict(part.split("=", 1) for part in (text or "").split(";") if "=" in part)
         try:
@@ -132,8 +132,11 @@ def delivered_after(cfg: Config, p: int, out_partition: int, start: int) -> set[
                     record = decode_example(msg.value())
                 except DecodeError:
                     continue
-                examples = record.examples if isinstance(record, ExampleBatch) else (
-                    [record] if isinstance(record, Example) else [])
+                examples = (
+                    record.examples
+                    if isinstance(record, ExampleBatch)
+                    else ([record] if isinstance(record, Example) else [])
+                )
                 seen.update((ex.impression_id, ex.kind) for ex in examples)
         if position < high:
             log.warning("partition %d: could not re-read delivered examples; duplicates possible", p)

@@ -225,9 +225,18 @@ class PartitionJoin:
     drains both with :meth:`take` after each batch.
     """
 
-    def __init__(self, partition: int, window_s: float, policy: str = POLICY_WAIT, *,
-                 semantics: SemanticLookup | None = None, closed_memory: int = 100_000,
-                 score_sample: float = 0.0, profile_history: int = 0, profile_ttl_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        partition: int,
+        window_s: float,
+        policy: str = POLICY_WAIT,
+        *,
+        semantics: SemanticLookup | None = None,
+        closed_memory: int = 100_000,
+        score_sample: float = 0.0,
+        profile_history: int = 0,
+        profile_ttl_s: float = 0.0,
+    ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown join policy {policy!r}; expected one of {POLICIES}")
         if not window_s > 0:
@@ -240,8 +249,9 @@ class PartitionJoin:
         #: checkpoint only when semantics are attached: the cache's profiles live in memory. The
         #: worker persists them incrementally (:meth:`take_profile_changes`), apart from the
         #: state snapshot, and users idle for ``profile_ttl_s`` of event time are forgotten.
-        self.user_clicks = (ClickHistory(profile_history, track_changes=True)
-                            if semantics is not None and profile_history > 0 else None)
+        self.user_clicks = (
+            ClickHistory(profile_history, track_changes=True) if semantics is not None and profile_history > 0 else None
+        )
         self.profile_ttl_s = float(profile_ttl_s)
         self._wait = policy == POLICY_WAIT
         self.watermark = -_INF
@@ -368,8 +378,9 @@ class PartitionJoin:
             return
         sem = self.semantics
         if sem is None:
-            ex = Example(imp.impression_id, imp.ts, imp.user_id, imp.item_id, imp.context, label, kind,
-                         decided_at, delay)
+            ex = Example(
+                imp.impression_id, imp.ts, imp.user_id, imp.item_id, imp.context, label, kind, decided_at, delay
+            )
         else:
             item_vec = sem.item(imp.item_id)
             # As of the impression's time: emitted up to a window later (and, in a replay, read
@@ -377,8 +388,21 @@ class PartitionJoin:
             # clicks made after the impression — a leak no live scorer has.
             user_vec = sem.user(imp.user_id, imp.ts)
             flags = (SEM_ITEM_MISS if item_vec is None else 0) | (SEM_USER_MISS if user_vec is None else 0)
-            ex = Example(imp.impression_id, imp.ts, imp.user_id, imp.item_id, imp.context, label, kind,
-                         decided_at, delay, item_vec, user_vec, flags, sem.version)
+            ex = Example(
+                imp.impression_id,
+                imp.ts,
+                imp.user_id,
+                imp.item_id,
+                imp.context,
+                label,
+                kind,
+                decided_at,
+                delay,
+                item_vec,
+                user_vec,
+                flags,
+                sem.version,
+            )
         self.out.append(ex)
         if request:
             self.counters.score_requests += 1
@@ -470,6 +494,7 @@ class PartitionJoin:
         """
         window = self.window_s
         self.out[start:] = sorted(self.out[start:], key=lambda ex: decision_time(ex, window))
+
     def _release(self, horizon: float) -> None:
         """Emit matched positives whose click time is at or before ``horizon``, in click-time order."""
         ready, info, kind = self._ready, self._ready_info, KIND_FINAL if self._wait else KIND_POSITIVE_COPY
@@ -534,8 +559,7 @@ class PartitionJoin:
             del pending[iid]
             if clicked.pop(iid, None) is None:
                 negatives += 1
-                out.append(Example(iid, imp.ts, imp.user_id, imp.item_id, imp.context, 0, KIND_FINAL,
-                                   published, -1.0))
+                out.append(Example(iid, imp.ts, imp.user_id, imp.item_id, imp.context, 0, KIND_FINAL, published, -1.0))
             closed.add(iid)
             if len(closed) >= memory:
                 self._closed_prev = closed
@@ -566,8 +590,7 @@ class PartitionJoin:
         click_candidates = [o.offset for o in self.orphans.values()]
         if self.clicked:
             click_candidates.append(min(self.clicked.values()))
-        return (min(imp_candidates) if imp_candidates else None,
-                min(click_candidates) if click_candidates else None)
+        return (min(imp_candidates) if imp_candidates else None, min(click_candidates) if click_candidates else None)
 
     @property
     def watermark_lag(self) -> float:
@@ -583,17 +606,25 @@ class PartitionJoin:
         """The state to checkpoint (call between batches, after :meth:`take`)."""
         disorder = sorted(self._disorder)
         return PartitionState(
-            partition=self.partition, window_s=self.window_s, policy=self.policy, watermark=self.watermark,
+            partition=self.partition,
+            window_s=self.window_s,
+            policy=self.policy,
+            watermark=self.watermark,
             watermark_published=self.watermark_published,
             clocks=[msgspec.structs.replace(c) for c in self.clocks],
-            queue=list(self._queue), queue_offsets=list(self._queue_offsets),
+            queue=list(self._queue),
+            queue_offsets=list(self._queue_offsets),
             out_of_order=[self.pending[iid] for _, _, iid in disorder],
             out_of_order_offsets=[off for _, off, _ in disorder],
-            clicked=dict(self.clicked), orphans=list(self.orphans.values()),
-            closed_recent=list(self._closed_now), closed_older=list(self._closed_prev),
-            examples_total=self.examples_total, finished=self.finished,
+            clicked=dict(self.clicked),
+            orphans=list(self.orphans.values()),
+            closed_recent=list(self._closed_now),
+            closed_older=list(self._closed_prev),
+            examples_total=self.examples_total,
+            finished=self.finished,
             ready=[(ts, iid, *self._ready_info[iid]) for ts, iid in sorted(self._ready)],
-            requests=sorted(self._requests), score_sample=self.score_sample,
+            requests=sorted(self._requests),
+            score_sample=self.score_sample,
         )
 
     def expire_profiles(self) -> list[str]:
@@ -627,9 +658,16 @@ class PartitionJoin:
             self.user_clicks.take_changes()
 
     @classmethod
-    def restore(cls, state: PartitionState, *, semantics: SemanticLookup | None = None,
-                closed_memory: int = 100_000, profile_history: int = 0, profile_ttl_s: float = 0.0,
-                user_clicks: ClickLog | None = None) -> "PartitionJoin":
+    def restore(
+        cls,
+        state: PartitionState,
+        *,
+        semantics: SemanticLookup | None = None,
+        closed_memory: int = 100_000,
+        profile_history: int = 0,
+        profile_ttl_s: float = 0.0,
+        user_clicks: ClickLog | None = None,
+    ) -> PartitionJoin:
         """Rebuild a join from :meth:`snapshot` output (window and policy come from the state).
 
         ``user_clicks`` (the kept clicks, persisted apart from the snapshot) go back into
@@ -638,8 +676,16 @@ class PartitionJoin:
         offsets. Clicks persisted *after* the snapshot are harmless: the replay re-matches them
         (counted once), and profiles are read as of each impression's time.
         """
-        join = cls(state.partition, state.window_s, state.policy, semantics=semantics, closed_memory=closed_memory,
-                   score_sample=state.score_sample, profile_history=profile_history, profile_ttl_s=profile_ttl_s)
+        join = cls(
+            state.partition,
+            state.window_s,
+            state.policy,
+            semantics=semantics,
+            closed_memory=closed_memory,
+            score_sample=state.score_sample,
+            profile_history=profile_history,
+            profile_ttl_s=profile_ttl_s,
+        )
         if user_clicks is not None:
             join.load_user_clicks(user_clicks)
         join.watermark = state.watermark

@@ -27,7 +27,6 @@ import msgspec
 
 from livectr.streams.profiles import ClickLog, ProfileChanges
 
-
 #: A row's value: one user's kept clicks, (event times, item ids), oldest first.
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(tuple[list[float], list[str]]).decode
@@ -52,8 +51,10 @@ class ProfileStore:
         db = self._db
         db.execute("BEGIN")
         try:
-            db.executemany("INSERT INTO clicks(user, value) VALUES(?, ?) "
-                           "ON CONFLICT(user) DO UPDATE SET value = excluded.value", rows)
+            db.executemany(
+                "INSERT INTO clicks(user, value) VALUES(?, ?) ON CONFLICT(user) DO UPDATE SET value = excluded.value",
+                rows,
+            )
             db.executemany("DELETE FROM clicks WHERE user = ?", [(u,) for u in changes.expired])
         except BaseException:
             db.execute("ROLLBACK")

@@ -51,7 +51,8 @@ import logging
 import math
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, Message, TopicPartition
 
@@ -61,17 +62,23 @@ from livectr.core.events import (
     Click,
     DecodeError,
     EndOfStream,
-    Example,
     ExampleBatch,
     ExampleEnd,
     Impression,
     decode_event,
-    decode_example,
     encode_example,
 )
 from livectr.core.lookup import SemanticLookup
-from livectr.streams.checkpoint import (CHECKPOINT_VERSION, Checkpoint, CommitMeta, checkpoint_path, delivered_after,
-                                        profile_store_path, read_checkpoint, write_checkpoint)
+from livectr.streams.checkpoint import (
+    CHECKPOINT_VERSION,
+    Checkpoint,
+    CommitMeta,
+    checkpoint_path,
+    delivered_after,
+    profile_store_path,
+    read_checkpoint,
+    write_checkpoint,
+)
 from livectr.streams.join import CLICKS, IMPRESSIONS, JoinCounters, PartitionJoin
 from livectr.streams.profile_store import ProfileStore
 from livectr.streams.profiles import history_length
@@ -135,9 +142,15 @@ class _ExampleDelivery(bus.DeliveryTracker):
 class JoinWorker:
     """State and loop of one join worker process; use :func:`run_join_worker`."""
 
-    def __init__(self, cfg: Config, worker_id: str, semantics: SemanticLookup | None,
-                 on_status: Callable[[dict[str, Any]], None] | None, stop: threading.Event | None,
-                 bounded: bool) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        worker_id: str,
+        semantics: SemanticLookup | None,
+        on_status: Callable[[dict[str, Any]], None] | None,
+        stop: threading.Event | None,
+        bounded: bool,
+    ) -> None:
         self.cfg = cfg
         self.worker_id = worker_id
         self.semantics = semantics
@@ -206,20 +219,37 @@ class JoinWorker:
             user_clicks = store.load()
         if ckpt is not None and ckpt.seq >= meta.seq:
             if (ckpt.state.window_s, ckpt.state.policy) != (join_cfg.window_s, join_cfg.policy):
-                log.warning("partition %d: checkpoint has window %.0fs/%s, config %.0fs/%s; keeping the "
-                            "checkpoint's until the partition finishes", p, ckpt.state.window_s,
-                            ckpt.state.policy, join_cfg.window_s, join_cfg.policy)
-            join = PartitionJoin.restore(ckpt.state, semantics=self.semantics, closed_memory=join_cfg.closed_memory,
-                                         user_clicks=user_clicks, **profile_args)
+                log.warning(
+                    "partition %d: checkpoint has window %.0fs/%s, config %.0fs/%s; keeping the "
+                    "checkpoint's until the partition finishes",
+                    p,
+                    ckpt.state.window_s,
+                    ckpt.state.policy,
+                    join_cfg.window_s,
+                    join_cfg.policy,
+                )
+            join = PartitionJoin.restore(
+                ckpt.state,
+                semantics=self.semantics,
+                closed_memory=join_cfg.closed_memory,
+                user_clicks=user_clicks,
+                **profile_args,
+            )
             self.positions[(IMPRESSIONS, p)] = ckpt.impressions_position
             self.positions[(CLICKS, p)] = ckpt.clicks_position
             self.seq[p] = ckpt.seq
             if not join.finished and ckpt.out_offset >= 0:
                 join.suppress = delivered_after(self.cfg, p, ckpt.out_partition, ckpt.out_offset)
         else:
-            join = PartitionJoin(p, join_cfg.window_s, join_cfg.policy, semantics=self.semantics,
-                                 closed_memory=join_cfg.closed_memory, score_sample=join_cfg.score_sample,
-                                 **profile_args)
+            join = PartitionJoin(
+                p,
+                join_cfg.window_s,
+                join_cfg.policy,
+                semantics=self.semantics,
+                closed_memory=join_cfg.closed_memory,
+                score_sample=join_cfg.score_sample,
+                **profile_args,
+            )
             if user_clicks is not None:
                 join.load_user_clicks(user_clicks)
             join.examples_total = meta.examples
@@ -335,8 +365,11 @@ class JoinWorker:
 
     def _on_end(self, join: PartitionJoin, src: int, marker: EndOfStream, msg: Message) -> None:
         if marker.partition != msg.partition():
-            self.dead.send(msg.value(), f"end marker for partition {marker.partition} read from partition "
-                                        f"{msg.partition()}", source=msg)
+            self.dead.send(
+                msg.value(),
+                f"end marker for partition {marker.partition} read from partition {msg.partition()}",
+                source=msg,
+            )
             return
         ms = msg.timestamp()[1]
         join.end_of_stream(src, ms * 0.001 if ms > 0 else time.time())
@@ -362,9 +395,15 @@ class JoinWorker:
             cb = self.delivery.callback
             if self.cfg.join.batch_examples:
                 for start in range(0, len(out), MAX_BATCH_EXAMPLES):
-                    chunk = out[start:start + MAX_BATCH_EXAMPLES]
-                    bus.produce(self.producer, topic, encode_example(ExampleBatch(chunk)), key=key,
-                                partition=part, on_delivery=cb)
+                    chunk = out[start : start + MAX_BATCH_EXAMPLES]
+                    bus.produce(
+                        self.producer,
+                        topic,
+                        encode_example(ExampleBatch(chunk)),
+                        key=key,
+                        partition=part,
+                        on_delivery=cb,
+                    )
                     self.batches_out += 1
             else:
                 for ex in out:
@@ -389,11 +428,24 @@ class JoinWorker:
         join.close_all(max(c.done_published for c in join.clocks))
         self._drain(p, join)
         self._flush()
-        end = encode_example(ExampleEnd(source_partition=p, source_partitions=self.n_in,
-                                        examples=join.examples_total, worker=self.worker_id, ts=time.time()))
+        end = encode_example(
+            ExampleEnd(
+                source_partition=p,
+                source_partitions=self.n_in,
+                examples=join.examples_total,
+                worker=self.worker_id,
+                ts=time.time(),
+            )
+        )
         for q in range(self.n_out):
-            bus.produce(self.producer, self.topics.examples, end, key=str(p).encode(), partition=q,
-                        on_delivery=self.delivery.callback)
+            bus.produce(
+                self.producer,
+                self.topics.examples,
+                end,
+                key=str(p).encode(),
+                partition=q,
+                on_delivery=self.delivery.callback,
+            )
         self.ends_written += self.n_out
         join.finished = True
         self._commit([p])
@@ -426,14 +478,26 @@ class JoinWorker:
             self.seq[p] = seq
             out_partition = p % self.n_out
             self._persist_profiles(p, join)
-            write_checkpoint(checkpoint_path(self.cfg, p), Checkpoint(
-                version=CHECKPOINT_VERSION, group_id=self.cfg.join.group_id, partition=p, seq=seq,
-                impressions_position=imp_pos, clicks_position=clk_pos, out_partition=out_partition,
-                out_offset=self.delivery.next_offset.get(out_partition, -1), state=join.snapshot()))
+            write_checkpoint(
+                checkpoint_path(self.cfg, p),
+                Checkpoint(
+                    version=CHECKPOINT_VERSION,
+                    group_id=self.cfg.join.group_id,
+                    partition=p,
+                    seq=seq,
+                    impressions_position=imp_pos,
+                    clicks_position=clk_pos,
+                    out_partition=out_partition,
+                    out_offset=self.delivery.next_offset.get(out_partition, -1),
+                    state=join.snapshot(),
+                ),
+            )
             meta = CommitMeta(seq, join.finished, join.examples_total).encode()
             oldest_imp, oldest_clk = join.oldest_offsets()
-            for topic, oldest, pos in ((self.topics.impressions, oldest_imp, imp_pos),
-                                       (self.topics.clicks, oldest_clk, clk_pos)):
+            for topic, oldest, pos in (
+                (self.topics.impressions, oldest_imp, imp_pos),
+                (self.topics.clicks, oldest_clk, clk_pos),
+            ):
                 offset = oldest if oldest is not None else pos
                 if offset >= 0:
                     offsets.append(TopicPartition(topic, p, offset, metadata=meta))
@@ -541,8 +605,12 @@ class JoinWorker:
 
     def _run(self) -> dict[str, Any]:
         cons = self.consumer
-        cons.subscribe([self.topics.impressions, self.topics.clicks], on_assign=self._on_assign,
-                       on_revoke=self._on_revoke, on_lost=self._on_lost)
+        cons.subscribe(
+            [self.topics.impressions, self.topics.clicks],
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
         interval = self.cfg.join.commit_interval_s
         last_commit = last_status = last_finish_check = time.monotonic()
         try:
@@ -587,9 +655,15 @@ class JoinWorker:
         return summary
 
 
-def run_join_worker(cfg: Config, *, worker_id: str = "join-0", semantics: SemanticLookup | None = None,
-                    on_status: Callable[[dict[str, Any]], None] | None = None,
-                    stop: threading.Event | None = None, bounded: bool = True) -> dict[str, Any]:
+def run_join_worker(
+    cfg: Config,
+    *,
+    worker_id: str = "join-0",
+    semantics: SemanticLookup | None = None,
+    on_status: Callable[[dict[str, Any]], None] | None = None,
+    stop: threading.Event | None = None,
+    bounded: bool = True,
+) -> dict[str, Any]:
     """Run one join worker until its partitions are finished (bounded) or ``stop`` is set.
 
     Returns the summary counters (the same keys ``on_status`` receives about once a second).

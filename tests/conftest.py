@@ -8,9 +8,9 @@ import json
 import os
 import threading
 import time
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -67,10 +67,16 @@ class _ChatHandler(BaseHTTPRequestHandler):
             return
         if mode == "slow":
             time.sleep(1.0)
-        content = {"ok": "Deeper attributes: brand tier: premium; health: light; occasion: treat",
-                   "slow": "too late", "empty": "   "}.get(mode)
-        payload = {"choices": [{"message": {"role": "assistant", "content": content}}]} if content is not None \
+        content = {
+            "ok": "Deeper attributes: brand tier: premium; health: light; occasion: treat",
+            "slow": "too late",
+            "empty": "   ",
+        }.get(mode)
+        payload = (
+            {"choices": [{"message": {"role": "assistant", "content": content}}]}
+            if content is not None
             else {"unexpected": True}
+        )
         data = json.dumps(payload).encode()
         try:
             self.send_response(200)

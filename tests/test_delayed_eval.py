@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import numpy as np
 
-from livectr.learner.metrics import DelayedLabelEvaluator, LearnerMetrics
 from livectr.core.events import KIND_FAKE_NEGATIVE, KIND_FINAL, KIND_POSITIVE_COPY
+from livectr.learner.metrics import DelayedLabelEvaluator, LearnerMetrics
 
 
 def _feed(ev: DelayedLabelEvaluator, m: LearnerMetrics, rows: list[tuple[str, float, float, int, int]]) -> None:
     ids = [r[0] for r in rows]
-    ev.observe(m, ids, np.array([r[1] for r in rows]), np.array([r[2] for r in rows]),
-               np.array([r[3] for r in rows], dtype=np.float32), np.array([r[4] for r in rows]),
-               np.zeros(len(rows), dtype=bool))
+    ev.observe(
+        m,
+        ids,
+        np.array([r[1] for r in rows]),
+        np.array([r[2] for r in rows]),
+        np.array([r[3] for r in rows], dtype=np.float32),
+        np.array([r[4] for r in rows]),
+        np.zeros(len(rows), dtype=bool),
+    )
 
 
 def test_positive_copy_is_scored_with_the_fake_negatives_score() -> None:

@@ -7,9 +7,9 @@ join must produce and how many of them are positive; the learner must clearly be
 from __future__ import annotations
 
 import json
-import zlib
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -25,17 +25,40 @@ def _truth(cfg: Config) -> dict[str, int]:
     for _ in traffic:
         pass
     truth = traffic.truth
-    return {"impressions": truth.impressions, "clicks": truth.clicks,
-            "positives": truth.clicks_within(cfg.join.window_s), "malformed": truth.malformed}
+    return {
+        "impressions": truth.impressions,
+        "clicks": truth.clicks,
+        "positives": truth.clicks_within(cfg.join.window_s),
+        "malformed": truth.malformed,
+    }
 
 
 def _run(cfg: Config, tmp_path: Path, *extra: str) -> dict:
     summary_path = tmp_path / "summary.json"
-    cmd = [sys.executable, "-m", "livectr", "run", "--quiet",
-           "--bootstrap-servers", cfg.kafka.bootstrap_servers, "--topic-prefix", cfg.kafka.topic_prefix,
-           "--partitions", str(cfg.kafka.partitions), "--data-dir", str(cfg.data_dir),
-           "--events", str(cfg.simulator.events), "--users", str(cfg.simulator.users),
-           "--items-count", str(cfg.simulator.items), "--summary-json", str(summary_path), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "livectr",
+        "run",
+        "--quiet",
+        "--bootstrap-servers",
+        cfg.kafka.bootstrap_servers,
+        "--topic-prefix",
+        cfg.kafka.topic_prefix,
+        "--partitions",
+        str(cfg.kafka.partitions),
+        "--data-dir",
+        str(cfg.data_dir),
+        "--events",
+        str(cfg.simulator.events),
+        "--users",
+        str(cfg.simulator.users),
+        "--items-count",
+        str(cfg.simulator.items),
+        "--summary-json",
+        str(summary_path),
+        *extra,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(summary_path.read_text())
@@ -54,9 +77,21 @@ def test_run_matches_ground_truth_and_learns(kafka_config: Config, tmp_path: Pat
     cfg.join.score_sample = 0.5
     summary = _run(cfg, tmp_path, "--semantics", "off", "--window-s", "60", "--score-sample", "0.5")
 
-    for key in ("events_published", "impressions", "clicks", "examples_trained", "positives", "progressive_auc",
-                "progressive_logloss", "cold_start_auc", "events_per_second", "freshness_p50_s",
-                "freshness_p99_s", "snapshots_published", "dead_letters"):
+    for key in (
+        "events_published",
+        "impressions",
+        "clicks",
+        "examples_trained",
+        "positives",
+        "progressive_auc",
+        "progressive_logloss",
+        "cold_start_auc",
+        "events_per_second",
+        "freshness_p50_s",
+        "freshness_p99_s",
+        "snapshots_published",
+        "dead_letters",
+    ):
         assert key in summary, key
     assert summary["events_published"] == cfg.simulator.events
     assert summary["impressions"] == truth["impressions"]

@@ -12,6 +12,7 @@ import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from lookups import ClickSetLookup
 
 from livectr.core.events import (
     KIND_FAKE_NEGATIVE,
@@ -25,7 +26,6 @@ from livectr.core.events import (
     decision_time,
     encode_event,
 )
-from lookups import ClickSetLookup
 from livectr.streams.join import (
     CLICKS,
     IMPRESSIONS,
@@ -40,8 +40,8 @@ from livectr.streams.join import (
     decode_state,
     encode_state,
 )
-from livectr.streams.profiles import ProfileChanges
 from livectr.streams.profile_store import ProfileStore
+from livectr.streams.profiles import ProfileChanges
 
 W = 600.0
 T0 = 1_700_000_000.0
@@ -103,11 +103,18 @@ def test_in_order_click_is_positive_and_unclicked_closes_negative() -> None:
     f.imp(imp("c", 700), published=103.0)
     f.advance()  # watermark 30 releases a's positive; clicks at 30 cannot pass b's window
     assert [(e.impression_id, e.label, e.kind, e.decided_at, e.click_delay) for e in f.examples] == [
-        ("a", 1, KIND_FINAL, 102.0, 30.0)]
+        ("a", 1, KIND_FINAL, 102.0, 30.0)
+    ]
     f.click(clk("c", 704), published=104.0)
     f.advance()  # watermark 700 > 5 + 600 closes b, decided by the impressions record that set it
     neg = f.examples[-1]
-    assert (neg.impression_id, neg.label, neg.kind, neg.decided_at, neg.click_delay) == ("b", 0, KIND_FINAL, 103.0, -1.0)
+    assert (neg.impression_id, neg.label, neg.kind, neg.decided_at, neg.click_delay) == (
+        "b",
+        0,
+        KIND_FINAL,
+        103.0,
+        -1.0,
+    )
     assert f.join.counters.negatives == 1 and f.join.counters.positives == 2
 
 
@@ -153,7 +160,8 @@ def test_late_click_after_window_closed_is_dead_lettered_as_late() -> None:
     f.click(late)
     f.drain()
     assert [(r.reason, r.key, r.raw, r.source) for r in f.rejected] == [
-        (REASON_LATE_CLOSED, "a", encode_event(late), CLICKS)]
+        (REASON_LATE_CLOSED, "a", encode_event(late), CLICKS)
+    ]
     assert f.join.counters.late_clicks == 1
 
 
@@ -185,7 +193,9 @@ def test_orphan_click_is_dead_lettered_when_watermark_passes_its_window() -> Non
     f.imp(imp("x", 611))
     f.click(clk("x", 611))
     f.advance()
-    assert [(r.reason, r.key, r.offset, r.raw) for r in f.rejected] == [(REASON_ORPHAN, "ghost", 0, encode_event(orphan))]
+    assert [(r.reason, r.key, r.offset, r.raw) for r in f.rejected] == [
+        (REASON_ORPHAN, "ghost", 0, encode_event(orphan))
+    ]
     assert f.join.counters.orphans == 1
 
 
@@ -204,12 +214,15 @@ def test_fake_negative_policy_emits_negative_at_once_then_positive_copy() -> Non
     f.imp(imp("b", 1), published=11.0)
     f.drain()
     assert [(e.impression_id, e.label, e.kind, e.decided_at) for e in f.examples] == [
-        ("a", 0, KIND_FAKE_NEGATIVE, 10.0), ("b", 0, KIND_FAKE_NEGATIVE, 11.0)]
+        ("a", 0, KIND_FAKE_NEGATIVE, 10.0),
+        ("b", 0, KIND_FAKE_NEGATIVE, 11.0),
+    ]
     f.click(clk("a", 20), published=12.0)
     f.click(clk("a", 21), published=13.0)  # duplicate: no second copy
     f.close()
     assert [(e.impression_id, e.label, e.kind, e.decided_at, e.click_delay) for e in f.examples[2:]] == [
-        ("a", 1, KIND_POSITIVE_COPY, 12.0, 20.0)]
+        ("a", 1, KIND_POSITIVE_COPY, 12.0, 20.0)
+    ]
     assert f.join.counters.duplicates == 1 and not f.join.pending
 
 
@@ -308,10 +321,10 @@ def test_out_of_order_and_late_impressions_expire_on_time() -> None:
 def test_oldest_offsets_track_what_state_still_needs() -> None:
     f = Feeder(PartitionJoin(0, W))
     assert f.join.oldest_offsets() == (None, None)
-    f.imp(imp("a", 0))       # imp offset 0
-    f.imp(imp("b", 10))      # imp offset 1
-    f.click(clk("b", 11))    # click offset 0 (b is clicked, still pending)
-    f.click(clk("z", 12))    # click offset 1 (orphan)
+    f.imp(imp("a", 0))  # imp offset 0
+    f.imp(imp("b", 10))  # imp offset 1
+    f.click(clk("b", 11))  # click offset 0 (b is clicked, still pending)
+    f.click(clk("z", 12))  # click offset 1 (orphan)
     assert f.join.oldest_offsets() == (0, 0)
     f.imp(imp("c", 605))
     f.click(clk("c", 606))
@@ -560,12 +573,16 @@ def test_in_order_sources_give_event_time_truth(data: tuple[list, list[bool]], p
     events, advances = data
     f = run_impl(PartitionJoin(0, WP, policy), events, advances)
     imps = {e.impression_id: e for e in events if isinstance(e, Impression)}
-    truth = {iid: int(any(isinstance(c, Click) and c.impression_id == iid and 0 <= c.ts - i.ts <= WP for c in events))
-             for iid, i in imps.items()}
+    truth = {
+        iid: int(any(isinstance(c, Click) and c.impression_id == iid and 0 <= c.ts - i.ts <= WP for c in events))
+        for iid, i in imps.items()
+    }
     if policy == POLICY_WAIT:
         assert labels(f.examples) == truth and len(f.examples) == len(truth)
     else:
-        assert {e.impression_id for e in f.examples if e.kind == KIND_POSITIVE_COPY} == {k for k, v in truth.items() if v}
+        assert {e.impression_id for e in f.examples if e.kind == KIND_POSITIVE_COPY} == {
+            k for k, v in truth.items() if v
+        }
     # In order, a click of a known impression is never mistaken for an orphan.
     assert all(r.key.startswith("ghost") for r in f.rejected if r.reason == REASON_ORPHAN)
 
@@ -605,7 +622,7 @@ def test_score_requests_sit_at_their_impression_time_in_decision_order(data: tup
     assert Counter(ex.impression_id for ex in requests) == Counter(e.impression_id for e in impressions)
     for k, ex in enumerate(f.examples):
         if ex.kind == KIND_SCORE_REQUEST:
-            assert any(x.impression_id == ex.impression_id and x.kind == KIND_FINAL for x in f.examples[k + 1:])
+            assert any(x.impression_id == ex.impression_id and x.kind == KIND_FINAL for x in f.examples[k + 1 :])
             assert all(decision_time(x, WP) <= ex.ts for x in f.examples[:k] if x.kind != KIND_SCORE_REQUEST)
     assert join.examples_total == len(impressions) == len(f.examples) - len(requests)
 
@@ -627,8 +644,9 @@ def test_score_requests_only_under_wait_and_by_a_stable_hash() -> None:
 
 def normalised(state: PartitionState) -> PartitionState:
     """The closed-id memory is a set: compare it without order."""
-    return msgspec.structs.replace(state, closed_recent=sorted(state.closed_recent),
-                                   closed_older=sorted(state.closed_older))
+    return msgspec.structs.replace(
+        state, closed_recent=sorted(state.closed_recent), closed_older=sorted(state.closed_older)
+    )
 
 
 @settings(max_examples=200, deadline=None)
@@ -644,8 +662,9 @@ def test_checkpoint_restore_round_trips(data: tuple[list, list[bool]], policy: s
         return ClickSetLookup() if semantic else None
 
     history = 64
-    whole = run_impl(PartitionJoin(0, WP, policy, score_sample=sample, semantics=lookup(), profile_history=history),
-                     events, advances)
+    whole = run_impl(
+        PartitionJoin(0, WP, policy, score_sample=sample, semantics=lookup(), profile_history=history), events, advances
+    )
 
     first = Feeder(PartitionJoin(0, WP, policy, score_sample=sample, semantics=lookup(), profile_history=history))
     with tempfile.TemporaryDirectory() as tmp:
@@ -663,8 +682,9 @@ def test_checkpoint_restore_round_trips(data: tuple[list, list[bool]], policy: s
         store.close()
     assert sorted(user_clicks.clicks()) == sorted(first.join.user_clicks_log().clicks())
     assert decode_state(encode_state(state)) == state
-    restored = PartitionJoin.restore(decode_state(encode_state(state)), semantics=lookup(), profile_history=history,
-                                     user_clicks=user_clicks)
+    restored = PartitionJoin.restore(
+        decode_state(encode_state(state)), semantics=lookup(), profile_history=history, user_clicks=user_clicks
+    )
     assert normalised(restored.snapshot()) == normalised(state)
     second = Feeder(restored)
     second.offsets = list(first.offsets)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from lookups import ClickSetLookup
 
 from livectr.core import bus
 from livectr.core.config import Config, from_dict, to_dict
@@ -32,10 +33,9 @@ from livectr.core.events import (
     decode_example,
     encode_event,
 )
-from lookups import ClickSetLookup
+from livectr.streams.checkpoint import checkpoint_path, profile_store_path, read_checkpoint
 from livectr.streams.join import REASON_ORPHAN
 from livectr.streams.profile_store import ProfileStore
-from livectr.streams.checkpoint import checkpoint_path, profile_store_path, read_checkpoint
 from livectr.streams.worker import run_join_worker
 
 pytestmark = pytest.mark.integration
@@ -64,7 +64,13 @@ def make_stream(cfg: Config, start: int, n: int, partitions: int = 2) -> Stream:
     timed: list[tuple[float, int, Record]] = []
     for k in range(start, start + n):
         iid, ts, p = f"imp{k}", T0 + 2 * k, k % partitions
-        timed.append((ts, 1, (topics.impressions, p, encode_event(Impression(iid, ts, f"u{k % 7}", f"i{k % 5}", {"slot": k % 3})))))
+        timed.append(
+            (
+                ts,
+                1,
+                (topics.impressions, p, encode_event(Impression(iid, ts, f"u{k % 7}", f"i{k % 5}", {"slot": k % 3}))),
+            )
+        )
         positive = k % 5 == 0 or k % 11 == 4
         stream.truth[iid] = int(positive)
         stream.duplicates += (k % 10 == 0) + (k % 5 == 0 and k % 11 == 4)
@@ -93,8 +99,12 @@ def add_malformed(cfg: Config, stream: Stream) -> None:
         (topics.clicks, 0, encode_event(Item("i1", T0, "text")), "wrong topic"),
         (topics.impressions, 0, b"x" * (MAX_EVENT_BYTES + 1), "oversized"),
         (topics.clicks, 1, None, "empty message"),
-        (topics.impressions, 1, b'{"type":"impression","impression_id":"z","ts":"soon","user_id":"u","item_id":"i"}',
-         "invalid event"),
+        (
+            topics.impressions,
+            1,
+            b'{"type":"impression","impression_id":"z","ts":"soon","user_id":"u","item_id":"i"}',
+            "invalid event",
+        ),
     ]
     for i, (topic, p, value, reason) in enumerate(bad):
         stream.records.insert(7 + 5 * i, (topic, p, value))
@@ -110,8 +120,9 @@ def publish(cfg: Config, records: list[Record], end_partitions: int = 0) -> None
         bus.produce(prod, topic, value, partition=p, on_delivery=tracker.callback)
         counts[(topic, p)] += 1
     for topic in (cfg.topics.impressions, cfg.topics.clicks)[: 2 if end_partitions else 0]:
-        bus.write_end_markers(prod, topic, "test", {p: counts[(topic, p)] for p in range(end_partitions)},
-                              on_delivery=tracker.callback)
+        bus.write_end_markers(
+            prod, topic, "test", {p: counts[(topic, p)] for p in range(end_partitions)}, on_delivery=tracker.callback
+        )
     bus.flush_or_raise(prod, tracker)
 
 
@@ -142,8 +153,9 @@ def seal(cfg: Config, topic: str) -> int:
     tracker = bus.DeliveryTracker()
     partitions = bus.partition_count(cfg.kafka, topic)
     for partition in range(partitions):
-        bus.produce(prod, topic, b"seal", partition=partition, on_delivery=tracker.callback,
-                    headers=[(SEAL_HEADER, b"1")])
+        bus.produce(
+            prod, topic, b"seal", partition=partition, on_delivery=tracker.callback, headers=[(SEAL_HEADER, b"1")]
+        )
     bus.flush_or_raise(prod, tracker)
     return partitions
 
@@ -213,12 +225,17 @@ def test_bounded_run_joins_exactly_and_dead_letters_bad_input(kafka_config: Conf
     assert sorted(zip((m.source_partition for m in ends), end_partitions)) == [(0, 0), (0, 1), (1, 0), (1, 1)]
     per_partition = Counter(int(iid[3:]) % 2 for iid in stream.truth)
     assert {(m.source_partition, m.examples, m.source_partitions, m.worker) for m in ends} == {
-        (0, per_partition[0], 2, "w-a"), (1, per_partition[1], 2, "w-a")}
+        (0, per_partition[0], 2, "w-a"),
+        (1, per_partition[1], 2, "w-a"),
+    }
 
     expected_dead = len(stream.malformed) + stream.late_clicks + stream.orphans
     seals = seal(cfg, cfg.topics.dead_letters)
-    dead = [m for m in read_topic(cfg, cfg.topics.dead_letters, lambda r: len(r) >= expected_dead + seals,
-                                  timeout_s=30) if not is_seal(m)]
+    dead = [
+        m
+        for m in read_topic(cfg, cfg.topics.dead_letters, lambda r: len(r) >= expected_dead + seals, timeout_s=30)
+        if not is_seal(m)
+    ]
     assert len(dead) == expected_dead
     reasons = [dict(m.headers())["livectr.reason"].decode() for m in dead]
     assert sum(r.startswith("late click") for r in reasons) == stream.late_clicks
@@ -229,7 +246,9 @@ def test_bounded_run_joins_exactly_and_dead_letters_bad_input(kafka_config: Conf
         headers = dict(match[0].headers())
         assert headers["livectr.reason"].decode().startswith(reason)
         assert headers["livectr.stage"] == b"join" and headers["livectr.topic"] in (
-            cfg.topics.impressions.encode(), cfg.topics.clicks.encode())
+            cfg.topics.impressions.encode(),
+            cfg.topics.clicks.encode(),
+        )
     orphan = next(m for m in dead if dict(m.headers())["livectr.reason"] == REASON_ORPHAN.encode())
     assert orphan.value().startswith(b'{"type":"click","impression_id":"ghost')
 
@@ -249,7 +268,8 @@ def test_fake_negative_policy_on_the_broker(kafka_config: Config) -> None:
     kinds = Counter(e.kind for e in examples)
     assert kinds[KIND_FAKE_NEGATIVE] == len(stream.truth)
     assert {e.impression_id for e in examples if e.kind == KIND_POSITIVE_COPY} == {
-        k for k, v in stream.truth.items() if v}
+        k for k, v in stream.truth.items() if v
+    }
     assert kinds[KIND_POSITIVE_COPY] == sum(stream.truth.values())
     assert sum(m.examples for m in ends) == 2 * len(examples)  # each marker is on both examples partitions
 
@@ -354,8 +374,9 @@ def delivered(msgs: list[Any], wanted: set[str]) -> bool:
     """Whether any example record among ``msgs`` is about one of the ``wanted`` impressions."""
     for m in msgs:
         rec = decode_example(m.value())
-        if isinstance(rec, ExampleBatch) and any(e.impression_id in wanted and e.kind != KIND_SCORE_REQUEST
-                                                 for e in rec.examples):
+        if isinstance(rec, ExampleBatch) and any(
+            e.impression_id in wanted and e.kind != KIND_SCORE_REQUEST for e in rec.examples
+        ):
             return True
     return False
 
@@ -367,8 +388,9 @@ def test_score_requests_precede_their_labels_in_decision_order(kafka_config: Con
     stream = make_stream(cfg, 0, 300)
     publish(cfg, stream.records, end_partitions=2)
     summary = run_bounded(cfg, worker_id="w-r")
-    msgs = read_topic(cfg, cfg.topics.examples,
-                      lambda ms: sum(isinstance(decode_example(m.value()), ExampleEnd) for m in ms) >= 4, 20)
+    msgs = read_topic(
+        cfg, cfg.topics.examples, lambda ms: sum(isinstance(decode_example(m.value()), ExampleEnd) for m in ms) >= 4, 20
+    )
     per_source: dict[bytes, list[Example]] = {}
     for m in msgs:
         rec = decode_example(m.value())
@@ -384,8 +406,9 @@ def test_score_requests_precede_their_labels_in_decision_order(kafka_config: Con
         for k, e in enumerate(seq):
             if e.kind == KIND_SCORE_REQUEST:
                 assert position[(e.impression_id, KIND_FINAL)] > k
-                later_decided = [x for x in seq[:k] if x.kind != KIND_SCORE_REQUEST
-                                 and decision_time(x, cfg.join.window_s) > e.ts]
+                later_decided = [
+                    x for x in seq[:k] if x.kind != KIND_SCORE_REQUEST and decision_time(x, cfg.join.window_s) > e.ts
+                ]
                 assert not later_decided, "a label decided after the impression was sent before its request"
 
 
@@ -437,8 +460,10 @@ def test_two_workers_share_the_partitions(kafka_config: Config) -> None:
     stream = make_stream(cfg, 0, 200)
     publish(cfg, stream.records, end_partitions=2)
     results: dict[str, dict[str, Any]] = {}
-    threads = [threading.Thread(target=lambda w=w: results.__setitem__(w, run_bounded(cfg, worker_id=w)))
-               for w in ("w-x", "w-y")]
+    threads = [
+        threading.Thread(target=lambda w=w: results.__setitem__(w, run_bounded(cfg, worker_id=w)))
+        for w in ("w-x", "w-y")
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -465,14 +490,21 @@ def test_unbounded_worker_reopens_after_end_and_idle_clicks_release_the_watermar
         assert {e.impression_id: e.label for e in examples} == first.truth
         # A second stream, no clicks at all and no end markers: only idleness can close windows.
         topics = cfg.topics
-        later = [(topics.impressions, 0, encode_event(Impression(f"late{k}", T0 + 10 * k, "u", "i"))) for k in range(100)]
+        later = [
+            (topics.impressions, 0, encode_event(Impression(f"late{k}", T0 + 10 * k, "u", "i"))) for k in range(100)
+        ]
         publish(cfg, later)
         want = {f"late{k}" for k in range(100) if T0 + 10 * k + cfg.join.window_s < T0 + 990}
         msgs = read_topic(cfg, topics.examples, lambda m: delivered(m, {f"late{k}" for k in range(39)}), timeout_s=20)
     finally:
         stop.set()
         thread.join(30)
-    got = {e.impression_id: e.label for m in msgs if isinstance(r := decode_example(m.value()), ExampleBatch)
-           for e in r.examples if e.impression_id.startswith("late") and e.kind != KIND_SCORE_REQUEST}
+    got = {
+        e.impression_id: e.label
+        for m in msgs
+        if isinstance(r := decode_example(m.value()), ExampleBatch)
+        for e in r.examples
+        if e.impression_id.startswith("late") and e.kind != KIND_SCORE_REQUEST
+    }
     assert set(got) == want and set(got.values()) == {0}
     assert result["pending"] == 100 - len(want)

@@ -10,17 +10,17 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from toyworld import ToyWorld
 
+from livectr.core.config import Config
+from livectr.core.events import KIND_FAKE_NEGATIVE, KIND_FINAL, KIND_POSITIVE_COPY, Example
 from livectr.learner.experts import FastExperts
 from livectr.learner.features import Featurizer
 from livectr.learner.metrics import HistogramAUC, LearnerMetrics, LogQuantiles, ServingEvaluator, WindowAUC, exact_auc
 from livectr.learner.model import ModelConfig, StudentCTR
-from toyworld import ToyWorld
 from livectr.learner.online import OnlineLearner, fake_negative_weights
 from livectr.learner.predictor import Predictor
 from livectr.learner.vocab import UNKNOWN_ROW, ContextHasher, GrowingVocab, stable_bucket
-from livectr.core.config import Config
-from livectr.core.events import KIND_FAKE_NEGATIVE, KIND_FINAL, KIND_POSITIVE_COPY, Example
 
 
 def make_cfg(semantic: bool = True) -> Config:
@@ -77,9 +77,16 @@ def test_float_context_values_are_log_binned() -> None:
     assert stable_bucket("price", math.nan, 97) == stable_bucket("price", math.inf, 97)
 
 
-@given(st.lists(st.dictionaries(st.sampled_from("abcdef"), st.one_of(st.integers(), st.text(max_size=3),
-                                                                    st.floats(allow_nan=True), st.booleans()),
-                                max_size=6), max_size=30))
+@given(
+    st.lists(
+        st.dictionaries(
+            st.sampled_from("abcdef"),
+            st.one_of(st.integers(), st.text(max_size=3), st.floats(allow_nan=True), st.booleans()),
+            max_size=6,
+        ),
+        max_size=30,
+    )
+)
 def test_context_hasher_bounded_buckets(contexts: list[dict]) -> None:
     h = ContextHasher(fields=3, buckets=64)
     out = h.encode(contexts)
@@ -219,9 +226,15 @@ def test_fast_experts_scores_use_only_earlier_labels_and_survive_a_snapshot(sema
     np.testing.assert_allclose(twin.learn_batch(flipped)["predictions"][:100], out[:100], rtol=1e-6, atol=1e-7)
 
 
-@given(st.lists(st.tuples(st.floats(0, 1), st.integers(0, 1), st.sampled_from([KIND_FINAL, KIND_FAKE_NEGATIVE,
-                                                                                KIND_POSITIVE_COPY])),
-                min_size=1, max_size=50))
+@given(
+    st.lists(
+        st.tuples(
+            st.floats(0, 1), st.integers(0, 1), st.sampled_from([KIND_FINAL, KIND_FAKE_NEGATIVE, KIND_POSITIVE_COPY])
+        ),
+        min_size=1,
+        max_size=50,
+    )
+)
 def test_fake_negative_weights_formula(rows: list[tuple[float, int, int]]) -> None:
     p = torch.tensor([r[0] for r in rows])
     y = torch.tensor([float(r[1]) for r in rows])
@@ -293,8 +306,18 @@ def test_cold_start_copies_neighbour_embeddings() -> None:
     for _ in range(10):
         learner.learn_batch(world.examples(256, items=np.arange(10)))
     # A new item whose teacher vector is exactly item 3's: its nearest trained neighbours drive the init.
-    new = Example(impression_id="n", ts=0.0, user_id="u1", item_id="brand-new", context={}, label=0, kind=KIND_FINAL,
-                  decided_at=0.0, item_sem=world.item_vectors[3].tobytes(), user_sem=None)
+    new = Example(
+        impression_id="n",
+        ts=0.0,
+        user_id="u1",
+        item_id="brand-new",
+        context={},
+        label=0,
+        kind=KIND_FINAL,
+        decided_at=0.0,
+        item_sem=world.item_vectors[3].tobytes(),
+        user_sem=None,
+    )
     batch = learner.featurizer.encode([new])
     learner._sync_capacity()
     vec = batch.item_sem[0]
@@ -302,7 +325,7 @@ def test_cold_start_copies_neighbour_embeddings() -> None:
     rows = [learner.featurizer.items.row(i) for i, s in hits if s > 0][: cfg.semantic.neighbours]
     sims = np.array([s for i, s in hits if s > 0][: cfg.semantic.neighbours])
     W = learner.model.item_emb.weight.detach()
-    expected = (torch.tensor(sims / sims.sum(), dtype=W.dtype) @ W[rows])
+    expected = torch.tensor(sims / sims.sum(), dtype=W.dtype) @ W[rows]
     assert learner.cold_start is not None
     assert learner.cold_start.initialise(learner.featurizer, learner.model.item_emb.weight, batch, [new]) == 1
     row = learner.featurizer.items.row("brand-new")
@@ -332,7 +355,7 @@ def test_histogram_auc_matches_rank_auc(rows: list[tuple[float, bool]]) -> None:
     y = np.array([r[1] for r in rows], dtype=int)
     h = HistogramAUC()
     h.add(p[: len(p) // 2], y[: len(p) // 2])
-    h.add(p[len(p) // 2:], y[len(p) // 2:])
+    h.add(p[len(p) // 2 :], y[len(p) // 2 :])
     exact = exact_auc(p, y)
     if math.isnan(exact):
         assert math.isnan(h.value())
@@ -383,8 +406,19 @@ def test_log_quantiles_within_bin_precision() -> None:
 
 def test_cold_start_mask_counts_impressions_not_positive_copies() -> None:
     f = Featurizer.new(1, 64, 0, initial_capacity=4)
-    mk = lambda item, kind: Example(impression_id="x", ts=0.0, user_id="u", item_id=item, context={},  # noqa: E731
-                                    label=int(kind == KIND_POSITIVE_COPY), kind=kind, decided_at=0.0)
+
+    def mk(item: str, kind: int) -> Example:
+        return Example(
+            impression_id="x",
+            ts=0.0,
+            user_id="u",
+            item_id=item,
+            context={},
+            label=int(kind == KIND_POSITIVE_COPY),
+            kind=kind,
+            decided_at=0.0,
+        )
+
     first = [mk("a", KIND_FAKE_NEGATIVE) for _ in range(3)] + [mk("a", KIND_POSITIVE_COPY)] * 5
     cold = f.cold_mask_and_count(f.encode(first), first_n=2)
     assert cold.tolist() == [True, True, False] + [False] * 5  # third impression is past the first 2
@@ -403,11 +437,21 @@ def _bernoulli_stream(rng: np.random.Generator, rates: np.ndarray) -> np.ndarray
     return (rng.random(len(rates)) < rates).astype(np.float32)
 
 
-def _run(experts: FastExperts, u: np.ndarray, v: np.ndarray | None, z: np.ndarray, y: np.ndarray,
-         batch: int = 500) -> np.ndarray:
-    return np.concatenate([experts.learn(u[k:k + batch], None if v is None else v[k:k + batch],
-                                         z[k:k + batch], y[k:k + batch], np.ones(len(y[k:k + batch])))
-                           for k in range(0, len(y), batch)])
+def _run(
+    experts: FastExperts, u: np.ndarray, v: np.ndarray | None, z: np.ndarray, y: np.ndarray, batch: int = 500
+) -> np.ndarray:
+    return np.concatenate(
+        [
+            experts.learn(
+                u[k : k + batch],
+                None if v is None else v[k : k + batch],
+                z[k : k + batch],
+                y[k : k + batch],
+                np.ones(len(y[k : k + batch])),
+            )
+            for k in range(0, len(y), batch)
+        ]
+    )
 
 
 def test_session_bias_is_trusted_where_biases_drift_and_not_where_the_student_is_right() -> None:
@@ -473,8 +517,10 @@ def test_expert_rounds_equal_a_sequential_scan(weighted: bool) -> None:
     make = lambda: FastExperts(dim=dim, mix_lr=0.0, population_taste=False, session_s=300.0)  # noqa: E731
     batched, sequential = make(), make()
     out = batched.learn(u, v, z, y, w, ts)
-    one_by_one = [sequential.learn(u[k:k + 1], v[k:k + 1], z[k:k + 1], y[k:k + 1], w[k:k + 1], ts[k:k + 1])
-                  for k in range(n)]
+    one_by_one = [
+        sequential.learn(u[k : k + 1], v[k : k + 1], z[k : k + 1], y[k : k + 1], w[k : k + 1], ts[k : k + 1])
+        for k in range(n)
+    ]
     np.testing.assert_allclose(out, np.concatenate(one_by_one), rtol=1e-9, atol=1e-12)
     for table in ("taste_w", "slope_w", "user_w", "user_ts"):
         np.testing.assert_allclose(getattr(batched, table), getattr(sequential, table), rtol=1e-9, atol=1e-12)
@@ -491,8 +537,9 @@ def test_tracked_user_bias_fades_between_sessions() -> None:
     assert experts.user_w[1] > 1.0
     soon, later = experts.components(np.array([1, 1]), None, np.zeros(2), np.array([1060.0, 4600.0]))[:, 1]
     assert soon > 0.8 * experts.user_w[1] and abs(later) < 1e-3 * experts.user_w[1]
-    first_next_session = experts.learn(np.array([1]), None, np.zeros(1), np.zeros(1, dtype=np.float32),
-                                       np.ones(1), np.array([4600.0]))
+    first_next_session = experts.learn(
+        np.array([1]), None, np.zeros(1), np.zeros(1, dtype=np.float32), np.ones(1), np.array([4600.0])
+    )
     assert abs(first_next_session[0]) < 1e-3
     # Without event times nothing fades: a caller that sends none is served the bias as it stands.
     assert experts.components(np.array([1]), None, np.zeros(1))[0, 1] == experts.user_w[1] != 0.0
@@ -510,7 +557,7 @@ def test_slope_expert_learns_which_users_follow_the_student() -> None:
     experts = FastExperts(mix_lr=0.002)
     mixed = _run(experts, u, None, z, y)
     assert experts.mix_slope > 0.5
-    slopes = experts.slope_w[1:users + 1]
+    slopes = experts.slope_w[1 : users + 1]
     ignore, follow = slopes[0::2], slopes[1::2]  # users 1, 3, … and 2, 4, …
     assert ignore.mean() < -0.7 and abs(follow.mean()) < 0.2  # z cancelled for those who ignore it
     half = n // 2
@@ -538,9 +585,16 @@ def test_population_taste_reaches_users_never_seen() -> None:
 def test_expert_state_of_an_older_version_loads() -> None:
     """A snapshot written before the slope, the population taste and the session clocks existed
     still loads; the new parts start fresh."""
-    old = {"user_w": np.array([0.0, 0.4]), "user_h": np.array([2.5, 3.0]), "item_w": np.array([0.0, -0.2]),
-           "item_h": np.array([2.5, 3.0]), "taste_w": np.zeros((2, 4)), "taste_h": np.full((2, 4), 2.0),
-           "mix": np.array([0.7, 0.3]), "serving_feedback": np.array([0])}
+    old = {
+        "user_w": np.array([0.0, 0.4]),
+        "user_h": np.array([2.5, 3.0]),
+        "item_w": np.array([0.0, -0.2]),
+        "item_h": np.array([2.5, 3.0]),
+        "taste_w": np.zeros((2, 4)),
+        "taste_h": np.full((2, 4), 2.0),
+        "mix": np.array([0.7, 0.3]),
+        "serving_feedback": np.array([0]),
+    }
     experts = FastExperts(dim=4)
     experts.load(old)
     assert experts.mix == 0.7 and experts.mix_taste == 0.3 and experts.mix_slope == 0.0
@@ -548,8 +602,9 @@ def test_expert_state_of_an_older_version_loads() -> None:
     # User 1's bias has no session clock: it counts as from a past session and has faded. User 5
     # is unknown. (The older version's item biases are gone.)
     np.testing.assert_allclose(c[:, 1], [0.0, 0.0])
-    experts.learn(np.array([1]), np.ones((1, 4)) / 2, np.zeros(1), np.ones(1, dtype=np.float32),
-                  np.ones(1), np.array([20.0]))
+    experts.learn(
+        np.array([1]), np.ones((1, 4)) / 2, np.zeros(1), np.ones(1, dtype=np.float32), np.ones(1), np.array([20.0])
+    )
     assert experts.user_ts[1] == 20.0 and experts.slope_w.shape[0] >= 2
 
 
@@ -573,8 +628,10 @@ def test_expert_mix_follows_serving_outcomes_once_they_arrive() -> None:
     restored = FastExperts()
     restored.load(c.state())
     assert restored.mix == c.mix and restored.serving_feedback == 2
-    np.testing.assert_array_equal(restored.correct(users, None, np.zeros(4), np.full(4, 50.0)),
-                                  c.correct(users, None, np.zeros(4), np.full(4, 50.0)))
+    np.testing.assert_array_equal(
+        restored.correct(users, None, np.zeros(4), np.full(4, 50.0)),
+        c.correct(users, None, np.zeros(4), np.full(4, 50.0)),
+    )
 
 
 def logloss(y: np.ndarray, p: np.ndarray) -> float:

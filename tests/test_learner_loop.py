@@ -6,24 +6,27 @@ import threading
 import time
 from typing import Any
 
-from livectr.learner import snapshot as snap
-from livectr.learner.loop import run_learner
 from toyworld import ToyWorld
+
 from livectr.core import bus
 from livectr.core.config import Config
 from livectr.core.events import Example, ExampleBatch, ExampleEnd, encode_example
+from livectr.learner import snapshot as snap
+from livectr.learner.loop import run_learner
 
 
-def produce(cfg: Config, batches: dict[int, list[list[Example]]], raw: list[tuple[int, bytes]] = (),
-            ends: int = 0) -> None:
+def produce(
+    cfg: Config, batches: dict[int, list[list[Example]]], raw: list[tuple[int, bytes]] = (), ends: int = 0
+) -> None:
     """Write example batches per examples partition, then raw records, then ``ends`` end markers per partition."""
     prod = bus.producer(cfg.kafka)
     tracker = bus.DeliveryTracker()
     topic = cfg.topics.examples
     for partition, items in batches.items():
         for batch in items:
-            bus.produce(prod, topic, encode_example(ExampleBatch(batch)), partition=partition,
-                        on_delivery=tracker.callback)
+            bus.produce(
+                prod, topic, encode_example(ExampleBatch(batch)), partition=partition, on_delivery=tracker.callback
+            )
     for partition, value in raw:
         bus.produce(prod, topic, value, partition=partition, on_delivery=tracker.callback)
     for source in range(ends):
@@ -109,20 +112,44 @@ def _keyed(cfg: Config, source: int, examples: list[Example], per_record: int, e
     prod = bus.producer(cfg.kafka)
     tracker = bus.DeliveryTracker()
     for k in range(0, len(examples), per_record):
-        bus.produce(prod, cfg.topics.examples, encode_example(ExampleBatch(examples[k:k + per_record])),
-                    key=str(source).encode(), partition=source, on_delivery=tracker.callback)
+        bus.produce(
+            prod,
+            cfg.topics.examples,
+            encode_example(ExampleBatch(examples[k : k + per_record])),
+            key=str(source).encode(),
+            partition=source,
+            on_delivery=tracker.callback,
+        )
     if ends:
         marker = ExampleEnd(source_partition=source, source_partitions=ends, examples=0, worker="test")
         for partition in range(cfg.kafka.partitions):
-            bus.produce(prod, cfg.topics.examples, encode_example(marker), key=str(source).encode(),
-                        partition=partition, on_delivery=tracker.callback)
+            bus.produce(
+                prod,
+                cfg.topics.examples,
+                encode_example(marker),
+                key=str(source).encode(),
+                partition=partition,
+                on_delivery=tracker.callback,
+            )
     bus.flush_or_raise(prod, tracker)
 
 
 def _stream(source: int, start: int, stop: int) -> list[Example]:
     """Impressions at t = start..stop-1 (s), every fifth clicked after 5 s; ids unique per source."""
-    return [Example(f"s{source}-{t}", T + t, f"u{t % 17}", f"i{t % 11}", {"slot": t % 3}, int(t % 5 == 0), 0, 0.0,
-                    5.0 if t % 5 == 0 else -1.0) for t in range(start, stop)]
+    return [
+        Example(
+            f"s{source}-{t}",
+            T + t,
+            f"u{t % 17}",
+            f"i{t % 11}",
+            {"slot": t % 3},
+            int(t % 5 == 0),
+            0,
+            0.0,
+            5.0 if t % 5 == 0 else -1.0,
+        )
+        for t in range(start, stop)
+    ]
 
 
 T = 1_700_000_000.0

@@ -40,7 +40,7 @@ def _reference(clicks: list[tuple[float, int]], at: float | None, decay: float, 
 
 def test_history_keeps_clicks_until_their_weight_is_negligible() -> None:
     n = history_length(0.8)
-    assert 0.8 ** n < NEGLIGIBLE_WEIGHT <= 0.8 ** (n - 1)
+    assert 0.8**n < NEGLIGIBLE_WEIGHT <= 0.8 ** (n - 1)
     assert history_length(1.0) == history_length(0.0) == 64
 
 
@@ -58,11 +58,14 @@ def test_profile_as_of_a_time_ignores_later_clicks() -> None:
 
 
 @settings(max_examples=150, deadline=None)
-@given(clicks=st.lists(st.tuples(st.floats(0, 100, allow_nan=False), st.integers(0, 20)), max_size=40),
-       at=st.one_of(st.none(), st.floats(-1, 101, allow_nan=False)),
-       decay=st.sampled_from([0.5, 0.8, 0.95]))
-def test_profile_is_the_decayed_mean_of_the_clicks_before_the_time(clicks: list[tuple[float, int]],
-                                                                    at: float | None, decay: float) -> None:
+@given(
+    clicks=st.lists(st.tuples(st.floats(0, 100, allow_nan=False), st.integers(0, 20)), max_size=40),
+    at=st.one_of(st.none(), st.floats(-1, 101, allow_nan=False)),
+    decay=st.sampled_from([0.5, 0.8, 0.95]),
+)
+def test_profile_is_the_decayed_mean_of_the_clicks_before_the_time(
+    clicks: list[tuple[float, int]], at: float | None, decay: float
+) -> None:
     p = _profiles(decay)
     for ts, seed in clicks:
         p.observe("u", ts, f"i{seed}")
@@ -122,10 +125,18 @@ def test_expire_forgets_idle_users_only() -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.one_of(
-    st.tuples(st.just("click"), st.sampled_from(["u0", "u1", "u2", "u3"]), st.integers(0, 60), st.integers(0, 4)),
-    st.tuples(st.just("expire"), st.integers(0, 80)),
-    st.just(("commit",))), max_size=80))
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(
+                st.just("click"), st.sampled_from(["u0", "u1", "u2", "u3"]), st.integers(0, 60), st.integers(0, 4)
+            ),
+            st.tuples(st.just("expire"), st.integers(0, 80)),
+            st.just(("commit",)),
+        ),
+        max_size=80,
+    )
+)
 def test_incremental_changes_rebuild_the_whole_history(ops: list[tuple]) -> None:
     """Applying every take_changes() to a store (upsert changed users, delete expired ones)
     gives exactly the full export, whatever the interleaving of clicks, expiry and commits."""

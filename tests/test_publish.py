@@ -19,8 +19,9 @@ from livectr.simulators.sources import open_source
 pytestmark = pytest.mark.integration
 
 
-def consume_until_markers(cfg: Config, topics: list[str], producers: int = 1, timeout_s: float = 30.0
-                          ) -> tuple[dict[tuple[str, int], list], dict[tuple[str, int], list[EndOfStream]]]:
+def consume_until_markers(
+    cfg: Config, topics: list[str], producers: int = 1, timeout_s: float = 30.0
+) -> tuple[dict[tuple[str, int], list], dict[tuple[str, int], list[EndOfStream]]]:
     """All data records (decoded, or raw bytes when undecodable) per (topic, partition) before the markers."""
     cons = bus.consumer(cfg.kafka)
     tps = bus.assign_all(cons, cfg.kafka, topics)
@@ -79,8 +80,13 @@ def test_publish_synthetic_exact_counts_markers_and_co_partitioning(kafka_config
     assert kinds[Item] == truth.items
     assert kinds[bytes] == truth.malformed
     # Clicks share their impression's partition (co-partitioning by impression id).
-    where_imp = {e.impression_id: p for (t, p), recs in data.items() if t == topics.impressions
-                 for e in recs if isinstance(e, Impression)}
+    where_imp = {
+        e.impression_id: p
+        for (t, p), recs in data.items()
+        if t == topics.impressions
+        for e in recs
+        if isinstance(e, Impression)
+    }
     for (t, p), recs in data.items():
         if t == topics.clicks:
             assert all(where_imp[c.impression_id] == p for c in recs if isinstance(c, Click))
@@ -98,7 +104,9 @@ def test_publish_matches_librdkafka_default_partitioner(kafka_config: Config) ->
     seen: dict[bytes, int] = {}
     keys = [f"k{i}".encode() for i in range(40)]
     for key in keys:
-        prod.produce(topics.impressions, b"x", key, on_delivery=lambda err, msg: seen.__setitem__(msg.key(), msg.partition()))
+        prod.produce(
+            topics.impressions, b"x", key, on_delivery=lambda err, msg: seen.__setitem__(msg.key(), msg.partition())
+        )
     prod.flush(10)
     assert seen == {k: partition_for(k, cfg.kafka.partitions) for k in keys}
     assert partition_for(b"abc", 7) == zlib.crc32(b"abc") % 7
@@ -108,10 +116,12 @@ def test_replay_bad_rows_go_to_dead_letters(kafka_config: Config, tmp_path: Path
     cfg = kafka_config
     topics = bus.ensure_topics(cfg)
     log = tmp_path / "log.csv"
-    log.write_text("ts,type,impression_id,user_id,item_id\n"
-                   "1700000001,impression,a,u1,i1\n"
-                   "1700000002,click,a,,\n"
-                   "oops,impression,b,u1,i1\n")
+    log.write_text(
+        "ts,type,impression_id,user_id,item_id\n"
+        "1700000001,impression,a,u1,i1\n"
+        "1700000002,click,a,,\n"
+        "oops,impression,b,u1,i1\n"
+    )
     summary = publish(cfg, open_source(cfg, log=log).events, producer_id="replay")
     assert (summary["impressions"], summary["clicks"], summary["dead_letters"]) == (1, 1, 1)
     cons = bus.consumer(cfg.kafka)
@@ -145,11 +155,14 @@ def test_paced_publish_follows_event_time(kafka_config: Config, tmp_path: Path) 
     cfg = kafka_config
     bus.ensure_topics(cfg)
     log = tmp_path / "log.jsonl"
-    log.write_text("\n".join(
-        f'{{"ts": {1700000000 + i * 0.5}, "type": "impression", "impression_id": "m{i}", "user_id": "u", "item_id": "i"}}'
-        for i in range(5)))
+    log.write_text(
+        "\n".join(
+            f'{{"ts": {1700000000 + i * 0.5}, "type": "impression", "impression_id": "m{i}", "user_id": "u", "item_id": "i"}}'
+            for i in range(5)
+        )
+    )
     start = time.monotonic()
     summary = publish(cfg, open_source(cfg, log=log).events, producer_id="paced", speed=4.0)
     spent = time.monotonic() - start
     assert summary["impressions"] == 5
-    assert spent >= 2.0 / 4.0 - 0.05   # 2 s of event time at 4× real time
+    assert spent >= 2.0 / 4.0 - 0.05  # 2 s of event time at 4× real time

@@ -7,22 +7,25 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
-
-from livectr.learner import snapshot as snap
-from livectr.learner.scorer import NoSnapshotError, Scorer, make_server
 from toyworld import ToyWorld
-from livectr.learner.online import OnlineLearner
+
 from livectr.core.config import Config
 from livectr.core.events import Impression
+from livectr.learner import snapshot as snap
+from livectr.learner.online import OnlineLearner
+from livectr.learner.scorer import NoSnapshotError, Scorer, make_server
 
 
 def impressions(world: ToyWorld, n: int) -> list[Impression]:
-    return [Impression(impression_id=e.impression_id, ts=e.ts, user_id=e.user_id, item_id=e.item_id, context=e.context)
-            for e in world.examples(n)]
+    return [
+        Impression(impression_id=e.impression_id, ts=e.ts, user_id=e.user_id, item_id=e.item_id, context=e.context)
+        for e in world.examples(n)
+    ]
 
 
 def publish(cfg: Config, learner: OnlineLearner) -> int:
@@ -39,8 +42,11 @@ def test_scores_match_the_learner_and_handle_unknown_ids(cfg: Config) -> None:
     scorer = Scorer(cfg.data_dir)
     imps = impressions(world, 50)
     np.testing.assert_allclose(scorer.score(imps), learner.predict_batch(imps), rtol=1e-5, atol=1e-6)
-    strangers = [Impression(impression_id="z", ts=0.0, user_id="never-seen", item_id="nor-this",
-                            context={"brand-new-field": 1.5})]
+    strangers = [
+        Impression(
+            impression_id="z", ts=0.0, user_id="never-seen", item_id="nor-this", context={"brand-new-field": 1.5}
+        )
+    ]
     out = scorer.score(strangers)
     assert out.shape == (1,) and 0 < out[0] < 1
     assert scorer.version == 1 and scorer.examples_seen == 640
@@ -84,8 +90,9 @@ def server(cfg: Config) -> Iterator[tuple[str, OnlineLearner, ToyWorld]]:
 
 
 def call(url: str, body: bytes | None = None) -> tuple[int, dict[str, Any]]:
-    req = urllib.request.Request(url, data=body, method="POST" if body is not None else "GET",
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, data=body, method="POST" if body is not None else "GET", headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=5) as resp:
             return resp.status, json.loads(resp.read())
@@ -96,8 +103,18 @@ def call(url: str, body: bytes | None = None) -> tuple[int, dict[str, Any]]:
 def test_http_score_and_healthz(server: tuple[str, OnlineLearner, ToyWorld]) -> None:
     base, learner, world = server
     imps = impressions(world, 5)
-    payload = {"impressions": [{"impression_id": i.impression_id, "ts": i.ts, "user_id": i.user_id,
-                                "item_id": i.item_id, "context": i.context} for i in imps]}
+    payload = {
+        "impressions": [
+            {
+                "impression_id": i.impression_id,
+                "ts": i.ts,
+                "user_id": i.user_id,
+                "item_id": i.item_id,
+                "context": i.context,
+            }
+            for i in imps
+        ]
+    }
     code, body = call(f"{base}/score", json.dumps(payload).encode())
     assert code == 200 and body["version"] == 1
     np.testing.assert_allclose(body["scores"], learner.predict_batch(imps), rtol=1e-5, atol=1e-6)
@@ -105,12 +122,18 @@ def test_http_score_and_healthz(server: tuple[str, OnlineLearner, ToyWorld]) -> 
     assert code == 200 and body == {"version": 1, "examples_seen": 256}
 
 
-@pytest.mark.parametrize("body,reason", [
-    (b"{not json", "invalid request"),
-    (b'{"impressions": [{"user_id": "u"}]}', "invalid request"),
-    (b'{"impressions": [{"impression_id": "a", "ts": "yesterday", "user_id": "u", "item_id": "i"}]}', "invalid request"),
-    (b'{"items": []}', "invalid request"),
-])
+@pytest.mark.parametrize(
+    "body,reason",
+    [
+        (b"{not json", "invalid request"),
+        (b'{"impressions": [{"user_id": "u"}]}', "invalid request"),
+        (
+            b'{"impressions": [{"impression_id": "a", "ts": "yesterday", "user_id": "u", "item_id": "i"}]}',
+            "invalid request",
+        ),
+        (b'{"items": []}', "invalid request"),
+    ],
+)
 def test_http_rejects_invalid_input(server: tuple[str, OnlineLearner, ToyWorld], body: bytes, reason: str) -> None:
     base, _, _ = server
     code, reply = call(f"{base}/score", body)

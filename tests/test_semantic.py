@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,18 +18,28 @@ import pytest
 from livectr.core import bus
 from livectr.core.config import Config
 from livectr.core.events import EndOfStream, Impression, Item, encode_event
+from livectr.core.lookup import SemanticLookup
 from livectr.semantic_cache import wire
 from livectr.semantic_cache.client import SemanticCacheClient
 from livectr.semantic_cache.codec import dequantize
-from livectr.core.lookup import SemanticLookup
 from livectr.semantic_cache.reducer import PCAReducer
 from livectr.semantic_cache.refresher import run_refresher
 from livectr.semantic_cache.similar import similar
 from livectr.semantic_cache.store import StoredVector, VectorStore, text_hash
 from livectr.semantic_cache.teacher import MiniLMTeacher, Teacher
 
-PRODUCTS = ["strawberry ice cream", "dark chocolate bar", "running shoes", "noise-cancelling headphones",
-            "espresso beans", "crime novel", "yoga mat", "cast-iron skillet", "winter tyres", "green tea"]
+PRODUCTS = [
+    "strawberry ice cream",
+    "dark chocolate bar",
+    "running shoes",
+    "noise-cancelling headphones",
+    "espresso beans",
+    "crime novel",
+    "yoga mat",
+    "cast-iron skillet",
+    "winter tyres",
+    "green tea",
+]
 STYLES = ["premium", "budget", "organic", "family-size"]
 
 
@@ -38,8 +49,15 @@ def teacher() -> Teacher:
 
 
 def _catalogue(n: int) -> list[Item]:
-    return [Item(item_id=f"i{k}", ts=1_700_000_000.0 + k, text=f"{STYLES[k % 4]} {PRODUCTS[k % 10]}, pack {k // 40}",
-                 attributes={"category": PRODUCTS[k % 10].split()[-1]}) for k in range(n)]
+    return [
+        Item(
+            item_id=f"i{k}",
+            ts=1_700_000_000.0 + k,
+            text=f"{STYLES[k % 4]} {PRODUCTS[k % 10]}, pack {k // 40}",
+            attributes={"category": PRODUCTS[k % 10].split()[-1]},
+        )
+        for k in range(n)
+    ]
 
 
 def _produce(cfg: Config, topic: str, values: list[tuple[bytes | None, bytes]]) -> None:
@@ -102,10 +120,16 @@ def cfg(kafka_config: Config) -> Iterator[Config]:
 
 # -- teacher and similar ---------------------------------------------------------------------------
 
+
 def test_minilm_teacher_is_offline_normalised_and_semantic(teacher: Teacher) -> None:
     assert isinstance(teacher, Teacher) and teacher.dim == 384 and teacher.version.startswith("minilm-l6-v2-")
-    v = teacher.encode(["Häagen-Dazs strawberry light ice cream", "a low-fat strawberry frozen dessert",
-                        "heavy-duty winter tyres for trucks"])
+    v = teacher.encode(
+        [
+            "Häagen-Dazs strawberry light ice cream",
+            "a low-fat strawberry frozen dessert",
+            "heavy-duty winter tyres for trucks",
+        ]
+    )
     assert v.dtype == np.float32 and v.shape == (3, 384)
     np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
     assert v[0] @ v[1] > v[0] @ v[2] + 0.2
@@ -113,14 +137,22 @@ def test_minilm_teacher_is_offline_normalised_and_semantic(teacher: Teacher) -> 
 
 
 def test_similar_ranks_near_duplicate_first(teacher: Teacher, kafka_config: Config) -> None:
-    texts = {"a": "Häagen-Dazs HEAVEN strawberry light ice cream, 500 ml tub",
-             "dup": "Haagen Dazs Heaven light strawberry ice-cream 500ml",
-             "c": "Ben & Jerry's chocolate fudge brownie ice cream", "d": "stainless steel garden hose reel",
-             "e": "paperback crime novel set in Oslo", "f": "wireless phone charger, 15 W"}
+    texts = {
+        "a": "Häagen-Dazs HEAVEN strawberry light ice cream, 500 ml tub",
+        "dup": "Haagen Dazs Heaven light strawberry ice-cream 500ml",
+        "c": "Ben & Jerry's chocolate fudge brownie ice cream",
+        "d": "stainless steel garden hose reel",
+        "e": "paperback crime novel set in Oslo",
+        "f": "wireless phone charger, 15 W",
+    }
     vectors = teacher.encode(list(texts.values()))
     store = VectorStore.open(kafka_config)
-    store.put_many([StoredVector("item", i, teacher.version, text_hash(t), t, "", v, None, "", 0.0, time.time())
-                    for (i, t), v in zip(texts.items(), vectors)])
+    store.put_many(
+        [
+            StoredVector("item", i, teacher.version, text_hash(t), t, "", v, None, "", 0.0, time.time())
+            for (i, t), v in zip(texts.items(), vectors)
+        ]
+    )
     store.close()
     result = similar(kafka_config, "a", k=3)
     assert [r[0] for r in result][:2] == ["dup", "c"]
@@ -131,8 +163,10 @@ def test_similar_ranks_near_duplicate_first(teacher: Teacher, kafka_config: Conf
 
 # -- client against the broker ---------------------------------------------------------------------
 
-def _vector_record(item_id: str, version: str, seed: int, computed_at: float | None = None,
-                   kind: str = "item", source_ts: float = 0.0) -> tuple[bytes, bytes]:
+
+def _vector_record(
+    item_id: str, version: str, seed: int, computed_at: float | None = None, kind: str = "item", source_ts: float = 0.0
+) -> tuple[bytes, bytes]:
     blob = np.random.default_rng(seed).integers(-127, 128, size=32, dtype=np.int8).tobytes()
     now = time.time()
     rec = wire.SemanticVector(kind, item_id, version, blob, computed_at or now, source_ts, now - 0.5)
@@ -189,8 +223,11 @@ def test_client_miss_is_reported_then_filled(cfg: Config) -> None:
         reports = [wire.decode_request(m.value()) for m in _drain(cfg, cfg.topics.semantic_misses, 1)]
         assert reports and sorted(reports[0].ids) == ["x1", "x2"], "missed ids are deduplicated and batched"
 
-        _produce(cfg, cfg.topics.semantic, [_vector_record("x1", "v1", 1), _vector_record("x2", "v1", 2),
-                                            (b"item:bad", b"not msgpack")])
+        _produce(
+            cfg,
+            cfg.topics.semantic,
+            [_vector_record("x1", "v1", 1), _vector_record("x2", "v1", 2), (b"item:bad", b"not msgpack")],
+        )
         assert client.wait_for(["x1", "x2"], 15)
         assert client.version == "v1" and len(client.item("x1") or b"") == 32
 
@@ -257,8 +294,10 @@ def test_client_lookup_latency(cfg: Config) -> None:
             client.item(item_id)
             timings[n] = clock() - t0
         hit, miss = timings[:20_000], timings[20_000:]
-        print(f"\nlookup hit p50 {np.percentile(hit, 50):.0f} ns p99 {np.percentile(hit, 99):.0f} ns; "
-              f"miss p50 {np.percentile(miss, 50):.0f} ns p99 {np.percentile(miss, 99):.0f} ns")
+        print(
+            f"\nlookup hit p50 {np.percentile(hit, 50):.0f} ns p99 {np.percentile(hit, 99):.0f} ns; "
+            f"miss p50 {np.percentile(miss, 50):.0f} ns p99 {np.percentile(miss, 99):.0f} ns"
+        )
         assert np.percentile(hit, 50) < 20_000 and np.percentile(miss, 50) < 20_000
     finally:
         client.close()
@@ -266,14 +305,18 @@ def test_client_lookup_latency(cfg: Config) -> None:
 
 # -- refresher end to end --------------------------------------------------------------------------
 
+
 @pytest.mark.integration
 def test_refresher_end_to_end_then_restart_without_recompute(cfg: Config, teacher: Teacher) -> None:
     catalogue = _catalogue(48)
     records = [(e.item_id.encode(), encode_event(e)) for e in catalogue]
-    records += [(b"bad", b"{not json"), (b"imp", encode_event(Impression("imp1", 1.7e9, "u1", "i1"))),
-                (b"empty", encode_event(Item("i-empty", 1.7e9, "   ")))]
+    records += [
+        (b"bad", b"{not json"),
+        (b"imp", encode_event(Impression("imp1", 1.7e9, "u1", "i1"))),
+        (b"empty", encode_event(Item("i-empty", 1.7e9, "   "))),
+    ]
     _produce(cfg, cfg.topics.items, records)
-    _produce(cfg, cfg.topics.items, [(None, encode_event(EndOfStream("test", p, 0)))  for p in range(2)])
+    _produce(cfg, cfg.topics.items, [(None, encode_event(EndOfStream("test", p, 0))) for p in range(2)])
 
     refresher = _Refresher(cfg, teacher)
     client = SemanticCacheClient(cfg, warm_from_store=False, catchup_s=0)
@@ -300,10 +343,12 @@ def test_refresher_end_to_end_then_restart_without_recompute(cfg: Config, teache
         client.close()
         summary = refresher.finish()
 
-    print(f"\nrefresher: {summary['texts_encoded']} texts, {summary['texts_per_second']:.0f} texts/s (teacher time), "
-          f"{summary['bytes_per_example']} semantic bytes per example, PCA keeps "
-          f"{summary['pca_explained_variance']:.0%} variance; client staleness p50 {stats['staleness_p50_s']:.2f} s "
-          f"p99 {stats['staleness_p99_s']:.2f} s, miss fill p50 {stats['miss_fill_p50_s']:.2f} s")
+    print(
+        f"\nrefresher: {summary['texts_encoded']} texts, {summary['texts_per_second']:.0f} texts/s (teacher time), "
+        f"{summary['bytes_per_example']} semantic bytes per example, PCA keeps "
+        f"{summary['pca_explained_variance']:.0%} variance; client staleness p50 {stats['staleness_p50_s']:.2f} s "
+        f"p99 {stats['staleness_p99_s']:.2f} s, miss fill p50 {stats['miss_fill_p50_s']:.2f} s"
+    )
     assert summary["texts_encoded"] == 50 and summary["items_seen"] == 50
     assert summary["reducer_fitted"] and summary["pca_fitted_on"] >= 24
     assert summary["dead_letters"] == 3 and summary["end_markers"] == 2
@@ -315,8 +360,10 @@ def test_refresher_end_to_end_then_restart_without_recompute(cfg: Config, teache
     assert len(store.rows("item")) == 49 and store.get("item", "i0", summary["teacher_version"]).text.startswith("cast")
     store.close()
     reducer_files = list((cfg.data_dir / "semantic" / "reducers").glob("*.npz"))
-    assert len(reducer_files) == 1 and PCAReducer.load(reducer_files[0]).version(summary["teacher_version"]) \
-        == summary["version"]
+    assert (
+        len(reducer_files) == 1
+        and PCAReducer.load(reducer_files[0]).version(summary["teacher_version"]) == summary["version"]
+    )
 
     # Restart: same data dir, items replayed from the beginning; nothing is recomputed.
     again = _Refresher(cfg, teacher)
@@ -358,8 +405,9 @@ def test_llm_user_summary_reaches_the_join_side_client(cfg: Config, teacher: Tea
             time.sleep(0.05)
         blended = client.user("u1")
         assert client.stats()["user_summaries"] >= 1 and blended != profile_only
-        assert client.user("u1", at=10.5) == blended and client.user("u1", at=10.0) is None, \
+        assert client.user("u1", at=10.5) == blended and client.user("u1", at=10.0) is None, (
             "a summary counts only after the event time of the newest click it covers"
+        )
         client.observe_click("u1", "i5", 20.0)  # one more click: not yet due (every 2 since the last summary)
         assert refresher.wait(lambda s: s["user_clicks_received"] >= 2, 15), refresher.latest
         client.observe_click("u1", "i7", 30.0)
@@ -368,8 +416,11 @@ def test_llm_user_summary_reaches_the_join_side_client(cfg: Config, teacher: Tea
         client.close()
         summary = refresher.finish()
     assert summary["user_summaries"] == 2 and summary["user_clicks_received"] == 3
-    prompts = [body["messages"][1]["content"] for _, body, _ in chat_server.requests
-               if "Recently clicked items" in body["messages"][1]["content"]]
+    prompts = [
+        body["messages"][1]["content"]
+        for _, body, _ in chat_server.requests
+        if "Recently clicked items" in body["messages"][1]["content"]
+    ]
     assert len(prompts) == 2 and catalogue[3].text in prompts[0]
     assert prompts[1].index(catalogue[7].text) < prompts[1].index(catalogue[3].text)  # most recent first
     store = VectorStore.open(cfg)

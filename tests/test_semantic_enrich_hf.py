@@ -13,8 +13,11 @@ import pytest
 from livectr.core.config import Config
 from livectr.semantic_cache.enrich import ITEM_EXAMPLE, HFCausalLMEnricher, make_enricher
 
-CORPUS = [ITEM_EXAMPLE, "brand tier premium budget luxury; health light indulgent; occasion gift snack",
-          "price level high low; audience families adults; strawberry vanilla chocolate ice cream"]
+CORPUS = [
+    ITEM_EXAMPLE,
+    "brand tier premium budget luxury; health light indulgent; occasion gift snack",
+    "price level high low; audience families adults; strawberry vanilla chocolate ice cream",
+]
 
 
 @pytest.fixture(scope="module")
@@ -26,14 +29,22 @@ def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<unk>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(CORPUS * 20, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>", pad_token="<eos>")
     path = tmp_path_factory.mktemp("tiny-gpt2")
     fast.save_pretrained(path)
-    config = GPT2Config(vocab_size=len(fast), n_positions=128, n_embd=32, n_layer=2, n_head=2,
-                        bos_token_id=fast.eos_token_id, eos_token_id=fast.eos_token_id)
+    config = GPT2Config(
+        vocab_size=len(fast),
+        n_positions=128,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=fast.eos_token_id,
+        eos_token_id=fast.eos_token_id,
+    )
     torch.manual_seed(0)
     GPT2LMHeadModel(config).save_pretrained(path)
     return path

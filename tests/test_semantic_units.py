@@ -16,8 +16,13 @@ from livectr.core.config import Config
 from livectr.core.events import DecodeError
 from livectr.semantic_cache import wire
 from livectr.semantic_cache.codec import dequantize
-from livectr.semantic_cache.enrich import (OpenAICompatibleEnricher, clean_output, enriched_text, item_prompt,
-                                   make_enricher)
+from livectr.semantic_cache.enrich import (
+    OpenAICompatibleEnricher,
+    clean_output,
+    enriched_text,
+    item_prompt,
+    make_enricher,
+)
 from livectr.semantic_cache.reducer import PCAReducer, bytes_per_example, load_reducer, reducer_path
 from livectr.semantic_cache.refresher import EncodeJob, WorkQueue
 from livectr.semantic_cache.store import StoredVector, VectorStore, text_hash
@@ -28,6 +33,7 @@ def _unit(rows: np.ndarray) -> np.ndarray:
 
 
 # -- reducer -------------------------------------------------------------------------------------
+
 
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(2, 60), dim=st.integers(1, 12), seed=st.integers(0, 2**16))
@@ -46,8 +52,11 @@ def test_pca_keeps_neighbourhoods_of_structured_data(tmp_path: Path) -> None:
     """Vectors near a few centres in 384-d: after PCA to 32 and int8, each still has its twin nearest."""
     rng = np.random.default_rng(1)
     centres = _unit(rng.normal(size=(40, 384)))
-    x = _unit(np.concatenate([centres + 0.05 * rng.normal(size=centres.shape),
-                              centres + 0.05 * rng.normal(size=centres.shape)]))
+    x = _unit(
+        np.concatenate(
+            [centres + 0.05 * rng.normal(size=centres.shape), centres + 0.05 * rng.normal(size=centres.shape)]
+        )
+    )
     reducer = PCAReducer.fit(x, 32)
     reduced = np.stack([dequantize(b, 32) for b in reducer.reduce_bytes(x)])
     sims = reduced @ reduced.T
@@ -78,17 +87,24 @@ def test_pca_rejects_bad_input() -> None:
 
 # -- store ---------------------------------------------------------------------------------------
 
+
 def _row(item_id: str, text: str, vec: np.ndarray, version: str = "t1") -> StoredVector:
-    return StoredVector("item", item_id, version, text_hash(text), text, "", vec.astype(np.float16), None, "", 1.0,
-                        time.time())
+    return StoredVector(
+        "item", item_id, version, text_hash(text), text, "", vec.astype(np.float16), None, "", 1.0, time.time()
+    )
 
 
 def test_store_round_trip_survives_reopen(tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
     vecs = _unit(rng.normal(size=(3, 384)))
     store = VectorStore(tmp_path / "semantic")
-    store.put_many([_row("a", "apple pie", vecs[0]), _row("b", "banana bread", vecs[1]),
-                    _row("a", "apple pie", vecs[2], version="t2")])
+    store.put_many(
+        [
+            _row("a", "apple pie", vecs[0]),
+            _row("b", "banana bread", vecs[1]),
+            _row("a", "apple pie", vecs[2], version="t2"),
+        ]
+    )
     store.set_reduced([(("item", "a", "t1"), b"\x01" * 32, "r1"), (("item", "zz", "t1"), b"\x02" * 32, "r1")])
     store.close()
 
@@ -116,13 +132,17 @@ def test_text_hash_depends_on_attributes_only_when_given() -> None:
 
 # -- work queue ----------------------------------------------------------------------------------
 
+
 def _job(item_id: str, text: str = "t") -> EncodeJob:
     return EncodeJob(item_id, text, {}, text_hash(text), 0.0, 0.0)
 
 
 @settings(max_examples=60, deadline=None)
-@given(ops=st.lists(st.tuples(st.sampled_from(["put", "urgent", "prio", "drop"]), st.integers(0, 9), st.integers(0, 3)),
-                    max_size=40))
+@given(
+    ops=st.lists(
+        st.tuples(st.sampled_from(["put", "urgent", "prio", "drop"]), st.integers(0, 9), st.integers(0, 3)), max_size=40
+    )
+)
 def test_queue_coalesces_and_serves_urgent_first(ops: list[tuple[str, int, int]]) -> None:
     queue = WorkQueue()
     latest: dict[str, str] = {}
@@ -153,6 +173,7 @@ def test_queue_coalesces_and_serves_urgent_first(ops: list[tuple[str, int, int]]
 
 # -- wire ----------------------------------------------------------------------------------------
 
+
 def test_wire_round_trip_and_rejections() -> None:
     vec = wire.SemanticVector("item", "i1", "v", b"\x00" * 32, 1.0, 2.0, 3.0)
     assert wire.decode_vector(wire.encode(vec)) == vec
@@ -166,6 +187,7 @@ def test_wire_round_trip_and_rejections() -> None:
 
 
 # -- enrichment over HTTP ------------------------------------------------------------------------
+
 
 def test_openai_enricher_against_stub_server(chat_server: ThreadingHTTPServer) -> None:
     url = f"http://127.0.0.1:{chat_server.server_port}"

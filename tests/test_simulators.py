@@ -20,8 +20,16 @@ from livectr.simulators.ml100k import POSITIVE_RATING, age_bucket, click_delay_s
 from livectr.simulators.records import BadRecord
 from livectr.simulators.replay import load_replay
 from livectr.simulators.sources import open_source
-from livectr.simulators.synthetic import (AXES, EPOCH, SLOTS, SyntheticTraffic, auc, axis_of_word, describe_item,
-                                  synthetic_stream)
+from livectr.simulators.synthetic import (
+    AXES,
+    EPOCH,
+    SLOTS,
+    SyntheticTraffic,
+    auc,
+    axis_of_word,
+    describe_item,
+    synthetic_stream,
+)
 from tests.conftest import SHARED_DATA
 
 KIND_RANK = {Item: 0, Impression: 1, Click: 2}
@@ -49,6 +57,7 @@ def encoded(records: list) -> list[bytes]:
 
 
 # ---------------------------------------------------------------- synthetic: determinism & order
+
 
 def test_same_seed_same_stream_different_seed_different() -> None:
     a, _ = run(small(malformed_rate=0.01))
@@ -85,6 +94,7 @@ def test_ids_and_epoch(default_run) -> None:
 
 # ---------------------------------------------------------------- synthetic: distributions
 
+
 def test_click_delay_distribution_shape(default_run) -> None:
     _, traffic = default_run
     truth = traffic.truth
@@ -93,10 +103,10 @@ def test_click_delay_distribution_shape(default_run) -> None:
     delay = truth.click_delay()[old]
     delay = delay[~np.isnan(delay)]
     assert len(delay) > 1_000
-    assert 12.0 < np.median(delay) < 30.0                 # most clicks come fast ...
-    assert 0.6 < np.mean(delay <= 60.0) < 0.9             # ... most within a minute
-    assert np.mean(delay > 300.0) > 0.02                  # a tail over many minutes
-    assert 0.003 < np.mean(delay > 600.0) < 0.05          # some beyond a 10-minute window
+    assert 12.0 < np.median(delay) < 30.0  # most clicks come fast ...
+    assert 0.6 < np.mean(delay <= 60.0) < 0.9  # ... most within a minute
+    assert np.mean(delay > 300.0) > 0.02  # a tail over many minutes
+    assert 0.003 < np.mean(delay > 600.0) < 0.05  # some beyond a 10-minute window
     assert delay.min() >= 0.2 - 1e-6
 
 
@@ -105,7 +115,7 @@ def test_overall_ctr_near_base_and_oracle_is_informative(default_run) -> None:
     truth = traffic.truth
     ctr = truth.clicks / truth.impressions
     assert 0.035 < ctr < 0.075
-    assert abs(truth.p_true().mean() - ctr) < 0.01        # emitted labels follow the true probabilities
+    assert abs(truth.p_true().mean() - ctr) < 0.01  # emitted labels follow the true probabilities
     assert truth.oracle_auc() > 0.72
 
 
@@ -128,7 +138,7 @@ def test_zipf_popularity_is_skewed(default_run) -> None:
     records, _ = default_run
     counts = collections.Counter(r.item_id for r in records if isinstance(r, Impression))
     top = sum(c for _, c in counts.most_common(20))
-    assert top / sum(counts.values()) > 0.25             # 1 % of the catalogue, > 25 % of traffic
+    assert top / sum(counts.values()) > 0.25  # 1 % of the catalogue, > 25 % of traffic
 
 
 def test_cold_start_items_born_over_time_with_item_before_first_impression(default_run) -> None:
@@ -203,13 +213,31 @@ def test_invalid_settings_rejected() -> None:
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(events=st.integers(0, 3_000), users=st.integers(1, 40), items=st.integers(1, 30),
-       seed=st.integers(0, 2**32 - 1), new_frac=st.floats(0.0, 0.9), ctr=st.floats(0.01, 0.5),
-       dup=st.floats(0.0, 0.5), bad=st.sampled_from([0.0, 0.05]), window=st.floats(1.0, 900.0))
-def test_ground_truth_matches_emitted_events(events: int, users: int, items: int, seed: int, new_frac: float,
-                                             ctr: float, dup: float, bad: float, window: float) -> None:
-    sim = SimulatorConfig(events=events, users=users, items=items, seed=seed, new_item_fraction=new_frac,
-                          base_ctr=ctr, duplicate_click_rate=dup, malformed_rate=bad, impressions_per_s=50.0)
+@given(
+    events=st.integers(0, 3_000),
+    users=st.integers(1, 40),
+    items=st.integers(1, 30),
+    seed=st.integers(0, 2**32 - 1),
+    new_frac=st.floats(0.0, 0.9),
+    ctr=st.floats(0.01, 0.5),
+    dup=st.floats(0.0, 0.5),
+    bad=st.sampled_from([0.0, 0.05]),
+    window=st.floats(1.0, 900.0),
+)
+def test_ground_truth_matches_emitted_events(
+    events: int, users: int, items: int, seed: int, new_frac: float, ctr: float, dup: float, bad: float, window: float
+) -> None:
+    sim = SimulatorConfig(
+        events=events,
+        users=users,
+        items=items,
+        seed=seed,
+        new_item_fraction=new_frac,
+        base_ctr=ctr,
+        duplicate_click_rate=dup,
+        malformed_rate=bad,
+        impressions_per_s=50.0,
+    )
     stream, truth = synthetic_stream(sim)
     records = list(stream)
     imps = {r.impression_id: r for r in records if isinstance(r, Impression)}
@@ -246,6 +274,7 @@ def test_auc_matches_pairwise_definition(pairs: list[tuple[int, bool]]) -> None:
 
 # ---------------------------------------------------------------- replay
 
+
 def write_csv(path: Path, rows: list[list[str]]) -> None:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "wt", newline="", encoding="utf-8") as fh:
@@ -255,21 +284,31 @@ def write_csv(path: Path, rows: list[list[str]]) -> None:
 @pytest.mark.parametrize("name", ["log.csv", "log.csv.gz"])
 def test_replay_csv_sorts_validates_and_dead_letters(tmp_path: Path, name: str) -> None:
     log = tmp_path / name
-    write_csv(log, [
-        ["ts", "type", "impression_id", "user_id", "item_id", "device", "slot"],
-        ["1700000010", "click", "m1", "", "", "", ""],
-        ["1700000005", "impression", "m1", "u1", "i1", "mobile", "2"],
-        ["1700000001", "impression", "m0", "u2", "i2", "", "1"],
-        ["1700000010", "impression", "m2", "u1", "i1", "desktop", "3"],
-        ["", "impression", "m3", "u1", "i1", "", ""],               # no ts
-        ["1700000011", "view", "m4", "u1", "i1", "", ""],           # unknown type
-        ["1700000011123", "click", "m0", "", "", "", ""],           # milliseconds
-        ["1700000012", "impression", "m5", "", "i1", "", ""],       # no user
-        ["1700000013", "impression", "m6", "u1", "i1", "x", "y", "extra"],  # too many cells
-    ])
+    write_csv(
+        log,
+        [
+            ["ts", "type", "impression_id", "user_id", "item_id", "device", "slot"],
+            ["1700000010", "click", "m1", "", "", "", ""],
+            ["1700000005", "impression", "m1", "u1", "i1", "mobile", "2"],
+            ["1700000001", "impression", "m0", "u2", "i2", "", "1"],
+            ["1700000010", "impression", "m2", "u1", "i1", "desktop", "3"],
+            ["", "impression", "m3", "u1", "i1", "", ""],  # no ts
+            ["1700000011", "view", "m4", "u1", "i1", "", ""],  # unknown type
+            ["1700000011123", "click", "m0", "", "", "", ""],  # milliseconds
+            ["1700000012", "impression", "m5", "", "i1", "", ""],  # no user
+            ["1700000013", "impression", "m6", "u1", "i1", "x", "y", "extra"],  # too many cells
+        ],
+    )
     items = tmp_path / ("items.csv.gz" if name.endswith(".gz") else "items.csv")
-    write_csv(items, [["item_id", "text", "ts", "genre"], ["i1", "A red lamp", "1700000100", "home"],
-                      ["i2", "A blue book", "", ""], ["", "no id", "", ""]])
+    write_csv(
+        items,
+        [
+            ["item_id", "text", "ts", "genre"],
+            ["i1", "A red lamp", "1700000100", "home"],
+            ["i2", "A blue book", "", ""],
+            ["", "no id", "", ""],
+        ],
+    )
     records, counts = load_replay(log, items)
     bad = [r for r in records if isinstance(r, BadRecord)]
     good = [r for r in records if not isinstance(r, BadRecord)]
@@ -281,10 +320,10 @@ def test_replay_csv_sorts_validates_and_dead_letters(tmp_path: Path, name: str) 
     assert b"1700000011123" in b"".join(b.raw for b in bad)
     assert [type(r).__name__ for r in good] == ["Item", "Impression", "Item", "Impression", "Impression", "Click"]
     i2, m0, i1, m1 = good[0], good[1], good[2], good[3]
-    assert (i2.item_id, i2.ts) == ("i2", 1700000001.0)      # no ts: the log's first ts
-    assert (i1.item_id, i1.ts) == ("i1", 1700000005.0)      # late item row moved before first impression
+    assert (i2.item_id, i2.ts) == ("i2", 1700000001.0)  # no ts: the log's first ts
+    assert (i1.item_id, i1.ts) == ("i1", 1700000005.0)  # late item row moved before first impression
     assert i1.attributes == {"genre": "home"}
-    assert m0.context == {"slot": "1"}                       # CSV values stay strings; empty = absent
+    assert m0.context == {"slot": "1"}  # CSV values stay strings; empty = absent
     assert m1.context == {"device": "mobile", "slot": "2"}
     assert good[-2].impression_id == "m2" and good[-1].impression_id == "m1"  # impression before click at equal ts
 
@@ -292,11 +331,19 @@ def test_replay_csv_sorts_validates_and_dead_letters(tmp_path: Path, name: str) 
 def test_replay_jsonl_keeps_numbers_and_rejects_bad_lines(tmp_path: Path) -> None:
     log = tmp_path / "log.jsonl.gz"
     lines = [
-        {"ts": 1700000002.5, "type": "impression", "impression_id": "a", "user_id": "u", "item_id": "i",
-         "slot": 2, "score": 0.5, "vip": True, "gone": None},
+        {
+            "ts": 1700000002.5,
+            "type": "impression",
+            "impression_id": "a",
+            "user_id": "u",
+            "item_id": "i",
+            "slot": 2,
+            "score": 0.5,
+            "vip": True,
+            "gone": None,
+        },
         {"ts": 1700000001, "type": "click", "impression_id": "z"},
-        {"ts": 1700000003, "type": "impression", "impression_id": "b", "user_id": "u", "item_id": "i",
-         "tags": ["x"]},
+        {"ts": 1700000003, "type": "impression", "impression_id": "b", "user_id": "u", "item_id": "i", "tags": ["x"]},
     ]
     text = "\n".join(json.dumps(x) for x in lines) + "\n{not json\n[1, 2]\n\n"
     with gzip.open(log, "wt") as fh:
@@ -313,8 +360,12 @@ def test_replay_jsonl_keeps_numbers_and_rejects_bad_lines(tmp_path: Path) -> Non
 
 def test_replay_events_round_trip_through_the_wire_codec(tmp_path: Path) -> None:
     log = tmp_path / "log.jsonl"
-    log.write_text(json.dumps({"ts": 1700000000, "type": "impression", "impression_id": "a", "user_id": "u",
-                               "item_id": "i", "hour": 3}) + "\n")
+    log.write_text(
+        json.dumps(
+            {"ts": 1700000000, "type": "impression", "impression_id": "a", "user_id": "u", "item_id": "i", "hour": 3}
+        )
+        + "\n"
+    )
     (event,), _ = load_replay(log)
     assert decode_event(encode_event(event)) == event
 
@@ -327,6 +378,7 @@ def test_replay_unknown_extension_rejected(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- sources
+
 
 def test_open_source_synthetic_and_replay(tmp_path: Path) -> None:
     cfg = Config()
@@ -348,8 +400,15 @@ ML100K = SHARED_DATA / "ml-100k"
 
 
 def test_ml100k_helpers() -> None:
-    assert [age_bucket(a) for a in (7, 18, 30, 44, 49, 55, 73)] == ["<18", "18-24", "25-34", "35-44", "45-49",
-                                                                   "50-55", "56+"]
+    assert [age_bucket(a) for a in (7, 18, 30, 44, 49, 55, 73)] == [
+        "<18",
+        "18-24",
+        "25-34",
+        "35-44",
+        "45-49",
+        "50-55",
+        "56+",
+    ]
     delays = [click_delay_s(u, i) for u in range(50) for i in range(50)]
     assert min(delays) >= 2 and max(delays) <= 120 and len(set(delays)) > 50
     assert click_delay_s(3, 9) == click_delay_s(3, 9)
@@ -360,8 +419,12 @@ def test_ml100k_conversion_replays_every_rating(tmp_path: Path) -> None:
     events, items = convert_ml100k(ML100K, tmp_path / "ml")
     ratings = [int(line.split("\t")[2]) for line in (ML100K / "u.data").read_text().splitlines() if line.strip()]
     records, counts = load_replay(events, items)
-    assert counts == {"impressions": 100_000, "clicks": sum(r >= POSITIVE_RATING for r in ratings),
-                      "items": 1_682, "bad_records": 0}
+    assert counts == {
+        "impressions": 100_000,
+        "clicks": sum(r >= POSITIVE_RATING for r in ratings),
+        "items": 1_682,
+        "bad_records": 0,
+    }
     keyed = [(r.ts, KIND_RANK[type(r)]) for r in records]
     assert keyed == sorted(keyed)
     imps = {r.impression_id: r for r in records if isinstance(r, Impression)}

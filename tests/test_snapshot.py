@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from livectr.learner import snapshot as snap
 from toyworld import ToyWorld
-from livectr.learner.online import OnlineLearner
+
 from livectr.core.config import Config
+from livectr.learner import snapshot as snap
+from livectr.learner.online import OnlineLearner
 
 
 def trained(cfg: Config, batches: int = 5, seed: int = 0) -> tuple[OnlineLearner, ToyWorld]:
@@ -28,8 +28,13 @@ def test_publish_layout_manifest_and_pointer(cfg: Config) -> None:
     learner, _ = trained(cfg)
     v, path = snap.publish_snapshot(cfg.data_dir, learner.state(), {"examples_seen": 640, "offsets": {"0": 5}}, keep=3)
     assert v == 1 and path.name == "v00000001"
-    assert {p.name for p in path.iterdir()} == {"manifest.json", "model.safetensors", "optimizer.safetensors",
-                                                 "state.safetensors", "vocab.json"}
+    assert {p.name for p in path.iterdir()} == {
+        "manifest.json",
+        "model.safetensors",
+        "optimizer.safetensors",
+        "state.safetensors",
+        "vocab.json",
+    }
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["version"] == 1 and manifest["examples_seen"] == 640 and manifest["offsets"] == {"0": 5}
     assert manifest["model_config"]["sem_dim"] == 32 and manifest["created_at"] > 0

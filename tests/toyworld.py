@@ -20,8 +20,16 @@ from livectr.semantic_cache.codec import quantize
 class ToyWorld:
     """Users, items, their latents and teacher vectors."""
 
-    def __init__(self, users: int = 200, items: int = 100, latent: int = 4, sem_dim: int = 32,
-                 bias: float = -1.5, scale: float = 2.5, seed: int = 0) -> None:
+    def __init__(
+        self,
+        users: int = 200,
+        items: int = 100,
+        latent: int = 4,
+        sem_dim: int = 32,
+        bias: float = -1.5,
+        scale: float = 2.5,
+        seed: int = 0,
+    ) -> None:
         rng = np.random.default_rng(seed)
         self.rng = rng
         self.user_latent = rng.normal(size=(users, latent)) / np.sqrt(latent) * 1.5
@@ -35,8 +43,14 @@ class ToyWorld:
         z = self.bias + self.scale * np.einsum("ij,ij->i", self.user_latent[users], self.item_latent[items])
         return 1 / (1 + np.exp(-z))
 
-    def examples(self, n: int, items: np.ndarray | None = None, with_sem: bool = True,
-                 kind: int = KIND_FINAL, decided_at: float | None = None) -> list[Example]:
+    def examples(
+        self,
+        n: int,
+        items: np.ndarray | None = None,
+        with_sem: bool = True,
+        kind: int = KIND_FINAL,
+        decided_at: float | None = None,
+    ) -> list[Example]:
         """``n`` labelled examples; ``items`` restricts the items drawn (e.g. only new ones)."""
         rng = self.rng
         u = rng.integers(0, len(self.user_latent), n)
@@ -45,9 +59,18 @@ class ToyWorld:
         labels = (rng.random(n) < self.ctr(u, i)).astype(int)
         now = time.time() if decided_at is None else decided_at
         devices = ("ios", "android", "web")
-        return [Example(impression_id=f"imp-{k}-{rng.integers(1 << 62)}", ts=now, user_id=f"u{u[k]}",
-                        item_id=f"i{i[k]}", context={"device": devices[(u[k] + i[k]) % 3], "hour": int(u[k] % 24)},
-                        label=int(labels[k]), kind=kind, decided_at=now,
-                        item_sem=self.item_vectors[i[k]].tobytes() if with_sem else None,
-                        user_sem=self.user_vectors[u[k]].tobytes() if with_sem else None)
-                for k in range(n)]
+        return [
+            Example(
+                impression_id=f"imp-{k}-{rng.integers(1 << 62)}",
+                ts=now,
+                user_id=f"u{u[k]}",
+                item_id=f"i{i[k]}",
+                context={"device": devices[(u[k] + i[k]) % 3], "hour": int(u[k] % 24)},
+                label=int(labels[k]),
+                kind=kind,
+                decided_at=now,
+                item_sem=self.item_vectors[i[k]].tobytes() if with_sem else None,
+                user_sem=self.user_vectors[u[k]].tobytes() if with_sem else None,
+            )
+            for k in range(n)
+        ]

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -75,10 +75,13 @@ def ensure_topics(cfg: Config, timeout_s: float = 15.0) -> Topics:
         topics.semantic: cfg.kafka.partitions,
         topics.semantic_misses: 1,
     }
-    new = [NewTopic(name, num_partitions=n, replication_factor=cfg.kafka.replication_factor)
-           for name, n in wanted.items() if name not in existing]
+    new = [
+        NewTopic(name, num_partitions=n, replication_factor=cfg.kafka.replication_factor)
+        for name, n in wanted.items()
+        if name not in existing
+    ]
     if new:
-        for name, fut in admin.create_topics(new, request_timeout=timeout_s).items():
+        for fut in admin.create_topics(new, request_timeout=timeout_s).values():
             try:
                 fut.result(timeout=timeout_s)
             except KafkaException as exc:
@@ -87,8 +90,10 @@ def ensure_topics(cfg: Config, timeout_s: float = 15.0) -> Topics:
     _wait_for_topics(admin, list(wanted), timeout_s)
     imp, clk = partition_count(cfg.kafka, topics.impressions), partition_count(cfg.kafka, topics.clicks)
     if imp != clk:
-        raise RuntimeError(f"{topics.impressions} has {imp} partitions but {topics.clicks} has {clk}: "
-                           "the join needs them co-partitioned (same count, same key)")
+        raise RuntimeError(
+            f"{topics.impressions} has {imp} partitions but {topics.clicks} has {clk}: "
+            "the join needs them co-partitioned (same count, same key)"
+        )
     return topics
 
 
@@ -142,9 +147,15 @@ def flush_or_raise(prod: Producer, tracker: DeliveryTracker, timeout_s: float = 
         raise DeliveryFailed(f"{tracker.failed} records failed delivery: {tracker.last_error}")
 
 
-def produce(prod: Producer, topic: str, value: bytes, key: bytes | str | None = None,
-            partition: int | None = None, on_delivery: object = None,
-            headers: list[tuple[str, bytes]] | None = None) -> None:
+def produce(
+    prod: Producer,
+    topic: str,
+    value: bytes,
+    key: bytes | str | None = None,
+    partition: int | None = None,
+    on_delivery: object = None,
+    headers: list[tuple[str, bytes]] | None = None,
+) -> None:
     """``Producer.produce`` that waits (polling delivery reports) when the local queue is full."""
     kwargs: dict[str, object] = {"value": value}
     if key is not None:
@@ -179,13 +190,14 @@ class DeadLetterSink:
     reasons: dict[str, int] = field(default_factory=dict)
     tracker: DeliveryTracker = field(default_factory=DeliveryTracker)
 
-    def send(self, value: bytes | None, reason: str, source: Message | None = None,
-             key: bytes | None = None) -> None:
+    def send(self, value: bytes | None, reason: str, source: Message | None = None, key: bytes | None = None) -> None:
         headers = [("livectr.reason", reason.encode()), ("livectr.stage", self.stage.encode())]
         if source is not None:
-            headers += [("livectr.topic", (source.topic() or "").encode()),
-                        ("livectr.partition", str(source.partition()).encode()),
-                        ("livectr.offset", str(source.offset()).encode())]
+            headers += [
+                ("livectr.topic", (source.topic() or "").encode()),
+                ("livectr.partition", str(source.partition()).encode()),
+                ("livectr.offset", str(source.offset()).encode()),
+            ]
             key = key if key is not None else source.key()
         produce(self.prod, self.topic, value or b"", key=key, on_delivery=self.tracker.callback, headers=headers)
         self.count += 1
@@ -193,16 +205,18 @@ class DeadLetterSink:
         self.reasons[short] = self.reasons.get(short, 0) + 1
 
 
-def write_end_markers(prod: Producer, topic: str, producer_id: str, counts: dict[int, int],
-                      on_delivery: object = None) -> None:
+def write_end_markers(
+    prod: Producer, topic: str, producer_id: str, counts: dict[int, int], on_delivery: object = None
+) -> None:
     """Write one :class:`EndOfStream` to every partition of ``topic`` with its record count."""
     for partition, count in sorted(counts.items()):
         marker = EndOfStream(producer=producer_id, partition=partition, count=count, ts=time.time())
         produce(prod, topic, encode_event(marker), partition=partition, on_delivery=on_delivery)
 
 
-def assign_all(cons: Consumer, kafka: KafkaConfig, topics: Iterable[str],
-               offsets: dict[tuple[str, int], int] | None = None) -> list[TopicPartition]:
+def assign_all(
+    cons: Consumer, kafka: KafkaConfig, topics: Iterable[str], offsets: dict[tuple[str, int], int] | None = None
+) -> list[TopicPartition]:
     """Assign every partition of ``topics`` to ``cons``, at ``offsets`` where given, else the start."""
     offsets = offsets or {}
     tps = []

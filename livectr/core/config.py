@@ -18,9 +18,10 @@ import hashlib
 import json
 import os
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 ENV_PREFIX = "LIVECTR_"
 
@@ -243,7 +244,7 @@ class Config:
     data_dir: Path = Path("./livectr-data")
 
     @property
-    def topics(self) -> "Topics":
+    def topics(self) -> Topics:
         """Resolved topic names."""
         return Topics.from_kafka(self.kafka)
 
@@ -261,7 +262,7 @@ class Topics:
     semantic_misses: str
 
     @classmethod
-    def from_kafka(cls, kafka: KafkaConfig) -> "Topics":
+    def from_kafka(cls, kafka: KafkaConfig) -> Topics:
         names = [f.name for f in dataclasses.fields(cls)]
         return cls(**{n: kafka.topic(n.replace("_", "-")) for n in names})
 
@@ -312,7 +313,7 @@ def from_env(environ: Mapping[str, str] | None = None) -> Config:
     for key, value in environ.items():
         if not key.startswith(ENV_PREFIX):
             continue
-        rest = key[len(ENV_PREFIX):].lower()
+        rest = key[len(ENV_PREFIX) :].lower()
         section, sep, name = rest.partition("__")
         overrides[f"{section}.{name}" if sep else section] = value
     return apply_overrides(Config(), overrides)

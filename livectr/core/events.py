@@ -15,11 +15,11 @@ Wire formats:
 
 from __future__ import annotations
 
-from typing import Final, Union
+from typing import Final
 
 import msgspec
 
-ContextValue = Union[str, int, float, bool]
+ContextValue = str | int | float | bool
 
 #: Largest accepted encoded event. Anything bigger is dead-lettered as "oversized" before
 #: decoding so one absurd record cannot blow up a stage's memory.
@@ -70,7 +70,7 @@ class EndOfStream(msgspec.Struct, tag="end", tag_field="type", frozen=True):
     ts: float = 0.0
 
 
-InputEvent = Union[Impression, Click, Item, EndOfStream]
+InputEvent = Impression | Click | Item | EndOfStream
 
 
 class Example(msgspec.Struct, tag="ex", array_like=True, frozen=True, gc=False):
@@ -144,7 +144,7 @@ KIND_POSITIVE_COPY: Final[int] = 2
 KIND_SCORE_REQUEST: Final[int] = 3
 
 
-def decision_time(ex: "Example", window_s: float) -> float:
+def decision_time(ex: Example, window_s: float) -> float:
     """Event time at which ``ex``'s label became known (what the join orders its output by).
 
     A score request's is its impression time; a positive's, its click; a ``wait`` negative's,
@@ -155,6 +155,7 @@ def decision_time(ex: "Example", window_s: float) -> float:
     if ex.label:
         return ex.ts + max(ex.click_delay, 0.0)
     return ex.ts + window_s
+
 
 #: ``Example.sem_flags`` bits.
 SEM_ITEM_MISS: Final[int] = 1
@@ -171,7 +172,7 @@ class DecodeError(ValueError):
 
 _input_decoder = msgspec.json.Decoder(InputEvent)
 _json_encoder = msgspec.json.Encoder()
-_example_decoder = msgspec.msgpack.Decoder(Union[Example, ExampleBatch, ExampleEnd])
+_example_decoder = msgspec.msgpack.Decoder(Example | ExampleBatch | ExampleEnd)
 _msgpack_encoder = msgspec.msgpack.Encoder()
 
 
