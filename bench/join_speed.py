@@ -7,7 +7,7 @@ the same topics:
 * the join worker (policy ``wait``) with one ExampleBatch record per consume batch and input
   partition, and with one record per example.
 
-    python -m streams.bench [--impressions 300000]
+    python bench/join_speed.py [--impressions 300000]
 
 Keep N modest on a shared machine; the ratios are stable from ~100k events on.
 """

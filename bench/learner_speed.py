@@ -1,6 +1,6 @@
 """Learner throughput: decode → tensorise → forward/backward/step, without Kafka.
 
-``python -m learner.bench [--examples N] [--batch-size B] [--semantics on|off]`` encodes a
+``python bench/learner_speed.py [--examples N] [--batch-size B] [--semantics on|off]`` encodes a
 synthetic stream as ``ExampleBatch`` records (as the join writes them) and times the learner
 consuming them, reporting wall-clock and process-CPU examples/s (CPU time is the fairer figure
 on a shared machine).
@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
-from toyworld import ToyWorld
+# The synthetic example generator is a test helper (tests/toyworld.py), not part of the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from toyworld import ToyWorld  # noqa: E402
 
 from livectr.core.config import Config
 from livectr.core.events import ExampleBatch, decode_example, encode_example

@@ -1,45 +1,11 @@
 """Fast per-example experts beside the student, mixed in by weights the stream learns.
 
-Why: the student learns at the pace of mini-batches — its first-order (bias) weights take one
-online-Newton step per batch, its embeddings one Adagrad step. On streams where a user's taste
-or click rate moves within a session — MovieLens users rate dozens of films in one sitting — a
-learner that adapts example by example, and faster, does better: a per-example logistic
-regression with twice the Newton step scored 0.7606 against 0.7541 on MovieLens 100K. On the
-synthetic stream, whose biases are stable, the same faster steps cost 0.010. No single step
-size serves both, so the fast learners run *beside* the student as experts, in the sense of
-online learning-rate ensembles (MetaGrad, van Erven & Koolen 2016), each trained on the residual
-of the student's logit ``z`` and mixed in by a weight in [0, 1] that starts at 0.
-All are keyed by user, which lets a batch run them in rounds (below):
-
-* **session bias** — a weight per user row with a constant step ``user_rate × g`` that never
-  shrinks, fading by ``exp(−Δt / session_s)`` over the event time since the user's previous
-  example, because a user's click rate moves from one sitting to the next (MovieLens 100K,
-  impression order: 0.7648 → 0.7681 against a Newton user weight, 0.7695 → 0.7705 with the
-  fading), trained on its own prediction ``σ(z + b_u)``. An item bias beside it, by online
-  Newton, added nothing once the session bias and the slope were there (0.7705 either way);
-* **slope** — per user row a weight on the student's logit (``s_u·z``: how closely this user
-  follows what the crowd-trained student predicts; users who rate everything alike do not);
-* **taste** (with semantics) — per user row a weight vector over the item's reduced teacher
-  vector (the student's distilled one when the example carries none, as at serving), plus one
-  population taste shared by all users: MSD's user-level semantics learned per example. Slope
-  and taste are trained jointly by diagonal online Newton on ``σ(z + b_u + s_u·z + (t_u + t)·v_i)``;
-* **rounds** — round *r* updates every user's *r*-th example of the batch at once, which is
-  exact for the per-user weights (no example sees a later example's label). The population
-  taste, shared by everyone, takes one step per batch after the rounds: a step per round would
-  let an example see the labels of other users' later examples in the same batch;
-* **served logit** ``z + a·b_u + c·s_u·z + b·(t_u + t)·v_i``; ``a``, ``b`` and ``c`` take one
-  gradient step per batch on the log loss of the mixed predictions — the stream decides how
-  much to trust each.
-
-What the mix is fitted to matters under the ``wait`` policy: there a session's clicks reach the
-learner ten minutes before its non-clicks, a fast expert rides that order, and a mix fitted to
-the training stream trusts it more than serving warrants (MovieLens 100K, serving order: 0.6883
-→ 0.6817 with the first, Newton-stepped bias expert). So once *score requests* come back labelled — impressions
-scored at their own time, as a server scores them (``livectr.learner.metrics.ServingEvaluator``
-keeps what each was served from until its label arrives) — the mix is fitted to those outcomes instead, and the training stream no longer moves it.
-
-Cost: numpy, a few tens of µs per round; on 512-example batches of 5,000 users ~0.6 µs per
-example without semantics and ~1.4 µs with a 32-d taste; more on bursty streams (more rounds).
+The student learns at the pace of mini-batches; a user's click rate and taste can move within a
+session. Per user, a session bias (constant step, fading between sessions), a slope on the
+student's logit and, with semantics, a taste over the item's teacher vector (plus one shared
+population taste) are trained example by example on the student's residual and mixed in by
+weights in [0, 1] that start at 0 (as learning-rate ensembles choose among step sizes). Why
+and what was measured: docs/design.md, "Fast experts".
 """
 
 from __future__ import annotations

@@ -1,38 +1,9 @@
 """The join worker's view of the semantic cache: a dict filled from the semantic topic.
 
-Why this shape: the join must never wait on the teacher. ``item()`` is one dict lookup
-(≈100 ns), and so is ``user()`` unless asked about a time at or before the user's newest click
-(then it folds that user's few recent clicks, microseconds); everything slow happens on a
-background thread that
-
-* consumes the semantic topic from the beginning (``assign``, no group: every join worker
-  needs *all* vectors, not a share of them) into the dict, and
-* sends the ids the join missed — deduplicated, batched, at most once per
-  ``miss_retry_s`` per id — to the semantic-misses topic, where the refresher picks them up
-  and encodes them first.
-
-User vectors are computed here: the decayed mean (``user_decay`` per click) of the reduced
-vectors of the items the user clicked before a given event time (:mod:`livectr.semantic_cache.profiles`),
-fed by ``observe_click``; it needs no extra topic and follows the user's clicks immediately.
-``user(user_id, at)`` answers from the clicks made before event time ``at`` — the join passes
-the impression's time, so an example never carries clicks made after its impression, whatever
-order a replay reads the topics in. With LLM enrichment on, the clicks are also sent to the refresher
-(:class:`~livectr.semantic_cache.wire.UserClicks` on the misses topic), which has the LLM summarise the
-user's recent items and publishes the summary's vector (kind ``user``, ``source_ts`` = event
-time of the newest click it covers); the user vector is then the normalised mean of the click
-profile and the newest summary that covers only clicks before ``at`` — MSD's user-level
-semantics, with the profile keeping it current between summaries.
-
-Staleness, defined (all in seconds, reported as p50/p99 by :meth:`SemanticCacheClient.stats`):
-
-* ``staleness``: from the *request* of a vector — the publication of the Item record that
-  introduced or changed its text, or the miss report that asked for it again — to the vector
-  being available to this client: its arrival here, or, for records that were already on the
-  topic when this client started, the time the refresher published them. It covers queueing,
-  enrichment, encoding, the wait for the PCA fit and Kafka transport.
-* ``miss_fill``: from this client's first miss of an id to the vector arriving here: how long
-  the join actually ran without that item's vector.
-* ``vector_age``: ``now - computed_at`` of the vectors currently held: how old served vectors are.
+The join must never wait on the teacher: ``item()`` is one dict lookup and ``user()`` folds a
+few kept clicks; a miss returns ``None`` at once and is reported on the misses topic, to be
+filled by the refresher. A background thread reads the semantic topic into the dict.
+Details: docs/design.md, "Semantics".
 """
 
 from __future__ import annotations

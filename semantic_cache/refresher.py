@@ -1,34 +1,8 @@
 """The refresher: keeps teacher vectors of every item fresh, off the join's hot path.
 
-Flow::
-
-    items topic ─┐                        ┌─> store (SQLite, data_dir/semantic)
-                 ├─ consumer thread ─> queue ─> encoder thread ─┤
-    misses topic ┘   (decode, dedupe,          (enrich?, teacher, └─> semantic topic
-                      skip unchanged)           reduce, persist)       key "item:<id>"
-
-Why two threads: decoding and deduplicating records is cheap and must keep up with the
-topics, the teacher is slow (≈190 texts/s on one core); the queue between them coalesces
-(an item whose text changed twice before it was encoded is encoded once, with the latest
-text) and puts ids a join worker *missed* first, because those are the vectors the stream is
-waiting for right now.
-
-Why no consumer group: the store is the checkpoint. On (re)start both threads read the items
-topic from the beginning; an item whose stored vector was computed from the same text by the
-same teacher version is not re-encoded — its stored vector is republished (cheap), so a new
-stream on a fresh broker is served at once, and nothing is recomputed after a restart.
-Misses are read from the end: a client re-reports ids that are still missing.
-
-User summaries (LLM enrichment on): join workers' cache clients send each user's clicks
-(:class:`~livectr.semantic_cache.wire.UserClicks`, on the misses topic). The refresher keeps the last
-``user_summary_items`` clicked items per user and, on a user's first click and then every
-``user_summary_every`` clicks, asks the LLM to summarise the preferences behind them; the
-teacher encodes the summary and it is published as a ``user`` vector. Item work always goes
-first: the stream waits on item vectors, a user summary only refines a profile that exists.
-
-The reduction (PCA) is fitted once ``reducer_fit_min`` items are encoded — or, when fewer
-items exist, after ``reducer_fit_idle_s`` without new work — and then frozen (see
-:mod:`livectr.semantic_cache.reducer`). Vectors encoded before the fit are published right after it.
+It consumes the items topic (new or changed texts) and the misses topic, encodes in batches on
+its own thread (optionally after LLM enrichment), reduces with a PCA fitted once, stores the
+vectors in SQLite and publishes them on the semantic topic. Details: docs/design.md, "Semantics".
 """
 
 from __future__ import annotations

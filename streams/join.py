@@ -1,90 +1,10 @@
 """The impression/click join as pure logic: no Kafka, no clocks, no I/O.
 
-One :class:`PartitionJoin` owns input partition ``p`` — partition ``p`` of the impressions
-topic *and* partition ``p`` of the clicks topic, which are co-partitioned by impression id —
-so a partition's state can be checkpointed, handed to another worker and restored on its own.
-
-Event time and the watermark
-----------------------------
-Windows close in **event time**, never wall time, so a replay at any speed labels exactly as
-the live run did. Each of the two sources (impressions ``p``, clicks ``p``) has a clock: the
-largest event ``ts`` it has delivered. The partition's watermark is the minimum over the
-sources (a source that delivered its :class:`~livectr.core.events.EndOfStream` counts as +inf) and
-never moves backwards. An impression's window is *open* while ``watermark <= ts + W``; the
-first :meth:`PartitionJoin.advance` that sees ``watermark > ts + W`` closes it (strict, so a
-click at exactly ``ts + W`` still counts). Using only the partition's own two sources (rather
-than every partition a worker holds) keeps the decisions independent of who owns what.
-
-Idle sources (unbounded runs): a source that has nothing to deliver holds the watermark back
-for ever — e.g. a clicks partition that gets no clicks at night. Like Flink's
-``WatermarkStrategy.withIdleness``, the worker marks a source idle (:meth:`set_idle`) once it
-has been at the end of its partition for ``cfg.join.idle_timeout_s`` wall seconds; an idle
-source is left out of the minimum until it delivers again (if every live source is idle the
-watermark is held). Events that then arrive behind the watermark are handled as late (below).
-Bounded runs never need this: end markers close the stream.
-
-Labels (precisely)
-------------------
-A click *counts* for its impression iff ``click.ts - imp.ts <= W`` and it is processed while
-the impression's window is open (or it was buffered as an orphan and the impression arrives
-before the orphan expires). Negative delays (logger clock skew) count, with
-``click_delay`` clamped to 0. When each source delivers in ``ts`` order this is exactly the
-event-time truth "some click within W of its impression" (the property tests check it); with
-disorder a click that arrives after the window closed is late.
-
-* policy ``wait``: one :data:`~livectr.core.events.KIND_FINAL` example per impression — label 1 at
-  the first counting click (``decided_at`` = publish time of the record that completed the
-  join: the click, or the impression when the click came first), label 0 when the window
-  closes (``decided_at`` = publish time of the record that set the watermark to its value: the
-  limiting source's newest record, or the end marker that made it +inf).
-* policy ``fake-negative`` (Ktena et al., RecSys 2019): a
-  :data:`~livectr.core.events.KIND_FAKE_NEGATIVE` at once when the impression arrives, then one
-  :data:`~livectr.core.events.KIND_POSITIVE_COPY` at the first counting click; state is kept until
-  the window closes only to drop duplicate clicks.
-
-Output order
-------------
-Examples leave in event-time order of their *decision*, per partition: a matched positive is
-held until the watermark reaches its click time (then emitted before the windows that the same
-watermark closes), a negative leaves when its window closes. In real time this costs the
-watermark's lag (both sources are near "now"); in a replay of a recorded log, where a consumer
-fetches far ahead on one topic, it is what keeps the examples topic a faithful replay: emitted
-on match, the positives of minutes of stream would come before negatives that were decided
-earlier, and the learner — and any progressive metric — would see labels out of time.
-
-Score requests (policy ``wait``, a ``score_sample`` fraction of impressions chosen by a hash
-of the id): a copy of the impression with kind :data:`~livectr.core.events.KIND_SCORE_REQUEST`,
-placed in the same decision-time order at the impression's own time — after every label
-decided before the impression, before any decided after it. A learner that consumes the
-examples in that order scores the request with exactly the labels a server would have had
-when the impression was shown; paired with the label that follows, that is an honest online
-AUC (positives leave within seconds of their impression, negatives a window later, so a score
-taken when a label *arrives* has seen the user's later clicks). Requests are not counted as
-examples.
-
-Semantic vectors (when a cache is attached) go onto each example as the join emits it: the
-item's current vector, and the user's profile *as of the impression's event time* (clicks with
-``ts < imp.ts``, see :mod:`livectr.semantic_cache.profiles`). Not the profile at emission, which
-would include clicks made during the window, i.e. after the impression; and not the profile
-when the impression was read, which in a replay depends on how far the consumer has read
-ahead on the clicks topic (minutes of event time either way).
-
-Clicks that do not count are rejected (dead-lettered by the worker) with a reason:
-``click without impression within window`` (an orphan: buffered until ``watermark >
-click.ts + W``, then rejected), ``late click: …`` (the impression's window already closed —
-recognised through a bounded two-generation memory of recently closed impression ids, which
-is checkpointed; past that memory a late click is treated as an orphan) and ``late click:
-outside attribution window`` (impression still open but the click is more than W after it).
-Duplicate clicks are counted, not dead-lettered (they are normal traffic); a duplicate
-impression id is rejected.
-
-Cost: per event O(1) dict/deque work; expiry is O(expired) — impressions sit in a deque in
-arrival order (≈ ts order per partition), the rare impression older than its predecessor goes
-to a heap, orphan clicks to a heap; :meth:`advance` pops only what closes.
-
-Replay bookkeeping: every impression and click held in state keeps its offset, so
-:meth:`oldest_offsets` tells the worker how far back a replay must start to rebuild this
-state without a checkpoint (see ``livectr.streams.worker``).
+One :class:`PartitionJoin` owns input partition ``p`` of the impressions and clicks topics
+(co-partitioned by impression id), so its state can be checkpointed, handed to another worker
+and restored on its own. Windows close on an event-time watermark; clicks may come before
+their impression; each policy (``wait``, ``fake-negative``) decides which examples leave and
+when, in decision-time order. The rules and why: docs/design.md, "The join".
 """
 
 from __future__ import annotations

@@ -1,47 +1,10 @@
 """The join worker: impressions × clicks from Kafka → labelled examples on the examples topic.
 
-Scaling: workers share one consumer group (``cfg.join.group_id``) subscribed to the
-impressions and the clicks topics with *range* assignment, so partition ``p`` of both topics
-(co-partitioned by impression id) always lands on the same worker, which owns one
-:class:`~livectr.streams.join.PartitionJoin` per such ``p``.
-
-Hot path: ``consume()`` batches of up to 10k records, ``decode_event`` (msgspec), a couple of
-dict operations per event; the examples one batch produced for one input partition travel as
-one :class:`~livectr.core.events.ExampleBatch` record (key = input partition, examples partition =
-``p % n``), because one ``produce()`` plus a delivery report per example costs more than the
-join itself (``python -m streams.bench`` measures both).
-
-Delivery, checkpoints, commits — the guarantee
-----------------------------------------------
-At most every ``cfg.join.commit_interval_s`` (and on revoke, end of a partition and shutdown)
-the worker: (1) flushes the producer and fails loudly unless every example and dead letter was
-acknowledged; (2) with semantics, writes the users' kept clicks that changed since the last
-commit to the partition's profile store (:mod:`livectr.streams.profile_store`: incremental, so the
-cache's user profiles survive a restart at a cost that follows the traffic, not the user base;
-users idle for ``semantic.user_profile_ttl_s`` are forgotten there and in the cache), then
-writes, per partition, a checkpoint (temp file + ``os.replace``) under
-``cfg.data_dir / "join-state"`` holding the join state, the consumed positions it
-reflects, a sequence number and the examples-topic offset reached; (3) commits synchronously to Kafka the
-*replay-safe* offsets — the oldest impression/click the state still holds (the consumed
-position when it holds none) — with ``seq=…;fin=…;ex=…`` as commit metadata.
-
-On assignment it restores the checkpoint when its ``seq`` is at least the committed one and
-seeks to its positions; before resuming it reads the examples it had delivered after that
-checkpoint (its own batches, recognised by key, from the recorded examples offset) and drops
-them when the replay produces them again (keyed by impression id and kind, so if the replay
-decides a click that raced its window's close differently, the delivered decision stands). So
-after a crash (even SIGKILL) no label is lost and none is delivered twice, unless that re-read
-fails (logged) — at-least-once by construction, effectively once in practice. Without a usable checkpoint
-(another machine, a lost disk) it starts from the committed replay-safe offsets with fresh
-state: still nothing lost, but examples already decided in the replayed range are delivered
-again (at-least-once). ``ExampleEnd`` markers may repeat after a crash; consumers count
-distinct ``source_partition``.
-
-Bounded runs: when impressions ``p`` and clicks ``p`` have both delivered an
-:class:`~livectr.core.events.EndOfStream`, every window of ``p`` is closed, the examples are
-delivered, an :class:`~livectr.core.events.ExampleEnd` goes to every examples partition, and ``p``
-is checkpointed and committed as finished. A record after its source's end marker is
-dead-lettered in a bounded run and starts a new event-time epoch in an unbounded one.
+Workers share one consumer group; partition ``p`` of both input topics lands on one worker,
+which owns one :class:`~livectr.streams.join.PartitionJoin` per ``p``. Offsets are committed only
+after the examples they produced are delivered and the partition's state is checkpointed
+(:mod:`livectr.streams.checkpoint`), so a crash loses no label and repeats none. The guarantee
+in detail: docs/design.md, "Delivery, checkpoints, commits".
 """
 
 from __future__ import annotations

@@ -107,7 +107,7 @@ class JoinConfig:
     #: click is reported as late rather than as an orphan.
     closed_memory: int = 100_000
     #: One ExampleBatch record per consume batch and input partition (True) or one record per
-    #: example (False; measured slower, see ``python -m streams.bench``).
+    #: example (False; measured slower, see ``python bench/join_speed.py``).
     batch_examples: bool = True
 
 
@@ -134,13 +134,10 @@ class LearnerConfig:
     context_buckets: int = 1 << 18
     #: Buckets of the hashed user×item first-order weights (0 = none).
     pair_buckets: int = 1 << 20
-    #: Weight of the item-level distillation loss beside the CTR loss (measured on the synthetic
-    #: stream: 0.5 → 2.0 raised the semantic lift from +0.000 to +0.004 AUC; 5.0 as 2.0).
+    #: Weight of the item-level distillation loss beside the CTR loss (docs/design.md, "Semantics").
     distill_weight: float = 2.0
-    #: Weight of the user-level distillation loss, relative to the item level's. 0 by default: a
-    #: user's click profile changes with every click, and tying the user head to it cost 0.002 to
-    #: 0.004 AUC on the synthetic stream (even with the gradient into the user embedding stopped);
-    #: untied, the head is a learned projection that stands in for users without a profile.
+    #: Weight of the user-level distillation loss, relative to the item level's. 0: a click
+    #: profile moves with every click, and a head tied to it lost AUC (docs/design.md).
     user_distill_weight: float = 0.0
     #: Id tables (learner.sparse.RowOptimizer): Adagrad learning rate of the embedding columns
     #: (per-example accumulation) and its starting accumulator, in per-example gradient units.
