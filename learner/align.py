@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from itertools import repeat
 from operator import itemgetter
 
-from livectr.core.events import KIND_FAKE_NEGATIVE, KIND_SCORE_REQUEST, Example
+from livectr.core.events import KIND_DEFER_OBSERVED, KIND_FAKE_NEGATIVE, KIND_SCORE_REQUEST, Example
 
 Source = bytes
 _DECIDED_AT_IMPRESSION = frozenset((KIND_SCORE_REQUEST, KIND_FAKE_NEGATIVE))
@@ -52,8 +52,10 @@ class _SourceQueue:
 class EventTimeMerge:
     """Merge of the examples of several join sources by decision time (see the module docstring)."""
 
-    def __init__(self, window_s: float, idle_s: float) -> None:
+    def __init__(self, window_s: float, idle_s: float, wait_s: float = 0.0) -> None:
         self.window_s = window_s
+        #: The ``defer`` policy's waiting window (when its observed negatives are decided).
+        self.wait_s = wait_s
         self.idle_s = idle_s
         self._sources: dict[Source, _SourceQueue] = {}
         #: Per partition, records not yet completely released: offset → [examples, released].
@@ -76,14 +78,14 @@ class EventTimeMerge:
             return
         self._open.setdefault(partition, {})[offset] = [len(examples), 0]
         self._per_partition[partition] = self._per_partition.get(partition, 0) + len(examples)
-        window, at_once = self.window_s, _DECIDED_AT_IMPRESSION
+        window, wait, at_once = self.window_s, self.wait_s, _DECIDED_AT_IMPRESSION
         # livectr.core.events.decision_time, inlined as a comprehension: this runs once per example.
         times = [
             ex.ts
             if ex.kind in at_once
             else (ex.ts + (ex.click_delay if ex.click_delay > 0.0 else 0.0))
             if ex.label
-            else ex.ts + window
+            else ex.ts + (wait if ex.kind == KIND_DEFER_OBSERVED else window)
             for ex in examples
         ]
         q.items.extend(zip(times, examples, repeat(partition), repeat(offset)))

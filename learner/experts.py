@@ -163,16 +163,28 @@ class FastExperts:
         """Score each example with the experts as they stood before it, learn from it; mixed logits.
 
         ``logits`` are the student's (already out of sample), ``vectors`` the items' unit vectors
-        (None without semantics), ``weights`` the per-example loss weights (fake-negative
-        weighting, 1 otherwise), ``ts`` the event times (None: the session biases do not fade).
+        (None without semantics), ``weights`` the per-example loss weights (0: score only),
+        ``ts`` the event times (None: the session biases do not fade).
         """
+        return self.learn_components(users, vectors, logits, labels, weights, ts)[1]
+
+    def learn_components(
+        self,
+        users: np.ndarray,
+        vectors: np.ndarray | None,
+        logits: np.ndarray,
+        labels: np.ndarray,
+        weights: np.ndarray,
+        ts: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`learn`, also returning the :meth:`components` rows each example was scored from."""
         self._grow(users)
         labels, weights = labels.astype(np.float64), weights.astype(np.float64)
         components = self._rounds(users, vectors if self.dim else None, logits, labels, weights, ts)
         mixed = self.mixed(components)
         if not self.serving_feedback:
             self._mix_step(components, labels, weights)
-        return mixed
+        return components, mixed
 
     def _rounds(
         self,

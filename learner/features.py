@@ -15,10 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from livectr.core.events import KIND_POSITIVE_COPY
+from livectr.core.events import COPY_KINDS
 from livectr.learner.model import ModelInputs
 from livectr.learner.vocab import ContextHasher, GrowingVocab
 from livectr.semantic_cache.codec import dequantize_many
+
+_COPY_KINDS = np.asarray(sorted(COPY_KINDS))
 
 #: Odd 32-bit multipliers (Knuth's and MurmurHash3's) that spread (user, item) rows over the pair buckets.
 _PAIR_MULT_USER = 2_654_435_761
@@ -140,14 +142,16 @@ class Featurizer:
             np.fromiter((r.ts for r in records), dtype=np.float64, count=n),
         )
 
-    def cold_mask_and_count(self, batch: EncodedBatch, first_n: int) -> np.ndarray:
-        """Mark examples among their item's first ``first_n`` impressions, then count this batch in.
+    def cold_mask(self, batch: EncodedBatch, first_n: int, count: bool = False) -> np.ndarray:
+        """Mark examples among their item's first ``first_n`` impressions (and, with ``count``,
+        count this batch's impressions in).
 
-        Impressions are counted in arrival order within the batch. A positive copy (fake-negative
-        policy) is not an impression: it does not advance the count, and it is marked cold when
-        its item had at most ``first_n`` impressions, i.e. its impression was plausibly one of them.
+        Impressions are counted in arrival order within the batch. A second copy of an impression
+        (a positive copy, ``defer``'s true copy, a score request: :data:`COPY_KINDS`) does not
+        advance the count, and it is marked cold when its item had at most ``first_n``
+        impressions, i.e. its impression was plausibly one of them.
         """
-        impression = batch.kinds != KIND_POSITIVE_COPY
+        impression = ~np.isin(batch.kinds, _COPY_KINDS)
         rows = batch.item
         if rows.size == 0:
             return np.zeros(0, dtype=bool)
@@ -160,11 +164,16 @@ class Featurizer:
         ordinal = self.items.counts[rows].copy()
         ordinal[order] += before
         cold = np.where(impression, ordinal < first_n, ordinal <= first_n)
-        np.add.at(self.items.counts, rows[impression], 1)
+        if count:
+            np.add.at(self.items.counts, rows[impression], 1)
         return cold
 
+    def cold_mask_and_count(self, batch: EncodedBatch, first_n: int) -> np.ndarray:
+        """:meth:`cold_mask`, counting the batch's impressions in."""
+        return self.cold_mask(batch, first_n, count=True)
+
     def count_users(self, batch: EncodedBatch) -> None:
-        np.add.at(self.users.counts, batch.user[batch.kinds != KIND_POSITIVE_COPY], 1)
+        np.add.at(self.users.counts, batch.user[~np.isin(batch.kinds, _COPY_KINDS)], 1)
 
     def state(self) -> dict[str, Any]:
         return {

@@ -34,14 +34,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 from confluent_kafka import KafkaError, Message, TopicPartition
 
 from livectr.core import bus
 from livectr.core.config import Config, config_hash
 from livectr.core.events import (
+    KIND_DEFER_TRUE,
     KIND_FINAL,
-    KIND_POSITIVE_COPY,
     KIND_SCORE_REQUEST,
     DecodeError,
     Example,
@@ -64,7 +63,7 @@ def example_problem(ex: Example) -> str | None:
     """Why ``ex`` cannot be trained on, or None. (msgspec already checked the types.)"""
     if ex.label not in (0, 1):
         return f"invalid example: label {ex.label!r} is not 0 or 1"
-    if not KIND_FINAL <= ex.kind <= KIND_POSITIVE_COPY:
+    if not KIND_FINAL <= ex.kind <= KIND_DEFER_TRUE or ex.kind == KIND_SCORE_REQUEST:
         return f"invalid example: unknown kind {ex.kind!r}"
     if not (math.isfinite(ex.ts) and math.isfinite(ex.decided_at)):
         return "invalid example: non-finite ts or decided_at"
@@ -139,13 +138,12 @@ class _Run:
         self.partitions = max(1, partitions)
         self.manifest, self.learner = _resume(cfg)
         self.offsets: dict[int, int] = manifest_offsets(self.manifest or {}, self.topic)
-        self.merge = EventTimeMerge(cfg.join.window_s, cfg.learner.align_idle_s)
+        self.merge = EventTimeMerge(cfg.join.window_s, cfg.learner.align_idle_s, cfg.join.defer_wait_s)
         #: Records of the snapshot we resumed from that were partly trained: (partition, offset) → examples to skip.
         self.skip: dict[tuple[int, int], int] = {
             (int(q), int(o)): int(n) for q, o, n in (self.manifest or {}).get("partly_trained", [])
         }
         self.requests_scored = 0
-        self.requests: list[Example] = []
         #: Join sources (impressions partitions) the merge waits for once the first record is in.
         self.sources = sources
         self.ends = EndTracker.from_dict((self.manifest or {}).get("end_markers"))
@@ -164,7 +162,6 @@ class _Run:
         self.last_status_t = 0.0
         self.trained_at_status = 0
         self.records = 0
-        self.rng = np.random.default_rng(cfg.simulator.seed)
 
     # -- input --------------------------------------------------------------------------------
 
@@ -205,45 +202,28 @@ class _Run:
         self.release(self.merge.release(time.monotonic()))
 
     def release(self, examples: list[Example]) -> None:
-        """Buffer examples the merge released; score its score requests at once (never trained on)."""
+        """Buffer the examples the merge released, in decision-time order, score requests included."""
         if not examples:
             return
         if not self.buffer:
             self.buffer_since = time.monotonic()
-        buffer, requests = self.buffer, self.requests
-        for ex in examples:
-            (requests if ex.kind == KIND_SCORE_REQUEST else buffer).append(ex)
-
-    def score_requests(self) -> None:
-        """Score the requests released so far, before the model next changes.
-
-        Deferred to just before a training step (one forward pass for many requests, not one
-        per record): the model only changes in :meth:`train`, so until then it is exactly the
-        model that had seen only labels decided before these impressions (those still in the
-        shuffle buffer make it a little stale, never ahead).
-        """
-        if self.requests:
-            self.learner.score_requests(self.requests)
-            self.requests_scored += len(self.requests)
-            self.requests = []
+        self.buffer.extend(examples)
 
     # -- training -----------------------------------------------------------------------------
 
     def train(self, force: bool) -> None:
-        """Train the oldest shuffle buffer's worth once it is full; with ``force`` (or a stale buffer) everything.
+        """Train the oldest ``shuffle_buffer`` examples once that many wait; with ``force`` (or a
+        stale buffer) everything.
 
-        Why shuffle: under ``wait`` a positive is emitted when its click arrives and a negative
-        when its window closes, so the examples topic delivers labels in clumps (a run of
-        positives, then the negatives of the same moment). Mini-batches cut from such clumps
-        make the model swing with the clump it just saw, and each next batch is then scored
-        against the opposite label. Training batches drawn from a shuffled buffer of
-        ``cfg.learner.shuffle_buffer`` examples (≈0.1 s of stream) removes the swing at a cost of
-        that much freshness; every batch is still scored before it is trained on.
+        Batches are cut in decision-time order, score requests included: each request rides in
+        its batch at its impression's place, so it is scored with every label decided before it
+        (the in-batch replay and the fast experts learn example by example) and with none after.
+        That is the served score. (The buffer was once shuffled to break the clumps of labels
+        under ``wait``; in serving order, scoring in place is worth far more: docs/benchmarks.md.)
 
         Why only one buffer's worth per call: the event-time merge can release hundreds of
         thousands of examples at once (when a lagging partition catches up); training them in
-        one call would stop consuming, status reports and snapshots for seconds. The rest waits,
-        in decision-time order, for the loop's next calls.
+        one call would stop consuming, status reports and snapshots for seconds.
         """
         size = self.cfg.learner.batch_size
         cap = max(size, self.cfg.learner.shuffle_buffer)
@@ -251,16 +231,16 @@ class _Run:
         stale = self.buffer and (time.monotonic() - self.buffer_since) * 1000 >= self.cfg.learner.partial_batch_ms
         if not (force or stale or full):
             return
-        self.score_requests()
         n = len(self.buffer) if force or not full else cap - cap % size
         head, self.buffer = self.buffer[:n], self.buffer[n:]
-        pending = [head[i] for i in self.rng.permutation(n)]
         for start in range(0, n, size):
-            batch = pending[start : start + size]
+            batch = head[start : start + size]
             t = time.perf_counter()
             self.learner.learn_batch(batch)
             self.train_s += time.perf_counter() - t
-            self.trained += len(batch)
+            requests = sum(ex.kind == KIND_SCORE_REQUEST for ex in batch)
+            self.requests_scored += requests
+            self.trained += len(batch) - requests
             self.positives += sum(ex.label for ex in batch)
         if self.buffer:
             self.buffer_since = time.monotonic()  # the remainder arrived with the batches just trained
@@ -314,16 +294,19 @@ class _Run:
         status = {
             "examples_trained": self.trained,
             "examples_per_second": rate,
+            "serving_auc": m["serving_auc"],
+            "serving_logloss": m["serving_logloss"],
+            "serving_auc_impressions": m["serving_auc_impressions"],
+            "label_order_auc": m["label_order_auc"],
             "progressive_auc": m["progressive_auc"],
             "windowed_auc": m["windowed_auc"],
-            "logloss": m["progressive_logloss"],
+            "logloss": m["serving_logloss"],
             "progressive_logloss": m["progressive_logloss"],
             "snapshots": self.snapshots,
             "snapshot_version": self.last_version,
             "gate_usage": m["gate_usage"],
             "dead_letters": dlq.count,
             "buffered": len(self.buffer) + len(self.merge),
-            "serving_auc": m["serving_auc"],
         }
         if self.on_status is not None:
             self.on_status(status)
@@ -333,11 +316,15 @@ class _Run:
         s = self.learner.summary()
         elapsed = time.monotonic() - self.started
         out = {
+            "serving_auc": s["serving_auc"],
+            "serving_logloss": s["serving_logloss"],
+            "serving_cold_start_auc": s["serving_cold_start_auc"],
+            "serving_auc_impressions": s["serving_auc_impressions"],
             "examples_trained": self.trained,
             "positives": self.positives,
+            "label_order_auc": s["label_order_auc"],
+            "label_order_logloss": s["label_order_logloss"],
             "progressive_auc": s["progressive_auc"],
-            "serving_auc": s["serving_auc"],
-            "serving_auc_impressions": s["serving_auc_impressions"],
             "score_requests_scored": self.requests_scored,
             "progressive_logloss": s["progressive_logloss"],
             "windowed_auc": s["windowed_auc"],

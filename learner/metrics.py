@@ -172,6 +172,8 @@ class LearnerMetrics:
         self.gate_used = 0.0
         self.gate_seen = 0
         self.serving_auc = HistogramAUC()
+        self.serving_cold_auc = HistogramAUC()
+        self.serving_logloss_sum = 0.0
 
     def update(self, probs: np.ndarray, labels: np.ndarray, cold: np.ndarray) -> None:
         """Record pre-update predictions; ``cold`` marks examples counted by cold-start AUC."""
@@ -185,6 +187,16 @@ class LearnerMetrics:
         self.examples += len(probs)
         self.positives += int(labels.sum())
 
+    def update_serving(self, probs: np.ndarray, labels: np.ndarray, cold: np.ndarray) -> None:
+        """Record scores given at impression time against the labels that came later."""
+        probs = np.asarray(probs, dtype=np.float64)
+        labels = np.asarray(labels)
+        cold = np.asarray(cold, dtype=bool)
+        self.serving_auc.add(probs, labels)
+        self.serving_cold_auc.add(probs[cold], labels[cold])
+        p = np.clip(probs, _EPS, 1 - _EPS)
+        self.serving_logloss_sum += float(-(labels * np.log(p) + (1 - labels) * np.log1p(-p)).sum())
+
     def update_semantic(self, distill_loss: float | None, gate_used: float, gate_seen: int) -> None:
         if distill_loss is not None:
             self.distill_sum += distill_loss
@@ -193,9 +205,19 @@ class LearnerMetrics:
         self.gate_seen += gate_seen
 
     def summary(self) -> dict[str, Any]:
+        served = self.serving_auc.positives + self.serving_auc.negatives
+        label_order_auc = self.auc.value()
+        label_order_logloss = self.logloss_sum / self.examples if self.examples else math.nan
         return {
-            "progressive_auc": self.auc.value(),
-            "progressive_logloss": self.logloss_sum / self.examples if self.examples else math.nan,
+            "serving_auc": self.serving_auc.value(),
+            "serving_logloss": self.serving_logloss_sum / served if served else math.nan,
+            "serving_cold_start_auc": self.serving_cold_auc.value(),
+            "serving_auc_impressions": served,
+            "label_order_auc": label_order_auc,
+            "label_order_logloss": label_order_logloss,
+            # The same figures under their former names (kept for scripts that read them).
+            "progressive_auc": label_order_auc,
+            "progressive_logloss": label_order_logloss,
             "windowed_auc": self.window.value(),
             "cold_start_auc": self.cold_auc.value(),
             "cold_start_examples": self.cold_auc.positives + self.cold_auc.negatives,
@@ -203,8 +225,6 @@ class LearnerMetrics:
             "freshness_p99_s": self.freshness.quantile(0.99),
             "gate_usage": self.gate_used / self.gate_seen if self.gate_seen else math.nan,
             "distill_loss": self.distill_sum / self.distill_batches if self.distill_batches else math.nan,
-            "serving_auc": self.serving_auc.value(),
-            "serving_auc_impressions": self.serving_auc.positives + self.serving_auc.negatives,
         }
 
     def state(self) -> dict[str, np.ndarray]:
@@ -218,6 +238,7 @@ class LearnerMetrics:
                 self.distill_batches,
                 self.gate_used,
                 self.gate_seen,
+                self.serving_logloss_sum,
             ],
             dtype=np.float64,
         )
@@ -230,6 +251,8 @@ class LearnerMetrics:
             "scalars": scalars,
             "serving.pos": self.serving_auc.pos,
             "serving.neg": self.serving_auc.neg,
+            "serving_cold.pos": self.serving_cold_auc.pos,
+            "serving_cold.neg": self.serving_cold_auc.neg,
         }
 
     def load(self, state: dict[str, np.ndarray]) -> None:
@@ -238,10 +261,13 @@ class LearnerMetrics:
         self.freshness.load({"counts": state["fresh"]})
         if "serving.pos" in state:  # absent from snapshots that predate score requests
             self.serving_auc.load({"pos": state["serving.pos"], "neg": state["serving.neg"]})
+        if "serving_cold.pos" in state:
+            self.serving_cold_auc.load({"pos": state["serving_cold.pos"], "neg": state["serving_cold.neg"]})
         s = state["scalars"]
         self.examples, self.positives = int(s[0]), int(s[1])
         self.logloss_sum, self.distill_sum, self.distill_batches = float(s[2]), float(s[3]), int(s[4])
         self.gate_used, self.gate_seen = float(s[5]), int(s[6])
+        self.serving_logloss_sum = float(s[7]) if s.size > 7 else 0.0
 
 
 class ServingEvaluator:
@@ -260,42 +286,51 @@ class ServingEvaluator:
     def __init__(self, max_pending: int = 1_000_000) -> None:
         self.max_pending = max_pending
         #: Impression id → (served probability, what it was served from, or None).
-        self._pending: dict[str, tuple[float, Any]] = {}
+        self._pending: dict[str, tuple[float, Any, bool]] = {}
 
     def __len__(self) -> int:
         return len(self._pending)
 
-    def scored(self, ids: list[str], probs: np.ndarray, served_from: Sequence[Any] | None = None) -> None:
+    def scored(
+        self,
+        ids: list[str],
+        probs: np.ndarray,
+        served_from: Sequence[Any] | None = None,
+        cold: np.ndarray | None = None,
+    ) -> None:
         """Remember the scores of score requests until their labels arrive; ``served_from``
-        (one entry per request) is handed back with the label, for learners fitted to outcomes."""
+        (one entry per request) is handed back with the label, for learners fitted to outcomes;
+        ``cold`` marks requests among their item's first impressions (serving cold-start AUC)."""
         pending = self._pending
         extras = served_from if served_from is not None else [None] * len(ids)
-        for iid, p, extra in zip(ids, probs.tolist(), extras):
-            pending[iid] = (p, extra)
+        colds = cold.tolist() if cold is not None else [False] * len(ids)
+        for iid, p, extra, c in zip(ids, probs.tolist(), extras, colds):
+            pending[iid] = (p, extra, c)
         while len(pending) > self.max_pending:
             del pending[next(iter(pending))]
 
     def labelled(
         self, metrics: LearnerMetrics, examples: Sequence[Example], labels: np.ndarray
     ) -> tuple[list[Any], list[float]]:
-        """Pair the labels of final examples with their requests' scores (if any) into ``metrics``;
-        returns the ``served_from`` entries of the requests labelled now, with their labels."""
+        """Pair the final labels of ``examples`` with their requests' scores (if any) into
+        ``metrics``; returns the ``served_from`` entries of the requests labelled now, with their labels."""
         pending = self._pending
         served: list[Any] = []
         served_labels: list[float] = []
         if not pending:
             return served, served_labels
-        probs, ys = [], []
+        probs, ys, colds = [], [], []
         for ex, y in zip(examples, labels.tolist()):
             entry = pending.pop(ex.impression_id, None)
             if entry is not None:
                 probs.append(entry[0])
                 ys.append(y)
+                colds.append(entry[2])
                 if entry[1] is not None:
                     served.append(entry[1])
                     served_labels.append(y)
         if probs:
-            metrics.serving_auc.add(np.asarray(probs), np.asarray(ys))
+            metrics.update_serving(np.asarray(probs), np.asarray(ys), np.asarray(colds, dtype=bool))
         return served, served_labels
 
 
@@ -405,6 +440,6 @@ def _evaluated(metrics: LearnerMetrics, probs: list[float], labels: list[int], c
     """
     if not probs:
         return
-    p, y = np.asarray(probs), np.asarray(labels, dtype=np.float32)
-    metrics.update(p, y, np.asarray(cold, dtype=bool))
-    metrics.serving_auc.add(p, y)
+    p, y, c = np.asarray(probs), np.asarray(labels, dtype=np.float32), np.asarray(cold, dtype=bool)
+    metrics.update(p, y, c)
+    metrics.update_serving(p, y, c)

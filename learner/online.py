@@ -19,7 +19,15 @@ import torch
 import torch.nn.functional as F
 
 from livectr.core.config import Config
-from livectr.core.events import KIND_FAKE_NEGATIVE, KIND_FINAL, KIND_POSITIVE_COPY, Example
+from livectr.core.events import (
+    KIND_DEFER_OBSERVED,
+    KIND_DEFER_TRUE,
+    KIND_FAKE_NEGATIVE,
+    KIND_FINAL,
+    KIND_POSITIVE_COPY,
+    KIND_SCORE_REQUEST,
+    Example,
+)
 from livectr.learner.cold_start import ColdStart
 from livectr.learner.features import EncodedBatch
 from livectr.learner.metrics import DelayedLabelEvaluator, LearnerMetrics, ServingEvaluator
@@ -43,6 +51,45 @@ def fake_negative_weights(p: torch.Tensor, labels: torch.Tensor, kinds: torch.Te
     p = p.detach()
     w = torch.where(labels > 0, 1 + p, (1 - p) * (1 + p))
     return torch.where(fn, w, torch.ones_like(w))
+
+
+def loss_weights(p: torch.Tensor, labels: torch.Tensor, kinds: torch.Tensor, delayed_share: float) -> torch.Tensor:
+    """Per-example loss weights: the importance weights of each labelling policy.
+
+    * ``fake-negative`` examples: :func:`fake_negative_weights`.
+    * ``defer`` examples (Gu et al., KDD 2021): every impression is ingested twice — its label
+      observed after the waiting window, and its true label later — so the observed distribution
+      has ``q(y=1|x) = p − p_dp/2`` and ``q(y=0|x) = 1 − p + p_dp/2``, where ``p_dp`` is the
+      probability of a click after the waiting window. With ``p_dp = p·s`` (``s``: the share of
+      clicks that come after the waiting window, estimated from the stream), the weights
+      ``p/q`` are ``1 / (1 − s/2)`` for positives and ``(1 − p) / (1 − p + p·s/2)`` for negatives.
+    * score requests: 0 (scored in the batch, never trained on); everything else 1.
+    """
+    p = p.detach()
+    w = fake_negative_weights(p, labels, kinds)
+    defer = (kinds == KIND_DEFER_OBSERVED) | (kinds == KIND_DEFER_TRUE)
+    half = 0.5 * delayed_share
+    w_defer = torch.where(labels > 0, torch.full_like(p, 1.0 / (1.0 - half)), (1 - p) / (1 - p + p * half))
+    w = torch.where(defer, w_defer, w)
+    return torch.where(kinds == KIND_SCORE_REQUEST, torch.zeros_like(w), w)
+
+
+class DelayedShare:
+    """Share of true clicks that came after the ``defer`` waiting window (a Beta(1, 3) prior)."""
+
+    def __init__(self, wait_s: float) -> None:
+        self.wait_s = wait_s
+        self.late = 1.0
+        self.total = 4.0
+
+    @property
+    def value(self) -> float:
+        return self.late / self.total
+
+    def observe(self, delays: np.ndarray) -> None:
+        """Click delays (event-time seconds) of true positives."""
+        self.late += float((delays > self.wait_s).sum())
+        self.total += float(delays.size)
 
 
 def cosine_distill_loss(pred: torch.Tensor, teacher: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
@@ -72,6 +119,7 @@ class OnlineLearner(Predictor):
         self.metrics = LearnerMetrics()
         self.delayed = DelayedLabelEvaluator(cfg.join.window_s)
         self.serving_eval = ServingEvaluator()
+        self.delayed_share = DelayedShare(cfg.join.defer_wait_s)
         self.cold_start = (
             ColdStart(
                 self.model.mc.sem_dim, cfg.semantic.faiss_exact_below, cfg.semantic.neighbours, lc.cold_start_min_count
@@ -106,7 +154,8 @@ class OnlineLearner(Predictor):
             served_from = self.experts.components(batch.user, vectors, logits, batch.ts)
             logits = self.experts.mixed(served_from)
         probs = sigmoid(logits)
-        self.serving_eval.scored(ids, probs, served_from)
+        cold = self.featurizer.cold_mask(batch, self.cfg.learner.cold_start_impressions)
+        self.serving_eval.scored(ids, probs, served_from, cold)
         return probs
 
     # -- learning ---------------------------------------------------------------------------
@@ -114,13 +163,20 @@ class OnlineLearner(Predictor):
     def learn_batch(self, examples: Sequence[Example]) -> dict[str, Any]:
         """Score ``examples`` with the current model, record the scores, then train on them.
 
-        Returns ``predictions`` (the pre-update probabilities) and the batch's losses.
+        Each example is scored with what the examples before it in the batch taught the fast
+        parts (the in-batch replay and the experts), so a batch in decision-time order scores
+        every example with every label decided before it. Score requests may ride in the batch
+        at their impression's place: scored like the others, never trained on (weight 0), their
+        scores kept for the serving metrics. Returns ``predictions`` (the pre-update
+        probabilities, requests included) and the batch's losses.
         """
         if not examples:
             return {"predictions": np.zeros(0, dtype=np.float32), "loss": math.nan}
         batch = self.featurizer.encode(examples, grow=True, labelled=True)
-        if self.examples_seen == 0:
-            self._init_base_rate(batch.labels)
+        requests = batch.kinds == KIND_SCORE_REQUEST
+        trained = int(len(examples) - requests.sum())
+        if self.examples_seen == 0 and trained:
+            self._init_base_rate(batch.labels[~requests])
         self._sync_capacity()
         cold_started = (
             self.cold_start.initialise(self.featurizer, self.model.item_emb.weight, batch, examples)
@@ -130,15 +186,17 @@ class OnlineLearner(Predictor):
         inp = batch.to_inputs(self.device)
         labels = torch.from_numpy(batch.labels).to(self.device)
         kinds = torch.from_numpy(batch.kinds).to(self.device)
+        share = self.delayed_share.value
 
         if not self.model.training:
             self.model.train()
         out = self.model(inp, train=True)
-        shift = self._in_batch_shift(inp, out.logit, labels, kinds)
+        shift = self._in_batch_shift(inp, out.logit, labels, kinds, share)
         logit = out.logit + shift
         p = torch.sigmoid(logit)
-        weights = fake_negative_weights(p, labels, kinds)
-        ctr_loss = (weights * F.binary_cross_entropy_with_logits(logit, labels, reduction="none")).mean()
+        weights = loss_weights(p, labels, kinds, share)
+        scale = 1.0 / max(trained, 1)  # a mean over the trained examples (requests weigh nothing)
+        ctr_loss = (weights * F.binary_cross_entropy_with_logits(logit, labels, reduction="none")).sum() * scale
         loss = ctr_loss
         distill_value: float | None = None
         gate_used = 0.0
@@ -158,15 +216,16 @@ class OnlineLearner(Predictor):
                 * F.binary_cross_entropy_with_logits(
                     out.base_logit.detach() + shift + out.branch_logit, labels, reduction="none"
                 )
-            ).mean()
+            ).sum() * scale
             loss = loss + branch_loss + self.cfg.learner.gate_cost * out.gate_prob.mean()
             gate_used = float(out.gate.detach().sum())
         self.dense_opt.zero_grad(set_to_none=True)
         loss.backward()
-        self.sparse_opt.step((weights * p * (1 - p)).detach(), loss_scale=len(examples))
+        self.sparse_opt.step((weights * p * (1 - p)).detach(), loss_scale=max(trained, 1))
         self.dense_opt.step()
+        components = None
         if self.experts is not None:
-            mixed = self.experts.learn(
+            components, mixed = self.experts.learn_components(
                 batch.user,
                 self._item_vectors(inp, out.item_hat),
                 logit.detach().double().cpu().numpy(),
@@ -179,7 +238,7 @@ class OnlineLearner(Predictor):
             probs = p.detach().cpu().numpy()
         finished = time.time()
 
-        self._record(batch, probs, finished, distill_value, gate_used, examples)
+        self._record(batch, probs, finished, distill_value, gate_used, examples, components)
         if self.cold_start is not None:
             self.cold_start.add(self.featurizer, batch)
         return {
@@ -193,7 +252,7 @@ class OnlineLearner(Predictor):
 
     @torch.no_grad()
     def _in_batch_shift(
-        self, inp: ModelInputs, logit: torch.Tensor, labels: torch.Tensor, kinds: torch.Tensor
+        self, inp: ModelInputs, logit: torch.Tensor, labels: torch.Tensor, kinds: torch.Tensor, share: float
     ) -> torch.Tensor:
         """Per-example first-order updates of the user and item within the batch (see RowOptimizer).
 
@@ -204,7 +263,7 @@ class OnlineLearner(Predictor):
         if not self.cfg.learner.in_batch_wide:
             return torch.zeros_like(logit)
         p = torch.sigmoid(logit)
-        w = fake_negative_weights(p, labels, kinds)
+        w = loss_weights(p, labels, kinds, share)
         grad, curvature = w * (p - labels), w * p * (1 - p)
         return self.sparse_opt.in_batch_wide_shift(
             "user", inp.user, grad, curvature
@@ -232,29 +291,56 @@ class OnlineLearner(Predictor):
         distill: float | None,
         gate_used: float,
         examples: Sequence[Example],
+        components: np.ndarray | None,
     ) -> None:
+        """Route a trained batch's pre-update scores to the metrics by kind.
+
+        Score requests wait for their final labels (serving metrics); final labels (``wait``,
+        ``defer``'s true copies) count for the label-order metrics and pair with their requests;
+        fake-negative examples go through :class:`DelayedLabelEvaluator` (scored once, at the
+        fake negative); ``defer``'s observed copies count for nothing.
+        """
+        kinds = batch.kinds
         cold = self.featurizer.cold_mask_and_count(batch, self.cfg.learner.cold_start_impressions)
         self.featurizer.count_users(batch)
-        if (batch.kinds == KIND_FINAL).all():
-            self.metrics.update(probs, batch.labels, cold)
-            served_from, served_labels = self.serving_eval.labelled(self.metrics, examples, batch.labels)
+        requests = kinds == KIND_SCORE_REQUEST
+        if requests.any():
+            at = np.flatnonzero(requests)
+            self.serving_eval.scored(
+                [examples[k].impression_id for k in at],
+                probs[at],
+                components[at] if components is not None else None,
+                cold[at],
+            )
+        final = (kinds == KIND_FINAL) | (kinds == KIND_DEFER_TRUE)
+        if final.any():
+            at = np.flatnonzero(final)
+            labels = batch.labels[at]
+            self.metrics.update(probs[at], labels, cold[at])
+            served_from, served_labels = self.serving_eval.labelled(self.metrics, [examples[k] for k in at], labels)
             if self.experts is not None:
                 self.experts.fit_to_served(served_from, served_labels)
-        else:
+            true_positives = at[(kinds[at] == KIND_DEFER_TRUE) & (labels > 0)]
+            if true_positives.size:
+                self.delayed_share.observe(np.fromiter((examples[k].click_delay for k in true_positives), float))
+        fake = (kinds == KIND_FAKE_NEGATIVE) | (kinds == KIND_POSITIVE_COPY)
+        if fake.any():
+            at = np.flatnonzero(fake)
             self.delayed.observe(
                 self.metrics,
-                [ex.impression_id for ex in examples],
-                np.fromiter((ex.ts for ex in examples), np.float64, len(examples)),
-                probs,
-                batch.labels,
-                batch.kinds,
-                cold,
+                [examples[k].impression_id for k in at],
+                np.fromiter((examples[k].ts for k in at), np.float64, at.size),
+                probs[at],
+                batch.labels[at],
+                kinds[at],
+                cold[at],
             )
-        valid = batch.decided_at > 0
+        trained = ~requests
+        valid = (batch.decided_at > 0) & trained
         self.metrics.freshness.add(np.maximum(finished - batch.decided_at[valid], 0.0))
         if self.semantic:
             self.metrics.update_semantic(distill, gate_used, len(batch))
-        self.examples_seen += len(batch)
+        self.examples_seen += int(trained.sum())
 
     # -- growing tables ---------------------------------------------------------------------
 
@@ -317,6 +403,7 @@ class OnlineLearner(Predictor):
             "item_counts": self.featurizer.items.counts.copy(),
         }
         arrays.update({f"metrics.{k}": np.asarray(v).copy() for k, v in self.metrics.state().items()})
+        arrays["defer.delayed_share"] = np.asarray([self.delayed_share.late, self.delayed_share.total])
         if self.experts is not None:
             arrays.update({f"experts.{k}": v for k, v in self.experts.state().items()})
         index_ids = list(self.cold_start.ids) if self.cold_start is not None else []
@@ -346,6 +433,8 @@ class OnlineLearner(Predictor):
             st = {key.rsplit("/", 1)[1]: t for key, t in state.optimizer.items() if key.startswith(f"dense/{name}/")}
             if st:
                 self.dense_opt.state[p] = {k: (v.to(self.device) if v.dim() else v) for k, v in st.items()}
+        if "defer.delayed_share" in state.arrays:
+            self.delayed_share.late, self.delayed_share.total = (float(x) for x in state.arrays["defer.delayed_share"])
         metrics = {k.split(".", 1)[1]: v for k, v in state.arrays.items() if k.startswith("metrics.")}
         if metrics:
             self.metrics.load(metrics)

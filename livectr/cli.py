@@ -35,6 +35,7 @@ from livectr.semantic_cache.similar import similar
 from livectr.simulators.ml100k import convert_ml100k
 from livectr.simulators.publish import publish
 from livectr.simulators.sources import leading_items, open_source
+from livectr.streams.join import POLICIES
 from livectr.streams.worker import run_join_worker
 
 log = logging.getLogger("livectr")
@@ -59,7 +60,8 @@ CONFIG_FLAGS: dict[str, tuple[str, type, str]] = {
         "replay speed: 0 = as fast as possible, 1 = real time, 60 = a minute per second",
     ),
     "--window-s": ("join.window_s", float, "attribution window in event-time seconds (default 600)"),
-    "--policy": ("join.policy", str, "labelling policy: wait | fake-negative"),
+    "--policy": ("join.policy", str, "labelling policy: wait | fake-negative | defer"),
+    "--defer-wait-s": ("join.defer_wait_s", float, "policy defer: the waiting window before a negative is sent (s)"),
     "--score-sample": (
         "join.score_sample",
         float,
@@ -110,8 +112,12 @@ def build_config(args: argparse.Namespace) -> Config:
     config_mod.apply_overrides(cfg, overrides)
     if getattr(args, "semantics", None) is not None:
         cfg.semantic.enabled = args.semantics == "on"
-    if cfg.join.policy not in {"wait", "fake-negative"}:
-        raise SystemExit(f"--policy must be wait or fake-negative, not {cfg.join.policy!r}")
+    if cfg.join.policy not in POLICIES:
+        raise SystemExit(f"--policy must be one of {', '.join(POLICIES)}, not {cfg.join.policy!r}")
+    if cfg.join.policy == "defer" and not 0 < cfg.join.defer_wait_s < cfg.join.window_s:
+        raise SystemExit(
+            f"--defer-wait-s must be between 0 and --window-s ({cfg.join.window_s:g}), not {cfg.join.defer_wait_s:g}"
+        )
     return cfg
 
 
@@ -158,7 +164,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
         source = open_source(cfg, log=args.log, items=args.items)
         events = leading_items(source.events) if args.catalogue_only else source.events
         log.info("publishing %s%s", "the catalogue of " if args.catalogue_only else "", source.description)
-        return publish(
+        summary = publish(
             cfg,
             events,
             producer_id=args.producer_id,
@@ -168,6 +174,10 @@ def cmd_produce(args: argparse.Namespace) -> int:
             stop=stop,
             end_markers=not args.catalogue_only,
         )
+        if source.truth is not None and not args.catalogue_only and not stop.is_set():
+            # The best any model can do on these impressions: the simulator's true probabilities.
+            summary.update(source.truth.oracle_scores(cfg.join.window_s))
+        return summary
 
     return _run_stage(args, body)
 
@@ -343,7 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
         "join", help="join worker: impressions × clicks → training examples (scale out: same --group-id)"
     )
     _add_common(join)
-    _add_config_flags(join, ["--window-s", "--policy", "--group-id", "--score-sample", "--user-profile-ttl-s"])
+    _add_config_flags(
+        join, ["--window-s", "--policy", "--defer-wait-s", "--group-id", "--score-sample", "--user-profile-ttl-s"]
+    )
     join.add_argument("--worker-id", default=f"join-{socket.gethostname()}-{os.getpid()}")
     join.add_argument("--forever", action="store_true", help="keep running after end-of-stream markers")
     join.set_defaults(func=cmd_join)

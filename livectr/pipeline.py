@@ -30,13 +30,18 @@ log = logging.getLogger(__name__)
 
 #: Keys every run summary carries (the issue's contract), in display order.
 SUMMARY_KEYS = (
+    "serving_auc",
+    "serving_logloss",
+    "serving_cold_start_auc",
+    "serving_auc_impressions",
+    "oracle_auc",
     "events_published",
     "impressions",
     "clicks",
     "examples_trained",
     "positives",
-    "progressive_auc",
-    "progressive_logloss",
+    "label_order_auc",
+    "label_order_logloss",
     "cold_start_auc",
     "events_per_second",
     "freshness_p50_s",
@@ -161,9 +166,8 @@ class Progress:
             f"published {prod.get('events_published', 0):,} ({prod.get('events_per_second', 0) / 1000:.1f}k/s)",
             f"joined {sum(j.get('examples_out', 0) for j in joins):,}",
             f"trained {learn.get('examples_trained', 0):,} ({learn.get('examples_per_second', 0) / 1000:.1f}k/s)",
-            f"AUC {learn.get('progressive_auc', float('nan')):.4f}",
-            f"serving AUC {learn.get('serving_auc', float('nan')):.4f}",
-            f"logloss {learn.get('progressive_logloss', float('nan')):.4f}",
+            f"AUC {learn.get('serving_auc', float('nan')):.4f} (served, {learn.get('serving_auc_impressions', 0):,} impressions)",
+            f"logloss {learn.get('serving_logloss', float('nan')):.4f}",
         ]
         if refresh:
             parts.append(f"teacher {refresh.get('texts_encoded', 0):,} texts")
@@ -274,14 +278,18 @@ def merge_summaries(stages: dict[str, Stage], cfg: Config, started: float) -> di
         + refresh.get("dead_letters", 0)
     )
     summary: dict[str, Any] = {
+        "serving_auc": learn.get("serving_auc"),
+        "serving_logloss": learn.get("serving_logloss"),
+        "serving_cold_start_auc": learn.get("serving_cold_start_auc"),
+        "serving_auc_impressions": learn.get("serving_auc_impressions", 0),
         "events_published": prod.get("events_published", 0),
         "impressions": prod.get("impressions", 0),
         "clicks": prod.get("clicks", 0),
         "examples_trained": learn.get("examples_trained", 0),
         "positives": learn.get("positives", 0),
+        "label_order_auc": learn.get("label_order_auc"),
+        "label_order_logloss": learn.get("label_order_logloss"),
         "progressive_auc": learn.get("progressive_auc"),
-        "serving_auc": learn.get("serving_auc"),
-        "serving_auc_impressions": learn.get("serving_auc_impressions", 0),
         "progressive_logloss": learn.get("progressive_logloss"),
         "cold_start_auc": learn.get("cold_start_auc"),
         "events_per_second": prod.get("events_published", 0) / max(end - first, 1e-9),
@@ -294,6 +302,9 @@ def merge_summaries(stages: dict[str, Stage], cfg: Config, started: float) -> di
         "elapsed_s": time.time() - started,
         "stages": {name: stage.summary() for name, stage in stages.items()},
     }
+    for key in ("oracle_auc", "oracle_logloss"):
+        if prod.get(key) is not None:
+            summary[key] = prod[key]
     for key in ("semantic_miss_rate", "semantic_staleness_p50_s", "semantic_staleness_p99_s"):
         # A worker without samples reports NaN; it says nothing about the others.
         values = [j[key] for j in joins.values() if key in j and j[key] == j[key]]
@@ -308,7 +319,7 @@ def merge_summaries(stages: dict[str, Stage], cfg: Config, started: float) -> di
 def print_summary(summary: dict[str, Any], out: TextIO) -> None:
     """Human-readable summary table."""
     out.write("\nlivectr run summary\n")
-    keys = [*SUMMARY_KEYS, "serving_auc", "serving_auc_impressions", "semantic_miss_rate", "gate_usage", "elapsed_s"]
+    keys = [*SUMMARY_KEYS, "policy", "semantic_miss_rate", "gate_usage", "elapsed_s"]
     for key in keys:
         if key not in summary or summary[key] is None:
             continue

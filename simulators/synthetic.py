@@ -392,6 +392,12 @@ class GroundTruth:
         """AUC of the true probabilities against the emitted labels: the ceiling for any model."""
         return auc(self.p_true(), self.labels(window_s))
 
+    def oracle_scores(self, window_s: float | None = None) -> dict[str, float]:
+        """``oracle_auc`` and ``oracle_logloss`` of the true probabilities against the emitted labels."""
+        p, y = np.clip(self.p_true(), 1e-7, 1 - 1e-7), self.labels(window_s)
+        loss = float(-np.mean(np.where(y, np.log(p), np.log1p(-p)))) if p.size else math.nan
+        return {"oracle_auc": self.oracle_auc(window_s), "oracle_logloss": loss}
+
     def impression_users(self) -> np.ndarray:
         return self._cat("user")
 

@@ -18,6 +18,8 @@ from typing import Final
 import msgspec
 
 from livectr.core.events import (
+    KIND_DEFER_OBSERVED,
+    KIND_DEFER_TRUE,
     KIND_FAKE_NEGATIVE,
     KIND_FINAL,
     KIND_POSITIVE_COPY,
@@ -34,7 +36,8 @@ from livectr.streams.profiles import ClickHistory, ClickLog, ProfileChanges
 
 POLICY_WAIT: Final[str] = "wait"
 POLICY_FAKE_NEGATIVE: Final[str] = "fake-negative"
-POLICIES: Final[tuple[str, ...]] = (POLICY_WAIT, POLICY_FAKE_NEGATIVE)
+POLICY_DEFER: Final[str] = "defer"
+POLICIES: Final[tuple[str, ...]] = (POLICY_WAIT, POLICY_FAKE_NEGATIVE, POLICY_DEFER)
 
 #: Source indices of a partition: its impressions partition and its clicks partition.
 IMPRESSIONS: Final[int] = 0
@@ -119,6 +122,12 @@ class PartitionState(msgspec.Struct):
     #: Score requests not yet emitted: (impression ts, impression id); and the sampling rate.
     requests: list[tuple[float, str]] = msgspec.field(default_factory=list)
     score_sample: float = 0.0
+    #: Policy ``defer``: the waiting window, the impressions whose observed label is still to be
+    #: sent (heap of (impression ts, impression id)), and those clicked within the waiting window.
+    defer_wait_s: float = 0.0
+    waiting: list[tuple[float, str]] = msgspec.field(default_factory=list)
+    clicked_early: list[str] = msgspec.field(default_factory=list)
+    observed_negative: list[str] = msgspec.field(default_factory=list)
 
 
 class JoinCounters(msgspec.Struct):
@@ -156,6 +165,7 @@ class PartitionJoin:
         score_sample: float = 0.0,
         profile_history: int = 0,
         profile_ttl_s: float = 0.0,
+        defer_wait_s: float = 60.0,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown join policy {policy!r}; expected one of {POLICIES}")
@@ -174,6 +184,16 @@ class PartitionJoin:
         )
         self.profile_ttl_s = float(profile_ttl_s)
         self._wait = policy == POLICY_WAIT
+        self._defer = policy == POLICY_DEFER
+        if self._defer and not 0 < defer_wait_s < window_s:
+            raise ValueError(f"defer_wait_s must be in (0, window_s), not {defer_wait_s!r}")
+        self.defer_wait_s = float(defer_wait_s) if self._defer else 0.0
+        #: ``defer``: impressions whose observed label is still to be sent, as a heap of
+        #: (impression ts, id); ids clicked within the waiting window (their observed label is
+        #: sent at the click); ids whose observed label went out as a 0. Kept until the window closes.
+        self._waiting: list[tuple[float, str]] = []
+        self._clicked_early: set[str] = set()
+        self._observed_negative: set[str] = set()
         self.watermark = -_INF
         self.watermark_published = 0.0
         self.clocks = [SourceClock(), SourceClock()]
@@ -189,7 +209,7 @@ class PartitionJoin:
         self._ready: list[tuple[float, str]] = []
         self._ready_info: dict[str, tuple[float, float]] = {}
         #: Score requests (see "Score requests" above): heap of (impression ts, impression id).
-        self.score_sample = score_sample if policy == POLICY_WAIT else 0.0
+        self.score_sample = score_sample if policy != POLICY_FAKE_NEGATIVE else 0.0
         self._sample_below = request_threshold(self.score_sample)
         self._requests: list[tuple[float, str]] = []
         self.orphans: dict[str, OrphanClick] = {}
@@ -231,7 +251,9 @@ class PartitionJoin:
             self._disorder_offsets[iid] = offset
         if ts + self.window_s < self.watermark:
             self.counters.late_impressions += 1
-        if not self._wait:
+        if self._defer:
+            heapq.heappush(self._waiting, (ts, iid))
+        elif not self._wait:
             self._emit(imp, 0, KIND_FAKE_NEGATIVE, published, -1.0)
         if self.orphans:
             orphan = self.orphans.pop(iid, None)
@@ -279,6 +301,8 @@ class PartitionJoin:
             self.rejected.append(Rejection(REASON_LATE_OUTSIDE, raw, CLICKS, click_offset, imp.impression_id))
             return
         self.clicked[imp.impression_id] = click_offset
+        if self._defer and delay <= self.defer_wait_s and imp.impression_id not in self._observed_negative:
+            self._clicked_early.add(imp.impression_id)
         self.counters.positives += 1
         heapq.heappush(self._ready, (click.ts, imp.impression_id))
         self._ready_info[imp.impression_id] = (published, max(delay, 0.0))
@@ -377,9 +401,11 @@ class PartitionJoin:
         start = len(self.out)
         requested = self._request(self.watermark)
         self._release(self.watermark)
+        if self._defer:
+            self._observe_waited(self.watermark - self.defer_wait_s, self.watermark_published)
         # Also when the watermark stands still: a late impression may already be closable.
         self._expire(self.watermark - self.window_s, self.watermark_published)
-        if requested:
+        if requested or self._defer:
             self._order_by_decision(start)
 
     def close_all(self, published: float) -> None:
@@ -389,8 +415,10 @@ class PartitionJoin:
         start = len(self.out)
         requested = self._request(_INF)
         self._release(_INF)
+        if self._defer:
+            self._observe_waited(_INF, published)
         self._expire(_INF, published)
-        if requested:
+        if requested or self._defer:
             self._order_by_decision(start)
 
     def _request(self, horizon: float) -> bool:
@@ -412,16 +440,31 @@ class PartitionJoin:
         Why only when requests were emitted: positives and negatives of one step already leave
         in order of their kind's horizon, and only a request must sit *between* them exactly.
         """
-        window = self.window_s
-        self.out[start:] = sorted(self.out[start:], key=lambda ex: decision_time(ex, window))
+        window, wait = self.window_s, self.defer_wait_s
+        self.out[start:] = sorted(self.out[start:], key=lambda ex: decision_time(ex, window, wait))
 
     def _release(self, horizon: float) -> None:
         """Emit matched positives whose click time is at or before ``horizon``, in click-time order."""
-        ready, info, kind = self._ready, self._ready_info, KIND_FINAL if self._wait else KIND_POSITIVE_COPY
+        ready, info = self._ready, self._ready_info
+        kind = KIND_FINAL if self._wait else KIND_DEFER_TRUE if self._defer else KIND_POSITIVE_COPY
         while ready and ready[0][0] <= horizon:
             _, iid = heapq.heappop(ready)
             published, delay = info.pop(iid)
+            if self._defer and iid in self._clicked_early:  # the observed label is this click too
+                self._emit(self.pending[iid], 1, KIND_DEFER_OBSERVED, published, delay)
             self._emit(self.pending[iid], 1, kind, published, delay)
+
+    def _observe_waited(self, horizon: float, published: float) -> None:
+        """``defer``: send the observed label 0 of impressions with ``ts < horizon`` that were not
+        clicked within their waiting window (such a click sends the observed label 1 itself)."""
+        waiting, pending, early, observed = self._waiting, self.pending, self._clicked_early, self._observed_negative
+        while waiting and waiting[0][0] < horizon:
+            _, iid = heapq.heappop(waiting)
+            imp = pending.get(iid)
+            if imp is None or iid in early:
+                continue
+            observed.add(iid)
+            self._emit(imp, 0, KIND_DEFER_OBSERVED, published, -1.0)
 
     def _expire(self, horizon: float, published: float) -> None:
         """Close impressions with ``ts < horizon`` and orphans with ``click.ts < horizon``."""
@@ -447,10 +490,15 @@ class PartitionJoin:
 
     def _close(self, imp: Impression, published: float) -> None:
         iid = imp.impression_id
+        if self._defer:
+            self._clicked_early.discard(iid)
+            self._observed_negative.discard(iid)
         if self.clicked.pop(iid, None) is None:
             self.counters.negatives += 1
             if self._wait:
                 self._emit(imp, 0, KIND_FINAL, published, -1.0)
+            elif self._defer:
+                self._emit(imp, 0, KIND_DEFER_TRUE, published, -1.0)
         self._remember_closed(iid)
 
     def _remember_closed(self, iid: str) -> None:
@@ -545,6 +593,10 @@ class PartitionJoin:
             ready=[(ts, iid, *self._ready_info[iid]) for ts, iid in sorted(self._ready)],
             requests=sorted(self._requests),
             score_sample=self.score_sample,
+            defer_wait_s=self.defer_wait_s,
+            waiting=sorted(self._waiting),
+            clicked_early=sorted(self._clicked_early),
+            observed_negative=sorted(self._observed_negative),
         )
 
     def expire_profiles(self) -> list[str]:
@@ -605,6 +657,7 @@ class PartitionJoin:
             score_sample=state.score_sample,
             profile_history=profile_history,
             profile_ttl_s=profile_ttl_s,
+            defer_wait_s=state.defer_wait_s or 60.0,
         )
         if user_clicks is not None:
             join.load_user_clicks(user_clicks)
@@ -637,6 +690,10 @@ class PartitionJoin:
         heapq.heapify(join._ready)
         join._requests = [tuple(r) for r in state.requests]  # type: ignore[misc]
         heapq.heapify(join._requests)
+        join._waiting = [(float(ts), str(iid)) for ts, iid in state.waiting]
+        heapq.heapify(join._waiting)
+        join._clicked_early = set(state.clicked_early)
+        join._observed_negative = set(state.observed_negative)
         return join
 
 

@@ -211,6 +211,7 @@ class JoinWorker:
                 semantics=self.semantics,
                 closed_memory=join_cfg.closed_memory,
                 score_sample=join_cfg.score_sample,
+                defer_wait_s=join_cfg.defer_wait_s,
                 **profile_args,
             )
             if user_clicks is not None:

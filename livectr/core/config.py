@@ -91,10 +91,12 @@ class JoinConfig:
     """The impression/click join."""
 
     window_s: float = 600.0
-    #: ``wait`` or ``fake-negative`` (see README).
+    #: Labelling policy: ``wait``, ``fake-negative`` or ``defer`` (see README, "Labelling policies").
     policy: str = "wait"
+    #: ``defer``: the short waiting window after which an unclicked impression is sent as a negative.
+    defer_wait_s: float = 60.0
     #: Fraction of impressions (by a hash of the id, so restarts agree) also sent at impression
-    #: time as score requests, for the learner's serving AUC (policy ``wait``; 0 disables).
+    #: time as score requests, scored by the model as it stands then: the serving AUC (0 disables).
     score_sample: float = 0.0625
     group_id: str = "livectr-join"
     #: Commit (and checkpoint the pending state) at most this often.

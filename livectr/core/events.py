@@ -142,18 +142,32 @@ KIND_POSITIVE_COPY: Final[int] = 2
 #: scores it with the model as it stands at that event time and pairs the score with the label
 #: that arrives later: the serving AUC, free of the label-arrival order (see README).
 KIND_SCORE_REQUEST: Final[int] = 3
+#: ``Example.kind``, policy ``defer`` (Gu et al., KDD 2021): the label observed when the short
+#: waiting window closes — 1 if clicked within it (sent at the click), else 0 (maybe a fake negative).
+KIND_DEFER_OBSERVED: Final[int] = 4
+#: ``Example.kind``, policy ``defer``: the duplicate carrying the true label — 1 at the click (also
+#: for a click within the waiting window), 0 when the attribution window closes (a real negative).
+#: It is the impression's final label.
+KIND_DEFER_TRUE: Final[int] = 5
+#: Kinds that carry an impression's final label (what evaluation pairs scores with).
+FINAL_KINDS: Final[frozenset[int]] = frozenset({KIND_FINAL, KIND_DEFER_TRUE})
+#: Kinds that are a second copy of an impression already counted (not a new impression).
+COPY_KINDS: Final[frozenset[int]] = frozenset({KIND_POSITIVE_COPY, KIND_DEFER_TRUE, KIND_SCORE_REQUEST})
 
 
-def decision_time(ex: Example, window_s: float) -> float:
+def decision_time(ex: Example, window_s: float, wait_s: float = 0.0) -> float:
     """Event time at which ``ex``'s label became known (what the join orders its output by).
 
-    A score request's is its impression time; a positive's, its click; a ``wait`` negative's,
-    the close of its window; a fake negative's, its impression.
+    A score request's is its impression time; a positive's, its click; a ``wait`` or real
+    negative's, the close of its window; a fake negative's, its impression; a ``defer``
+    observed negative's, the close of its waiting window ``wait_s``.
     """
     if ex.kind == KIND_SCORE_REQUEST or ex.kind == KIND_FAKE_NEGATIVE:
         return ex.ts
     if ex.label:
         return ex.ts + max(ex.click_delay, 0.0)
+    if ex.kind == KIND_DEFER_OBSERVED:
+        return ex.ts + wait_s
     return ex.ts + window_s
 
 

@@ -1,0 +1,345 @@
+"""Serving-order quality: livectr against Vowpal Wabbit fed the same label timing, per policy.
+
+    python bench/serving.py                         # synthetic and ml-100k, every policy, 3 seeds
+    python bench/serving.py --datasets ml-100k --policies defer --seeds 1
+
+The joined examples (with the teacher's vectors) are built once per data set through the real
+pipeline (publish → refresher → join with the cache client) and cached under ``bench/out``.
+Then, for each labelling policy, the same examples are replayed in event time as a live system
+sees them: each impression is scored at its own time by the model as it stands then, and each
+label trains when the policy decides it. livectr and VW see exactly the same schedule; each
+uses the policy's importance weights. Reported per policy: AUC and log loss of the serving
+scores against the final labels, cold-start AUC, livectr with semantics on and off (mean over
+seeds), and on the synthetic stream the oracle (the simulator's true click probabilities).
+
+Policies: ``wait`` (label at the click or when the window closes), ``delayed`` (every label at
+``ts + W``: what a batch pipeline delivers), ``fake-negative`` (a negative at once, a positive
+copy at the click; Ktena et al. 2019), ``defer`` (the label observed after a short waiting
+window, and the true label again later; Gu et al. 2021).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from vw_baseline import exact_auc, logloss  # noqa: E402
+
+from bench import SHARED, _base_config, _joined_with_semantics, cold_mask, impression_order  # noqa: E402
+from livectr.core.broker import EmbeddedBroker  # noqa: E402
+from livectr.core.config import Config  # noqa: E402
+from livectr.core.events import (  # noqa: E402
+    KIND_DEFER_OBSERVED,
+    KIND_DEFER_TRUE,
+    KIND_FAKE_NEGATIVE,
+    KIND_FINAL,
+    KIND_POSITIVE_COPY,
+    KIND_SCORE_REQUEST,
+    Example,
+    ExampleBatch,
+    Item,
+    decode_example,
+    encode_example,
+)
+from livectr.learner.online import OnlineLearner  # noqa: E402
+from livectr.simulators.sources import open_source  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "out"
+POLICIES = ("wait", "delayed", "fake-negative", "defer")
+#: One entry of a schedule: (event time, 0 = score / 1 = train, impression index, example to train on).
+Entry = tuple[float, int, int, Example | None]
+
+
+# -- data -------------------------------------------------------------------------------------
+
+
+def load_examples(name: str, events: int, workdir: Path) -> tuple[list[Example], dict[str, str], np.ndarray | None]:
+    """The joined examples of ``name`` in impression order, the item texts, and (synthetic) the oracle.
+
+    Built once through the real pipeline, then read from ``bench/out``.
+    """
+    OUT.mkdir(parents=True, exist_ok=True)
+    tag = f"{name}-{events}" if name == "synthetic" else name
+    cache, meta = OUT / f"examples-{tag}.msgpack", OUT / f"examples-{tag}.json"
+    if cache.exists() and meta.exists():
+        examples = decode_example(cache.read_bytes()).examples
+        info = json.loads(meta.read_text())
+        oracle = np.asarray(info["oracle"]) if info.get("oracle") is not None else None
+        return examples, info["titles"], oracle
+    from livectr.simulators.ml100k import convert_ml100k
+
+    log, items = (None, None) if name == "synthetic" else convert_ml100k(SHARED, workdir / "ml-100k")
+    with EmbeddedBroker() as broker:
+        cfg = _base_config(broker, f"serving-{name}.", workdir / f"serving-{name}")
+        cfg.simulator.events = events
+        source = open_source(cfg, log=log, items=items)
+        source_events = list(source.events)
+        titles: dict[str, str] = {ev.item_id: ev.text for ev in source_events if type(ev) is Item}
+        examples, _ = _joined_with_semantics(cfg, source_events, {})
+    examples = impression_order(examples)
+    oracle = None
+    if source.truth is not None:
+        oracle = np.asarray([source.truth.oracle(ex.impression_id) for ex in examples])
+    cache.write_bytes(encode_example(ExampleBatch(examples)))
+    meta.write_text(json.dumps({"titles": titles, "oracle": None if oracle is None else oracle.tolist()}))
+    return examples, titles, oracle
+
+
+# -- schedules --------------------------------------------------------------------------------
+
+
+def schedule(examples: list[Example], policy: str, window_s: float, wait_s: float) -> list[Entry]:
+    """What a live system does under ``policy``, in event time: score each impression at its time,
+    train each label when the policy decides it. At equal times scores come first."""
+    out: list[Entry] = []
+    add = out.append
+    for k, ex in enumerate(examples):
+        add((ex.ts, 0, k, None))
+        click = ex.ts + max(ex.click_delay, 0.0)
+        final = msgspec.structs.replace(ex, kind=KIND_FINAL)
+        if policy == "wait":
+            add((click if ex.label else ex.ts + window_s, 1, k, final))
+        elif policy == "delayed":
+            add((ex.ts + window_s, 1, k, final))
+        elif policy == "fake-negative":
+            add((ex.ts, 1, k, msgspec.structs.replace(ex, label=0, kind=KIND_FAKE_NEGATIVE)))
+            if ex.label:
+                add((click, 1, k, msgspec.structs.replace(ex, label=1, kind=KIND_POSITIVE_COPY)))
+        elif policy == "defer":
+            early = bool(ex.label) and ex.click_delay <= wait_s
+            observed = msgspec.structs.replace(ex, label=int(early), kind=KIND_DEFER_OBSERVED)
+            add((click if early else ex.ts + wait_s, 1, k, observed))
+            true = msgspec.structs.replace(ex, kind=KIND_DEFER_TRUE)
+            add((click if ex.label else ex.ts + window_s, 1, k, true))
+        else:
+            raise ValueError(f"unknown policy {policy!r}")
+    out.sort(key=lambda e: (e[0], e[1]))
+    return out
+
+
+# -- learners ---------------------------------------------------------------------------------
+
+
+def livectr_serving(cfg: Config, examples: list[Example], plan: list[Entry], inline: bool = True) -> np.ndarray:
+    """livectr's serving scores on ``plan``.
+
+    ``inline``: each impression rides in the training batch at its place as a score request
+    (scored with every label decided before it, never trained on) — what the learner does live;
+    otherwise it is scored before the batch that holds the labels decided before it is trained.
+    """
+    learner = OnlineLearner(cfg)
+    scores = np.zeros(len(examples))
+    size = cfg.learner.batch_size
+    if inline:
+        batch: list[Example] = []
+        where: list[int] = []
+        for _, what, k, ex in plan:
+            if what == 0:
+                batch.append(msgspec.structs.replace(examples[k], kind=KIND_SCORE_REQUEST, label=0))
+                where.append(k)
+            else:
+                assert ex is not None
+                batch.append(ex)
+                where.append(-1)
+            if len(batch) >= size:
+                _learn_inline(learner, batch, where, scores)
+                batch, where = [], []
+        if batch:
+            _learn_inline(learner, batch, where, scores)
+        return scores
+    pending: list[int] = []
+    train: list[Example] = []
+    for _, what, k, ex in plan:
+        if what == 0:
+            pending.append(k)
+            continue
+        assert ex is not None
+        train.append(ex)
+        if len(train) >= size:
+            if pending:
+                scores[pending] = learner.predict_batch([examples[j] for j in pending])
+                pending = []
+            learner.learn_batch(train)
+            train = []
+    if pending:
+        scores[pending] = learner.predict_batch([examples[j] for j in pending])
+    return scores
+
+
+def _learn_inline(learner: OnlineLearner, batch: list[Example], where: list[int], scores: np.ndarray) -> None:
+    probs = learner.learn_batch(batch)["predictions"]
+    at = np.asarray(where)
+    mask = at >= 0
+    scores[at[mask]] = probs[mask]
+
+
+def _vw_line(ex: Example, label: int, weight: float, titles: dict[str, str] | None) -> str:
+    from vw_baseline import vw_line
+
+    line = vw_line(msgspec.structs.replace(ex, label=label), titles)
+    head, _, rest = line.partition(" |")
+    return f"{head} {weight:.6g} |{rest}"
+
+
+def vw_serving(
+    examples: list[Example], plan: list[Entry], wait_s: float, titles: dict[str, str] | None = None
+) -> np.ndarray:
+    """VW (logistic, FTRL, user×item; with ``titles`` also title words × user) on the same plan,
+    each example weighted as its policy prescribes (the same formulas as livectr's loss)."""
+    from vowpalwabbit import Workspace
+
+    args = "--loss_function logistic --link logistic --ftrl -b 22 -q ui --quiet"
+    if titles is not None:
+        args += " -q ut"
+    vw = Workspace(args)
+    scores = np.zeros(len(examples))
+    late, total = 1.0, 4.0  # the learner's DelayedShare prior
+    for _, what, k, ex in plan:
+        if what == 0:
+            scores[k] = vw.predict(_vw_line(examples[k], 0, 1.0, titles))
+            continue
+        assert ex is not None
+        weight = 1.0
+        if ex.kind in (KIND_FAKE_NEGATIVE, KIND_POSITIVE_COPY, KIND_DEFER_OBSERVED, KIND_DEFER_TRUE):
+            p = vw.predict(_vw_line(ex, ex.label, 1.0, titles))
+            if ex.kind in (KIND_FAKE_NEGATIVE, KIND_POSITIVE_COPY):
+                weight = (1 + p) if ex.label else (1 - p) * (1 + p)
+            else:
+                half = 0.5 * late / total
+                weight = 1 / (1 - half) if ex.label else (1 - p) / (1 - p + p * half)
+                if ex.kind == KIND_DEFER_TRUE and ex.label:
+                    late, total = late + float(ex.click_delay > wait_s), total + 1.0
+        vw.learn(_vw_line(ex, ex.label, weight, titles))
+    vw.finish()
+    return scores
+
+
+# -- the table --------------------------------------------------------------------------------
+
+
+def figures(y: np.ndarray, p: np.ndarray, cold: np.ndarray) -> dict[str, float]:
+    return {"auc": exact_auc(y, p), "logloss": logloss(y, p), "cold_auc": exact_auc(y[cold], p[cold])}
+
+
+def mean_over(runs: list[dict[str, float]]) -> dict[str, float]:
+    out = {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
+    out["auc_std"] = float(np.std([r["auc"] for r in runs]))
+    return out
+
+
+def evaluate(
+    cfg: Config,
+    examples: list[Example],
+    titles: dict[str, str],
+    oracle: np.ndarray | None,
+    policies: tuple[str, ...],
+    seeds: int,
+    inline: bool,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    y = np.asarray([ex.label for ex in examples], dtype=np.float64)
+    cold = cold_mask(examples)
+    plain = [msgspec.structs.replace(ex, item_sem=None, user_sem=None) for ex in examples]
+    res: dict[str, Any] = {"examples": len(examples), "positives": int(y.sum())}
+    if oracle is not None:
+        res["oracle"] = figures(y, oracle, cold)
+    for policy in policies:
+        row: dict[str, Any] = {}
+        plan = schedule(examples, policy, cfg.join.window_s, cfg.join.defer_wait_s)
+        plain_plan = schedule(plain, policy, cfg.join.window_s, cfg.join.defer_wait_s)
+        for sem in ("on", "off"):
+            runs = []
+            for seed in range(seeds):
+                c = copy.deepcopy(cfg)
+                c.learner.seed = seed
+                c.semantic.enabled = sem == "on"
+                t = time.perf_counter()
+                scores = livectr_serving(
+                    c, examples if sem == "on" else plain, plan if sem == "on" else plain_plan, inline
+                )
+                runs.append({**figures(y, scores, cold), "seconds": time.perf_counter() - t})
+            row[f"livectr_{sem}"] = mean_over(runs)
+            log(f"  {policy:<14} livectr semantics {sem}: {row[f'livectr_{sem}']['auc']:.4f}")
+        row["vw"] = figures(y, vw_serving(examples, plan, cfg.join.defer_wait_s), cold)
+        row["vw_title_words"] = figures(y, vw_serving(examples, plan, cfg.join.defer_wait_s, titles), cold)
+        log(f"  {policy:<14} VW {row['vw']['auc']:.4f}, VW + title words {row['vw_title_words']['auc']:.4f}")
+        res[policy] = row
+    return res
+
+
+def print_table(name: str, res: dict[str, Any]) -> None:
+    print(f"\n== serving order: {name} ({res['examples']:,} impressions, {res['positives']:,} clicks) ==")
+    print(f"  {'policy':<14} {'learner':<26} {'AUC':>8} {'log loss':>9} {'cold AUC':>9}")
+    for policy in POLICIES:
+        if policy not in res:
+            continue
+        for key, label in (
+            ("livectr_on", "livectr, semantics on"),
+            ("livectr_off", "livectr, semantics off"),
+            ("vw", "VW"),
+            ("vw_title_words", "VW + title words"),
+        ):
+            f = res[policy][key]
+            print(f"  {policy:<14} {label:<26} {f['auc']:>8.4f} {f['logloss']:>9.4f} {f['cold_auc']:>9.4f}")
+    if "oracle" in res:
+        f = res["oracle"]
+        print(
+            f"  {'':<14} {'oracle (true probabilities)':<26} {f['auc']:>8.4f} {f['logloss']:>9.4f} {f['cold_auc']:>9.4f}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--events", type=int, default=300_000, help="synthetic events")
+    ap.add_argument("--datasets", default="synthetic,ml-100k")
+    ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--before-batch", action="store_true", help="score before each batch instead of inside it")
+    ap.add_argument("--set", action="append", default=[], help="config override section.field=value (repeatable)")
+    ap.add_argument("--out", type=Path, default=OUT / "serving.json")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/livectr-serving-bench"))
+    args = ap.parse_args(argv)
+    from livectr.core.config import apply_overrides
+
+    results: dict[str, Any] = {}
+    for name in args.datasets.split(","):
+        if name == "ml-100k" and not SHARED.is_dir():
+            print(f"skipping ml-100k: {SHARED} not found")
+            continue
+        examples, titles, oracle = load_examples(name, args.events, args.workdir)
+        cfg = Config()
+        cfg.learner.device = "cpu"
+        apply_overrides(cfg, dict(kv.split("=", 1) for kv in args.set))
+        print(f"{name}: {len(examples):,} examples", flush=True)
+        results[name] = evaluate(
+            cfg,
+            examples,
+            titles,
+            oracle,
+            tuple(args.policies.split(",")),
+            args.seeds,
+            not args.before_batch,
+            lambda m: print(m, flush=True),
+        )
+        print_table(name, results[name])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
+        json.dumps(results, indent=1, default=lambda o: None if isinstance(o, float) and math.isnan(o) else o)
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
