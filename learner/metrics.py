@@ -265,7 +265,7 @@ class ServingEvaluator:
     def __len__(self) -> int:
         return len(self._pending)
 
-    def scored(self, ids: list[str], probs: np.ndarray, served_from: Sequence[Any] | None = None) -> None:
+    def scored(self, ids: list[str], probs: np.ndarray, served_from: Sequence[Any] | np.ndarray | None = None) -> None:
         """Remember the scores of score requests until their labels arrive; ``served_from``
         (one entry per request) is handed back with the label, for learners fitted to outcomes."""
         pending = self._pending
