@@ -43,8 +43,8 @@ class ColdStart:
         if batch.new_items.size == 0 or len(self.index) == 0:
             return 0
         first_pos: dict[int, int] = {}
-        for pos in np.flatnonzero(batch.item_sem_mask):
-            first_pos.setdefault(int(batch.item[pos]), int(pos))
+        for i in np.flatnonzero(batch.item_sem_mask):
+            first_pos.setdefault(int(batch.item[i]), int(i))
         k = self.neighbours
         done = 0
         for row in batch.new_items.tolist():
@@ -89,7 +89,12 @@ class ColdStart:
         """The indexed vectors in :attr:`ids` order (for a snapshot), or None when empty."""
         if not self.ids:
             return None
-        return np.stack([self.index.vector(i) for i in self.ids]).astype(np.float32)
+        rows = []
+        for item_id in self.ids:
+            v = self.index.vector(item_id)
+            assert v is not None, item_id  # every id in self.ids was added to the index
+            rows.append(v)
+        return np.stack(rows).astype(np.float32)
 
     def load(self, featurizer: Featurizer, ids: list[str], vectors: np.ndarray) -> None:
         """Restore the index a snapshot saved with :meth:`vectors`."""

@@ -206,14 +206,14 @@ class FastExperts:
         occ = _occurrences(users)
         out = np.zeros((len(users), 4))
         out[:, 0] = logits
-        fading = bool(self.session_s) and ts is not None
+        fade_ts = ts if self.session_s else None  # None: the session biases do not fade
         pop_g, pop_h = np.zeros(self.dim), np.zeros(self.dim)
         bw, bt, sw, sh, tw, th = self.user_w, self.user_ts, self.slope_w, self.slope_h, self.taste_w, self.taste_h
         for r in range(int(occ.max()) + 1 if occ.size else 0):
             at = np.flatnonzero(occ == r)
             rows, z, y, w = users[at], logits[at], labels[at], weights[at]
-            if fading:
-                now = ts[at]
+            if fade_ts is not None:
+                now = fade_ts[at]
                 bw[rows] *= self._fade(bt[rows], now)
                 bt[rows] = np.maximum(bt[rows], now)
             b, s = bw[rows], sw[rows] * z

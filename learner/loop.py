@@ -168,6 +168,7 @@ class _Run:
     def handle(self, msg: Message, dlq: bus.DeadLetterSink) -> None:
         self.records += 1
         partition, offset = msg.partition(), msg.offset()
+        assert partition is not None and offset is not None  # the caller passes records without error
         raw = msg.value()
         try:
             if raw is None:

@@ -295,7 +295,7 @@ class ServingEvaluator:
         self,
         ids: list[str],
         probs: np.ndarray,
-        served_from: Sequence[Any] | None = None,
+        served_from: Sequence[Any] | np.ndarray | None = None,
         cold: np.ndarray | None = None,
     ) -> None:
         """Remember the scores of score requests until their labels arrive; ``served_from``

@@ -124,10 +124,11 @@ class CrossNetV2(nn.Module):
 
     def __init__(self, dim: int, layers: int) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(dim, dim) for _ in range(layers))
-        for layer in self.layers:
+        linears = [nn.Linear(dim, dim) for _ in range(layers)]
+        for layer in linears:
             nn.init.xavier_uniform_(layer.weight, gain=0.5)
             nn.init.zeros_(layer.bias)
+        self.layers = nn.ModuleList(linears)
 
     def forward(self, x0: torch.Tensor) -> torch.Tensor:
         x = x0
@@ -161,7 +162,9 @@ class SemanticPart(nn.Module):
         self.taste = nn.Linear(d, s, bias=False)
         nn.init.zeros_(self.taste.weight)
         self.gate = mlp([2 * d + 2, mc.gate_hidden, 1])
-        nn.init.constant_(self.gate[-1].bias, 1.0)  # start open: the branch must first prove itself
+        gate_out = self.gate[-1]
+        assert isinstance(gate_out, nn.Linear)
+        nn.init.constant_(gate_out.bias, 1.0)  # start open: the branch must first prove itself
 
     def gate_logit(self, u: torch.Tensor, i: torch.Tensor, inp: ModelInputs) -> torch.Tensor:
         count = torch.log1p(inp.item_count).unsqueeze(1) / COUNT_SCALE

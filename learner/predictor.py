@@ -128,6 +128,7 @@ class Predictor:
         if self.experts is None or not self.semantic:
             return None
         if item_hat is None:
+            assert self.model.semantic is not None  # self.semantic: the model has a semantic part
             item_hat = self.model.semantic.item_head(self.model.item_emb(inp.item)[:, : self.model.mc.embedding_dim])
         vec = torch.where(
             inp.item_sem_mask.unsqueeze(1), F.normalize(inp.item_sem, dim=1), F.normalize(item_hat, dim=1)

@@ -80,7 +80,7 @@ class GrowingVocab:
             rows[missing] = UNKNOWN_ROW
             return rows, np.zeros(0, dtype=np.int64)
         new_rows: list[int] = []
-        for i in missing:
+        for i in missing.tolist():
             key = keys[i]
             r = self._row_of.get(key)
             if r is None:

@@ -342,10 +342,13 @@ class SemanticCacheClient:
         now = time.time()
         self.records += 1
         partition = msg.partition()
-        if partition in self._remaining and msg.offset() + 1 >= self._remaining[partition]:
-            del self._remaining[partition]
-            if not self._remaining:
-                self.caught_up.set()
+        if partition in self._remaining:
+            offset = msg.offset()
+            assert offset is not None  # a consumed record without error has an offset
+            if offset + 1 >= self._remaining[partition]:
+                del self._remaining[partition]
+                if not self._remaining:
+                    self.caught_up.set()
         try:
             record = wire.decode_vector(msg.value())
             if record.kind not in ("item", "user") or len(record.reduced) != self.dim:

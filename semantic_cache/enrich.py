@@ -208,7 +208,8 @@ class HFCausalLMEnricher(Enricher):
         self.device = resolve_device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_path), local_files_only=True)
         self.model = AutoModelForCausalLM.from_pretrained(str(self.model_path), local_files_only=True)
-        self.model.to(self.device).eval()
+        # functools.wraps(nn.Module.to) in transformers types .to() as an unbound function
+        self.model.to(self.device).eval()  # type: ignore[arg-type]
         self.context = int(
             getattr(self.model.config, "max_position_embeddings", 0)
             or getattr(self.model.config, "n_positions", 0)

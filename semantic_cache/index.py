@@ -38,7 +38,7 @@ class ItemIndex:
         self.kind = "flat-gpu" if gpu_available() else "flat"
 
     def _new_flat(self) -> faiss.Index:
-        index = faiss.IndexFlatIP(self.dim)
+        index: faiss.Index = faiss.IndexFlatIP(self.dim)
         if gpu_available():
             self._gpu_res = faiss.StandardGpuResources()
             index = faiss.index_cpu_to_gpu(self._gpu_res, 0, index)

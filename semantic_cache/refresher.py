@@ -337,8 +337,8 @@ class Refresher:
         started = time.perf_counter()
         ready: list[tuple[UserJob, str]] = []
         for job in jobs:
-            rows = [self.store.get("item", i, self.teacher_version) for i in job.item_ids]
-            texts = [r.text for r in rows if r is not None]
+            stored = [self.store.get("item", i, self.teacher_version) for i in job.item_ids]
+            texts = [r.text for r in stored if r is not None]
             if not texts:
                 self.counters.user_summaries_skipped += 1
                 continue

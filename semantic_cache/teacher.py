@@ -90,7 +90,10 @@ class MiniLMTeacher:
         self.batch_size = batch_size
         self._model = SentenceTransformer(str(self.model_path), device=self.device, local_files_only=True)
         dim_of = getattr(self._model, "get_embedding_dimension", None) or self._model.get_sentence_embedding_dimension
-        self.dim = int(dim_of())
+        dim = dim_of()
+        if dim is None:
+            raise RuntimeError(f"{self.model_path}: the sentence-transformers model does not tell its embedding size")
+        self.dim = int(dim)
         self.version = f"{name or self.model_path.name}-{_model_fingerprint(self.model_path)}"
 
     def encode(self, texts: list[str]) -> np.ndarray:

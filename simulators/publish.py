@@ -142,28 +142,28 @@ def publish(
     for rec in events:
         if first_wall is None:
             first_wall = time.time()
-        kind = type(rec)
-        if pacer is not None and kind is not BadRecord:
+        if pacer is not None and not isinstance(rec, BadRecord):
             pacer.wait(rec.ts)
-        if kind is Impression or kind is Click:
+        # Exact-type tests (they also narrow ``rec`` for the type checker), most frequent first.
+        if type(rec) is Impression:
             key = rec.impression_id.encode()
-            if kind is Impression:
-                p = crc32(key) % n_imp
-                send(prod, imp_topic, encode(rec), key, p)
-                imp_counts[p] += 1
-                impressions += 1
-            else:
-                p = crc32(key) % n_clk
-                send(prod, clk_topic, encode(rec), key, p)
-                clk_counts[p] += 1
-                clicks += 1
-        elif kind is Item:
+            p = crc32(key) % n_imp
+            send(prod, imp_topic, encode(rec), key, p)
+            imp_counts[p] += 1
+            impressions += 1
+        elif type(rec) is Click:
+            key = rec.impression_id.encode()
+            p = crc32(key) % n_clk
+            send(prod, clk_topic, encode(rec), key, p)
+            clk_counts[p] += 1
+            clicks += 1
+        elif type(rec) is Item:
             key = rec.item_id.encode()
             p = crc32(key) % n_item
             send(prod, item_topic, encode(rec), key, p)
             item_counts[p] += 1
             items += 1
-        elif kind is BadRecord:
+        elif type(rec) is BadRecord:
             if rec.topic is None:
                 sink.send(rec.raw, rec.reason, key=rec.key)
             else:

@@ -125,11 +125,13 @@ def delivered_after(cfg: Config, p: int, out_partition: int, start: int) -> set[
             for msg in reader.consume(10_000, 0.5):
                 if msg.error() is not None:
                     continue
-                position = msg.offset() + 1
-                if msg.key() != key:
+                offset, raw = msg.offset(), msg.value()
+                assert offset is not None  # a consumed record without error has an offset
+                position = offset + 1
+                if msg.key() != key or raw is None:  # a null value is no example of ours, like an undecodable one
                     continue
                 try:
-                    record = decode_example(msg.value())
+                    record = decode_example(raw)
                 except DecodeError:
                     continue
                 examples = (

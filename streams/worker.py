@@ -93,8 +93,9 @@ class _ExampleDelivery(bus.DeliveryTracker):
     def callback(self, err: KafkaError | None, msg: Message) -> None:
         if err is None:
             self.delivered += 1
-            nxt = msg.offset() + 1
-            part = msg.partition()
+            offset, part = msg.offset(), msg.partition()
+            assert offset is not None and part is not None  # a delivered record has both
+            nxt = offset + 1
             if nxt > self.next_offset.get(part, -1):
                 self.next_offset[part] = nxt
         else:
@@ -274,12 +275,14 @@ class JoinWorker:
         src = IMPRESSIONS
         after_end = False
         for msg in msgs:
-            if msg.error() is not None:
-                self._on_error(msg)
+            err = msg.error()
+            if err is not None:
+                self._on_error(msg, err)
                 continue
             topic = msg.topic()
             p = msg.partition()
             if p != last_p or topic != last_topic:
+                assert p is not None  # a consumed record without error has a partition (checked once per run)
                 last_topic, last_p = topic, p
                 join = joins.get(p)
                 if join is None:
@@ -306,7 +309,7 @@ class JoinWorker:
                         continue
                 ms = msg.timestamp()[1]
                 handler(event, msg.offset(), ms * 0.001 if ms > 0 else time.time(), raw)
-            elif kind is EndOfStream:
+            elif type(event) is EndOfStream:
                 self._on_end(join, src, event, msg)
                 last_p = -1
             else:
@@ -339,11 +342,12 @@ class JoinWorker:
         join.end_of_stream(src, ms * 0.001 if ms > 0 else time.time())
         self.ended.add((src, join.partition))
 
-    def _on_error(self, msg: Message) -> None:
-        err = msg.error()
+    def _on_error(self, msg: Message, err: KafkaError) -> None:
         if err.code() == KafkaError._PARTITION_EOF:
             if self.track_idle:
-                self.at_end.setdefault((self._source_of(msg.topic()), msg.partition()), time.monotonic())
+                topic, p = msg.topic(), msg.partition()
+                assert topic is not None and p is not None  # a partition-EOF event names its partition
+                self.at_end.setdefault((self._source_of(topic), p), time.monotonic())
             return
         if err.fatal():
             raise KafkaException(err)

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -157,7 +158,7 @@ def produce(
     headers: list[tuple[str, bytes]] | None = None,
 ) -> None:
     """``Producer.produce`` that waits (polling delivery reports) when the local queue is full."""
-    kwargs: dict[str, object] = {"value": value}
+    kwargs: dict[str, Any] = {"value": value}
     if key is not None:
         kwargs["key"] = key
     if partition is not None:
@@ -172,6 +173,16 @@ def produce(
             return
         except BufferError:
             prod.poll(0.05)
+
+
+class Provenance(Protocol):
+    """Where a dead letter came from: a consumed :class:`~confluent_kafka.Message`, or an object
+    carrying the same facts for a record whose message is gone (the join's orphan clicks)."""
+
+    def topic(self) -> str | None: ...
+    def partition(self) -> int | None: ...
+    def offset(self) -> int | None: ...
+    def key(self) -> bytes | None: ...
 
 
 @dataclass
@@ -190,7 +201,9 @@ class DeadLetterSink:
     reasons: dict[str, int] = field(default_factory=dict)
     tracker: DeliveryTracker = field(default_factory=DeliveryTracker)
 
-    def send(self, value: bytes | None, reason: str, source: Message | None = None, key: bytes | None = None) -> None:
+    def send(
+        self, value: bytes | None, reason: str, source: Provenance | None = None, key: bytes | None = None
+    ) -> None:
         headers = [("livectr.reason", reason.encode()), ("livectr.stage", self.stage.encode())]
         if source is not None:
             headers += [

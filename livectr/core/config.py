@@ -45,9 +45,9 @@ class KafkaConfig:
         """Full topic name for a logical name such as ``impressions``."""
         return f"{self.topic_prefix}{name}"
 
-    def client_properties(self) -> dict[str, str]:
+    def client_properties(self) -> dict[str, str | int | float | bool]:
         """librdkafka properties common to every client."""
-        props = {"bootstrap.servers": self.bootstrap_servers}
+        props: dict[str, str | int | float | bool] = {"bootstrap.servers": self.bootstrap_servers}
         for pair in filter(None, (p.strip() for p in self.extra.split(","))):
             key, _, value = pair.partition("=")
             props[key.strip()] = value.strip()
@@ -284,7 +284,7 @@ def _coerce(value: str, annotation: Any) -> Any:
 
 def _section_types() -> dict[str, type]:
     hints = typing.get_type_hints(Config)
-    return {name: t for name, t in hints.items() if dataclasses.is_dataclass(t)}
+    return {name: t for name, t in hints.items() if isinstance(t, type) and dataclasses.is_dataclass(t)}
 
 
 def apply_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:
