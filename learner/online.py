@@ -307,7 +307,7 @@ class OnlineLearner(Predictor):
         if requests.any():
             at = np.flatnonzero(requests)
             self.serving_eval.scored(
-                [examples[k].impression_id for k in at],
+                [examples[k].impression_id for k in at.tolist()],
                 probs[at],
                 components[at] if components is not None else None,
                 cold[at],
@@ -317,19 +317,23 @@ class OnlineLearner(Predictor):
             at = np.flatnonzero(final)
             labels = batch.labels[at]
             self.metrics.update(probs[at], labels, cold[at])
-            served_from, served_labels = self.serving_eval.labelled(self.metrics, [examples[k] for k in at], labels)
+            served_from, served_labels = self.serving_eval.labelled(
+                self.metrics, [examples[k] for k in at.tolist()], labels
+            )
             if self.experts is not None:
                 self.experts.fit_to_served(served_from, served_labels)
             true_positives = at[(kinds[at] == KIND_DEFER_TRUE) & (labels > 0)]
             if true_positives.size:
-                self.delayed_share.observe(np.fromiter((examples[k].click_delay for k in true_positives), float))
+                self.delayed_share.observe(
+                    np.fromiter((examples[k].click_delay for k in true_positives.tolist()), float)
+                )
         fake = (kinds == KIND_FAKE_NEGATIVE) | (kinds == KIND_POSITIVE_COPY)
         if fake.any():
             at = np.flatnonzero(fake)
             self.delayed.observe(
                 self.metrics,
-                [examples[k].impression_id for k in at],
-                np.fromiter((examples[k].ts for k in at), np.float64, at.size),
+                [examples[k].impression_id for k in at.tolist()],
+                np.fromiter((examples[k].ts for k in at.tolist()), np.float64, at.size),
                 probs[at],
                 batch.labels[at],
                 kinds[at],
