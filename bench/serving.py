@@ -57,7 +57,7 @@ from livectr.learner.online import OnlineLearner  # noqa: E402
 from livectr.simulators.sources import open_source  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
-POLICIES = ("wait", "delayed", "fake-negative", "defer")
+POLICIES = ("wait", "delayed", "fake-negative", "defer", "defer-hold")
 #: One entry of a schedule: (event time, 0 = score / 1 = train, impression index, example to train on).
 Entry = tuple[float, int, int, Example | None]
 
@@ -117,12 +117,15 @@ def schedule(examples: list[Example], policy: str, window_s: float, wait_s: floa
             add((ex.ts, 1, k, msgspec.structs.replace(ex, label=0, kind=KIND_FAKE_NEGATIVE)))
             if ex.label:
                 add((click, 1, k, msgspec.structs.replace(ex, label=1, kind=KIND_POSITIVE_COPY)))
-        elif policy == "defer":
+        elif policy in ("defer", "defer-hold"):
+            # defer-hold: the paper's timing, every observed label (and an early click's true
+            # copy) held until the waiting window ends; defer: an early click leaves at once.
             early = bool(ex.label) and ex.click_delay <= wait_s
             observed = msgspec.structs.replace(ex, label=int(early), kind=KIND_DEFER_OBSERVED)
-            add((click if early else ex.ts + wait_s, 1, k, observed))
+            seen = ex.ts + wait_s if policy == "defer-hold" or not early else click
+            add((seen, 1, k, observed))
             true = msgspec.structs.replace(ex, kind=KIND_DEFER_TRUE)
-            add((click if ex.label else ex.ts + window_s, 1, k, true))
+            add((seen if early else click if ex.label else ex.ts + window_s, 1, k, true))
         else:
             raise ValueError(f"unknown policy {policy!r}")
     out.sort(key=lambda e: (e[0], e[1]))
@@ -248,6 +251,8 @@ def evaluate(
     seeds: int,
     inline: bool,
     log: Callable[[str], None],
+    semantics: tuple[str, ...] = ("on", "off"),
+    vw: bool = True,
 ) -> dict[str, Any]:
     y = np.asarray([ex.label for ex in examples], dtype=np.float64)
     cold = cold_mask(examples)
@@ -259,7 +264,7 @@ def evaluate(
         row: dict[str, Any] = {}
         plan = schedule(examples, policy, cfg.join.window_s, cfg.join.defer_wait_s)
         plain_plan = schedule(plain, policy, cfg.join.window_s, cfg.join.defer_wait_s)
-        for sem in ("on", "off"):
+        for sem in semantics:
             runs = []
             for seed in range(seeds):
                 c = copy.deepcopy(cfg)
@@ -272,9 +277,10 @@ def evaluate(
                 runs.append({**figures(y, scores, cold), "seconds": time.perf_counter() - t})
             row[f"livectr_{sem}"] = mean_over(runs)
             log(f"  {policy:<14} livectr semantics {sem}: {row[f'livectr_{sem}']['auc']:.4f}")
-        row["vw"] = figures(y, vw_serving(examples, plan, cfg.join.defer_wait_s), cold)
-        row["vw_title_words"] = figures(y, vw_serving(examples, plan, cfg.join.defer_wait_s, titles), cold)
-        log(f"  {policy:<14} VW {row['vw']['auc']:.4f}, VW + title words {row['vw_title_words']['auc']:.4f}")
+        if vw:
+            row["vw"] = figures(y, vw_serving(examples, plan, cfg.join.defer_wait_s), cold)
+            row["vw_title_words"] = figures(y, vw_serving(examples, plan, cfg.join.defer_wait_s, titles), cold)
+            log(f"  {policy:<14} VW {row['vw']['auc']:.4f}, VW + title words {row['vw_title_words']['auc']:.4f}")
         res[policy] = row
     return res
 
@@ -291,6 +297,8 @@ def print_table(name: str, res: dict[str, Any]) -> None:
             ("vw", "VW"),
             ("vw_title_words", "VW + title words"),
         ):
+            if key not in res[policy]:
+                continue
             f = res[policy][key]
             print(f"  {policy:<14} {label:<26} {f['auc']:>8.4f} {f['logloss']:>9.4f} {f['cold_auc']:>9.4f}")
     if "oracle" in res:
@@ -306,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--datasets", default="synthetic,ml-100k")
     ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--semantics", default="on,off", help="livectr with semantics on, off or both")
+    ap.add_argument("--no-vw", action="store_true", help="livectr only")
     ap.add_argument("--before-batch", action="store_true", help="score before each batch instead of inside it")
     ap.add_argument("--set", action="append", default=[], help="config override section.field=value (repeatable)")
     ap.add_argument("--out", type=Path, default=OUT / "serving.json")
@@ -332,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
             args.seeds,
             not args.before_batch,
             lambda m: print(m, flush=True),
+            tuple(args.semantics.split(",")),
+            not args.no_vw,
         )
         print_table(name, results[name])
     args.out.parent.mkdir(parents=True, exist_ok=True)

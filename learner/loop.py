@@ -327,6 +327,8 @@ class _Run:
             "label_order_logloss": s["label_order_logloss"],
             "progressive_auc": s["progressive_auc"],
             "score_requests_scored": self.requests_scored,
+            # fake-negative: examples that came after their impression was evaluated (not evaluated again)
+            "late_labels": self.learner.delayed.late,
             "progressive_logloss": s["progressive_logloss"],
             "windowed_auc": s["windowed_auc"],
             "cold_start_auc": s["cold_start_auc"],

@@ -346,22 +346,30 @@ class DelayedLabelEvaluator:
     positive copy arrives and label 0 once the attribution window (plus slack) has passed in
     event time, and feeds each impression to the metrics exactly once.
 
-    A positive copy can reach the learner *before* its fake negative: the learner shuffles a
-    buffer of examples before cutting mini-batches, and a click seconds after its impression
-    lands in the same buffer. Such a copy waits (``_early``) for its fake negative, whose score
-    it then takes; were it evaluated at once, the fake negative arriving next would be
-    evaluated a second time, as a non-click.
+    The clock that closes impressions is the largest impression time observed, so the
+    examples must come in decision-time order (the join emits them so, and the learner trains
+    them in that order). Should a positive copy still reach the learner *before* its fake
+    negative (a restart, disorder between join sources), it waits (``_early``) for its fake
+    negative, whose score it then takes. Each impression is evaluated at most once, whatever the
+    order: the ids closed by the clock are remembered (two generations of ``memory`` ids), and
+    an example of one of them that comes after its close is counted in :attr:`late`, not
+    evaluated again.
 
     Pending scores live in memory only: after a restart, a positive copy of an impression scored
     before it is evaluated with the current model's score.
     """
 
-    def __init__(self, window_s: float, slack_s: float | None = None) -> None:
+    def __init__(self, window_s: float, slack_s: float | None = None, memory: int = 100_000) -> None:
         self.horizon_s = window_s + (slack_s if slack_s is not None else 0.1 * window_s)
         self._pending: dict[str, tuple[float, bool]] = {}
         self._early: dict[str, tuple[float, bool]] = {}
         self._order: deque[tuple[float, str]] = deque()
         self._max_ts = -math.inf
+        self._memory = max(1, memory)
+        self._closed_now: set[str] = set()
+        self._closed_prev: set[str] = set()
+        #: Examples that came after their impression had been closed (not evaluated again).
+        self.late = 0
 
     def __len__(self) -> int:
         return len(self._pending) + len(self._early)
@@ -380,7 +388,12 @@ class DelayedLabelEvaluator:
         out_p: list[float] = []
         out_y: list[int] = []
         out_c: list[bool] = []
+        closed_now, closed_prev = self._closed_now, self._closed_prev
         for i, kind in enumerate(kinds.tolist()):
+            if kind == KIND_FAKE_NEGATIVE or kind == KIND_POSITIVE_COPY:
+                if ids[i] in closed_now or ids[i] in closed_prev:  # evaluated already
+                    self.late += 1
+                    continue
             if kind == KIND_FAKE_NEGATIVE:
                 if self._early.pop(ids[i], None) is not None:  # its click is already known
                     out_p.append(float(probs[i]))
@@ -423,12 +436,20 @@ class DelayedLabelEvaluator:
                 out_p.append(entry[0])
                 out_y.append(0)
                 out_c.append(entry[1])
+                self._remember_closed(impression_id)
                 continue
             early = self._early.pop(impression_id, None)
             if early is not None:  # its fake negative never came (trained before a restart)
                 out_p.append(early[0])
                 out_y.append(1)
                 out_c.append(early[1])
+                self._remember_closed(impression_id)
+
+    def _remember_closed(self, impression_id: str) -> None:
+        self._closed_now.add(impression_id)
+        if len(self._closed_now) >= self._memory:
+            self._closed_prev = self._closed_now
+            self._closed_now = set()
 
 
 def _evaluated(metrics: LearnerMetrics, probs: list[float], labels: list[int], cold: list[bool]) -> None:

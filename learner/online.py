@@ -202,10 +202,13 @@ class OnlineLearner(Predictor):
         gate_used = 0.0
         if self.semantic:
             if batch.item_sem_mask.any() or batch.user_sem_mask.any():
-                distill = cosine_distill_loss(out.item_hat, inp.item_sem, inp.item_sem_mask)
+                taught = torch.from_numpy(~requests).to(self.device)  # a request teaches nothing, not even semantics
+                distill = cosine_distill_loss(out.item_hat, inp.item_sem, inp.item_sem_mask & taught)
                 user_weight = self.cfg.learner.user_distill_weight
                 if user_weight:
-                    distill = distill + user_weight * cosine_distill_loss(out.user_hat, inp.user_sem, inp.user_sem_mask)
+                    distill = distill + user_weight * cosine_distill_loss(
+                        out.user_hat, inp.user_sem, inp.user_sem_mask & taught
+                    )
                 loss = loss + self.cfg.learner.distill_weight * distill
                 distill_value = float(distill.detach())
             # The branch learns on every example, from the id part's logit (held fixed), not only

@@ -41,6 +41,8 @@ def kafka_config(broker: EmbeddedBroker, tmp_path: Path) -> Config:
     cfg.kafka.partitions = 2
     cfg.data_dir = tmp_path / "data"
     cfg.simulator.progress = False
+    # Most broker tests check exact labels, one example per impression: the wait policy's.
+    cfg.join.policy = "wait"
     return cfg
 
 
@@ -51,6 +53,7 @@ def cfg(tmp_path: Path) -> Config:
     c.data_dir = tmp_path / "data"
     c.learner.device = "cpu"
     c.learner.context_buckets = 1 << 12
+    c.join.policy = "wait"
     return c
 
 

@@ -75,7 +75,7 @@ def test_run_matches_ground_truth_and_learns(kafka_config: Config, tmp_path: Pat
     cfg.join.window_s = 60.0
     truth = _truth(cfg)
     cfg.join.score_sample = 0.5
-    summary = _run(cfg, tmp_path, "--semantics", "off", "--window-s", "60", "--score-sample", "0.5")
+    summary = _run(cfg, tmp_path, "--semantics", "off", "--window-s", "60", "--score-sample", "0.5", "--policy", "wait")
 
     for key in (
         "events_published",

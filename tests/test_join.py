@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 from lookups import ClickSetLookup
 
 from livectr.core.events import (
+    KIND_DEFER_OBSERVED,
+    KIND_DEFER_TRUE,
     KIND_FAKE_NEGATIVE,
     KIND_FINAL,
     KIND_POSITIVE_COPY,
@@ -29,6 +31,7 @@ from livectr.core.events import (
 from livectr.streams.join import (
     CLICKS,
     IMPRESSIONS,
+    POLICY_DEFER,
     POLICY_FAKE_NEGATIVE,
     POLICY_WAIT,
     REASON_DUPLICATE_IMPRESSION,
@@ -212,7 +215,10 @@ def test_fake_negative_policy_emits_negative_at_once_then_positive_copy() -> Non
     f = Feeder(PartitionJoin(0, W, POLICY_FAKE_NEGATIVE))
     f.imp(imp("a", 0), published=10.0)
     f.imp(imp("b", 1), published=11.0)
-    f.drain()
+    f.click(clk("x", 1), published=11.5)  # the clicks source reaches t=1: the watermark is 1
+    f.advance()
+    # "at once" in event time: as soon as the watermark reaches the impression; decided_at is
+    # the impression's publish time
     assert [(e.impression_id, e.label, e.kind, e.decided_at) for e in f.examples] == [
         ("a", 0, KIND_FAKE_NEGATIVE, 10.0),
         ("b", 0, KIND_FAKE_NEGATIVE, 11.0),
@@ -230,10 +236,35 @@ def test_fake_negative_with_click_before_impression() -> None:
     f = Feeder(PartitionJoin(0, W, POLICY_FAKE_NEGATIVE))
     f.click(clk("a", 5))
     f.imp(imp("a", 0), published=3.0)
-    f.drain()
+    f.advance()  # watermark min(0, 5) = 0: the impression's time
     assert [(e.kind, e.label) for e in f.examples] == [(KIND_FAKE_NEGATIVE, 0)]  # at once, as the policy says
     f.close()
     assert [(e.kind, e.label) for e in f.examples] == [(KIND_FAKE_NEGATIVE, 0), (KIND_POSITIVE_COPY, 1)]
+
+
+def test_fake_negatives_wait_for_the_watermark_when_impressions_are_read_ahead() -> None:
+    """A replay's consumer reads the impressions topic far ahead of the clicks topic (ml-100k:
+    months of event time in one fetch). The fake negatives must still leave in decision-time
+    order with the positive copies, not as each impression is read: else the learner trains on
+    every impression as a non-click long before its click comes back."""
+    f = Feeder(PartitionJoin(0, W, POLICY_FAKE_NEGATIVE))
+    for k in range(50):  # one impression every 1,000 s, each clicked 5 s later
+        f.imp(imp(f"i{k}", 1000.0 * k), published=float(k))
+    f.advance()  # the clicks source has delivered nothing: the watermark is undefined
+    assert f.examples == []
+    for k in range(50):
+        f.click(clk(f"i{k}", 1000.0 * k + 5), published=100.0 + k)
+        f.advance()
+    f.close()
+    decided = [decision_time(ex, W) for ex in f.examples]
+    assert decided == sorted(decided)
+    assert [(ex.impression_id, ex.kind) for ex in f.examples[:4]] == [
+        ("i0", KIND_FAKE_NEGATIVE),
+        ("i0", KIND_POSITIVE_COPY),
+        ("i1", KIND_FAKE_NEGATIVE),
+        ("i1", KIND_POSITIVE_COPY),
+    ]
+    assert Counter(ex.kind for ex in f.examples) == {KIND_FAKE_NEGATIVE: 50, KIND_POSITIVE_COPY: 50}
 
 
 def test_watermark_is_min_over_sources_end_markers_count_as_infinite() -> None:
@@ -410,6 +441,7 @@ def test_unknown_policy_and_bad_window_are_refused() -> None:
 # ------------------------------------------------------------------ property tests
 
 WP = 20.0  # a small window so random timestamps land on both sides of it
+WAIT = 5.0  # policy defer's waiting window in the property tests
 
 
 class ReferenceJoin:
@@ -417,6 +449,8 @@ class ReferenceJoin:
 
     def __init__(self, policy: str) -> None:
         self.wait = policy == POLICY_WAIT
+        self.defer = policy == POLICY_DEFER
+        self.observed: set[str] = set()  # defer: impressions whose observed label went out
         self.max_ts = [-math.inf, -math.inf]
         self.wm = -math.inf
         self.pending: dict[str, list] = {}  # iid -> [impression, clicked]
@@ -428,7 +462,7 @@ class ReferenceJoin:
     def impression(self, i: Impression) -> None:
         self.max_ts[0] = max(self.max_ts[0], i.ts)
         self.pending[i.impression_id] = [i, False]
-        if not self.wait:
+        if not self.wait and not self.defer:
             self.out.append((i.impression_id, 0, KIND_FAKE_NEGATIVE))
         for c in self.orphans.pop(i.impression_id, []):
             self.click(c)  # judged as if the impression had come first
@@ -452,18 +486,33 @@ class ReferenceJoin:
             self.rejected.append((iid, REASON_LATE_OUTSIDE))
             return
         entry[1] = True
+        if self.defer:
+            if c.ts - entry[0].ts <= WAIT and iid not in self.observed:
+                self.observed.add(iid)
+                self.out.append((iid, 1, KIND_DEFER_OBSERVED))
+            self.out.append((iid, 1, KIND_DEFER_TRUE))
+            return
         self.out.append((iid, 1, KIND_FINAL if self.wait else KIND_POSITIVE_COPY))
 
     def advance(self, horizon: float | None = None) -> None:
         if horizon is None:
             self.wm = max(self.wm, min(self.max_ts))
-            horizon = self.wm - WP
+            horizon, waited = self.wm - WP, self.wm - WAIT
+        else:
+            waited = horizon
+        if self.defer:
+            for iid, (i, _) in self.pending.items():
+                if i.ts < waited and iid not in self.observed:
+                    self.observed.add(iid)
+                    self.out.append((iid, 0, KIND_DEFER_OBSERVED))
         for iid, (i, clicked) in list(self.pending.items()):
             if i.ts < horizon:
                 del self.pending[iid]
                 self.closed.add(iid)
                 if self.wait and not clicked:
                     self.out.append((iid, 0, KIND_FINAL))
+                if self.defer and not clicked:
+                    self.out.append((iid, 0, KIND_DEFER_TRUE))
         for iid, cs in list(self.orphans.items()):
             if cs[0].ts < horizon:  # the first click decides; later ones were duplicates of an orphan
                 del self.orphans[iid]
@@ -521,10 +570,10 @@ def run_impl(join: PartitionJoin, events: list, advances: list[bool]) -> Feeder:
 
 
 @settings(max_examples=300, deadline=None)
-@given(streams_(), st.sampled_from([POLICY_WAIT, POLICY_FAKE_NEGATIVE]))
+@given(streams_(), st.sampled_from([POLICY_WAIT, POLICY_FAKE_NEGATIVE, POLICY_DEFER]))
 def test_join_matches_reference_model(data: tuple[list, list[bool]], policy: str) -> None:
     events, advances = data
-    f = run_impl(PartitionJoin(0, WP, policy, closed_memory=1_000_000), events, advances)
+    f = run_impl(PartitionJoin(0, WP, policy, closed_memory=1_000_000, defer_wait_s=WAIT), events, advances)
     ref = ReferenceJoin(policy)
     for event, adv in zip(events, advances):
         (ref.impression if isinstance(event, Impression) else ref.click)(event)
@@ -540,6 +589,12 @@ def test_join_matches_reference_model(data: tuple[list, list[bool]], policy: str
     assert max(keys.values(), default=1) == 1
     if policy == POLICY_WAIT:
         assert len(f.examples) == n_imps and all(e.kind == KIND_FINAL for e in f.examples)
+    elif policy == POLICY_DEFER:  # every impression twice: its observed label, then its true one
+        assert (
+            Counter(e.kind for e in f.examples) == {KIND_DEFER_OBSERVED: n_imps, KIND_DEFER_TRUE: n_imps} or not n_imps
+        )
+        true = {e.impression_id: e.label for e in f.examples if e.kind == KIND_DEFER_TRUE}
+        assert all(true[e.impression_id] for e in f.examples if e.kind == KIND_DEFER_OBSERVED and e.label)
     else:
         assert sum(e.kind == KIND_FAKE_NEGATIVE for e in f.examples) == n_imps
     assert not f.join.pending and not f.join.orphans
@@ -567,11 +622,12 @@ def test_clicks_that_overtake_their_impression_are_judged_as_if_it_had_come_firs
 
 
 @settings(max_examples=300, deadline=None)
-@given(streams_(in_order=True), st.sampled_from([POLICY_WAIT, POLICY_FAKE_NEGATIVE]))
+@given(streams_(in_order=True), st.sampled_from([POLICY_WAIT, POLICY_FAKE_NEGATIVE, POLICY_DEFER]))
 def test_in_order_sources_give_event_time_truth(data: tuple[list, list[bool]], policy: str) -> None:
-    """Each source in ts order (any interleaving, any advances): positive iff a click within W."""
+    """Each source in ts order (any interleaving, any advances): positive iff a click within W;
+    under defer the observed label is 1 iff a click within the waiting window."""
     events, advances = data
-    f = run_impl(PartitionJoin(0, WP, policy), events, advances)
+    f = run_impl(PartitionJoin(0, WP, policy, defer_wait_s=WAIT), events, advances)
     imps = {e.impression_id: e for e in events if isinstance(e, Impression)}
     truth = {
         iid: int(any(isinstance(c, Click) and c.impression_id == iid and 0 <= c.ts - i.ts <= WP for c in events))
@@ -579,6 +635,13 @@ def test_in_order_sources_give_event_time_truth(data: tuple[list, list[bool]], p
     }
     if policy == POLICY_WAIT:
         assert labels(f.examples) == truth and len(f.examples) == len(truth)
+    elif policy == POLICY_DEFER:
+        early = {
+            iid: int(any(isinstance(c, Click) and c.impression_id == iid and 0 <= c.ts - i.ts <= WAIT for c in events))
+            for iid, i in imps.items()
+        }
+        assert labels([e for e in f.examples if e.kind == KIND_DEFER_TRUE]) == truth
+        assert labels([e for e in f.examples if e.kind == KIND_DEFER_OBSERVED]) == early
     else:
         assert {e.impression_id for e in f.examples if e.kind == KIND_POSITIVE_COPY} == {
             k for k, v in truth.items() if v
@@ -606,8 +669,29 @@ def test_positives_wait_for_the_watermark_to_reach_their_click(data: tuple[list,
 
 
 @settings(max_examples=200, deadline=None)
-@given(streams_(in_order=True))
-def test_score_requests_sit_at_their_impression_time_in_decision_order(data: tuple[list, list[bool]]) -> None:
+@given(streams_(in_order=True), st.sampled_from([POLICY_FAKE_NEGATIVE, POLICY_DEFER]))
+def test_fake_negative_and_defer_output_is_in_decision_time_order(data: tuple[list, list[bool]], policy: str) -> None:
+    """Under fake-negative and defer too, nothing leaves before the watermark reaches its
+    decision, and each step's output is in decision-time order."""
+    events, advances = data
+
+    def check(f: Feeder, new: list, advanced: bool) -> None:
+        if not advanced:
+            assert new == []  # events alone emit nothing: only the watermark does
+        decided = [decision_time(ex, WP, WAIT) for ex in new]
+        assert all(d <= f.join.watermark for d in decided)
+        assert decided == sorted(decided)
+
+    f = feed_checked(PartitionJoin(0, WP, policy, defer_wait_s=WAIT), events, advances, check)
+    first = KIND_FAKE_NEGATIVE if policy == POLICY_FAKE_NEGATIVE else KIND_DEFER_OBSERVED
+    assert sum(ex.kind == first for ex in f.examples) == sum(isinstance(e, Impression) for e in events)
+
+
+@settings(max_examples=200, deadline=None)
+@given(streams_(in_order=True), st.sampled_from([POLICY_WAIT, POLICY_DEFER]))
+def test_score_requests_sit_at_their_impression_time_in_decision_order(
+    data: tuple[list, list[bool]], policy: str
+) -> None:
     """Each impression's request leaves once the watermark reaches it, after every label decided
     before it and before every label decided after it, and requests do not count as examples."""
     events, advances = data
@@ -615,16 +699,18 @@ def test_score_requests_sit_at_their_impression_time_in_decision_order(data: tup
     def check(f: Feeder, new: list, advanced: bool) -> None:
         assert all(ex.ts <= f.join.watermark for ex in new if ex.kind == KIND_SCORE_REQUEST)
 
-    f = feed_checked(PartitionJoin(0, WP, score_sample=1.0), events, advances, check)
+    f = feed_checked(PartitionJoin(0, WP, policy, score_sample=1.0, defer_wait_s=WAIT), events, advances, check)
     join = f.join
     impressions = [e for e in events if isinstance(e, Impression)]
     requests = [ex for ex in f.examples if ex.kind == KIND_SCORE_REQUEST]
+    final = KIND_FINAL if policy == POLICY_WAIT else KIND_DEFER_TRUE
     assert Counter(ex.impression_id for ex in requests) == Counter(e.impression_id for e in impressions)
     for k, ex in enumerate(f.examples):
         if ex.kind == KIND_SCORE_REQUEST:
-            assert any(x.impression_id == ex.impression_id and x.kind == KIND_FINAL for x in f.examples[k + 1 :])
-            assert all(decision_time(x, WP) <= ex.ts for x in f.examples[:k] if x.kind != KIND_SCORE_REQUEST)
-    assert join.examples_total == len(impressions) == len(f.examples) - len(requests)
+            assert any(x.impression_id == ex.impression_id and x.kind == final for x in f.examples[k + 1 :])
+            assert all(decision_time(x, WP, WAIT) <= ex.ts for x in f.examples[:k] if x.kind != KIND_SCORE_REQUEST)
+    copies = 1 if policy == POLICY_WAIT else 2
+    assert join.examples_total == copies * len(impressions) == len(f.examples) - len(requests)
 
 
 def test_score_requests_only_under_wait_and_by_a_stable_hash() -> None:
@@ -650,7 +736,7 @@ def normalised(state: PartitionState) -> PartitionState:
 
 
 @settings(max_examples=200, deadline=None)
-@given(streams_(), st.sampled_from([POLICY_WAIT, POLICY_FAKE_NEGATIVE]), st.data())
+@given(streams_(), st.sampled_from([POLICY_WAIT, POLICY_FAKE_NEGATIVE, POLICY_DEFER]), st.data())
 def test_checkpoint_restore_round_trips(data: tuple[list, list[bool]], policy: str, draw: st.DataObject) -> None:
     events, advances = data
     cut = draw.draw(st.integers(0, len(events)))
@@ -662,11 +748,15 @@ def test_checkpoint_restore_round_trips(data: tuple[list, list[bool]], policy: s
         return ClickSetLookup() if semantic else None
 
     history = 64
-    whole = run_impl(
-        PartitionJoin(0, WP, policy, score_sample=sample, semantics=lookup(), profile_history=history), events, advances
-    )
 
-    first = Feeder(PartitionJoin(0, WP, policy, score_sample=sample, semantics=lookup(), profile_history=history))
+    def join() -> PartitionJoin:
+        return PartitionJoin(
+            0, WP, policy, score_sample=sample, semantics=lookup(), profile_history=history, defer_wait_s=WAIT
+        )
+
+    whole = run_impl(join(), events, advances)
+
+    first = Feeder(join())
     with tempfile.TemporaryDirectory() as tmp:
         # The kept clicks are persisted incrementally, as the worker does at each commit.
         store = ProfileStore(Path(tmp) / "p0.profiles.sqlite")

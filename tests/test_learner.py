@@ -13,12 +13,20 @@ from hypothesis import strategies as st
 from toyworld import ToyWorld
 
 from livectr.core.config import Config
-from livectr.core.events import KIND_FAKE_NEGATIVE, KIND_FINAL, KIND_POSITIVE_COPY, Example
+from livectr.core.events import (
+    KIND_DEFER_OBSERVED,
+    KIND_DEFER_TRUE,
+    KIND_FAKE_NEGATIVE,
+    KIND_FINAL,
+    KIND_POSITIVE_COPY,
+    KIND_SCORE_REQUEST,
+    Example,
+)
 from livectr.learner.experts import FastExperts
 from livectr.learner.features import Featurizer
 from livectr.learner.metrics import HistogramAUC, LearnerMetrics, LogQuantiles, ServingEvaluator, WindowAUC, exact_auc
 from livectr.learner.model import ModelConfig, StudentCTR
-from livectr.learner.online import OnlineLearner, fake_negative_weights
+from livectr.learner.online import OnlineLearner, fake_negative_weights, loss_weights
 from livectr.learner.predictor import Predictor
 from livectr.learner.vocab import UNKNOWN_ROW, ContextHasher, GrowingVocab, stable_bucket
 
@@ -637,3 +645,109 @@ def test_expert_mix_follows_serving_outcomes_once_they_arrive() -> None:
 def logloss(y: np.ndarray, p: np.ndarray) -> float:
     p = np.clip(p, 1e-7, 1 - 1e-7)
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+# -- delayed feedback: defer weights and score requests in the batch ---------------------------
+
+
+@settings(deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.floats(0.001, 0.999), st.integers(0, 1), st.sampled_from([KIND_DEFER_OBSERVED, KIND_DEFER_TRUE])),
+        min_size=1,
+        max_size=20,
+    ),
+    st.floats(0.0, 1.0),
+)
+def test_defer_weights_are_the_importance_weights_of_the_duplicated_stream(
+    rows: list[tuple[float, int, int]], share: float
+) -> None:
+    """Every impression is ingested twice; with p_dp = p·s the observed stream has
+    q(y=1|x) = p − p·s/2 and q(y=0|x) = 1 − p + p·s/2, and the weights are p/q."""
+    p = torch.tensor([r[0] for r in rows], dtype=torch.float64)
+    y = torch.tensor([float(r[1]) for r in rows], dtype=torch.float64)
+    k = torch.tensor([r[2] for r in rows])
+    w = loss_weights(p, y, k, share)
+    for (pi, yi, _), wi in zip(rows, w.tolist()):
+        q1 = pi - pi * share / 2
+        expected = pi / q1 if yi else (1 - pi) / (1 - q1)
+        assert wi == pytest.approx(expected, rel=1e-9)
+    # Weighted, the duplicated stream's expected gradient is the true one: E_q[w·(p − y)] = p − p_true.
+    p_true, pred = 0.3, 0.4
+    q1 = p_true - p_true * share / 2
+    pos = loss_weights(torch.tensor([pred]), torch.tensor([1.0]), torch.tensor([KIND_DEFER_TRUE]), share).item()
+    neg = loss_weights(torch.tensor([pred]), torch.tensor([0.0]), torch.tensor([KIND_DEFER_TRUE]), share).item()
+    assert pos == pytest.approx(1 / (1 - share / 2))
+    assert neg == pytest.approx((1 - pred) / (1 - pred + pred * share / 2))
+    assert q1 * pos * (pred - 1) + (1 - q1) * neg * pred == pytest.approx(
+        (p_true / q1) * q1 * (pred - 1) + ((1 - pred) / (1 - pred + pred * share / 2)) * (1 - q1) * pred
+    )
+
+
+@pytest.mark.parametrize("semantic", [False, True])
+def test_score_requests_in_a_batch_are_scored_in_place_and_never_trained_on(semantic: bool) -> None:
+    """A request rides in the batch: it gets exactly the score an example at its place would get
+    (every earlier label counts), the model trains as if it were not there, and its score waits
+    for the impression's final label (serving metrics)."""
+    world = ToyWorld(users=30, items=20, seed=3, sem_dim=32 if semantic else 0)
+    warm = world.examples(512)
+    batch = world.examples(256)
+    requests = [msgspec.structs.replace(ex, kind=KIND_SCORE_REQUEST, label=0) for ex in batch[100:140]]
+    mixed = batch[:100] + requests + batch[100:]
+
+    def learner() -> OnlineLearner:
+        torch.manual_seed(11)
+        lrn = OnlineLearner(make_cfg(semantic))
+        lrn.learn_batch(warm)
+        return lrn
+
+    with_requests, plain = learner(), learner()
+    torch.manual_seed(5)
+    out = with_requests.learn_batch(mixed)["predictions"]
+    torch.manual_seed(5)
+    plain.learn_batch(batch)
+    # Scored in place: as the same impression would be as a training example right after the
+    # batch's first 100 examples (the requests before it teach nothing). With semantics the
+    # training forward samples the gate (its draws depend on the batch's length): not compared.
+    for k in (100, 117, 139) if not semantic else ():
+        torch.manual_seed(5)
+        alone = learner().learn_batch(batch[:100] + [batch[k]])["predictions"]
+        np.testing.assert_allclose(out[k], alone[100], rtol=1e-5, atol=1e-6)
+    # Never trained on: a request's label changes nothing, and (the gate's draws aside, see
+    # above) the weights and the experts are those of the batch without the requests.
+    flipped = learner()
+    torch.manual_seed(5)
+    flipped_requests = [msgspec.structs.replace(r, label=1) for r in requests]
+    out_flipped = flipped.learn_batch(batch[:100] + flipped_requests + batch[100:])["predictions"]
+    np.testing.assert_array_equal(out_flipped, out)
+    for (name, a), b in zip(with_requests.model.state_dict().items(), flipped.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert with_requests.examples_seen == plain.examples_seen == 512 + 256
+    assert with_requests.experts is not None and plain.experts is not None
+    if not semantic:
+        for (name, a), b in zip(with_requests.model.state_dict().items(), plain.model.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+        np.testing.assert_allclose(with_requests.experts.user_w, plain.experts.user_w, rtol=1e-6, atol=1e-9)
+    # Their scores are paired with the impressions' final labels (here later in the same batch).
+    summary = with_requests.metrics.summary()
+    assert summary["serving_auc_impressions"] == 40 and len(with_requests.serving_eval) == 0
+    assert math.isfinite(summary["serving_logloss"]) and plain.metrics.summary()["serving_auc_impressions"] == 0
+    # A request whose label has not come yet waits for it.
+    with_requests.learn_batch(requests[:5])
+    assert len(with_requests.serving_eval) == 5
+
+
+def test_defer_true_positives_teach_the_delayed_share() -> None:
+    cfg = make_cfg(False)
+    cfg.join.defer_wait_s = 60.0
+    learner = OnlineLearner(cfg)
+    world = ToyWorld(users=10, items=5, seed=1)
+    examples = world.examples(200)
+    delays = [5.0 if k % 4 else 300.0 for k in range(len(examples))]
+    batch = [
+        msgspec.structs.replace(ex, kind=KIND_DEFER_TRUE, label=1, click_delay=d) for ex, d in zip(examples, delays)
+    ]
+    learner.learn_batch(batch)
+    assert learner.delayed_share.value == pytest.approx((1 + 50) / (4 + 200))
+    back = OnlineLearner(cfg, state=learner.state())
+    assert back.delayed_share.value == learner.delayed_share.value
