@@ -35,9 +35,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import SHARED, base_config, cold_mask, impression_order, joined_with_semantics  # noqa: E402
 from vw_baseline import exact_auc, logloss  # noqa: E402
 
-from bench import SHARED, _base_config, _joined_with_semantics, cold_mask, impression_order  # noqa: E402
 from livectr.core.broker import EmbeddedBroker  # noqa: E402
 from livectr.core.config import Config  # noqa: E402
 from livectr.core.events import (  # noqa: E402
@@ -82,12 +82,12 @@ def load_examples(name: str, events: int, workdir: Path) -> tuple[list[Example],
 
     log, items = (None, None) if name == "synthetic" else convert_ml100k(SHARED, workdir / "ml-100k")
     with EmbeddedBroker() as broker:
-        cfg = _base_config(broker, f"serving-{name}.", workdir / f"serving-{name}")
+        cfg = base_config(broker, f"serving-{name}.", workdir / f"serving-{name}")
         cfg.simulator.events = events
         source = open_source(cfg, log=log, items=items)
         source_events = list(source.events)
         titles: dict[str, str] = {ev.item_id: ev.text for ev in source_events if type(ev) is Item}
-        examples, _ = _joined_with_semantics(cfg, source_events, {})
+        examples, _ = joined_with_semantics(cfg, source_events, {})
     examples = impression_order(examples)
     oracle = None
     if source.truth is not None:
