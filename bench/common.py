@@ -93,6 +93,10 @@ def base_config(broker: EmbeddedBroker, prefix: str, data_dir: Path) -> Config:
     cfg.kafka.topic_prefix = prefix
     cfg.data_dir = data_dir
     cfg.simulator.progress = False
+    # Exact labels, one example per impression: the benchmarks rebuild every policy's timing
+    # from them (bench/serving.py) and compare learners on them in impression order.
+    cfg.join.policy = "wait"
+    cfg.join.score_sample = 0.0
     return cfg
 
 
