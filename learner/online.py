@@ -211,6 +211,7 @@ class OnlineLearner(Predictor):
                     )
                 loss = loss + self.cfg.learner.distill_weight * distill
                 distill_value = float(distill.detach())
+                self.item_head_distilled = self.item_head_distilled or bool((batch.item_sem_mask & ~requests).any())
             # The branch learns on every example, from the id part's logit (held fixed), not only
             # where the gate is open: a closed gate would otherwise starve the branch, which then
             # never becomes worth opening for (DynMM trains its experts before its gate for this).
@@ -420,6 +421,7 @@ class OnlineLearner(Predictor):
         meta = {
             "featurizer": self.featurizer.state(),
             "examples_seen": self.examples_seen,
+            "item_head_distilled": self.item_head_distilled,
             "items_cold_started": self.items_cold_started,
             "index_ids": index_ids,
         }

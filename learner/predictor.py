@@ -79,9 +79,13 @@ class Predictor:
             else None
         )
         self.examples_seen = 0
+        #: Whether the item head has been distilled from any teacher vector: until then its output
+        #: is an untrained projection, not a semantic vector (see :meth:`_item_vectors`).
+        self.item_head_distilled = False
         if state is not None:
             self.model.load_state_dict({k: v.to(self.device) for k, v in state.tensors.items()})
             self.examples_seen = int(state.meta.get("examples_seen", 0))
+            self.item_head_distilled = bool(state.meta.get("item_head_distilled", True))  # older snapshots: as before
             experts = {k.split(".", 1)[1]: v for k, v in state.arrays.items() if k.startswith("experts.")}
             if self.experts is not None and experts:
                 self.experts.load(experts)
@@ -124,15 +128,25 @@ class Predictor:
     @torch.no_grad()
     def _item_vectors(self, inp: ModelInputs, item_hat: torch.Tensor | None) -> np.ndarray | None:
         """Unit item vectors for the taste expert: the teacher's where the example carries one,
-        else the student's distilled prediction (what serving has); None without semantics."""
+        else the student's distilled prediction (what serving has); None without semantics.
+
+        Before the item head has been distilled from any teacher vector (a cold semantic cache:
+        the stream starts before the teacher has encoded its items) its prediction is noise in a
+        nearly common direction, which the taste expert would turn into one more global bias:
+        such examples get no vector (no taste) instead.
+        """
         if self.experts is None or not self.semantic:
             return None
-        if item_hat is None:
-            assert self.model.semantic is not None  # self.semantic: the model has a semantic part
-            item_hat = self.model.semantic.item_head(self.model.item_emb(inp.item)[:, : self.model.mc.embedding_dim])
-        vec = torch.where(
-            inp.item_sem_mask.unsqueeze(1), F.normalize(inp.item_sem, dim=1), F.normalize(item_hat, dim=1)
-        )
+        if not self.item_head_distilled:
+            fallback = torch.zeros_like(inp.item_sem)
+        else:
+            if item_hat is None:
+                assert self.model.semantic is not None  # self.semantic: the model has a semantic part
+                item_hat = self.model.semantic.item_head(
+                    self.model.item_emb(inp.item)[:, : self.model.mc.embedding_dim]
+                )
+            fallback = F.normalize(item_hat, dim=1)
+        vec = torch.where(inp.item_sem_mask.unsqueeze(1), F.normalize(inp.item_sem, dim=1), fallback)
         return vec.double().cpu().numpy()
 
     def set_unknown_rows_to_mean(self) -> None:

@@ -751,3 +751,25 @@ def test_defer_true_positives_teach_the_delayed_share() -> None:
     assert learner.delayed_share.value == pytest.approx((1 + 50) / (4 + 200))
     back = OnlineLearner(cfg, state=learner.state())
     assert back.delayed_share.value == learner.delayed_share.value
+
+
+def test_taste_expert_ignores_an_item_head_never_distilled() -> None:
+    """Cold semantic cache (issue 13): while no example has carried a teacher vector, the item
+    head's output is an untrained projection, and the taste expert must not learn from it (it
+    acted as one more global bias and drove the served scores to 0); from the first teacher
+    vector on, the distilled vectors stand in for missing ones as before, also after a restore."""
+    learner = OnlineLearner(make_cfg(True))
+    world = ToyWorld(users=30, items=20, seed=3, sem_dim=32)
+    for _ in range(3):
+        learner.learn_batch(world.examples(256, with_sem=False))
+    experts = learner.experts
+    assert experts is not None and not learner.item_head_distilled
+    assert not experts.taste_w.any() and not experts.taste_w0.any()
+    assert experts.user_w.any() and experts.slope_w.any()  # the other experts learn as before
+    learner.learn_batch(world.examples(256))
+    assert learner.item_head_distilled
+    before = experts.taste_w.copy()
+    learner.learn_batch(world.examples(256, with_sem=False))
+    assert (experts.taste_w != before).any()
+    assert OnlineLearner(make_cfg(True), state=learner.state()).item_head_distilled
+    assert Predictor(make_cfg(True), state=learner.state()).item_head_distilled
