@@ -1,9 +1,13 @@
-"""Serving: score impressions with the latest snapshot, hot-reloading when a new one is published.
+"""Scoring: score impressions with the latest snapshot, hot-reloading when a new one is published.
 
 Why polling a pointer: the learner publishes by atomically swapping ``snapshots/latest``, so
 the scorer only needs to compare that pointer with the version it holds (a ``readlink`` — a
-few microseconds) at most every ``reload_ms``; a new model is loaded outside the scoring lock
-and swapped in with one assignment, so requests never wait for a load and never see a mix.
+few microseconds) at most every ``reload_ms``. A new model is loaded aside and swapped in with
+one assignment, so a request never sees a mix: it takes the reference once, scores with it and
+reports that model's version. The HTTP server (:mod:`livectr.learner.serve`) runs the polling
+in a background thread (:meth:`Scorer.start_watcher`), so requests never wait for a load;
+without a watcher (``livectr score``) a request checks the pointer itself. A snapshot that
+cannot be loaded is logged and counted, and the previous model keeps serving.
 The scorer never calls the teacher: the semantic branch runs on the student's distilled
 vectors, and ids the learner never saw use the shared unknown row (the impression-weighted
 mean embedding).
@@ -11,65 +15,84 @@ mean embedding).
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from collections.abc import Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import numpy as np
 
 from livectr.core.config import Config
 from livectr.core.events import Impression
 from livectr.learner.predictor import Predictor
-from livectr.learner.snapshot import latest_version, load_latest
+from livectr.learner.snapshot import latest_version, load_version
 
 log = logging.getLogger(__name__)
 
-MAX_REQUEST_BYTES = 8 * 1024 * 1024
+#: A version that failed to load is tried again after this long (a snapshot directory is
+#: immutable once published, so retrying it every poll would only repeat the failure).
+RETRY_FAILED_S = 30.0
 
 
 class NoSnapshotError(RuntimeError):
     """No snapshot has been published yet under the data directory."""
 
 
-class _Loaded:
+class Loaded:
     """One loaded snapshot: immutable once built, swapped as a whole."""
 
     def __init__(self, manifest: dict[str, Any], predictor: Predictor) -> None:
         self.manifest = manifest
         self.predictor = predictor
         self.version = int(manifest["version"])
+        #: Wall-clock time the learner published it (seconds since the epoch).
+        self.created_at = float(manifest.get("created_at", 0.0))
         self.lock = threading.Lock()
+
+    def score(self, impressions: Sequence[Impression]) -> np.ndarray:
+        with self.lock:
+            return self.predictor.predict_batch(list(impressions))
 
 
 class Scorer:
     """Scores ``list[Impression]`` with the newest published model."""
 
-    def __init__(self, data_dir: Path | str, reload_ms: int = 500, cfg: Config | None = None) -> None:
+    def __init__(
+        self, data_dir: Path | str, reload_ms: int = 500, cfg: Config | None = None, load_now: bool = True
+    ) -> None:
         self.data_dir = Path(data_dir)
         self.reload_s = reload_ms / 1000.0
         if cfg is None:
             cfg = Config()
             cfg.learner.device = "cpu"
         self.cfg = cfg
-        self._current: _Loaded | None = None
+        self._current: Loaded | None = None
         self._checked = 0.0
         self._reload_lock = threading.Lock()
+        self._failed: tuple[int, float] | None = None  # (version, monotonic time) of the last failed load
+        self._watcher: threading.Thread | None = None
+        self._stop = threading.Event()
         self.reloads = 0
-        self.maybe_reload(force=True)
+        self.load_failures = 0
+        if load_now:
+            self.maybe_reload(force=True)
+
+    @property
+    def current(self) -> Loaded | None:
+        """The model serving now (take it once per request: it may be swapped at any time)."""
+        return self._current
 
     @property
     def version(self) -> int | None:
-        return self._current.version if self._current else None
+        current = self._current
+        return current.version if current else None
 
     @property
     def examples_seen(self) -> int | None:
-        return int(self._current.manifest.get("examples_seen", 0)) if self._current else None
+        current = self._current
+        return int(current.manifest.get("examples_seen", 0)) if current else None
 
     def maybe_reload(self, force: bool = False) -> bool:
         """Load the snapshot ``latest`` points to if it changed; True when a new model was loaded."""
@@ -78,105 +101,63 @@ class Scorer:
             return False
         if not self._reload_lock.acquire(blocking=False):
             return False  # another thread is already loading
+        pointed: int | None = None
         try:
             self._checked = now
             pointed = latest_version(self.data_dir)
             if pointed is None or (self._current is not None and pointed == self._current.version):
                 return False
-            loaded = load_latest(self.data_dir, with_optimizer=False)
-            if loaded is None:
+            if self._failed is not None and self._failed[0] == pointed and now - self._failed[1] < RETRY_FAILED_S:
                 return False
-            manifest, state = loaded
-            self._current = _Loaded(manifest, Predictor.for_serving(self.cfg, state))
+            manifest, state = load_version(self.data_dir, pointed, with_optimizer=False)
+            loaded = Loaded(manifest, Predictor.for_serving(self.cfg, state))
+            self._current = loaded  # the swap: one reference assignment
+            self._failed = None
             self.reloads += 1
-            log.info("scorer loaded snapshot v%08d", self._current.version)
+            log.info("scorer loaded snapshot v%08d", loaded.version)
             return True
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            log.warning("snapshot reload failed, keeping v%s: %s", self.version, exc)
+        except Exception as exc:  # a corrupt snapshot must never take the serving model down
+            if pointed is not None and latest_version(self.data_dir) != pointed:
+                return False  # pruned or superseded while loading: the next poll takes the new one
+            self.load_failures += 1
+            self._failed = (pointed, now) if pointed is not None else None
+            log.warning("snapshot v%s failed to load, keeping v%s: %r", pointed, self.version, exc)
             return False
         finally:
             self._reload_lock.release()
 
-    def score(self, impressions: Sequence[Impression]) -> np.ndarray:
-        """Click probabilities for ``impressions``; raises :class:`NoSnapshotError` before the first snapshot."""
-        self.maybe_reload()
-        current = self._current
+    def start_watcher(self) -> None:
+        """Poll the ``latest`` pointer every ``reload_ms`` in a background thread (idempotent)."""
+        if self._watcher is not None:
+            return
+        self._stop.clear()
+        self._watcher = threading.Thread(target=self._watch, name="livectr-snapshot-watcher", daemon=True)
+        self._watcher.start()
+
+    def stop_watcher(self) -> None:
+        if self._watcher is None:
+            return
+        self._stop.set()
+        self._watcher.join(timeout=30)
+        self._watcher = None
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            self.maybe_reload(force=True)
+            self._stop.wait(max(0.01, self.reload_s))
+
+    def score_versioned(self, impressions: Sequence[Impression]) -> tuple[np.ndarray, int]:
+        """Click probabilities and the version of the model that computed them.
+
+        Raises :class:`NoSnapshotError` before the first snapshot.
+        """
+        if self._watcher is None:
+            self.maybe_reload()
+        current = self._current  # one reference for the whole request
         if current is None:
             raise NoSnapshotError(f"no snapshot under {self.data_dir / 'snapshots'} yet")
-        with current.lock:
-            return current.predictor.predict_batch(list(impressions))
+        return current.score(impressions), current.version
 
-
-class ScoreRequest(msgspec.Struct, forbid_unknown_fields=True):
-    impressions: list[Impression]
-
-
-_request_decoder = msgspec.json.Decoder(ScoreRequest)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    scorer: Scorer  # set on the subclass made by make_server
-
-    def log_message(self, fmt: str, *args: Any) -> None:
-        log.debug("%s " + fmt, self.address_string(), *args)
-
-    def _reply(self, code: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self) -> None:
-        if self.path.rstrip("/") == "/healthz":
-            self.scorer.maybe_reload()
-            self._reply(200, {"version": self.scorer.version, "examples_seen": self.scorer.examples_seen})
-        else:
-            self._reply(404, {"error": f"no route {self.path}"})
-
-    def do_POST(self) -> None:
-        if self.path.rstrip("/") != "/score":
-            self._reply(404, {"error": f"no route {self.path}"})
-            return
-        try:
-            length = int(self.headers.get("Content-Length", "0"))
-        except ValueError:
-            self._reply(400, {"error": "invalid Content-Length"})
-            return
-        if length <= 0 or length > MAX_REQUEST_BYTES:
-            self._reply(400 if length <= 0 else 413, {"error": f"body must be 1..{MAX_REQUEST_BYTES} bytes"})
-            return
-        body = self.rfile.read(length)
-        try:
-            request = _request_decoder.decode(body)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            self._reply(400, {"error": f"invalid request: {exc}"})
-            return
-        try:
-            scores = self.scorer.score(request.impressions)
-        except NoSnapshotError as exc:
-            self._reply(503, {"error": str(exc)})
-            return
-        self._reply(200, {"scores": [float(s) for s in scores], "version": self.scorer.version})
-
-
-def make_server(scorer: Scorer, host: str, port: int) -> ThreadingHTTPServer:
-    """An HTTP server bound to ``host:port`` (0 = any free port) serving ``scorer``."""
-    handler = type("ScorerHandler", (_Handler,), {"scorer": scorer})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    return server
-
-
-def serve(cfg: Config, host: str, port: int) -> None:
-    """Serve ``POST /score`` and ``GET /healthz`` until interrupted."""
-    scorer = Scorer(cfg.data_dir, reload_ms=cfg.learner.scorer_reload_ms, cfg=cfg)
-    server = make_server(scorer, host, port)
-    log.info("scoring on http://%s:%d (snapshot v%s)", host, server.server_address[1], scorer.version)
-    try:
-        server.serve_forever(poll_interval=0.5)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    def score(self, impressions: Sequence[Impression]) -> np.ndarray:
+        """Click probabilities for ``impressions``; raises :class:`NoSnapshotError` before the first snapshot."""
+        return self.score_versioned(impressions)[0]

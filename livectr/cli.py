@@ -27,7 +27,8 @@ from livectr.core.config import Config
 from livectr.core.events import DecodeError, Impression, decode_event
 from livectr.core.status import StatusFile, write_json_atomic
 from livectr.learner.loop import run_learner
-from livectr.learner.scorer import Scorer, serve
+from livectr.learner.scorer import Scorer
+from livectr.learner.serve import serve
 from livectr.pipeline import run_pipeline
 from livectr.semantic_cache.client import SemanticCacheClient
 from livectr.semantic_cache.refresher import run_refresher
@@ -82,7 +83,13 @@ CONFIG_FLAGS: dict[str, tuple[str, type, str]] = {
     "--enrich": ("semantic.enrich", str, "LLM enrichment back-end: '' | openai | hf"),
     "--enrich-url": ("semantic.enrich_url", str, "OpenAI-compatible endpoint base URL"),
     "--enrich-model": ("semantic.enrich_model", str, "model name (openai) or local path (hf)"),
+    "--reload-ms": ("learner.scorer_reload_ms", int, "check the latest snapshot pointer every N ms (default 500)"),
+    "--max-body-bytes": ("serve.max_body_bytes", int, "refuse larger request bodies with 413 (default 8 MiB)"),
+    "--max-candidates": ("serve.max_candidates", int, "refuse requests with more candidates with 413 (default 10000)"),
 }
+
+#: Flags of `livectr serve` only (`livectr run` starts no scorer).
+SERVE_FLAGS = ("--reload-ms", "--max-body-bytes", "--max-candidates")
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
@@ -273,7 +280,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     """Score impressions (JSON lines on stdin) with the latest snapshot; one probability per line."""
 
     cfg = build_config(args)
-    scorer = Scorer(cfg.data_dir)
+    scorer = Scorer(cfg.data_dir, reload_ms=cfg.learner.scorer_reload_ms, cfg=cfg)
     for line in sys.stdin.buffer:
         line = line.strip()
         if not line:
@@ -285,8 +292,11 @@ def cmd_score(args: argparse.Namespace) -> int:
         except DecodeError as exc:
             print(json.dumps({"error": exc.reason}), flush=True)
             continue
-        score = float(scorer.score([event])[0])
-        print(json.dumps({"impression_id": event.impression_id, "score": score, "version": scorer.version}), flush=True)
+        scores, version = scorer.score_versioned([event])
+        print(
+            json.dumps({"impression_id": event.impression_id, "score": float(scores[0]), "version": version}),
+            flush=True,
+        )
     return 0
 
 
@@ -319,7 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(run)
     _add_config_flags(
         run,
-        [f for f in CONFIG_FLAGS if f not in {"--bootstrap-servers", "--topic-prefix", "--partitions", "--data-dir"}],
+        [
+            f
+            for f in CONFIG_FLAGS
+            if f not in {"--bootstrap-servers", "--topic-prefix", "--partitions", "--data-dir", *SERVE_FLAGS}
+        ],
     )
     run.add_argument(
         "--log", type=Path, default=None, help="replay this recorded events log instead of synthetic traffic"
@@ -375,8 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="HTTP scorer that hot-reloads the latest snapshot (POST /score)")
     _add_common(serve)
+    _add_config_flags(serve, SERVE_FLAGS)
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--port", type=int, default=8000)
     serve.set_defaults(func=cmd_serve)
 
     score = sub.add_parser("score", help="score impressions given as JSON lines on stdin")

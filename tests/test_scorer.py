@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -12,13 +11,15 @@ from typing import Any
 
 import numpy as np
 import pytest
+from servers import running
 from toyworld import ToyWorld
 
 from livectr.core.config import Config
 from livectr.core.events import Impression
 from livectr.learner import snapshot as snap
 from livectr.learner.online import OnlineLearner
-from livectr.learner.scorer import NoSnapshotError, Scorer, make_server
+from livectr.learner.scorer import NoSnapshotError, Scorer
+from livectr.learner.serve import make_app
 
 
 def impressions(world: ToyWorld, n: int) -> list[Impression]:
@@ -81,12 +82,8 @@ def server(cfg: Config) -> Iterator[tuple[str, OnlineLearner, ToyWorld]]:
     learner = OnlineLearner(cfg)
     learner.learn_batch(world.examples(256))
     publish(cfg, learner)
-    srv = make_server(Scorer(cfg.data_dir, reload_ms=50), "127.0.0.1", 0)
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}", learner, world
-    srv.shutdown()
-    srv.server_close()
+    with running(make_app(Scorer(cfg.data_dir, reload_ms=50))) as base:
+        yield base, learner, world
 
 
 def call(url: str, body: bytes | None = None) -> tuple[int, dict[str, Any]]:
@@ -137,7 +134,7 @@ def test_http_score_and_healthz(server: tuple[str, OnlineLearner, ToyWorld]) -> 
 def test_http_rejects_invalid_input(server: tuple[str, OnlineLearner, ToyWorld], body: bytes, reason: str) -> None:
     base, _, _ = server
     code, reply = call(f"{base}/score", body)
-    assert code == 400 and reason in reply["error"]
+    assert code == 422 and reason in reply["error"]  # 400 before the ASGI server; malformed bodies are 422 now
 
 
 def test_http_unknown_route(server: tuple[str, OnlineLearner, ToyWorld]) -> None:

@@ -235,6 +235,17 @@ class SemanticConfig:
 
 
 @dataclass
+class ServeConfig:
+    """The HTTP scorer (``livectr serve``); which snapshot it polls and how often is the learner's
+    ``scorer_reload_ms``."""
+
+    #: Larger request bodies are refused with 413 before they are read.
+    max_body_bytes: int = 8 * 1024 * 1024
+    #: Requests with more candidates (items or impressions) are refused with 413.
+    max_candidates: int = 10_000
+
+
+@dataclass
 class Config:
     """Everything livectr needs to run any stage."""
 
@@ -243,6 +254,7 @@ class Config:
     join: JoinConfig = field(default_factory=JoinConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     semantic: SemanticConfig = field(default_factory=SemanticConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     data_dir: Path = Path("./livectr-data")
 
     @property

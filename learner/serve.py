@@ -1,0 +1,261 @@
+"""The HTTP scorer (``livectr serve``): Starlette on uvicorn, hot-swapping the latest snapshot.
+
+Why this stack: scoring is a short CPU burst (torch releases the GIL) between JSON decoding and
+encoding, so what the server adds per request is what matters. uvicorn (with httptools and
+uvloop when installed) parses HTTP/1.1 with keep-alive in C, where the stdlib
+``ThreadingHTTPServer`` it replaces spoke HTTP/1.0, spawned a thread per connection and
+reconnected on every request; Starlette is a thin routing layer without a validation framework
+of its own, so request bodies are still decoded and validated by msgspec at C speed with the
+event types every other stage uses (``bench/serve_speed.py`` measures the old and new servers).
+The scoring itself runs in a worker thread, so ``/healthz``, ``/readyz`` and ``/metrics`` answer
+while a large batch is being scored.
+
+Routes:
+
+* ``POST /score`` — ``{"user_id": …, "items": [...], "context": {...}}`` → ``{"model_version": N,
+  "scores": [...]}`` (one click probability per item, in order), or the original
+  ``{"impressions": [{impression fields}]}`` → the same plus ``"version": N``. 413 for a body over
+  ``serve.max_body_bytes`` or more than ``serve.max_candidates`` candidates, 422 with msgspec's
+  reason for a malformed body, 503 before the first snapshot, 500 ``{"error": …}`` otherwise.
+* ``GET /healthz`` — the process is up (always 200); ``GET /readyz`` — 503 until a model is loaded.
+* ``GET /metrics`` — Prometheus text format.
+
+``model_version`` is the version of the model that computed the scores: a request takes the
+model reference once and scores with it, while a background thread (:meth:`Scorer.start_watcher`)
+loads new snapshots and swaps that reference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any
+
+import msgspec
+import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from livectr.core.config import Config, ServeConfig
+from livectr.core.events import ContextValue, Impression
+from livectr.learner.scorer import NoSnapshotError, Scorer
+
+log = logging.getLogger(__name__)
+
+#: Request latency buckets (seconds): scoring 100 candidates takes about a millisecond.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+class ScoreRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """Either ``user_id`` + ``items`` (+ ``context``) or the original ``impressions`` list."""
+
+    user_id: str | None = None
+    items: list[str] | None = None
+    context: dict[str, ContextValue] = {}
+    impressions: list[Impression] | None = None
+
+
+_request_decoder = msgspec.json.Decoder(ScoreRequest)
+_encoder = msgspec.json.Encoder()
+
+
+class Rejected(Exception):
+    """A request refused with an HTTP status and a reason (sent as ``{"error": reason}``)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def json_response(status: int, body: dict[str, Any]) -> Response:
+    return Response(_encoder.encode(body), status_code=status, media_type="application/json")
+
+
+class _ScorerCollector:
+    """Model gauges and snapshot-load counters, read from the scorer at scrape time."""
+
+    def __init__(self, scorer: Scorer) -> None:
+        self.scorer = scorer
+
+    def collect(self) -> Iterable[Metric]:
+        current = self.scorer.current
+        yield GaugeMetricFamily(
+            "livectr_serve_model_version",
+            "Version of the snapshot serving now (0: none loaded)",
+            value=current.version if current else 0,
+        )
+        yield GaugeMetricFamily(
+            "livectr_serve_snapshot_age_seconds",
+            "Seconds since the serving snapshot was published (NaN: none)",
+            value=time.time() - current.created_at if current else float("nan"),
+        )
+        yield CounterMetricFamily(
+            "livectr_serve_snapshot_loads", "Snapshots loaded and swapped in", value=self.scorer.reloads
+        )
+        yield CounterMetricFamily(
+            "livectr_serve_snapshot_load_failures",
+            "Snapshots that failed to load (the previous model kept serving)",
+            value=self.scorer.load_failures,
+        )
+
+
+class ServeMetrics:
+    """The server's Prometheus registry (one per app, so several apps can live in one process)."""
+
+    def __init__(self, scorer: Scorer) -> None:
+        self.registry = CollectorRegistry()
+        self.latency = Histogram(
+            "livectr_serve_request_seconds",
+            "Request latency by route",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.requests = Counter(
+            "livectr_serve_requests", "Requests by route and status", ["route", "status"], registry=self.registry
+        )
+        self.registry.register(_ScorerCollector(scorer))
+
+    def observe(self, route: str, status: int, seconds: float) -> None:
+        self.latency.labels(route).observe(seconds)
+        self.requests.labels(route, str(status)).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise Rejected(400, "invalid Content-Length") from None
+        if size > limit:
+            raise Rejected(413, f"body of {size} bytes exceeds the limit of {limit}")
+    chunks: list[bytes] = []
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:
+            raise Rejected(413, f"body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def to_impressions(req: ScoreRequest, max_candidates: int, request_no: int) -> tuple[list[Impression], bool]:
+    """The impressions a request asks to score, and whether it used the original form."""
+    if req.impressions is not None:
+        if req.user_id is not None or req.items is not None:
+            raise Rejected(422, "invalid request: give either `impressions` or `user_id` and `items`, not both")
+        if len(req.impressions) > max_candidates:
+            raise Rejected(413, f"{len(req.impressions)} impressions exceed the limit of {max_candidates}")
+        return req.impressions, True
+    if req.user_id is None:
+        raise Rejected(422, "invalid request: Object missing required field `user_id`")
+    if req.items is None:
+        raise Rejected(422, "invalid request: Object missing required field `items`")
+    if len(req.items) > max_candidates:
+        raise Rejected(413, f"{len(req.items)} items exceed the limit of {max_candidates}")
+    now = time.time()
+    user, context = req.user_id, req.context
+    return [
+        Impression(impression_id=f"serve-{request_no}-{i}", ts=now, user_id=user, item_id=item, context=context)
+        for i, item in enumerate(req.items)
+    ], False
+
+
+def make_app(scorer: Scorer, cfg: ServeConfig | None = None, watch: bool = True) -> Starlette:
+    """The ASGI app serving ``scorer``; with ``watch`` its lifespan runs the snapshot watcher."""
+    cfg = cfg or ServeConfig()
+    metrics = ServeMetrics(scorer)
+    requests_seen = itertools.count()
+
+    def endpoint(route: str, handler: Callable[[Request], Awaitable[Response]]) -> Callable[..., Any]:
+        async def wrapped(request: Request) -> Response:
+            start = time.perf_counter()
+            try:
+                response = await handler(request)
+            except Rejected as exc:
+                response = json_response(exc.status, {"error": exc.reason})
+            except Exception as exc:  # a JSON 500, never a dropped connection
+                log.exception("%s failed", route)
+                response = json_response(500, {"error": f"internal error: {type(exc).__name__}: {exc}"})
+            metrics.observe(route, response.status_code, time.perf_counter() - start)
+            return response
+
+        return wrapped
+
+    async def score(request: Request) -> Response:
+        body = await read_body(request, cfg.max_body_bytes)
+        try:
+            req = _request_decoder.decode(body)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise Rejected(422, f"invalid request: {exc}") from None
+        impressions, original_form = to_impressions(req, cfg.max_candidates, next(requests_seen))
+        try:
+            scores, version = await run_in_threadpool(scorer.score_versioned, impressions)
+        except NoSnapshotError as exc:
+            raise Rejected(503, str(exc)) from None
+        reply: dict[str, Any] = {"model_version": version, "scores": scores.tolist()}
+        if original_form:
+            reply["version"] = version
+        return json_response(200, reply)
+
+    async def healthz(request: Request) -> Response:
+        return json_response(200, {"version": scorer.version, "examples_seen": scorer.examples_seen})
+
+    async def readyz(request: Request) -> Response:
+        current = scorer.current
+        if current is None:
+            return json_response(503, {"ready": False, "error": "no model loaded yet"})
+        return json_response(200, {"ready": True, "model_version": current.version})
+
+    async def metrics_route(request: Request) -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        status = exc.status_code if isinstance(exc, HTTPException) else 500
+        reason = f"no route {request.method} {request.url.path}" if status in (404, 405) else str(exc)
+        metrics.observe("other", status, 0.0)
+        return json_response(status, {"error": reason})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if watch:
+            scorer.start_watcher()
+        try:
+            yield
+        finally:
+            if watch:
+                scorer.stop_watcher()
+
+    routes = [
+        Route("/score", endpoint("/score", score), methods=["POST"]),
+        Route("/healthz", endpoint("/healthz", healthz), methods=["GET"]),
+        Route("/readyz", endpoint("/readyz", readyz), methods=["GET"]),
+        Route("/metrics", endpoint("/metrics", metrics_route), methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
+    app.state.scorer = scorer
+    app.state.metrics = metrics
+    return app
+
+
+def serve(cfg: Config, host: str, port: int) -> None:
+    """Serve the scorer on ``host:port`` until interrupted; the first snapshot loads in the background."""
+    scorer = Scorer(cfg.data_dir, reload_ms=cfg.learner.scorer_reload_ms, cfg=cfg, load_now=False)
+    app = make_app(scorer, cfg.serve)
+    log.info("scoring on http://%s:%d (snapshots under %s)", host, port, cfg.data_dir / "snapshots")
+    uvicorn.run(app, host=host, port=port, log_config=None, access_log=False, timeout_graceful_shutdown=5)
