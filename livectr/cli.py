@@ -121,9 +121,9 @@ def build_config(args: argparse.Namespace) -> Config:
         cfg.semantic.enabled = args.semantics == "on"
     if cfg.join.policy not in POLICIES:
         raise SystemExit(f"--policy must be one of {', '.join(POLICIES)}, not {cfg.join.policy!r}")
-    if cfg.join.policy == "defer" and not 0 < cfg.join.defer_wait_s < cfg.join.window_s:
+    if cfg.join.policy == "defer" and not 0 <= cfg.join.defer_wait_s < cfg.join.window_s:
         raise SystemExit(
-            f"--defer-wait-s must be between 0 and --window-s ({cfg.join.window_s:g}), not {cfg.join.defer_wait_s:g}"
+            f"--defer-wait-s must be at least 0 and below --window-s ({cfg.join.window_s:g}), not {cfg.join.defer_wait_s:g}"
         )
     return cfg
 

@@ -91,3 +91,16 @@ def test_installed_namespace_has_no_top_level_stage_packages(tmp_path: Path) -> 
     if "No module named 'livectr'" in result.stderr:
         pytest.skip("livectr is not installed in this interpreter")
     assert result.returncode == 0, result.stderr
+
+
+def test_every_policy_is_accepted_with_its_defaults() -> None:
+    """The command line accepts each labelling policy with the default settings (a policy the
+    join knows but the flags refused would be unusable)."""
+    from livectr.cli import build_config, build_parser
+    from livectr.streams.join import POLICIES
+
+    for policy in POLICIES:
+        cfg = build_config(build_parser().parse_args(["join", "--policy", policy]))
+        assert cfg.join.policy == policy
+    with pytest.raises(SystemExit):
+        build_config(build_parser().parse_args(["join", "--policy", "defer", "--defer-wait-s", "900"]))
