@@ -52,7 +52,7 @@ from livectr.core.events import (
 from livectr.learner.align import EventTimeMerge
 from livectr.learner.model import ModelConfig
 from livectr.learner.online import OnlineLearner
-from livectr.learner.snapshot import clean_temp, load_latest, manifest_offsets, publish_snapshot
+from livectr.learner.snapshot import clean_temp, load_newest_good, manifest_offsets, publish_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +113,13 @@ def _resume(cfg: Config) -> tuple[dict[str, Any] | None, OnlineLearner]:
 
     Compatibility is the model's shape (not the whole config hash): changing, say, the snapshot
     interval must not throw the model away, but toggling semantics or the embedding size must.
+    A corrupt snapshot is skipped with a warning for the newest one that verifies (its offsets
+    are where training resumes), else the learner starts fresh.
     """
     clean_temp(cfg.data_dir)
-    loaded = load_latest(cfg.data_dir)
+    loaded, refused = load_newest_good(cfg.data_dir)
+    for exc in refused:
+        log.warning("%s; falling back to %s", exc, "an older snapshot" if loaded is not None else "a fresh model")
     if loaded is not None:
         manifest, state = loaded
         wanted = ModelConfig.from_config(cfg).to_dict()

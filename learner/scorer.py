@@ -26,7 +26,7 @@ import numpy as np
 from livectr.core.config import Config
 from livectr.core.events import Impression
 from livectr.learner.predictor import Predictor
-from livectr.learner.snapshot import latest_version, load_latest
+from livectr.learner.snapshot import SnapshotError, latest_version, load_latest, load_newest_good, version_name
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,8 @@ class Scorer:
         self._checked = 0.0
         self._reload_lock = threading.Lock()
         self.reloads = 0
+        #: The latest version last refused as corrupt (not retried until ``latest`` moves on).
+        self.refused_version: int | None = None
         self.maybe_reload(force=True)
 
     @property
@@ -72,7 +74,11 @@ class Scorer:
         return int(self._current.manifest.get("examples_seen", 0)) if self._current else None
 
     def maybe_reload(self, force: bool = False) -> bool:
-        """Load the snapshot ``latest`` points to if it changed; True when a new model was loaded."""
+        """Load the snapshot ``latest`` points to if it changed; True when a new model was loaded.
+
+        A corrupt snapshot (:class:`SnapshotError`) is refused: the current model keeps serving,
+        or, before the first one, the newest snapshot that verifies is loaded instead.
+        """
         now = time.monotonic()
         if not force and now - self._checked < self.reload_s:
             return False
@@ -81,9 +87,23 @@ class Scorer:
         try:
             self._checked = now
             pointed = latest_version(self.data_dir)
-            if pointed is None or (self._current is not None and pointed == self._current.version):
+            if pointed is None or pointed == self.refused_version:
                 return False
-            loaded = load_latest(self.data_dir, with_optimizer=False)
+            if self._current is not None and pointed == self._current.version:
+                return False
+            refused: list[SnapshotError] = []
+            if self._current is None:
+                loaded, refused = load_newest_good(self.data_dir, with_optimizer=False)
+            else:
+                try:
+                    loaded = load_latest(self.data_dir, with_optimizer=False)
+                except SnapshotError as exc:
+                    loaded, refused = None, [exc]
+            for bad in refused:
+                if bad.path.name == version_name(pointed):
+                    self.refused_version = pointed
+                keeping = f"keeping v{self.version:08d}" if self.version is not None else "trying an older one"
+                log.error("%s; %s", bad, keeping)
             if loaded is None:
                 return False
             manifest, state = loaded
