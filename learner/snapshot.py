@@ -24,6 +24,7 @@ Snapshots written before checksums existed (no ``files``) are still loaded, unve
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -73,6 +74,7 @@ LATEST_FILE = "LATEST"
 MANIFEST = "manifest.json"
 #: The files a snapshot holds besides its manifest (each checksummed in ``manifest["files"]``).
 DATA_FILES = ("model.safetensors", "optimizer.safetensors", "state.safetensors", "vocab.json")
+LOCK_FILE = ".learner.lock"
 
 
 def snapshots_dir(data_dir: Path | str) -> Path:
@@ -328,6 +330,53 @@ def load_newest_good(
         except OSError:
             continue  # pruned meanwhile
     return None, refused
+
+
+class LearnerLockError(RuntimeError):
+    """Another live learner already writes snapshots under this data directory."""
+
+
+class LearnerLock:
+    """Exclusive ``flock`` on ``data_dir/snapshots/.learner.lock`` for a learner's whole life.
+
+    Why: two learners on one data dir pick the same next version and overwrite each other's
+    snapshots and offsets. ``flock`` is released by the kernel when the process dies, so a
+    crashed learner never leaves a stale lock; the file holds the holder's pid for the message.
+    """
+
+    def __init__(self, data_dir: Path | str) -> None:
+        self.data_dir = Path(data_dir)
+        self.path = snapshots_dir(data_dir) / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> LearnerLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise LearnerLockError(
+                f"another learner (pid {holder}) is already writing snapshots to data dir {self.data_dir}; "
+                "stop it or give this one another --data-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> LearnerLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def manifest_offsets(manifest: dict[str, Any], topic: str) -> dict[int, int]:

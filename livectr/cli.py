@@ -28,6 +28,7 @@ from livectr.core.events import DecodeError, Impression, decode_event
 from livectr.core.status import StatusFile, write_json_atomic
 from livectr.learner.loop import run_learner
 from livectr.learner.scorer import Scorer, serve
+from livectr.learner.snapshot import LearnerLock, LearnerLockError
 from livectr.pipeline import run_pipeline
 from livectr.semantic_cache.client import SemanticCacheClient
 from livectr.semantic_cache.refresher import run_refresher
@@ -220,8 +221,16 @@ def cmd_refresh(args: argparse.Namespace) -> int:
 def cmd_learn(args: argparse.Namespace) -> int:
 
     def body(cfg: Config, status: StatusFile, stop: threading.Event) -> dict[str, Any]:
+        try:
+            lock = LearnerLock(cfg.data_dir).acquire()  # before any broker call: fail at once
+        except LearnerLockError as exc:
+            raise SystemExit(f"livectr learn: {exc}") from None
+        lock.release()  # run_learner takes it again for its whole run
         bus.ensure_topics(cfg)
-        return run_learner(cfg, on_status=status, stop=stop, bounded=not args.forever)
+        try:
+            return run_learner(cfg, on_status=status, stop=stop, bounded=not args.forever)
+        except LearnerLockError as exc:
+            raise SystemExit(f"livectr learn: {exc}") from None
 
     return _run_stage(args, body)
 
