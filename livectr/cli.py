@@ -35,11 +35,15 @@ from livectr.semantic_cache.refresher import run_refresher
 from livectr.semantic_cache.similar import similar
 from livectr.simulators.ml100k import convert_ml100k
 from livectr.simulators.publish import publish
-from livectr.simulators.sources import leading_items, open_source
+from livectr.simulators.replay import ReplayInputError
+from livectr.simulators.sources import check_source, leading_items, open_source
 from livectr.streams.join import POLICIES
 from livectr.streams.worker import run_join_worker
 
 log = logging.getLogger("livectr")
+
+#: Errors that mean "fix the command line or the environment": one line on stderr, exit 2.
+USAGE_ERRORS: tuple[type[Exception], ...] = (ReplayInputError, bus.BrokerUnreachable, LearnerLockError)
 
 #: flag → (config key, type, help). Only flags the user actually gives override the config.
 CONFIG_FLAGS: dict[str, tuple[str, type, str]] = {
@@ -161,6 +165,8 @@ def _run_stage(args: argparse.Namespace, body: Callable[[Config, StatusFile, thr
 def cmd_produce(args: argparse.Namespace) -> int:
 
     def body(cfg: Config, status: StatusFile, stop: threading.Event) -> dict[str, Any]:
+        check_source(args.log, args.items)  # fail fast: bad files, then an unreachable broker
+        bus.check_reachable(cfg.kafka)
         bus.ensure_topics(cfg)
         source = open_source(cfg, log=args.log, items=args.items)
         events = leading_items(source.events) if args.catalogue_only else source.events
@@ -221,16 +227,9 @@ def cmd_refresh(args: argparse.Namespace) -> int:
 def cmd_learn(args: argparse.Namespace) -> int:
 
     def body(cfg: Config, status: StatusFile, stop: threading.Event) -> dict[str, Any]:
-        try:
-            lock = LearnerLock(cfg.data_dir).acquire()  # before any broker call: fail at once
-        except LearnerLockError as exc:
-            raise SystemExit(f"livectr learn: {exc}") from None
-        lock.release()  # run_learner takes it again for its whole run
+        LearnerLock(cfg.data_dir).acquire().release()  # fail at once, before any broker call
         bus.ensure_topics(cfg)
-        try:
-            return run_learner(cfg, on_status=status, stop=stop, bounded=not args.forever)
-        except LearnerLockError as exc:
-            raise SystemExit(f"livectr learn: {exc}") from None
+        return run_learner(cfg, on_status=status, stop=stop, bounded=not args.forever)
 
     return _run_stage(args, body)
 
@@ -423,7 +422,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except USAGE_ERRORS as exc:
+        # A bad command line or environment: one clear line, no traceback.
+        print(f"livectr {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from livectr.core import config as config_mod
 from livectr.core.broker import EmbeddedBroker
 from livectr.core.config import Config
 from livectr.core.status import read_json
+from livectr.simulators.sources import check_source
 
 log = logging.getLogger(__name__)
 
@@ -339,7 +340,16 @@ def run_pipeline(
     quiet: bool = False,
     warm_catalogue: bool = True,
 ) -> dict[str, Any]:
-    """Start the broker if needed, every stage as a child process, show progress, return the summary."""
+    """Start the broker if needed, every stage as a child process, show progress, return the summary.
+
+    Checks first, before any broker or stage starts (so a bad command line fails in seconds
+    with one clear error, not a child's traceback): the replay files
+    (:class:`~livectr.simulators.replay.ReplayInputError`) and, with ``--bootstrap-servers``,
+    that a broker answers (:class:`~livectr.core.bus.BrokerUnreachable`).
+    """
+    check_source(log_path, items_path)
+    if cfg.kafka.bootstrap_servers:
+        bus.check_reachable(cfg.kafka)
     started = time.time()
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     broker: EmbeddedBroker | None = None
