@@ -29,7 +29,7 @@ from livectr.core.status import StatusFile, write_json_atomic
 from livectr.learner.loop import run_learner
 from livectr.learner.scorer import Scorer, serve
 from livectr.learner.snapshot import LearnerLock, LearnerLockError
-from livectr.pipeline import run_pipeline
+from livectr.pipeline import DataDirInUse, run_pipeline
 from livectr.semantic_cache.client import SemanticCacheClient
 from livectr.semantic_cache.refresher import run_refresher
 from livectr.semantic_cache.similar import similar
@@ -43,7 +43,7 @@ from livectr.streams.worker import run_join_worker
 log = logging.getLogger("livectr")
 
 #: Errors that mean "fix the command line or the environment": one line on stderr, exit 2.
-USAGE_ERRORS: tuple[type[Exception], ...] = (ReplayInputError, bus.BrokerUnreachable, LearnerLockError)
+USAGE_ERRORS: tuple[type[Exception], ...] = (ReplayInputError, bus.BrokerUnreachable, LearnerLockError, DataDirInUse)
 
 #: flag → (config key, type, help). Only flags the user actually gives override the config.
 CONFIG_FLAGS: dict[str, tuple[str, type, str]] = {
@@ -237,6 +237,8 @@ def cmd_learn(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = build_config(args)
+    if args.fresh and cfg.kafka.bootstrap_servers:
+        raise SystemExit("livectr run: --fresh only applies to the embedded broker (a run without --bootstrap-servers)")
     summary = run_pipeline(
         cfg,
         log_path=args.log,
@@ -245,6 +247,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         join_workers=args.join_workers,
         quiet=args.quiet,
         warm_catalogue=not args.cold_cache,
+        fresh=args.fresh,
     )
     if args.summary_json is not None:
         write_json_atomic(args.summary_json, summary)
@@ -336,6 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--forever", action="store_true", help="run until stopped instead of a bounded demo")
     run.add_argument("--join-workers", type=int, default=None, help="join worker processes (one consumer group)")
     run.add_argument("--quiet", action="store_true", help="no live progress line")
+    run.add_argument(
+        "--fresh",
+        action="store_true",
+        help="embedded broker only: discard the snapshots and join state an earlier run left in --data-dir "
+        "(without it such a run is refused; the semantic store is always kept)",
+    )
     run.add_argument(
         "--cold-cache",
         action="store_true",
