@@ -52,7 +52,7 @@ from livectr.core.events import (
 from livectr.learner.align import EventTimeMerge
 from livectr.learner.model import ModelConfig
 from livectr.learner.online import OnlineLearner
-from livectr.learner.snapshot import clean_temp, load_latest, manifest_offsets, publish_snapshot
+from livectr.learner.snapshot import LearnerLock, clean_temp, load_newest_good, manifest_offsets, publish_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +113,13 @@ def _resume(cfg: Config) -> tuple[dict[str, Any] | None, OnlineLearner]:
 
     Compatibility is the model's shape (not the whole config hash): changing, say, the snapshot
     interval must not throw the model away, but toggling semantics or the embedding size must.
+    A corrupt snapshot is skipped with a warning for the newest one that verifies (its offsets
+    are where training resumes), else the learner starts fresh.
     """
     clean_temp(cfg.data_dir)
-    loaded = load_latest(cfg.data_dir)
+    loaded, refused = load_newest_good(cfg.data_dir)
+    for exc in refused:
+        log.warning("%s; falling back to %s", exc, "an older snapshot" if loaded is not None else "a fresh model")
     if loaded is not None:
         manifest, state = loaded
         wanted = ModelConfig.from_config(cfg).to_dict()
@@ -388,8 +392,16 @@ def _throttle(cons: Any, run: _Run, paused: set[int]) -> set[int]:
 def run_learner(
     cfg: Config, *, on_status: StatusCallback | None = None, stop: threading.Event | None = None, bounded: bool = True
 ) -> dict[str, Any]:
-    """Train on the examples topic until the end markers (``bounded``) or ``stop``; returns a summary."""
-    stop = stop or threading.Event()
+    """Train on the examples topic until the end markers (``bounded``) or ``stop``; returns a summary.
+
+    Holds :class:`LearnerLock` on the data dir for its whole run: a second learner on the same
+    data dir fails at once with :class:`LearnerLockError` instead of overwriting snapshots.
+    """
+    with LearnerLock(cfg.data_dir):
+        return _learn(cfg, on_status, stop or threading.Event(), bounded)
+
+
+def _learn(cfg: Config, on_status: StatusCallback | None, stop: threading.Event, bounded: bool) -> dict[str, Any]:
     partitions = bus.partition_count(cfg.kafka, cfg.topics.examples)
     run = _Run(cfg, on_status, partitions, bus.partition_count(cfg.kafka, cfg.topics.impressions))
     cons = bus.consumer(cfg.kafka)

@@ -27,7 +27,7 @@ import numpy as np
 from livectr.core.config import Config
 from livectr.core.events import Impression
 from livectr.learner.predictor import Predictor
-from livectr.learner.snapshot import latest_version, load_version
+from livectr.learner.snapshot import SnapshotError, latest_version, load_newest_good, load_version, version_name
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,8 @@ class Scorer:
         self._stop = threading.Event()
         self.reloads = 0
         self.load_failures = 0
+        #: The latest version last refused as corrupt (not retried until ``latest`` moves on).
+        self.refused_version: int | None = None
         if load_now:
             self.maybe_reload(force=True)
 
@@ -95,7 +97,11 @@ class Scorer:
         return int(current.manifest.get("examples_seen", 0)) if current else None
 
     def maybe_reload(self, force: bool = False) -> bool:
-        """Load the snapshot ``latest`` points to if it changed; True when a new model was loaded."""
+        """Load the snapshot ``latest`` points to if it changed; True when a new model was loaded.
+
+        A corrupt snapshot (:class:`SnapshotError`) is refused: the current model keeps serving,
+        or, before the first one, the newest snapshot that verifies is loaded instead.
+        """
         now = time.monotonic()
         if not force and now - self._checked < self.reload_s:
             return False
@@ -105,11 +111,29 @@ class Scorer:
         try:
             self._checked = now
             pointed = latest_version(self.data_dir)
-            if pointed is None or (self._current is not None and pointed == self._current.version):
+            if pointed is None or pointed == self.refused_version:
+                return False
+            if self._current is not None and pointed == self._current.version:
                 return False
             if self._failed is not None and self._failed[0] == pointed and now - self._failed[1] < RETRY_FAILED_S:
                 return False
-            manifest, state = load_version(self.data_dir, pointed, with_optimizer=False)
+            refused: list[SnapshotError] = []
+            if self._current is None:  # nothing served yet: the newest snapshot that verifies
+                found, refused = load_newest_good(self.data_dir, with_optimizer=False)
+            else:
+                try:
+                    found = load_version(self.data_dir, pointed, with_optimizer=False)
+                except SnapshotError as exc:
+                    found, refused = None, [exc]
+            for bad in refused:
+                if bad.path.name == version_name(pointed):
+                    self.refused_version = pointed
+                self.load_failures += 1
+                keeping = f"keeping v{self.version:08d}" if self.version is not None else "trying an older one"
+                log.error("%s; %s", bad, keeping)
+            if found is None:
+                return False
+            manifest, state = found
             loaded = Loaded(manifest, Predictor.for_serving(self.cfg, state))
             self._current = loaded  # the swap: one reference assignment
             self._failed = None

@@ -13,26 +13,36 @@ Contents: ``model.safetensors`` (weights), ``optimizer.safetensors`` (moments, s
 learner continues the same trajectory), ``state.safetensors`` (id counts, metric histograms,
 the teacher vectors behind the cold-start index), ``vocab.json`` and ``manifest.json``
 (version, created_at, examples_seen, the next offset to read per examples partition, metrics,
-config_hash, model config, end markers seen).
+config_hash, model config, end markers seen, and ``files``: the sha256 of every other file).
+
+Why checksums: rename makes a snapshot complete when written, but not intact afterwards (a
+disk error, a truncated copy to shared storage, a hand-edited file). A reader verifies every
+file against the manifest and refuses a snapshot that fails with one :class:`SnapshotError`
+naming the path and the reason, never a library's own exception from deep inside a parser.
+Snapshots written before checksums existed (no ``files``) are still loaded, unverified.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import logging
 import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file as load_numpy
+from safetensors import SafetensorError
+from safetensors.numpy import load as load_numpy
 from safetensors.numpy import save_file as save_numpy
-from safetensors.torch import load_file as load_torch
+from safetensors.torch import load as load_torch
 from safetensors.torch import save_file as save_torch
 
 log = logging.getLogger(__name__)
@@ -49,10 +59,22 @@ class LearnerState:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+class SnapshotError(Exception):
+    """A snapshot that cannot be used: a file is missing, corrupt or fails its checksum."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"snapshot {path} refused: {reason}")
+        self.path = path
+        self.reason = reason
+
+
 VERSION_RE = re.compile(r"^v(\d{8})$")
 LATEST_LINK = "latest"
 LATEST_FILE = "LATEST"
 MANIFEST = "manifest.json"
+#: The files a snapshot holds besides its manifest (each checksummed in ``manifest["files"]``).
+DATA_FILES = ("model.safetensors", "optimizer.safetensors", "state.safetensors", "vocab.json")
+LOCK_FILE = ".learner.lock"
 
 
 def snapshots_dir(data_dir: Path | str) -> Path:
@@ -82,6 +104,14 @@ def _fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -137,7 +167,13 @@ def publish_snapshot(
         save_torch(state.optimizer, str(tmp / "optimizer.safetensors"))
         save_numpy({k: np.ascontiguousarray(v) for k, v in state.arrays.items()}, str(tmp / "state.safetensors"))
         _write_json(tmp / "vocab.json", state.meta)
-        full = {**manifest, "version": version, "created_at": time.time(), "model_config": state.model_config}
+        full = {
+            **manifest,
+            "version": version,
+            "created_at": time.time(),
+            "model_config": state.model_config,
+            "files": {f: _sha256(tmp / f) for f in DATA_FILES},
+        }
         _write_json(tmp / MANIFEST, full)
         for f in tmp.iterdir():
             _fsync_path(f)
@@ -192,19 +228,58 @@ def latest_version(data_dir: Path | str) -> int | None:
     return versions[-1] if versions else None
 
 
+def _read_verified(path: Path, name: str, sums: dict[str, str] | None) -> bytes:
+    try:
+        data = (path / name).read_bytes()
+    except FileNotFoundError:
+        raise SnapshotError(path, f"{name} is missing (partial snapshot)") from None
+    except OSError as exc:
+        raise SnapshotError(path, f"{name} is unreadable: {exc}") from exc
+    if sums is not None:
+        want = sums.get(name)
+        if want is None:
+            raise SnapshotError(path, f"the manifest has no checksum for {name}")
+        have = hashlib.sha256(data).hexdigest()
+        if have != want:
+            raise SnapshotError(path, f"{name} is corrupt (sha256 {have[:12]}…, manifest says {want[:12]}…)")
+    return data
+
+
+def _parse(path: Path, name: str, parse: Callable[[bytes], Any], data: bytes) -> Any:
+    """``parse(data)``, its failure (safetensors' or json's own error) as a :class:`SnapshotError`."""
+    try:
+        return parse(data)
+    except (SafetensorError, ValueError, UnicodeDecodeError) as exc:  # json errors are ValueErrors
+        raise SnapshotError(path, f"{name} is unreadable ({type(exc).__name__}: {exc})") from exc
+
+
 def load_version(
     data_dir: Path | str, version: int, with_optimizer: bool = True
 ) -> tuple[dict[str, Any], LearnerState]:
-    """Read one snapshot (without the optimiser moments when serving); raises
-    ``OSError``/``ValueError`` if it is gone or unreadable."""
+    """Read and verify one snapshot (without the optimiser moments when serving).
+
+    Raises ``FileNotFoundError`` if the version directory is gone (pruned), :class:`SnapshotError`
+    if it is there but missing a file, corrupt or failing a checksum.
+    """
     path = snapshots_dir(data_dir) / version_name(version)
-    manifest = json.loads((path / MANIFEST).read_text())
+    if not path.is_dir():
+        raise FileNotFoundError(f"snapshot {path} does not exist")
+    manifest = _parse(path, MANIFEST, json.loads, _read_verified(path, MANIFEST, None))
+    if not isinstance(manifest, dict) or "model_config" not in manifest:
+        raise SnapshotError(path, f"{MANIFEST} is not a snapshot manifest")
+    sums = manifest.get("files")  # None: written before checksums existed, loaded unverified
+    if sums is not None and not isinstance(sums, dict):
+        raise SnapshotError(path, f"{MANIFEST} has a malformed 'files' entry")
+    names = [n for n in DATA_FILES if with_optimizer or n != "optimizer.safetensors"]
+    raw = {n: _read_verified(path, n, sums) for n in names}
     state = LearnerState(
         model_config=manifest["model_config"],
-        tensors=load_torch(str(path / "model.safetensors")),
-        optimizer=load_torch(str(path / "optimizer.safetensors")) if with_optimizer else {},
-        arrays=load_numpy(str(path / "state.safetensors")),
-        meta=json.loads((path / "vocab.json").read_text()),
+        tensors=_parse(path, "model.safetensors", load_torch, raw["model.safetensors"]),
+        optimizer=_parse(path, "optimizer.safetensors", load_torch, raw["optimizer.safetensors"])
+        if with_optimizer
+        else {},
+        arrays=_parse(path, "state.safetensors", load_numpy, raw["state.safetensors"]),
+        meta=_parse(path, "vocab.json", json.loads, raw["vocab.json"]),
     )
     return manifest, state
 
@@ -213,7 +288,8 @@ def load_latest(data_dir: Path | str, with_optimizer: bool = True) -> tuple[dict
     """The latest complete snapshot as ``(manifest, learner state)``, or None when there is none.
 
     If the pointed-to version vanished between reading the pointer and the files (pruned by a
-    concurrent writer), the pointer is read again.
+    concurrent writer), the pointer is read again. A latest snapshot that is there but corrupt
+    raises :class:`SnapshotError` (see :func:`load_newest_good` for falling back).
     """
     for _ in range(3):
         version = latest_version(data_dir)
@@ -221,10 +297,86 @@ def load_latest(data_dir: Path | str, with_optimizer: bool = True) -> tuple[dict
             return None
         try:
             return load_version(data_dir, version, with_optimizer)
-        except (OSError, ValueError) as exc:
-            log.warning("snapshot %s unreadable (%s); retrying", version_name(version), exc)
+        except (OSError, SnapshotError) as exc:
+            if isinstance(exc, SnapshotError) and exc.path.is_dir():
+                raise  # really corrupt, not pruned under our feet
+            log.warning("snapshot %s vanished while read (%s); retrying", version_name(version), exc)
             time.sleep(0.05)
     return None
+
+
+def load_newest_good(
+    data_dir: Path | str, with_optimizer: bool = True
+) -> tuple[tuple[dict[str, Any], LearnerState] | None, list[SnapshotError]]:
+    """The latest snapshot, else the newest version that verifies; and the ones refused on the way.
+
+    Returns ``(None, refused)`` when no version is usable (the caller starts fresh).
+    """
+    refused: list[SnapshotError] = []
+    try:
+        loaded = load_latest(data_dir, with_optimizer)
+        if loaded is not None:
+            return loaded, refused
+    except SnapshotError as exc:
+        refused.append(exc)
+    bad = {e.path.name for e in refused}
+    for version in reversed(list_versions(data_dir)):
+        if version_name(version) in bad:
+            continue
+        try:
+            return load_version(data_dir, version, with_optimizer), refused
+        except SnapshotError as exc:
+            refused.append(exc)
+        except OSError:
+            continue  # pruned meanwhile
+    return None, refused
+
+
+class LearnerLockError(RuntimeError):
+    """Another live learner already writes snapshots under this data directory."""
+
+
+class LearnerLock:
+    """Exclusive ``flock`` on ``data_dir/snapshots/.learner.lock`` for a learner's whole life.
+
+    Why: two learners on one data dir pick the same next version and overwrite each other's
+    snapshots and offsets. ``flock`` is released by the kernel when the process dies, so a
+    crashed learner never leaves a stale lock; the file holds the holder's pid for the message.
+    """
+
+    def __init__(self, data_dir: Path | str) -> None:
+        self.data_dir = Path(data_dir)
+        self.path = snapshots_dir(data_dir) / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> LearnerLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise LearnerLockError(
+                f"another learner (pid {holder}) is already writing snapshots to data dir {self.data_dir}; "
+                "stop it or give this one another --data-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> LearnerLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def manifest_offsets(manifest: dict[str, Any], topic: str) -> dict[int, int]:

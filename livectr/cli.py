@@ -29,17 +29,22 @@ from livectr.core.status import StatusFile, write_json_atomic
 from livectr.learner.loop import run_learner
 from livectr.learner.scorer import Scorer
 from livectr.learner.serve import serve
-from livectr.pipeline import run_pipeline
+from livectr.learner.snapshot import LearnerLock, LearnerLockError
+from livectr.pipeline import DataDirInUse, run_pipeline
 from livectr.semantic_cache.client import SemanticCacheClient
 from livectr.semantic_cache.refresher import run_refresher
 from livectr.semantic_cache.similar import similar
 from livectr.simulators.ml100k import convert_ml100k
 from livectr.simulators.publish import publish
-from livectr.simulators.sources import leading_items, open_source
+from livectr.simulators.replay import ReplayInputError
+from livectr.simulators.sources import check_source, leading_items, open_source
 from livectr.streams.join import POLICIES
 from livectr.streams.worker import run_join_worker
 
 log = logging.getLogger("livectr")
+
+#: Errors that mean "fix the command line or the environment": one line on stderr, exit 2.
+USAGE_ERRORS: tuple[type[Exception], ...] = (ReplayInputError, bus.BrokerUnreachable, LearnerLockError, DataDirInUse)
 
 #: flag → (config key, type, help). Only flags the user actually gives override the config.
 CONFIG_FLAGS: dict[str, tuple[str, type, str]] = {
@@ -167,6 +172,8 @@ def _run_stage(args: argparse.Namespace, body: Callable[[Config, StatusFile, thr
 def cmd_produce(args: argparse.Namespace) -> int:
 
     def body(cfg: Config, status: StatusFile, stop: threading.Event) -> dict[str, Any]:
+        check_source(args.log, args.items)  # fail fast: bad files, then an unreachable broker
+        bus.check_reachable(cfg.kafka)
         bus.ensure_topics(cfg)
         source = open_source(cfg, log=args.log, items=args.items)
         events = leading_items(source.events) if args.catalogue_only else source.events
@@ -227,6 +234,7 @@ def cmd_refresh(args: argparse.Namespace) -> int:
 def cmd_learn(args: argparse.Namespace) -> int:
 
     def body(cfg: Config, status: StatusFile, stop: threading.Event) -> dict[str, Any]:
+        LearnerLock(cfg.data_dir).acquire().release()  # fail at once, before any broker call
         bus.ensure_topics(cfg)
         return run_learner(cfg, on_status=status, stop=stop, bounded=not args.forever)
 
@@ -236,6 +244,8 @@ def cmd_learn(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = build_config(args)
+    if args.fresh and cfg.kafka.bootstrap_servers:
+        raise SystemExit("livectr run: --fresh only applies to the embedded broker (a run without --bootstrap-servers)")
     summary = run_pipeline(
         cfg,
         log_path=args.log,
@@ -244,6 +254,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         join_workers=args.join_workers,
         quiet=args.quiet,
         warm_catalogue=not args.cold_cache,
+        fresh=args.fresh,
     )
     if args.summary_json is not None:
         write_json_atomic(args.summary_json, summary)
@@ -343,6 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--join-workers", type=int, default=None, help="join worker processes (one consumer group)")
     run.add_argument("--quiet", action="store_true", help="no live progress line")
     run.add_argument(
+        "--fresh",
+        action="store_true",
+        help="embedded broker only: discard the snapshots and join state an earlier run left in --data-dir "
+        "(without it such a run is refused; the semantic store is always kept)",
+    )
+    run.add_argument(
         "--cold-cache",
         action="store_true",
         help="start traffic without first letting the teacher encode the existing catalogue",
@@ -429,7 +446,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except USAGE_ERRORS as exc:
+        # A bad command line or environment: one clear line, no traceback.
+        print(f"livectr {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

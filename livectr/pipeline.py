@@ -25,6 +25,8 @@ from livectr.core import config as config_mod
 from livectr.core.broker import EmbeddedBroker
 from livectr.core.config import Config
 from livectr.core.status import read_json
+from livectr.learner.snapshot import LearnerLock, list_versions
+from livectr.simulators.sources import check_source
 
 log = logging.getLogger(__name__)
 
@@ -127,17 +129,53 @@ class Stage:
             return ""
 
 
-def reset_stream_state(data_dir: Path) -> None:
-    """Forget positions in a previous stream (join checkpoints, snapshots).
+class DataDirInUse(RuntimeError):
+    """``livectr run`` on the embedded broker would discard an earlier run's snapshots or join state."""
 
-    The embedded broker keeps its log in memory, so every ``livectr run`` without
-    ``--bootstrap-servers`` is a new stream whose offsets mean nothing to old checkpoints.
+
+def earlier_stream_state(data_dir: Path) -> list[str]:
+    """What an earlier stream left in ``data_dir`` that a new one would make meaningless."""
+    found = []
+    versions = list_versions(data_dir)
+    if versions:
+        found.append(f"{len(versions)} model snapshot(s) (latest v{versions[-1]:08d})")
+    join = data_dir / "join-state"
+    if join.is_dir() and any(p.is_file() for p in join.rglob("*")):
+        found.append("join checkpoints")
+    return found
+
+
+def reset_stream_state(data_dir: Path) -> None:
+    """Forget positions in a previous stream (join checkpoints, snapshots, stage logs).
+
     The semantic store is kept: teacher vectors stay valid across streams.
     """
     for name in ("join-state", "snapshots", "run"):
         path = data_dir / name
         if path.exists():
             shutil.rmtree(path)
+
+
+def prepare_embedded_data_dir(data_dir: Path, fresh: bool) -> None:
+    """Make ``data_dir`` ready for a new stream on the embedded broker, never losing work silently.
+
+    The embedded broker keeps its log in memory, so every ``livectr run`` without
+    ``--bootstrap-servers`` is a new stream whose offsets mean nothing to an earlier run's join
+    checkpoints and snapshots. Those are kept, and the run refused (:class:`DataDirInUse`), unless
+    ``fresh`` (``--fresh``) says to discard them; a learner still running on the directory
+    refuses it either way (:class:`~livectr.learner.snapshot.LearnerLockError`).
+    """
+    found = earlier_stream_state(data_dir)
+    if found and not fresh:
+        raise DataDirInUse(
+            f"{data_dir} holds {' and '.join(found)} from an earlier run, which a new embedded stream "
+            "would make meaningless: pass --fresh to discard them, another --data-dir to keep them, "
+            "or --bootstrap-servers to continue that stream on its broker"
+        )
+    with LearnerLock(data_dir):
+        if found:
+            log.warning("--fresh: discarding %s in %s", " and ".join(found), data_dir)
+        reset_stream_state(data_dir)
 
 
 class Progress:
@@ -338,13 +376,25 @@ def run_pipeline(
     join_workers: int | None = None,
     quiet: bool = False,
     warm_catalogue: bool = True,
+    fresh: bool = False,
 ) -> dict[str, Any]:
-    """Start the broker if needed, every stage as a child process, show progress, return the summary."""
+    """Start the broker if needed, every stage as a child process, show progress, return the summary.
+
+    Checks first, before any broker or stage starts (so a bad command line fails in seconds
+    with one clear error, not a child's traceback): the replay files
+    (:class:`~livectr.simulators.replay.ReplayInputError`) and, with ``--bootstrap-servers``,
+    that a broker answers (:class:`~livectr.core.bus.BrokerUnreachable`); without, that the
+    data dir holds no earlier stream's state unless ``fresh`` (:func:`prepare_embedded_data_dir`).
+    """
+    check_source(log_path, items_path)
+    if cfg.kafka.bootstrap_servers:
+        bus.check_reachable(cfg.kafka)
+    else:
+        prepare_embedded_data_dir(cfg.data_dir, fresh)
     started = time.time()
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     broker: EmbeddedBroker | None = None
     if not cfg.kafka.bootstrap_servers:
-        reset_stream_state(cfg.data_dir)
         broker = EmbeddedBroker(log_path=cfg.data_dir / "broker.log").start()
         cfg.kafka.bootstrap_servers = broker.bootstrap_servers
         log.info("embedded broker (tansu) on %s", broker.bootstrap_servers)

@@ -21,8 +21,10 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import itertools
 import math
-from collections.abc import Iterable, Iterator
+import os
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,21 @@ _json = msgspec.json.Decoder()
 
 class RowError(ValueError):
     """A row that cannot become an event; the message is the dead-letter reason."""
+
+
+class ReplayInputError(ValueError):
+    """A log or items file that cannot be replayed at all (missing, unreadable, wrong columns).
+
+    Unlike a :class:`RowError`, which dead-letters one row, this stops the command before
+    anything starts: the message is one line naming the file and the problem.
+    """
+
+
+#: Columns a file must have (CSV header; JSONL: keys seen in its first records).
+REQUIRED_EVENT_COLUMNS = ("ts", "type", "impression_id", "user_id", "item_id")
+REQUIRED_ITEM_COLUMNS = ("item_id", "text")
+#: JSONL records looked at by :func:`check_replay_file` (the rest is checked row by row).
+_PROBE_RECORDS = 1000
 
 
 def _open_text(path: Path) -> io.TextIOBase:
@@ -222,6 +239,60 @@ def _parse(path: Path, build: Any) -> tuple[list[Any], list[BadRecord]]:
     return good, bad
 
 
+def _probe(path: Path) -> tuple[set[str], set[str], bool]:
+    """Columns of ``path`` (CSV header, or keys of its first JSONL objects), the event types of its
+    first records, and whether it holds anything at all."""
+    columns: set[str] = set()
+    types: set[str] = set()
+    jsonl = _is_jsonl(path)
+    any_line = False
+    if not jsonl:
+        with _open_text(path) as fh:
+            header = next(csv.reader(fh, delimiter="\t" if ".tsv" in path.suffixes else ","), None)
+        columns = {h.strip() for h in header or []}
+        any_line = header is not None
+    for row, _, _ in itertools.islice(read_rows(path), _PROBE_RECORDS):  # the file closes with the generator
+        any_line = True
+        if row is not None:
+            if jsonl:
+                columns.update(str(k) for k in row)
+            if isinstance(row.get("type"), str):
+                types.add(row["type"].strip().lower())
+    return columns, types, any_line
+
+
+def check_replay_file(path: Path, required: Sequence[str], what: str) -> None:
+    """Raise :class:`ReplayInputError` unless ``path`` is a readable CSV/JSONL file with ``required``
+    columns (``user_id`` and ``item_id`` only once its first records hold an impression)."""
+    if not path.exists():
+        raise ReplayInputError(f"{what} file {path} does not exist")
+    if not path.is_file():
+        raise ReplayInputError(f"{what} file {path} is not a file")
+    if not os.access(path, os.R_OK):
+        raise ReplayInputError(f"{what} file {path} is not readable (permission denied)")
+    try:
+        columns, types, any_line = _probe(path)
+    except ValueError as exc:  # the format cannot be told from the name
+        raise ReplayInputError(f"{what} file {exc}") from None
+    except (OSError, EOFError, UnicodeError) as exc:  # e.g. a corrupt .gz
+        raise ReplayInputError(f"{what} file {path} is unreadable: {exc}") from None
+    if not any_line:
+        raise ReplayInputError(f"{what} file {path} is empty")
+    if "type" in required and "impression" not in types:  # a clicks-only log needs no user/item
+        required = [c for c in required if c not in ("user_id", "item_id")]
+    missing = [c for c in required if c not in columns]
+    if missing:
+        have = ", ".join(sorted(columns)) or "none"
+        raise ReplayInputError(f"{what} file {path} lacks the required column(s) {', '.join(missing)} (it has: {have})")
+
+
+def check_replay_inputs(log: Path, items: Path | None = None) -> None:
+    """Check a log and its items file before replaying them; raises :class:`ReplayInputError`."""
+    check_replay_file(log, REQUIRED_EVENT_COLUMNS, "--log")
+    if items is not None:
+        check_replay_file(items, REQUIRED_ITEM_COLUMNS, "--items")
+
+
 def load_replay(log: Path, items: Path | None = None) -> tuple[list[SourceRecord], dict[str, int]]:
     """All records of a log (and its items file) in event-time order, bad records first.
 
@@ -229,7 +300,9 @@ def load_replay(log: Path, items: Path | None = None) -> tuple[list[SourceRecord
     later than its first impression is moved to (ts of) that impression, because a real
     catalogue knows an item's description before showing it. Items without ``ts`` get the
     log's first event time. Returns the records and counts for the source description.
+    Raises :class:`ReplayInputError` when a file cannot be replayed at all.
     """
+    check_replay_inputs(log, items)
     events, bad = _parse(log, event_from_row)
     first_ts = min((e.ts for e in events), default=0.0)
     item_events: list[Item] = []

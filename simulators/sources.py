@@ -9,7 +9,7 @@ from pathlib import Path
 from livectr.core.config import Config
 from livectr.core.events import Item
 from livectr.simulators.records import SourceRecord
-from livectr.simulators.replay import load_replay
+from livectr.simulators.replay import ReplayInputError, check_replay_inputs, load_replay
 from livectr.simulators.synthetic import GroundTruth, SyntheticTraffic
 
 
@@ -26,11 +26,20 @@ class Source:
     description: str
 
 
+def check_source(log: Path | None, items: Path | None) -> None:
+    """What :func:`open_source` would refuse, checked up front; raises :class:`ReplayInputError`."""
+    if log is None:
+        if items is not None:
+            raise ReplayInputError("--items only makes sense with a log to replay (--log)")
+        return
+    check_replay_inputs(Path(log), Path(items) if items is not None else None)
+
+
 def open_source(cfg: Config, log: Path | None = None, items: Path | None = None) -> Source:
     """Synthetic traffic from ``cfg.simulator``, or the replay of ``log`` (with its ``items`` file)."""
     if log is None:
         if items is not None:
-            raise ValueError("an items file only makes sense with a log to replay (--log)")
+            raise ReplayInputError("--items only makes sense with a log to replay (--log)")
         sim = cfg.simulator
         traffic = SyntheticTraffic(sim)
         desc = (

@@ -85,11 +85,24 @@ def profile_store_path(cfg: Config, partition: int) -> Path:
 
 
 def write_checkpoint(path: Path, ckpt: Checkpoint) -> None:
-    """Atomically replace ``path`` (temp file + rename: readers see old or new, never half)."""
+    """Atomically and durably replace ``path``.
+
+    Temp file + rename, so readers see old or new, never half; the temp file is fsynced before
+    the rename and the directory after it, so a power loss after the Kafka commit that follows
+    cannot leave an empty or old checkpoint behind a newer commit (as ``learner/snapshot.py``).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(_ckpt_encoder.encode(ckpt))
+    with open(tmp, "wb") as fh:
+        fh.write(_ckpt_encoder.encode(ckpt))
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def read_checkpoint(path: Path) -> Checkpoint | None:

@@ -62,6 +62,30 @@ def consumer(kafka: KafkaConfig, group_id: str | None = None, **overrides: objec
     return Consumer(props)
 
 
+class BrokerUnreachable(ConnectionError):
+    """No broker answered a metadata request at the configured bootstrap servers."""
+
+
+def check_reachable(kafka: KafkaConfig, timeout_s: float = 5.0) -> None:
+    """One short metadata request, so a wrong ``--bootstrap-servers`` fails in seconds with one clear
+    message instead of stages retrying for a long time; raises :class:`BrokerUnreachable`.
+
+    librdkafka's own connection errors go to a silent logger: the exception says it all.
+    """
+    quiet = logging.getLogger("livectr.bus.probe")
+    quiet.propagate = False
+    quiet.addHandler(logging.NullHandler())
+    admin = AdminClient({**kafka.client_properties(), "socket.connection.setup.timeout.ms": 3000}, logger=quiet)
+    try:
+        admin.list_topics(timeout=timeout_s)
+    except KafkaException as exc:
+        err = exc.args[0] if exc.args else exc
+        reason = err.str() if isinstance(err, KafkaError) else str(err)
+        raise BrokerUnreachable(
+            f"no Kafka broker reachable at {kafka.bootstrap_servers} within {timeout_s:g}s ({reason})"
+        ) from None
+
+
 def ensure_topics(cfg: Config, timeout_s: float = 15.0) -> Topics:
     """Create every livectr topic that does not exist yet; check co-partitioning of the join inputs."""
     topics = cfg.topics
