@@ -20,6 +20,11 @@ disk error, a truncated copy to shared storage, a hand-edited file). A reader ve
 file against the manifest and refuses a snapshot that fails with one :class:`SnapshotError`
 naming the path and the reason, never a library's own exception from deep inside a parser.
 Snapshots written before checksums existed (no ``files``) are still loaded, unverified.
+
+Rollback (:func:`rollback`, ``livectr snapshots rollback V``) only moves the pointer back to a
+verified older version: scorers follow it like any new version, a learner started afterwards
+resumes from V's weights, optimiser and Kafka offsets (so it re-reads what came after V), and
+its next snapshot is numbered above the highest existing one — newer versions are never reused.
 """
 
 from __future__ import annotations
@@ -377,6 +382,75 @@ class LearnerLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+class RollbackRefused(RuntimeError):
+    """A rollback that was not done: the version is missing or corrupt, or a learner is running."""
+
+
+def verify_version(data_dir: Path | str, version: int) -> dict[str, str]:
+    """Check every file of one snapshot against its manifest: ``{file: status}``, nothing raised.
+
+    Status is ``ok``, ``missing``, ``corrupt``, ``no checksum`` (the manifest lists none for it)
+    or ``unverified`` (a snapshot written before checksums existed).
+    """
+    path = snapshots_dir(data_dir) / version_name(version)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError) as exc:
+        return {MANIFEST: f"unreadable ({exc})"}
+    sums = manifest.get("files") if isinstance(manifest, dict) else None
+    out: dict[str, str] = {}
+    for name in DATA_FILES:
+        file = path / name
+        if not file.is_file():
+            out[name] = "missing"
+        elif not isinstance(sums, dict):
+            out[name] = "unverified"
+        elif name not in sums:
+            out[name] = "no checksum"
+        else:
+            out[name] = "ok" if _sha256(file) == sums[name] else "corrupt"
+    return out
+
+
+def rollback(data_dir: Path | str, version: int, force: bool = False) -> int | None:
+    """Make ``version`` the served model: verify it, then swap ``latest`` to it atomically.
+
+    Returns the version ``latest`` pointed to before. Refuses (:class:`RollbackRefused`) a
+    version that is missing or fails to load or verify, and — unless ``force`` — while a learner
+    holds the data dir's lock: it would publish its next version over the rollback within one
+    snapshot interval. The lock is held across the swap so no learner starts half-way.
+
+    Versions above ``version`` are kept: the next one a learner publishes still numbers above
+    the highest (:func:`publish_snapshot`), never reusing or overwriting one, while the learner
+    resumes from what ``latest`` points to — ``version``'s weights, optimiser and offsets.
+    """
+    path = snapshots_dir(data_dir) / version_name(version)
+    if version not in list_versions(data_dir):
+        have = ", ".join(str(v) for v in list_versions(data_dir)) or "none"
+        raise RollbackRefused(f"no snapshot version {version} under {path.parent} (versions: {have})")
+    try:
+        load_version(data_dir, version, with_optimizer=True)  # checksums, then every file parses
+    except (OSError, SnapshotError) as exc:
+        raise RollbackRefused(f"{exc}; latest left unchanged") from exc
+    lock = LearnerLock(data_dir)
+    try:
+        lock.acquire()
+    except LearnerLockError as exc:
+        if not force:
+            raise RollbackRefused(
+                f"a learner is running on this data dir ({exc}); it would publish over the rollback. "
+                "Stop it first, or pass --force"
+            ) from None
+        log.warning("rolling back while a learner runs (--force): its next snapshot supersedes v%08d", version)
+    try:
+        before = latest_version(data_dir)
+        _atomic_pointer(snapshots_dir(data_dir), version_name(version))
+    finally:
+        lock.release()  # a no-op when not acquired
+    log.info("latest: %s -> %s", before and version_name(before), version_name(version))
+    return before
 
 
 def manifest_offsets(manifest: dict[str, Any], topic: str) -> dict[int, int]:
