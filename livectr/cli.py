@@ -26,10 +26,11 @@ from livectr.core.broker import EmbeddedBroker
 from livectr.core.config import Config
 from livectr.core.events import DecodeError, Impression, decode_event
 from livectr.core.status import StatusFile, write_json_atomic
+from livectr.learner import snapshots_cli
 from livectr.learner.loop import run_learner
 from livectr.learner.scorer import Scorer
 from livectr.learner.serve import serve
-from livectr.learner.snapshot import LearnerLock, LearnerLockError
+from livectr.learner.snapshot import LearnerLock, LearnerLockError, RollbackRefused, SnapshotError, rollback
 from livectr.pipeline import DataDirInUse, run_pipeline
 from livectr.semantic_cache.client import SemanticCacheClient
 from livectr.semantic_cache.refresher import run_refresher
@@ -330,6 +331,56 @@ def cmd_convert_ml100k(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_snapshots(args: argparse.Namespace) -> int:
+    """``snapshots list | show | diff | rollback``: read-only except rollback (the ``latest`` pointer)."""
+
+    data_dir = args.data_dir if args.data_dir is not None else config_mod.from_env().data_dir
+    action = args.snapshots_command
+    try:
+        if action == "list":
+            report = snapshots_cli.list_report(data_dir)
+            text = snapshots_cli.format_list(report)
+        elif action == "show":
+            report = snapshots_cli.show_report(data_dir, args.version)
+            text = snapshots_cli.format_show(report)
+        elif action == "diff":
+            report = snapshots_cli.diff_report(data_dir, args.v1, args.v2)
+            text = snapshots_cli.format_diff(report)
+        else:
+            before = rollback(data_dir, args.version, force=args.force)
+            report = {"version": args.version, "previous": before}
+            text = snapshots_cli.rollback_message(data_dir, args.version, before)
+    except (RollbackRefused, SnapshotError, FileNotFoundError) as exc:
+        print(f"livectr snapshots {action}: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=1) if getattr(args, "json", False) else text)
+    return 0 if action != "show" or report["verified"] else 1
+
+
+def _add_snapshots_parser(sub: Any) -> None:
+    snaps = sub.add_parser("snapshots", help="list, inspect, compare published snapshots; roll back latest")
+    snaps.set_defaults(func=cmd_snapshots)
+    actions = snaps.add_subparsers(dest="snapshots_command", required=True)
+
+    def action(name: str, help_text: str, json_flag: bool = True) -> argparse.ArgumentParser:
+        p = actions.add_parser(name, help=help_text)
+        p.add_argument("--data-dir", type=Path, default=None, help="data dir (default ./livectr-data)")
+        if json_flag:
+            p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.add_argument("-v", "--verbose", action="store_true")
+        return p
+
+    action("list", "one line per version; * marks the one latest points to")
+    show = action("show", "a version's manifest, file sizes and checksum verification (exit 1 if corrupt)")
+    show.add_argument("version", type=int)
+    diff = action("diff", "what changed between two versions: examples, metrics, config, tensors, vocabulary")
+    diff.add_argument("v1", type=int)
+    diff.add_argument("v2", type=int)
+    rb = action("rollback", "point latest at VERSION (verified); scorers and the next learner follow", json_flag=False)
+    rb.add_argument("version", type=int)
+    rb.add_argument("--force", action="store_true", help="even while a learner holds the data dir's lock")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="livectr", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -433,6 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--src", type=Path, default=Path("../shared/data/ml-100k"))
     conv.add_argument("--out", type=Path, default=Path("./livectr-data/ml-100k"))
     conv.set_defaults(func=cmd_convert_ml100k)
+
+    _add_snapshots_parser(sub)
     return parser
 
 
