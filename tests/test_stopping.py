@@ -23,10 +23,7 @@ import pytest
 
 from livectr.core.broker import EmbeddedBroker
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signals are Linux-only"),
-]
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signals are Linux-only")
 
 _runs = iter(range(1_000_000))
 
@@ -104,6 +101,39 @@ def first_snapshot(data: Path) -> bool:
     return snapshots.is_dir() and any(p.name.startswith("v") for p in snapshots.iterdir())
 
 
+STUCK_STAGE = """
+import sys, time
+from livectr.core.procs import stop_on_signals
+stop = stop_on_signals(grace_s=float(sys.argv[1]))
+print("ready", flush=True)
+while True:  # a stage stuck in a flush to a broker that is gone: it never looks at stop
+    time.sleep(0.05)
+"""
+
+
+@pytest.mark.parametrize(("signals", "grace_s", "within_s"), [(1, 1.0, 5.0), (2, 30.0, 3.0)])
+def test_a_stuck_stage_exits_after_the_grace_or_at_a_second_signal(
+    signals: int, grace_s: float, within_s: float
+) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STUCK_STAGE, str(grace_s)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+        t0 = time.monotonic()
+        for _ in range(signals):
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+        assert proc.wait(timeout=within_s) == 128 + signal.SIGTERM
+        assert time.monotonic() - t0 >= (grace_s if signals == 1 else 0)
+        assert proc.stderr is not None and b"exiting" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("how", "embedded"),
     [("sigint-group", False), ("sigterm-parent", False), ("sigkill-parent", True)],
