@@ -259,11 +259,11 @@ class _Run:
             new >= lc.snapshot_every_examples or time.monotonic() - self.last_snapshot_t >= lc.snapshot_every_s
         )
 
-    def snapshot(self, dlq: bus.DeadLetterSink) -> None:
+    def snapshot(self, dlq: bus.DeadLetterSink, flush_timeout_s: float = bus.FLUSH_S) -> None:
         """Publish a snapshot; the buffer must be empty so offsets only cover trained records."""
         self.train(force=True)
         # Dead letters count as handled in these offsets: make sure they reached the broker first.
-        bus.flush_or_raise(dlq.prod, dlq.tracker)
+        bus.flush_or_raise(dlq.prod, dlq.tracker, flush_timeout_s)
         summary = self.learner.summary()
         offsets = {**self.offsets, **self.merge.safe_offsets()}
         manifest = {
@@ -440,8 +440,8 @@ def _learn(cfg: Config, on_status: StatusCallback | None, stop: threading.Event,
         if bounded and run.ends.complete(partitions):
             run.learner.delayed.flush(run.learner.metrics)
         if run.records > run.records_at_snapshot:
-            run.snapshot(dlq)
-        bus.flush_or_raise(prod, dlq.tracker)
+            run.snapshot(dlq, bus.flush_timeout(stop))
+        bus.flush_or_raise(prod, dlq.tracker, bus.flush_timeout(stop))
         run.status(dlq, force=True)
         return run.summary(dlq)
     finally:

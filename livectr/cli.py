@@ -12,7 +12,6 @@ import argparse
 import json
 import logging
 import os
-import signal
 import socket
 import sys
 import threading
@@ -25,6 +24,7 @@ from livectr.core import config as config_mod
 from livectr.core.broker import EmbeddedBroker
 from livectr.core.config import Config
 from livectr.core.events import DecodeError, Impression, decode_event
+from livectr.core.procs import stop_on_signals
 from livectr.core.status import StatusFile, write_json_atomic
 from livectr.learner import snapshots_cli
 from livectr.learner.loop import run_learner
@@ -143,17 +143,9 @@ def _require_broker(cfg: Config) -> None:
 
 
 def _stop_on_signals() -> threading.Event:
-    """A stop event set by SIGINT/SIGTERM so stages finish their current step and exit cleanly."""
-    stop = threading.Event()
-
-    def handler(signum: int, frame: object) -> None:
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-    return stop
+    """A stop event set by SIGINT/SIGTERM so stages finish their current step and exit cleanly
+    (within a bounded time, a second signal at once: :func:`~livectr.core.procs.stop_on_signals`)."""
+    return stop_on_signals()
 
 
 def _run_stage(args: argparse.Namespace, body: Callable[[Config, StatusFile, threading.Event], dict[str, Any]]) -> int:

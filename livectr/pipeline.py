@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -24,6 +25,7 @@ from livectr.core import bus
 from livectr.core import config as config_mod
 from livectr.core.broker import EmbeddedBroker
 from livectr.core.config import Config
+from livectr.core.procs import die_with_parent
 from livectr.core.status import read_json
 from livectr.learner.snapshot import LearnerLock, list_versions
 from livectr.simulators.sources import check_source
@@ -90,8 +92,16 @@ class Stage:
             "--summary-json",
             str(self.summary_path),
         ]
+        # A session of its own: a terminal's Ctrl-C reaches only ``livectr run``, which stops the
+        # stages in order (:func:`stop_stages`); SIGTERM when the parent dies keeps them from
+        # outliving it even if it is killed outright.
         self.proc = subprocess.Popen(
-            cmd, stdout=self.log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            cmd,
+            stdout=self.log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=die_with_parent(signal.SIGTERM),
         )
 
     def poll(self) -> int | None:
@@ -104,6 +114,10 @@ class Stage:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
 
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+
     def wait(self, timeout_s: float) -> None:
         if self.proc is None:
             return
@@ -113,8 +127,12 @@ class Stage:
             self.proc.kill()
             self.proc.wait(timeout=10)
         self.poll()
+        self.close_log()
+
+    def close_log(self) -> None:
         if self.log_file is not None:
             self.log_file.close()
+            self.log_file = None
 
     def status(self) -> dict[str, Any]:
         return read_json(self.status_path)
@@ -127,6 +145,65 @@ class Stage:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+
+#: Seconds the stages get to stop after SIGTERM (commit, last snapshot) before they are killed.
+STOP_GRACE_S = 10.0
+
+
+def stop_stages(stages: list[Stage], grace_s: float = STOP_GRACE_S, hurry: Callable[[], bool] | None = None) -> None:
+    """SIGTERM every stage, wait for all of them at most ``grace_s`` in total, SIGKILL the rest.
+
+    ``hurry()`` turning true (a second Ctrl-C) cuts the grace short.
+    """
+    for stage in stages:
+        stage.terminate()
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and not (hurry is not None and hurry()):
+        if all(stage.poll() is not None for stage in stages):
+            break
+        time.sleep(0.05)
+    for stage in stages:
+        if stage.poll() is None:
+            log.warning("stage %s did not stop within %.0fs of SIGTERM: killing it", stage.name, grace_s)
+            stage.kill()
+    for stage in stages:
+        stage.wait(timeout_s=10)
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM reached ``livectr run``: stop the stages, then the broker, then summarise."""
+
+
+class _Signals:
+    """SIGINT/SIGTERM handling of ``livectr run`` (restored on exit).
+
+    The first signal raises :class:`RunInterrupted` in the main loop; once shutting down
+    (``armed`` false) signals only count, and a second one cuts the stages' grace short.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.armed = True
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _Signals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.count += 1
+        if self.armed:
+            self.armed = False
+            raise RunInterrupted(signal.Signals(signum).name)
+
+    def hurry(self) -> bool:
+        return self.count > 1
 
 
 class DataDirInUse(RuntimeError):
@@ -391,25 +468,44 @@ def run_pipeline(
         bus.check_reachable(cfg.kafka)
     else:
         prepare_embedded_data_dir(cfg.data_dir, fresh)
+    with _Signals() as signals:
+        return _run(cfg, log_path, items_path, forever, join_workers, quiet, warm_catalogue, signals)
+
+
+def _run(
+    cfg: Config,
+    log_path: Path | None,
+    items_path: Path | None,
+    forever: bool,
+    join_workers: int | None,
+    quiet: bool,
+    warm_catalogue: bool,
+    signals: _Signals,
+) -> dict[str, Any]:
+    """The body of :func:`run_pipeline`, with its signal handlers installed.
+
+    However it ends (the stages done, one failed, SIGINT or SIGTERM), the stages are stopped
+    (:func:`stop_stages`), then the broker, and the summary is printed.
+    """
     started = time.time()
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     broker: EmbeddedBroker | None = None
-    if not cfg.kafka.bootstrap_servers:
-        broker = EmbeddedBroker(log_path=cfg.data_dir / "broker.log").start()
-        cfg.kafka.bootstrap_servers = broker.bootstrap_servers
-        log.info("embedded broker (tansu) on %s", broker.bootstrap_servers)
     stages: dict[str, Stage] = {}
     progress = Progress(sys.stderr, quiet)
     interrupted = False
     try:
-        bus.ensure_topics(cfg)
-        run_dir = cfg.data_dir / "run"
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config_path = run_dir / "config.json"
-        config_path.write_text(json.dumps(config_mod.to_dict(cfg), indent=2))
-        plan = _plan(cfg, log_path, items_path, forever, join_workers or cfg.join.workers)
         failed: str | None = None
         try:
+            if not cfg.kafka.bootstrap_servers:
+                broker = EmbeddedBroker(log_path=cfg.data_dir / "broker.log").start()
+                cfg.kafka.bootstrap_servers = broker.bootstrap_servers
+                log.info("embedded broker (tansu) on %s", broker.bootstrap_servers)
+            bus.ensure_topics(cfg)
+            run_dir = cfg.data_dir / "run"
+            run_dir.mkdir(parents=True, exist_ok=True)
+            config_path = run_dir / "config.json"
+            config_path.write_text(json.dumps(config_mod.to_dict(cfg), indent=2))
+            plan = _plan(cfg, log_path, items_path, forever, join_workers or cfg.join.workers)
             if "refresh" in plan:
                 stages["refresh"] = _start(Stage("refresh", plan.pop("refresh"), run_dir), config_path)
                 if warm_catalogue:
@@ -424,15 +520,17 @@ def run_pipeline(
                 if failed or all(s.poll() is not None for s in bounded):
                     break
                 time.sleep(0.5)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             interrupted = True
+            if not quiet:
+                reason = f" ({exc})" if isinstance(exc, RunInterrupted) else ""
+                sys.stderr.write(f"\ninterrupted{reason}: stopping the stages\n")
         except StageFailed as exc:
             failed = exc.stage
+        finally:
+            signals.armed = False  # from here on a signal only hurries the stop
         progress.done()
-        for stage in stages.values():
-            stage.terminate()
-        for stage in stages.values():
-            stage.wait(timeout_s=60)
+        stop_stages(list(stages.values()), hurry=signals.hurry)
         summary = merge_summaries(stages, cfg, started)
         summary["ok"] = failed is None
         summary["interrupted"] = interrupted
@@ -445,8 +543,6 @@ def run_pipeline(
         print_summary(summary, sys.stdout)
         return summary
     finally:
-        for stage in stages.values():
-            stage.terminate()
-            stage.wait(timeout_s=10)
+        stop_stages(list(stages.values()), grace_s=2.0, hurry=signals.hurry)
         if broker is not None:
             broker.stop()

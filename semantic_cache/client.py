@@ -75,6 +75,19 @@ def _warm_rows(cfg: Config) -> tuple[str, dict[str, tuple[bytes, float]]]:
     return version, {r.id: (r.reduced, r.updated_at) for r in rows}
 
 
+#: Consumer-thread failures in a row before the client gives up (see ``SemanticCacheClient._run``).
+MAX_RESTARTS = 5
+#: First backoff before a restart, doubled after each failure in a row up to the max.
+RESTART_BACKOFF_S = 0.5
+RESTART_BACKOFF_MAX_S = 10.0
+#: A consumer that ran this long before failing starts a new count of failures in a row.
+HEALTHY_S = 60.0
+
+
+class SemanticClientFailed(RuntimeError):
+    """The semantic cache client's consumer thread failed for good: its vectors no longer update."""
+
+
 class SemanticCacheClient:
     """Implements :class:`livectr.core.lookup.SemanticLookup` over the semantic topic.
 
@@ -143,6 +156,11 @@ class SemanticCacheClient:
         self._remaining: dict[int, int] = {}
         self.caught_up = threading.Event()
         self._stop = threading.Event()
+        #: Per partition of the semantic topic, the offset after the last record applied.
+        self._positions: dict[int, int] = {}
+        self.consumer_restarts = 0
+        #: Set when the consumer thread gave up (see :meth:`_run`): lookups raise from then on.
+        self.failure: BaseException | None = None
         self._assign()
         self._thread = threading.Thread(target=self._run, name="semantic-client", daemon=True)
         self._thread.start()
@@ -152,6 +170,8 @@ class SemanticCacheClient:
 
     def item(self, item_id: str) -> bytes | None:
         """The item's reduced vector, or ``None`` (counted and reported in the background)."""
+        if self.failure is not None:
+            self._check()
         self.item_lookups += 1
         vec = self._items.get(item_id)
         if vec is None:
@@ -322,21 +342,76 @@ class SemanticCacheClient:
             self.caught_up.set()
 
     def _run(self) -> None:
+        """The consumer thread: :meth:`_consume` under a supervisor.
+
+        A failure is retried from where the thread got to (the records after the last applied
+        one are read again, on a new consumer) after a backoff that doubles up to
+        ``RESTART_BACKOFF_MAX_S``; after ``MAX_RESTARTS`` failures in a row (none in between
+        lasting ``HEALTHY_S``) the thread gives up and :attr:`failure` makes every lookup raise
+        :class:`SemanticClientFailed`, failing the join stage rather than letting it run on
+        vectors that stopped updating.
+        """
+        in_a_row = 0
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                self._consume()
+                return
+            except Exception as exc:  # noqa: BLE001 - retried, then surfaced through every lookup
+                if time.monotonic() - started >= HEALTHY_S:
+                    in_a_row = 0
+                in_a_row += 1
+                if in_a_row > MAX_RESTARTS:
+                    log.exception("semantic cache client thread failed %d times in a row; giving up", in_a_row)
+                    self.failure = exc
+                    return
+                backoff = min(RESTART_BACKOFF_S * 2 ** (in_a_row - 1), RESTART_BACKOFF_MAX_S)
+                log.exception("semantic cache client thread failed; restarting it in %.1fs", backoff)
+                if self._stop.wait(backoff):
+                    return
+                try:
+                    self._reconnect()
+                except Exception as again:  # noqa: BLE001 - counts as the next failure
+                    log.warning("semantic cache client could not reconnect: %s", again)
+                    continue
+                self.consumer_restarts += 1
+
+    def _consume(self) -> None:
         last_flush = time.monotonic()
+        positions = self._positions
+        while not self._stop.is_set():
+            for msg in self._consumer.consume(1000, timeout=0.1):
+                if msg.error() is None:
+                    self._apply(msg)
+                    partition, offset = msg.partition(), msg.offset()
+                    if partition is not None and offset is not None:
+                        positions[partition] = offset + 1
+                else:
+                    log.warning("semantic consumer error: %s", msg.error())
+            if time.monotonic() - last_flush >= 0.1:
+                last_flush = time.monotonic()
+                self._report_misses()
+                self._report_clicks_for_summaries()
+                self._producer.poll(0)
+
+    def _reconnect(self) -> None:
+        """A new consumer, assigned just after the last record applied (the beginning elsewhere)."""
+        old, self._consumer = self._consumer, bus.consumer(self.cfg.kafka)
         try:
-            while not self._stop.is_set():
-                for msg in self._consumer.consume(1000, timeout=0.1):
-                    if msg.error() is None:
-                        self._apply(msg)
-                    else:
-                        log.warning("semantic consumer error: %s", msg.error())
-                if time.monotonic() - last_flush >= 0.1:
-                    last_flush = time.monotonic()
-                    self._report_misses()
-                    self._report_clicks_for_summaries()
-                    self._producer.poll(0)
-        except Exception:  # noqa: BLE001 - the hot path keeps working from the dict; log loudly
-            log.exception("semantic cache client thread failed; vectors stop updating")
+            old.close()
+        except Exception:  # noqa: BLE001 - a broken consumer may not close cleanly
+            log.debug("closing the failed semantic consumer", exc_info=True)
+        offsets = {(self.topics.semantic, p): off for p, off in self._positions.items()}
+        bus.assign_all(self._consumer, self.cfg.kafka, [self.topics.semantic], offsets)
+
+    @property
+    def consumer_alive(self) -> bool:
+        """Whether the consumer thread runs (false after :meth:`close` too)."""
+        return self._thread.is_alive()
+
+    def _check(self) -> None:
+        if self.failure is not None:
+            raise SemanticClientFailed(f"semantic cache client consumer gave up: {self.failure!r}") from self.failure
 
     def _apply(self, msg: Message) -> None:
         now = time.time()
@@ -492,6 +567,8 @@ class SemanticCacheClient:
             "vector_age_p50_s": _percentile(ages, 50),
             "vector_age_p99_s": _percentile(ages, 99),
             "caught_up": float(self.caught_up.is_set()),
+            "consumer_alive": float(self.consumer_alive),
+            "consumer_restarts": float(self.consumer_restarts),
             "dead_letters": float(self._dead_letters.count),
         }
 

@@ -558,9 +558,9 @@ def run_refresher(
                 on_status(refresher.status())
     finally:
         encoder_stop.set()
-        encoder.join(timeout=60)
+        encoder.join(timeout=60 if not stop.is_set() else 5)
         consumer.close()
-        remaining = prod.flush(30)
+        remaining = prod.flush(bus.flush_timeout(stop))
         store.close()
     summary = refresher.status()
     summary["undelivered"] = remaining

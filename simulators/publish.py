@@ -188,12 +188,12 @@ def publish(
                 break
     last_wall = time.time() if first_wall is not None else None
 
-    bus.flush_or_raise(prod, tracker)
+    bus.flush_or_raise(prod, tracker, bus.flush_timeout(stop))
     if end_markers:
         for logical, topic in names.items():
             bus.write_end_markers(prod, topic, producer_id, dict(enumerate(counts[logical])))
-    bus.flush_or_raise(prod, tracker)
-    bus.flush_or_raise(prod, sink.tracker)
+    bus.flush_or_raise(prod, tracker, bus.flush_timeout(stop))
+    bus.flush_or_raise(prod, sink.tracker, bus.flush_timeout(stop))
     if bar is not None:
         bar.update(records % every)
         bar.close()

@@ -51,6 +51,17 @@ REASON_DUPLICATE_IMPRESSION: Final[str] = "duplicate impression id"
 _INF: Final[float] = math.inf
 
 
+#: Every example kind, to forget an impression's ``suppress`` entries when it closes.
+_ALL_KINDS: Final = (
+    KIND_FINAL,
+    KIND_FAKE_NEGATIVE,
+    KIND_POSITIVE_COPY,
+    KIND_SCORE_REQUEST,
+    KIND_DEFER_OBSERVED,
+    KIND_DEFER_TRUE,
+)
+
+
 def request_threshold(score_sample: float) -> int:
     """Hash threshold below which an impression is sent as a score request (see :func:`requested`)."""
     return int(min(max(score_sample, 0.0), 1.0) * 2**32)
@@ -526,6 +537,13 @@ class PartitionJoin:
                 self._emit(imp, 0, KIND_FINAL, published, -1.0)
             elif self._defer:
                 self._emit(imp, 0, KIND_DEFER_TRUE, published, -1.0)
+        if self.suppress:
+            # Closed: every example of this impression has been produced (positives, requests and
+            # fake or observed negatives are released before the window closes), so its entries
+            # can never match again; dropping them lets ``suppress`` empty and the fast path of
+            # ``_close_queued`` come back after a restore.
+            for kind in _ALL_KINDS:
+                self.suppress.discard((iid, kind))
         self._remember_closed(iid)
 
     def _remember_closed(self, iid: str) -> None:

@@ -422,8 +422,9 @@ class JoinWorker:
     # -------------------------------------------------------------- commits
 
     def _flush(self) -> None:
-        bus.flush_or_raise(self.producer, self.delivery)
-        bus.flush_or_raise(self.producer, self.dead.tracker)
+        timeout_s = bus.flush_timeout(self.stop)
+        bus.flush_or_raise(self.producer, self.delivery, timeout_s)
+        bus.flush_or_raise(self.producer, self.dead.tracker, timeout_s)
 
     def _commit(self, partitions: list[int]) -> None:
         """Deliver, checkpoint, then commit the replay-safe offsets of ``partitions``."""
@@ -617,7 +618,8 @@ class JoinWorker:
                 for store in self.profile_stores.values():
                     store.close()
                 self.profile_stores.clear()
-                self.producer.flush(10)
+                # After a failure nothing more is committed: what is still queued is replayed.
+                self.producer.flush(1.0 if self._failed else bus.flush_timeout(self.stop))
         if self.on_status is not None:
             self.on_status(summary)
         return summary

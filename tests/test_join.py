@@ -431,6 +431,30 @@ def test_suppressed_examples_are_counted_but_not_resent() -> None:
     assert f.join.examples_total == 2 and f.join.counters.suppressed == 1 and not f.join.suppress
 
 
+def test_suppress_entries_that_never_match_go_when_their_impression_closes() -> None:
+    """After a restore ``suppress`` may hold entries the replay never produces again (here a
+    fake negative under the wait policy); once the impression's window has passed they can never
+    match, so they go, ``suppress`` empties and closing takes the fast path again."""
+    f = Feeder(PartitionJoin(0, W))
+    f.join.suppress = {("a", KIND_FAKE_NEGATIVE), ("b", KIND_FINAL), ("b", KIND_SCORE_REQUEST)}
+    f.imp(imp("a", 0))
+    f.imp(imp("b", 1))
+    f.imp(imp("c", 2 * W))
+    f.click(clk("x", 2 * W))
+    f.advance()
+    assert labels(f.examples) == {"a": 0}  # b's negative was delivered before the restart
+    assert f.join.suppress == set() and f.join.counters.suppressed == 1
+    slow_closes = []
+    original = f.join._close
+    f.join._close = lambda i, p: (slow_closes.append(i.impression_id), original(i, p))  # type: ignore[method-assign]
+    f.imp(imp("d", 2 * W + 1))
+    f.imp(imp("e", 4 * W))
+    f.click(clk("y", 4 * W))
+    f.advance()
+    assert labels(f.examples) == {"a": 0, "c": 0, "d": 0}
+    assert slow_closes == []  # _close_queued's fast path, back on
+
+
 def test_unknown_policy_and_bad_window_are_refused() -> None:
     with pytest.raises(ValueError):
         PartitionJoin(0, W, "eager")

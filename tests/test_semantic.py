@@ -19,8 +19,9 @@ from livectr.core import bus
 from livectr.core.config import Config
 from livectr.core.events import EndOfStream, Impression, Item, encode_event
 from livectr.core.lookup import SemanticLookup
+from livectr.semantic_cache import client as client_mod
 from livectr.semantic_cache import wire
-from livectr.semantic_cache.client import SemanticCacheClient
+from livectr.semantic_cache.client import SemanticCacheClient, SemanticClientFailed
 from livectr.semantic_cache.codec import dequantize
 from livectr.semantic_cache.reducer import PCAReducer
 from livectr.semantic_cache.refresher import run_refresher
@@ -171,6 +172,55 @@ def _vector_record(
     now = time.time()
     rec = wire.SemanticVector(kind, item_id, version, blob, computed_at or now, source_ts, now - 0.5)
     return wire.vector_key(kind, item_id), wire.encode(rec)
+
+
+@pytest.mark.integration
+def test_client_consumer_thread_restarts_after_a_failure(cfg: Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure in the consumer thread is retried where it stopped (nothing is skipped), and
+    the stats say so; the lookups never see it."""
+    monkeypatch.setattr(client_mod, "RESTART_BACKOFF_S", 0.05)
+    failures = iter([True, True])
+    apply = SemanticCacheClient._apply
+
+    def flaky(self: SemanticCacheClient, msg: Any) -> None:
+        if next(failures, False):
+            raise RuntimeError("injected")
+        apply(self, msg)
+
+    monkeypatch.setattr(SemanticCacheClient, "_apply", flaky)
+    client = SemanticCacheClient(cfg, warm_from_store=False, catchup_s=0)
+    try:
+        _produce(cfg, cfg.topics.semantic, [_vector_record(f"r{k}", "v1", k) for k in range(5)])
+        assert client.wait_for([f"r{k}" for k in range(5)], 15), client.stats()
+        stats = client.stats()
+        assert stats["consumer_restarts"] == 2 and stats["consumer_alive"] == 1.0
+        assert stats["records_consumed"] == 5 and client.failure is None
+    finally:
+        client.close()
+    assert client.stats()["consumer_alive"] == 0.0
+
+
+@pytest.mark.integration
+def test_client_gives_up_after_bounded_restarts_and_fails_lookups(cfg: Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(client_mod, "RESTART_BACKOFF_S", 0.01)
+    monkeypatch.setattr(client_mod, "MAX_RESTARTS", 2)
+
+    def broken(self: SemanticCacheClient, msg: Any) -> None:
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(SemanticCacheClient, "_apply", broken)
+    client = SemanticCacheClient(cfg, warm_from_store=False, catchup_s=0)
+    try:
+        _produce(cfg, cfg.topics.semantic, [_vector_record("g", "v1", 1)])
+        deadline = time.monotonic() + 15
+        while client.consumer_alive and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stats = client.stats()
+        assert stats["consumer_alive"] == 0.0 and stats["consumer_restarts"] == 2
+        with pytest.raises(SemanticClientFailed, match="injected"):
+            client.item("g")
+    finally:
+        client.close()
 
 
 @pytest.mark.integration

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import atexit
 import os
+import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
 from types import TracebackType
 from typing import IO
+
+from livectr.core.procs import die_with_parent
 
 
 def free_port() -> int:
@@ -71,7 +74,15 @@ class EmbeddedBroker:
             self._log_file = open(self.log_path, "ab")
         out = self._log_file if self._log_file is not None else subprocess.DEVNULL
         env = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "warn"))
-        self._proc = subprocess.Popen(args, stdout=out, stderr=out, env=env, start_new_session=True)
+        # The log is in memory, so nothing is lost by SIGKILL when the parent dies without stopping it.
+        self._proc = subprocess.Popen(
+            args,
+            stdout=out,
+            stderr=out,
+            env=env,
+            start_new_session=True,
+            preexec_fn=die_with_parent(signal.SIGKILL),
+        )
         atexit.register(self.stop)
         self._wait_ready()
         return self

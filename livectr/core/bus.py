@@ -10,6 +10,7 @@ confluent-kafka through these helpers, with explicit delivery reports and explic
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -163,7 +164,18 @@ class DeliveryFailed(RuntimeError):
     """A produced record was not acknowledged by the broker."""
 
 
-def flush_or_raise(prod: Producer, tracker: DeliveryTracker, timeout_s: float = 60.0) -> None:
+#: How long a flush may wait for acknowledgements, normally and once a stage was asked to stop
+#: (when the broker may be gone: a stop must end within seconds, see ``livectr.core.procs``).
+FLUSH_S = 60.0
+STOP_FLUSH_S = 3.0
+
+
+def flush_timeout(stop: threading.Event | None) -> float:
+    """:data:`STOP_FLUSH_S` once ``stop`` is set, else :data:`FLUSH_S`."""
+    return STOP_FLUSH_S if stop is not None and stop.is_set() else FLUSH_S
+
+
+def flush_or_raise(prod: Producer, tracker: DeliveryTracker, timeout_s: float = FLUSH_S) -> None:
     """Flush and fail loudly if any record was not delivered (never commit past a lost record)."""
     remaining = prod.flush(timeout_s)
     if remaining:
