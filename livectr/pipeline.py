@@ -359,6 +359,8 @@ def _warm_catalogue(
             if code not in (None, 0):
                 raise StageFailed(stage.name, f"stage {stage.name} failed (exit {code})")
         st, items = refresh.status(), catalogue.summary().get("items")
+        if items == 0 and catalogue.poll() == 0:
+            return  # no catalogue ahead of the traffic: every item goes through the miss-and-fill path
         if (
             items is not None
             and st.get("reducer_fitted")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from livectr.core.config import Config
 from livectr.core.events import Item
-from livectr.simulators.records import SourceRecord
+from livectr.simulators.records import BadRecord, SourceRecord
 from livectr.simulators.replay import ReplayInputError, check_replay_inputs, load_replay
 from livectr.simulators.synthetic import GroundTruth, SyntheticTraffic
 
@@ -63,6 +63,7 @@ def leading_items(events: Iterator[SourceRecord]) -> Iterator[Item]:
     still go through the asynchronous miss-and-fill path.
     """
     for rec in events:
-        if type(rec) is not Item:
+        if type(rec) is Item:
+            yield rec
+        elif type(rec) is not BadRecord:  # a malformed row is dead-lettered by the traffic run, not here
             return
-        yield rec

@@ -436,3 +436,14 @@ def test_ml100k_conversion_replays_every_rating(tmp_path: Path) -> None:
     assert toy.text.startswith("Toy Story (1995)") and "Animation" in toy.text
     assert toy.attributes["year"] == "1995"
     assert not any(p.is_relative_to(Path(__file__).resolve().parents[1]) for p in (events, items))
+
+
+def test_the_catalogue_skips_a_malformed_row_and_stops_at_the_traffic() -> None:
+    """A bad row sorted among the leading items (a log's malformed first line) must not cut the
+    catalogue short: a semantics-on run waited for a catalogue of 0 items and trained nothing."""
+    from livectr.simulators.sources import leading_items
+
+    bad = BadRecord(b"not json", "malformed", None)
+    items = [Item("i1", 0.0, "a"), Item("i2", 0.0, "b")]
+    stream = [items[0], bad, items[1], Impression("x", 1.0, "u", "i1", {}), Item("i3", 2.0, "c")]
+    assert list(leading_items(iter(stream))) == items
