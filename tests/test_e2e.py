@@ -7,12 +7,11 @@ join must produce and how many of them are positive; the learner must clearly be
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
 import pytest
+from runs import livectr_run
 
 from livectr.core.config import Config
 from livectr.simulators.synthetic import SyntheticTraffic
@@ -34,34 +33,17 @@ def _truth(cfg: Config) -> dict[str, int]:
 
 
 def _run(cfg: Config, tmp_path: Path, *extra: str) -> dict:
-    summary_path = tmp_path / "summary.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "livectr",
-        "run",
-        "--quiet",
-        "--bootstrap-servers",
-        cfg.kafka.bootstrap_servers,
-        "--topic-prefix",
-        cfg.kafka.topic_prefix,
-        "--partitions",
-        str(cfg.kafka.partitions),
-        "--data-dir",
-        str(cfg.data_dir),
+    return livectr_run(
+        cfg,
+        tmp_path / "summary.json",
         "--events",
         str(cfg.simulator.events),
         "--users",
         str(cfg.simulator.users),
         "--items-count",
         str(cfg.simulator.items),
-        "--summary-json",
-        str(summary_path),
         *extra,
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(summary_path.read_text())
+    )
 
 
 def test_run_matches_ground_truth_and_learns(kafka_config: Config, tmp_path: Path) -> None:

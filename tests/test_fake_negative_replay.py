@@ -12,15 +12,13 @@ loss 7.84), and a fake negative was often scored after the model had trained on 
 
 from __future__ import annotations
 
-import json
 import math
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from runs import livectr_run
 
 from livectr.core import bus
 from livectr.core.config import Config
@@ -37,7 +35,6 @@ from livectr.learner import online as trainer_mod
 from livectr.learner.loop import run_learner
 from livectr.learner.metrics import DelayedLabelEvaluator, LearnerMetrics
 
-REPO = Path(__file__).resolve().parents[1]
 T0 = 1_700_000_000
 
 
@@ -74,20 +71,9 @@ def test_replayed_session_log_scores_each_impression_once(kafka_config: Config, 
     log = tmp_path / "events.csv"
     impressions, clicks = session_log(log)
     summary_path = tmp_path / "summary.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "livectr",
-        "run",
-        "--quiet",
-        "--bootstrap-servers",
-        cfg.kafka.bootstrap_servers,
-        "--topic-prefix",
-        cfg.kafka.topic_prefix,
-        "--partitions",
-        "2",
-        "--data-dir",
-        str(cfg.data_dir),
+    summary = livectr_run(
+        cfg,
+        summary_path,
         "--log",
         str(log),
         "--policy",
@@ -96,12 +82,8 @@ def test_replayed_session_log_scores_each_impression_once(kafka_config: Config, 
         "1.0",
         "--semantics",
         "off",
-        "--summary-json",
-        str(summary_path),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    summary = json.loads(summary_path.read_text())
+        timeout_s=300,
+    )
     learn = summary["stages"]["learn"]
     print({k: summary[k] for k in ("serving_auc", "serving_auc_impressions", "progressive_logloss")})
 
