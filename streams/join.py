@@ -424,9 +424,7 @@ class PartitionJoin:
         run with the wall clock, as it does for live producers, so the last windows close W
         after their impressions in wall time.
         """
-        ests = [
-            c.max_ts + max(now - c.max_published, 0.0) for c in self.clocks if not c.done and c.max_ts > -_INF
-        ]
+        ests = [c.max_ts + max(now - c.max_published, 0.0) for c in self.clocks if not c.done and c.max_ts > -_INF]
         return min(ests) if ests else -_INF
 
     def advance(self, now: float | None = None) -> None:
