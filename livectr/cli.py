@@ -28,6 +28,7 @@ from livectr.core.procs import stop_on_signals
 from livectr.core.status import StatusFile, write_json_atomic
 from livectr.learner import snapshots_cli
 from livectr.learner.loop import run_learner
+from livectr.learner.online import real_negative_share
 from livectr.learner.scorer import Scorer
 from livectr.learner.serve import serve
 from livectr.learner.snapshot import LearnerLock, LearnerLockError, RollbackRefused, SnapshotError, rollback
@@ -83,6 +84,11 @@ CONFIG_FLAGS: dict[str, tuple[str, type, str]] = {
     "--batch-size": ("learner.batch_size", int, "learner mini-batch size"),
     "--lr": ("learner.lr", float, "learning rate"),
     "--device": ("learner.device", str, "auto | cpu | cuda"),
+    "--real-negatives": (
+        "learner.real_negatives",
+        str,
+        "policy defer: real negatives trained on — score (by the model's click probability) | all | a share 0-1",
+    ),
     "--threads": ("learner.threads", int, "torch threads of the learner"),
     "--snapshot-every-s": ("learner.snapshot_every_s", float, "publish a snapshot every N seconds"),
     "--snapshot-every-examples": ("learner.snapshot_every_examples", int, "… or every M examples"),
@@ -131,6 +137,12 @@ def build_config(args: argparse.Namespace) -> Config:
         raise SystemExit(
             f"--defer-wait-s must be at least 0 and below --window-s ({cfg.join.window_s:g}), not {cfg.join.defer_wait_s:g}"
         )
+    try:
+        real_negative_share(cfg.learner.real_negatives)
+    except ValueError:
+        raise SystemExit(
+            f"--real-negatives must be score, all or a share in [0, 1], not {cfg.learner.real_negatives!r}"
+        ) from None
     return cfg
 
 
@@ -442,7 +454,16 @@ def build_parser() -> argparse.ArgumentParser:
     learn = sub.add_parser("learn", help="learner: train the student online and publish snapshots")
     _add_common(learn)
     _add_config_flags(
-        learn, ["--batch-size", "--lr", "--device", "--threads", "--snapshot-every-s", "--snapshot-every-examples"]
+        learn,
+        [
+            "--batch-size",
+            "--lr",
+            "--device",
+            "--threads",
+            "--snapshot-every-s",
+            "--snapshot-every-examples",
+            "--real-negatives",
+        ],
     )
     learn.add_argument("--forever", action="store_true", help="keep running after end-of-stream markers")
     learn.set_defaults(func=cmd_learn)

@@ -170,6 +170,10 @@ class LearnerConfig:
     population_taste: bool = True
     expert_mix_lr: float = 0.005
     #: Examples shuffled together before mini-batches are cut (breaks label clumps; see learner.loop).
+    #: ``defer``: which real negatives are trained on — ``score``: each with the probability of a
+    #: click the model gives it (the informative ones); ``all`` (the paper); or a fixed share
+    #: such as ``0.25``. The importance weights account for the rest (README, "Labelling policies").
+    real_negatives: str = "score"
     shuffle_buffer: int = 4096
     #: Context fields that get their own embedding slot (first seen, first served; extra fields are
     #: counted and ignored so an unbounded set of field names cannot grow the model).
