@@ -33,6 +33,7 @@ from livectr.learner.scorer import Scorer
 from livectr.learner.serve import serve
 from livectr.learner.snapshot import LearnerLock, LearnerLockError, RollbackRefused, SnapshotError, rollback
 from livectr.pipeline import DataDirInUse, run_pipeline
+from livectr.report import NoMetrics, write_report
 from livectr.semantic_cache.client import SemanticCacheClient
 from livectr.semantic_cache.refresher import run_refresher
 from livectr.semantic_cache.similar import similar
@@ -395,6 +396,19 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
     return 0 if action != "show" or report["verified"] else 1
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write the run's HTML report (plots of the metrics its stages recorded)."""
+
+    data_dir = args.data_dir if args.data_dir is not None else config_mod.from_env().data_dir
+    try:
+        path = write_report(data_dir, args.out)
+    except NoMetrics as exc:
+        print(f"livectr report: {exc}", file=sys.stderr)
+        return 2
+    print(f"report written to {path}")
+    return 0
+
+
 def _add_snapshots_parser(sub: Any) -> None:
     snaps = sub.add_parser("snapshots", help="list, inspect, compare published snapshots; roll back latest")
     snaps.set_defaults(func=cmd_snapshots)
@@ -542,6 +556,12 @@ def build_parser() -> argparse.ArgumentParser:
     conv.set_defaults(func=cmd_convert_ml100k)
 
     _add_snapshots_parser(sub)
+
+    report = sub.add_parser("report", help="one self-contained HTML page with plots of a run's recorded metrics")
+    report.add_argument("--data-dir", type=Path, default=None, help="data dir of the run (default ./livectr-data)")
+    report.add_argument("--out", type=Path, default=None, help="HTML file to write (default DATA_DIR/report.html)")
+    report.add_argument("-v", "--verbose", action="store_true")
+    report.set_defaults(func=cmd_report)
     return parser
 
 
