@@ -48,7 +48,8 @@ def nice_ticks(lo: float, hi: float, target: int = 5) -> list[float]:
         return [lo]
     raw = (hi - lo) / max(1, target)
     mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    # The round step whose tick count is nearest the target (the larger step on a tie).
+    step = min((m * mag for m in (10, 5, 2.5, 2, 1)), key=lambda st: abs((hi - lo) / st - target))
     first = math.ceil(lo / step - 1e-9) * step
     ticks = []
     v = first

@@ -227,9 +227,9 @@ class StageRecorder:
 
         return both
 
-    def __call__(self, status: dict[str, Any]) -> None:
-        now = time.time()
-        sample = self._sample(status, now)
+    def __call__(self, status: dict[str, Any], now: float | None = None) -> None:
+        """Record ``status`` as of ``now`` (default: the wall clock)."""
+        sample = self._sample(status, time.time() if now is None else now)
         with self._lock:
             self.latest = sample
             self._pending = True
