@@ -160,7 +160,14 @@ def chart_snapshot_versions(run: Run) -> str:
     series = [
         _wall(run, s, "snapshot_version", f"{n} latest version", step=True) for n, s in run.of_kind("learn").items()
     ]
-    return _chart("Snapshot versions", series, x_label=WALL, x_format=format_duration, empty_text="no snapshot yet")
+    return _chart(
+        "Snapshot versions",
+        series,
+        x_label=WALL,
+        x_format=format_duration,
+        y_integer=True,
+        empty_text="no snapshot yet",
+    )
 
 
 def chart_consumer_lag(run: Run) -> str:
@@ -234,6 +241,7 @@ def headline(run: Run) -> list[tuple[str, Any]]:
     """The run's figures at its last sample."""
     learn = next(iter(run.of_kind("learn").values()), [])
     joins = run.of_kind("join")
+    producers = run.of_kind("produce")
     lookups = sum(_last(s, "semantic_lookups") or 0 for s in joins.values())
     misses = sum(_last(s, "semantic_misses") or 0 for s in joins.values())
     return [
@@ -242,7 +250,7 @@ def headline(run: Run) -> list[tuple[str, Any]]:
         ("impressions evaluated", _last(learn, "serving_auc_impressions")),
         ("examples trained", _last(learn, "examples_trained")),
         ("latest snapshot", _last(learn, "snapshot_version")),
-        ("events published", sum(_last(s, "events_published") or 0 for s in run.of_kind("produce").values())),
+        ("events published", sum(_last(s, "events_published") or 0 for s in producers.values()) if producers else None),
         ("semantic cache miss rate", misses / lookups if lookups else None),
         ("dead letters", sum(_last(s, "dead_letters") or 0 for s in run.stages.values())),
     ]
@@ -274,7 +282,7 @@ body {{ margin: 0; padding: {PAD}px; font: 13px/1.35 system-ui, -apple-system, "
 header {{ height: {HEADER_H}px; overflow: auto; box-sizing: border-box; }}
 h1 {{ font-size: 20px; margin: 0 0 4px; }}
 .sub {{ color: #666; margin: 0 0 10px; }}
-.cols {{ display: flex; gap: 24px; }}
+.cols {{ display: flex; gap: 24px; align-items: flex-start; }}
 table {{ border-collapse: collapse; }}
 td, th {{ padding: 2px 8px; border-bottom: 1px solid #eee; text-align: right; }}
 td:first-child, th:first-child {{ text-align: left; }}

@@ -111,11 +111,13 @@ def line_chart(
     y_format: Formatter = format_number,
     y_floor: float | None = None,
     y_ceil: float | None = None,
+    y_integer: bool = False,
     empty_text: str = "no samples recorded",
 ) -> str:
     """An SVG element (text) plotting ``series``; ``empty_text`` in the frame when none has a point.
 
-    ``y_floor``/``y_ceil`` widen the y range to include them (e.g. 0 for rates).
+    ``y_floor``/``y_ceil`` widen the y range to include them (e.g. 0 for rates); ``y_integer``
+    keeps only whole-number y ticks (counts, versions).
     """
     left, right, bottom = 64, 16, 46
     drawn = [(s, s.points(), PALETTE[i % len(PALETTE)]) for i, s in enumerate(series)]
@@ -148,7 +150,7 @@ def line_chart(
         return top + ph - (y - y0) / (y1 - y0) * ph
 
     for t in nice_ticks(y0, y1):
-        if y0 <= t <= y1:
+        if y0 <= t <= y1 and not (y_integer and t != int(t)):
             out.append(f'<line x1="{left}" x2="{left + pw}" y1="{py(t):.1f}" y2="{py(t):.1f}" class="grid"/>')
             out.append(f'<text x="{left - 6}" y="{py(t) + 4:.1f}" class="ytick">{escape(y_format(t))}</text>')
     for t in nice_ticks(x0, x1):

@@ -112,3 +112,9 @@ def test_names_are_escaped() -> None:
     root = _parse(svg)
     assert "<script>" not in svg and not re.search(r"<b>", svg)
     assert root.find(f"{SVG}text").text == "<b>&"  # type: ignore[union-attr]
+
+
+def test_integer_ticks_for_counts() -> None:
+    root = _parse(line_chart("v", [Series("v", [0, 1, 2], [1, 2, 3], step=True)], y_integer=True))
+    ticks = [t.text for t in root.iter(f"{SVG}text") if t.attrib.get("class") == "ytick"]
+    assert ticks == ["1", "2", "3"]
