@@ -216,3 +216,19 @@ def test_recent_figures_follow_the_latest_impressions() -> None:
 
     recent.released([Ex(5.0), Ex(7.0), Ex(6.0)])  # type: ignore[list-item]
     assert recent.sample(m)["event_time"] == 7.0
+
+
+def test_metrics_port_from_env_config_and_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    from livectr.cli import build_config, build_parser
+    from livectr.core.config import from_dict, from_env, to_dict
+
+    cfg = from_env({"LIVECTR_METRICS__PORT": "9100", "LIVECTR_METRICS__HOST": "0.0.0.0"})
+    assert (cfg.metrics.port, cfg.metrics.host) == (9100, "0.0.0.0")
+    assert from_dict(to_dict(cfg)).metrics.port == 9100  # what `livectr run` hands its stages
+    for command in ("join", "learn", "refresh", "run"):
+        args = build_parser().parse_args([command, "--metrics-port", "9200"])
+        assert build_config(args).metrics.port == 9200
+    monkeypatch.delenv("LIVECTR_METRICS__PORT", raising=False)
+    assert build_config(build_parser().parse_args(["learn"])).metrics.port == 0  # off unless asked
+    monkeypatch.setenv("LIVECTR_METRICS__PORT", "9300")
+    assert build_config(build_parser().parse_args(["learn"])).metrics.port == 9300
