@@ -25,6 +25,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from runs import REPO, livectr_run_command
 
+from livectr.cli import main
 from livectr.core.broker import EmbeddedBroker
 from livectr.core.config import Config
 from livectr.core.metrics_log import read_all
@@ -241,17 +242,10 @@ def test_report_renders_every_plot_in_chromium(recorded_run: RecordedRun, tmp_pa
     assert sum(1 for p in header.get_flattened_data() if max(p) < 100) > 2000
 
 
-def test_report_without_metrics_says_so(tmp_path: Path) -> None:
+def test_report_without_metrics_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for data_dir in (tmp_path / "missing", tmp_path):
-        proc = subprocess.run(
-            [sys.executable, "-m", "livectr", "report", "--data-dir", str(data_dir)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=REPO,
-        )
-        assert proc.returncode == 2
-        lines = proc.stderr.strip().splitlines()
+        assert main(["report", "--data-dir", str(data_dir)]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("livectr report: ") and "livectr run --data-dir" in lines[0]
         assert not (data_dir / "report.html").exists()
 
