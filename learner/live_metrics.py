@@ -74,12 +74,16 @@ class RecentLearnerMetrics:
         self.min_examples = min_examples
         self.bins = bins
         self._marks: deque[_Mark] = deque(maxlen=max_marks)
-        #: Newest impression time among the examples released for training (event-time seconds).
+        #: Newest impression time (event-time seconds) of the batches released before a status.
         self.event_time = -math.inf
+        self._latest: Sequence[Example] = ()
 
     def released(self, examples: Sequence[Example]) -> None:
+        """Note a batch released for training: O(1) on the learner's hot path; its impression
+        times are read at the next :meth:`sample` (only the latest batch before each status:
+        batches come in decision-time order, so the newest impression times are in it)."""
         if examples:
-            self.event_time = max(self.event_time, max(ex.ts for ex in examples))
+            self._latest = examples
 
     def _mark(self, m: LearnerMetrics) -> _Mark:
         pos, neg = m.serving_auc.pos, m.serving_auc.neg
@@ -91,6 +95,9 @@ class RecentLearnerMetrics:
         """The recent figures (only those with data), plus ``event_time`` once anything was released."""
         now = self._mark(m)
         out: dict[str, Any] = {}
+        if self._latest:
+            self.event_time = max(self.event_time, max(ex.ts for ex in self._latest))
+            self._latest = ()
         if math.isfinite(self.event_time):
             out["event_time"] = self.event_time
         if self._marks:
