@@ -61,6 +61,7 @@ from livectr.core.events import (
     encode_example,
 )
 from livectr.learner.align import EventTimeMerge
+from livectr.learner.live_metrics import RecentLearnerMetrics
 from livectr.learner.model import ModelConfig
 from livectr.learner.online import OnlineLearner
 from livectr.learner.snapshot import LearnerLock, clean_temp, load_newest_good, manifest_offsets, publish_snapshot
@@ -204,6 +205,7 @@ class _Run:
         #: examples released wait in ``held``.
         self.warm_up: WarmUp | None = WarmUp(cfg.join.window_s) if self.learner.examples_seen == 0 else None
         self.held: list[Example] = []
+        self.recent = RecentLearnerMetrics()
 
     @property
     def warming(self) -> bool:
@@ -254,6 +256,7 @@ class _Run:
             examples = self._warming(examples)
         if not examples:
             return
+        self.recent.released(examples)
         if not self.buffer:
             self.buffer_since = time.monotonic()
         self.buffer.extend(examples)
@@ -384,6 +387,7 @@ class _Run:
             "buffered": len(self.buffer) + len(self.merge) + len(self.held),
             "warming_up": self.warming,
         }
+        status.update(self.recent.sample(self.learner.metrics))  # recent AUC, freshness, event time
         if self.on_status is not None:
             self.on_status(status)
         return status
