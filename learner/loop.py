@@ -491,6 +491,8 @@ def _learn(cfg: Config, on_status: StatusCallback | None, stop: threading.Event,
             msgs = cons.consume(num_messages=500, timeout=0.1)
             t = time.perf_counter()
             for msg in msgs:
+                if stop.is_set():  # far behind, a poll's worth of training can outlast the stop grace;
+                    break  # the records not handled are read again after a restart
                 err = msg.error()
                 if err is not None:
                     if err.code() != KafkaError._PARTITION_EOF:
