@@ -367,6 +367,10 @@ class OnlineLearner(Predictor):
         cold = self.featurizer.cold_mask_and_count(batch, self.cfg.learner.cold_start_impressions)
         self.featurizer.count_users(batch)
         requests = kinds == KIND_SCORE_REQUEST
+        if self.delayed_share.wait_s <= 0:
+            # ``defer`` without a waiting window: the observed copy is scored at its impression's
+            # place, so it is the served score (the join sends no separate request, see its docs).
+            requests = requests | (kinds == KIND_DEFER_OBSERVED)
         if requests.any():
             at = np.flatnonzero(requests)
             self.serving_eval.scored(

@@ -822,3 +822,26 @@ def test_real_negatives_are_kept_by_score_and_the_same_ones_on_a_replay() -> Non
     again = learner._dropped_real_negatives(batch, kinds, labels, rate)
     assert again is not None and bool((dropped == again).all())
     assert learner._dropped_real_negatives(batch, kinds, labels, 1.0) is None
+
+
+def test_defer_without_a_wait_serves_the_observed_copys_score() -> None:
+    """``defer`` with ``defer_wait_s = 0``: the join sends no score request, the observed copy
+    (scored at its impression's place) is the served score, paired with the true label later."""
+    cfg = make_cfg(False)
+    cfg.join.defer_wait_s = 0.0
+    learner = OnlineLearner(cfg)
+    world = ToyWorld(users=10, items=5, seed=3)
+    examples = world.examples(300)
+    observed = [msgspec.structs.replace(ex, kind=KIND_DEFER_OBSERVED, label=0) for ex in examples]
+    scores = learner.learn_batch(observed)["predictions"]
+    assert len(learner.serving_eval) == 300
+    learner.learn_batch([msgspec.structs.replace(ex, kind=KIND_DEFER_TRUE) for ex in examples])
+    assert len(learner.serving_eval) == 0
+    summary = learner.metrics.summary()
+    assert summary["serving_auc_impressions"] == 300
+    labels = np.asarray([ex.label for ex in examples], dtype=np.float64)
+    assert summary["serving_auc"] == pytest.approx(exact_auc(scores, labels), abs=0.02)
+    cfg.join.defer_wait_s = 5.0  # with a wait, only requests are served scores
+    waiting = OnlineLearner(cfg)
+    waiting.learn_batch(observed)
+    assert len(waiting.serving_eval) == 0
