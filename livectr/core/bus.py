@@ -20,7 +20,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from livectr.core.config import Config, KafkaConfig, Topics
-from livectr.core.events import EndOfStream, encode_event
+from livectr.core.events import EndOfStream, encode_event, one_line
 
 log = logging.getLogger(__name__)
 
@@ -240,6 +240,7 @@ class DeadLetterSink:
     def send(
         self, value: bytes | None, reason: str, source: Provenance | None = None, key: bytes | None = None
     ) -> None:
+        reason = one_line(reason)
         headers = [("livectr.reason", reason.encode()), ("livectr.stage", self.stage.encode())]
         if source is not None:
             headers += [
