@@ -168,7 +168,9 @@ EVENT_BYTES = st.one_of(
     mutated_dict(VALID_EVENTS).map(dumps),
     corrupted(VALID_EVENTS.map(lambda v: dumps(v, ascii_only=False))),
     st.tuples(mutated_dict(VALID_EVENTS), st.booleans()).map(lambda t: dumps(t[0], ascii_only=t[1])),
-    st.tuples(VALID_EVENTS, st.text(max_size=30) | NASTY).map(lambda t: dumps({**t[0], "type": t[1]}, ascii_only=False)),
+    st.tuples(VALID_EVENTS, st.text(max_size=30) | NASTY).map(
+        lambda t: dumps({**t[0], "type": t[1]}, ascii_only=False)
+    ),
 )
 
 # ------------------------------------------------------------------------ invariants
@@ -244,7 +246,9 @@ def check_event(raw: bytes | None) -> object:
 
 @FUZZ
 @given(EVENT_BYTES)
-@example(b'{"type":"impression","impression_id":"a","ts":1,"user_id":"u","item_id":"i","context":{"x":1' + b"0" * 40 + b"}}")
+@example(
+    b'{"type":"impression","impression_id":"a","ts":1,"user_id":"u","item_id":"i","context":{"x":1' + b"0" * 40 + b"}}"
+)
 @example(b'{"type":"end","producer":"p","partition":-1,"count":3}')
 @example(b'{"type":"click","impression_id":"","ts":1}')
 @example(None)
@@ -291,7 +295,9 @@ EXAMPLES = st.builds(
     st.integers(0, 5),
     st.none() | st.binary(min_size=32, max_size=32),
 )
-EXAMPLE_ENDS = st.builds(lambda p, n, c, w: ["end", p, n, c, w, 1.0], st.integers(0, 8), st.integers(1, 8), st.integers(0, 10**6), IDS)
+EXAMPLE_ENDS = st.builds(
+    lambda p, n, c, w: ["end", p, n, c, w, 1.0], st.integers(0, 8), st.integers(1, 8), st.integers(0, 10**6), IDS
+)
 MSGPACK_VALUES = st.recursive(
     st.none()
     | st.booleans()
@@ -378,9 +384,7 @@ VECTORS = st.builds(
     TIMES,
 )
 MISSES = st.builds(lambda ids, t, r: ["miss", "item", ids, t, r], st.lists(IDS, max_size=4), TIMES, st.text(max_size=6))
-USER_CLICKS = st.builds(
-    lambda u, ids, t: ["clicks", u, ids, t, "join-0", t], IDS, st.lists(IDS, max_size=4), TIMES
-)
+USER_CLICKS = st.builds(lambda u, ids, t: ["clicks", u, ids, t, "join-0", t], IDS, st.lists(IDS, max_size=4), TIMES)
 SEMANTIC_BYTES = st.one_of(
     st.binary(max_size=200),
     MSGPACK_VALUES.map(packb),
@@ -469,7 +473,11 @@ def test_replay_event_rows_build_valid_events_or_a_row_error(row: dict[str, Any]
 
 
 @FUZZ
-@given(st.one_of(mutated_dict(VALID_EVENTS).map(_row), VALID_EVENTS.map(_row), st.dictionaries(st.text(max_size=6), ROW_VALUES)))
+@given(
+    st.one_of(
+        mutated_dict(VALID_EVENTS).map(_row), VALID_EVENTS.map(_row), st.dictionaries(st.text(max_size=6), ROW_VALUES)
+    )
+)
 @example({"item_id": "a", "text": "t", "ts": 10**400})
 def test_replay_item_rows_build_valid_items_or_a_row_error(row: dict[str, Any]) -> None:
     check_row(lambda r: item_from_row(r, 1.0), row)
@@ -483,12 +491,18 @@ CSV_GOOD = ["100,impression,a,u1,i1,2", "101,click,a,,,"]
 CSV_HEADER = "ts,type,impression_id,user_id,item_id,slot"
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 @given(
     fmt=st.sampled_from(["jsonl", "csv", "tsv", "jsonl.gz", "csv.gz"]),
-    junk=st.lists(st.one_of(st.binary(max_size=40), JSON_VALUES.map(dumps), mutated_dict(VALID_EVENTS).map(dumps)), max_size=6),
+    junk=st.lists(
+        st.one_of(st.binary(max_size=40), JSON_VALUES.map(dumps), mutated_dict(VALID_EVENTS).map(dumps)), max_size=6
+    ),
 )
-def test_replay_file_with_junk_lines_trains_every_good_row(tmp_path_factory: pytest.TempPathFactory, fmt: str, junk: list[bytes]) -> None:
+def test_replay_file_with_junk_lines_trains_every_good_row(
+    tmp_path_factory: pytest.TempPathFactory, fmt: str, junk: list[bytes]
+) -> None:
     """Good rows mixed with junk lines: every good row becomes an event, the rest bad records."""
     path = tmp_path_factory.mktemp("replay") / f"log.{fmt}"
     junk = [j.replace(b"\n", b" ").replace(b"\r", b" ") for j in junk]
@@ -524,7 +538,7 @@ def test_replay_rows_of_arbitrary_files_never_raise(tmp_path: Path) -> None:
         for name in ("a.jsonl", "a.csv", "a.tsv"):
             path = tmp_path / f"{i}-{name}"
             path.write_bytes(data)
-            for row, raw, error in read_rows(path):
+            for row, _raw, error in read_rows(path):
                 assert (row is None) == bool(error)
                 if error:
                     assert_reason(error)
@@ -545,11 +559,15 @@ def test_truncated_gzip_log_is_a_clear_input_error(tmp_path: Path) -> None:
 SCORE_BODIES = st.one_of(
     st.binary(max_size=200),
     JSON_VALUES.map(dumps),
-    st.fixed_dictionaries({"user_id": IDS, "items": st.lists(IDS, max_size=5)}, optional={"context": CONTEXTS}).map(dumps),
+    st.fixed_dictionaries({"user_id": IDS, "items": st.lists(IDS, max_size=5)}, optional={"context": CONTEXTS}).map(
+        dumps
+    ),
     mutated_dict(
         st.fixed_dictionaries({"user_id": IDS, "items": st.lists(IDS, max_size=5)}, optional={"context": CONTEXTS})
     ).map(dumps),
-    st.lists(VALID_EVENTS.filter(lambda r: r["type"] == "impression"), max_size=3).map(lambda xs: dumps({"impressions": xs})),
+    st.lists(VALID_EVENTS.filter(lambda r: r["type"] == "impression"), max_size=3).map(
+        lambda xs: dumps({"impressions": xs})
+    ),
     st.lists(mutated_dict(VALID_EVENTS.filter(lambda r: r["type"] == "impression")), min_size=1, max_size=3).map(
         lambda xs: dumps({"impressions": xs})
     ),

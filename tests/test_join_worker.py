@@ -105,6 +105,22 @@ def add_malformed(cfg: Config, stream: Stream) -> None:
             b'{"type":"impression","impression_id":"z","ts":"soon","user_id":"u","item_id":"i"}',
             "invalid event",
         ),
+        # Found by tests/test_fuzz_decoders.py. A feature beyond int64 used to pass the decoder and
+        # then crash the worker when it encoded the example (MessagePack has no such integers).
+        (
+            topics.impressions,
+            0,
+            b'{"type":"impression","impression_id":"big","ts":1700000001,"user_id":"u","item_id":"i",'
+            b'"context":{"n":123456789012345678901234567890}}',
+            "invalid event",
+        ),
+        (topics.clicks, 1, b'{"type":"end","producer":"evil","partition":-1,"count":3}', "invalid event"),
+        (topics.clicks, 0, b'{"type":"click","impression_id":"","ts":1700000001}', "invalid event"),
+        (topics.impressions, 1, b'{"type":"click","impression_id":"\xff\xfe","ts":1}', "malformed JSON"),
+        (topics.clicks, 1, b'{"type":"click","impression_id":"imp3","ts":NaN}', "malformed JSON"),
+        (topics.impressions, 0, b'{"type":"impression","impression_id":"inf","ts":1e999}', "invalid event"),
+        (topics.clicks, 0, b'{"type":"sco\\npe","x":[[[{}]]]}', "invalid event"),
+        (topics.impressions, 1, b'[1, {"type": "impression"}]', "invalid event"),
     ]
     for i, (topic, p, value, reason) in enumerate(bad):
         stream.records.insert(7 + 5 * i, (topic, p, value))
@@ -245,6 +261,7 @@ def test_bounded_run_joins_exactly_and_dead_letters_bad_input(kafka_config: Conf
         assert match, f"{reason} record not dead-lettered"
         headers = dict(match[0].headers())
         assert headers["livectr.reason"].decode().startswith(reason)
+        assert "\n" not in headers["livectr.reason"].decode()  # one line, whatever the record held
         assert headers["livectr.stage"] == b"join" and headers["livectr.topic"] in (
             cfg.topics.impressions.encode(),
             cfg.topics.clicks.encode(),
