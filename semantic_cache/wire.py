@@ -16,7 +16,7 @@ earlier impression). The client's staleness is measured from ``requested_at``.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 
@@ -30,7 +30,7 @@ def _finite(*times: float) -> None:
 
 
 class SemanticVector(msgspec.Struct, frozen=True, tag="vec", array_like=True):
-    kind: Literal["item", "user"]
+    kind: str
     id: str
     version: str
     reduced: bytes
@@ -39,6 +39,8 @@ class SemanticVector(msgspec.Struct, frozen=True, tag="vec", array_like=True):
     requested_at: float
 
     def __post_init__(self) -> None:
+        if self.kind not in ("item", "user"):
+            raise ValueError(f"kind must be item or user, not {self.kind[:20]!r}")
         _finite(self.computed_at, self.source_ts, self.requested_at)
 
 
