@@ -164,6 +164,7 @@ def build_config(args: argparse.Namespace) -> Config:
     _add_kafka_options(cfg, getattr(args, "kafka_option", None) or [])
     if getattr(args, "semantics", None) is not None:
         cfg.semantic.enabled = args.semantics == "on"
+    config_mod.validate(cfg, flags={key: flag for flag, (key, _, _) in CONFIG_FLAGS.items()})
     if cfg.join.policy not in POLICIES:
         raise SystemExit(f"--policy must be one of {', '.join(POLICIES)}, not {cfg.join.policy!r}")
     if cfg.join.policy == "defer" and not 0 <= cfg.join.defer_wait_s < cfg.join.window_s:

@@ -173,7 +173,7 @@ def test_secrets_are_redacted_in_the_dict_repr_and_config_file_and_come_back_fro
     assert from_dict(to_dict(Config()), environ={}) == Config()
 
 
-def test_env_settings_and_flags_reach_the_config(capsys: pytest.CaptureFixture[str]) -> None:
+def test_security_settings_come_from_the_env() -> None:
     cfg = from_env(
         {
             "LIVECTR_KAFKA__SECURITY_PROTOCOL": "SASL_SSL",
@@ -200,7 +200,7 @@ def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]
 
 
 def test_cli_refuses_secrets_on_the_command_line_and_bad_options_in_one_line(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     base = ["topics", "--bootstrap-servers", "127.0.0.1:1"]
     code, out = _cli([*base, "--kafka-option", f"sasl.password={PASSWORD}"], capsys)
@@ -215,14 +215,6 @@ def test_cli_refuses_secrets_on_the_command_line_and_bad_options_in_one_line(
 
     code, out = _cli([*base, "--kafka-option", "justakey"], capsys)
     assert code == 2 and "KEY=VALUE" in out
-
-    monkeypatch.setenv("LIVECTR_JOIN__WINDOW_S", "ten minutes")  # used to be a traceback
-    code, out = _cli(base, capsys)
-    assert code == 2 and "join.window_s" in out and "Traceback" not in out
-    monkeypatch.delenv("LIVECTR_JOIN__WINDOW_S")
-    monkeypatch.setenv("LIVECTR_JION__WINDOW_S", "60")  # a misspelt section is not silently ignored
-    code, out = _cli(base, capsys)
-    assert code == 2 and "unknown config section 'jion'" in out
 
 
 def test_a_run_passes_secrets_to_its_stages_without_writing_them(

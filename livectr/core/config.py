@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import typing
@@ -451,6 +452,54 @@ def restore_secrets(cfg: Config, environ: Mapping[str, str] | None = None) -> Co
                     )
                 options[key] = from_environ[key]
         kafka.extra = format_options(options)
+    return cfg
+
+
+#: Values no run can use: ``(key, lowest, highest, lowest itself allowed)``. A command checks them
+#: before it starts anything (:func:`validate`); without, ``--partitions 0`` waited 15 s for
+#: topics that never appear and ``--batch-size 0`` ended a learner in a traceback.
+_BOUNDS: tuple[tuple[str, float, float, bool], ...] = (
+    ("kafka.partitions", 1, 1 << 16, True),
+    ("kafka.replication_factor", 1, 1 << 10, True),
+    ("kafka.session_timeout_ms", 1, math.inf, True),
+    ("simulator.events", 0, math.inf, True),
+    ("simulator.users", 1, math.inf, True),
+    ("simulator.items", 1, math.inf, True),
+    ("simulator.speed", 0, math.inf, True),
+    ("simulator.impressions_per_s", 0, math.inf, False),
+    ("join.window_s", 0, math.inf, False),
+    ("join.defer_wait_s", 0, math.inf, True),
+    ("join.score_sample", 0, 1, True),
+    ("join.commit_interval_s", 0, math.inf, False),
+    ("join.workers", 1, 1 << 10, True),
+    ("learner.batch_size", 1, math.inf, True),
+    ("learner.lr", 0, math.inf, False),
+    ("learner.threads", 1, 1 << 10, True),
+    ("learner.snapshot_every_s", 0, math.inf, False),
+    ("learner.snapshot_every_examples", 1, math.inf, True),
+    ("learner.keep_snapshots", 1, math.inf, True),
+    ("learner.embedding_dim", 1, 1 << 12, True),
+    ("learner.context_buckets", 1, math.inf, True),
+    ("learner.pair_buckets", 0, math.inf, True),
+    ("learner.scorer_reload_ms", 1, math.inf, True),
+    ("semantic.reduced_dim", 1, 1 << 12, True),
+    ("semantic.user_profile_ttl_s", 0, math.inf, True),
+    ("serve.max_body_bytes", 1, math.inf, True),
+    ("serve.max_candidates", 1, math.inf, True),
+)
+
+
+def validate(cfg: Config, flags: Mapping[str, str] | None = None) -> Config:
+    """Raise :class:`ConfigError` (naming the key, its flag from ``flags`` and its env variable)
+    for a value outside :data:`_BOUNDS`; NaN is outside every bound."""
+    for dotted, low, high, inclusive in _BOUNDS:
+        section, _, name = dotted.partition(".")
+        value = getattr(getattr(cfg, section), name)
+        if (value >= low if inclusive else value > low) and value <= high:
+            continue
+        rule = f"{'≥' if inclusive else '>'} {low:g}" + (f" and ≤ {high:g}" if high != math.inf else "")
+        names = [n for n in ((flags or {}).get(dotted), f"{ENV_PREFIX}{section.upper()}__{name.upper()}") if n]
+        raise ConfigError(f"{dotted} must be {rule}, not {value!r} ({', '.join(names)})")
     return cfg
 
 
