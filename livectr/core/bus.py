@@ -275,6 +275,11 @@ class Provenance(Protocol):
     def key(self) -> bytes | None: ...
 
 
+#: Largest value and key a dead letter carries (see :class:`DeadLetterSink`).
+DEAD_LETTER_MAX_VALUE = 256 * 1024
+DEAD_LETTER_MAX_KEY = 1024
+
+
 @dataclass
 class DeadLetterSink:
     """Sends rejected records to the dead-letter topic, never raising into the hot path.
@@ -282,6 +287,13 @@ class DeadLetterSink:
     The record value is the original bytes, untouched; the reason and provenance travel in
     headers (``livectr.reason``, ``livectr.stage``, ``livectr.topic``, ``livectr.partition``,
     ``livectr.offset``), the convention Kafka Connect uses for its DLQs.
+
+    Except for a record near the broker's size limit: with the headers its dead letter would
+    be refused (``MSG_SIZE_TOO_LARGE``, raised by ``produce``), the stage would die, restart
+    and meet the same record — a poison record blocking its partition. Values over
+    :data:`DEAD_LETTER_MAX_VALUE` (keys over :data:`DEAD_LETTER_MAX_KEY`) are cut to that size
+    and ``livectr.truncated`` gives the original's (the original stays in its topic, at the
+    offset the headers name).
     """
 
     prod: Producer
@@ -303,7 +315,13 @@ class DeadLetterSink:
                 ("livectr.offset", str(source.offset()).encode()),
             ]
             key = key if key is not None else source.key()
-        produce(self.prod, self.topic, value or b"", key=key, on_delivery=self.tracker.callback, headers=headers)
+        value = value or b""
+        if len(value) > DEAD_LETTER_MAX_VALUE or (key is not None and len(key) > DEAD_LETTER_MAX_KEY):
+            size = f"value={len(value)}" + (f",key={len(key)}" if key is not None else "")
+            headers.append(("livectr.truncated", size.encode()))
+            value = value[:DEAD_LETTER_MAX_VALUE]
+            key = key[:DEAD_LETTER_MAX_KEY] if key is not None else None
+        produce(self.prod, self.topic, value, key=key, on_delivery=self.tracker.callback, headers=headers)
         self.count += 1
         short = reason.split(":", 1)[0]
         self.reasons[short] = self.reasons.get(short, 0) + 1
