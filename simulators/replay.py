@@ -31,7 +31,7 @@ from typing import Any
 
 import msgspec
 
-from livectr.core.events import Click, ContextValue, Impression, Item
+from livectr.core.events import MAX_EVENT_BYTES, Click, ContextValue, Impression, Item
 from livectr.simulators.records import BadRecord, SourceRecord
 
 #: Largest plausible unix time in seconds (the same bound ``decode_event`` applies).
@@ -252,6 +252,11 @@ def _parse(path: Path, build: Any) -> tuple[list[Any], list[BadRecord]]:
         for row, raw, error in read_rows(path):
             if row is None:
                 bad.append(BadRecord(raw=raw, reason=f"{error} [{path.name}]"))
+                continue
+            if len(raw) > MAX_EVENT_BYTES:  # its event would be refused by every stage (and past ~1 MB by the broker)
+                bad.append(
+                    BadRecord(raw=raw, reason=f"oversized row: {len(raw)} bytes > {MAX_EVENT_BYTES} [{path.name}]")
+                )
                 continue
             try:
                 good.append(build(row))

@@ -554,6 +554,19 @@ def test_truncated_gzip_log_is_a_clear_input_error(tmp_path: Path) -> None:
         load_replay(path)
 
 
+def test_oversized_replay_rows_are_bad_records_not_a_crash(tmp_path: Path) -> None:
+    """A 2 MB item text used to be published as is: librdkafka refused it and the publisher died."""
+    items = tmp_path / "items.jsonl"
+    huge = json.dumps({"item_id": "big", "text": "word " * 400_000})
+    items.write_text(json.dumps({"item_id": "i1", "text": "fine"}) + "\n" + huge + "\n")
+    log = tmp_path / "log.jsonl"
+    log.write_text("\n".join(GOOD_LINES) + "\n")
+    records, counts = load_replay(log, items)
+    assert counts["items"] == 1 and counts["bad_records"] == 1
+    bad = [r for r in records if not isinstance(r, (Impression, Click, Item))]
+    assert bad[0].reason.startswith("oversized row: 2000") and len(bad[0].raw) == len(huge)
+
+
 # ------------------------------------------------------------------------ score request bodies
 
 SCORE_BODIES = st.one_of(
