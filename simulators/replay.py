@@ -31,11 +31,9 @@ from typing import Any
 
 import msgspec
 
-from livectr.core.events import MAX_EVENT_BYTES, Click, ContextValue, Impression, Item
+from livectr.core.events import MAX_EVENT_BYTES, MAX_TS, Click, ContextValue, Impression, Item, time_problem
 from livectr.simulators.records import BadRecord, SourceRecord
 
-#: Largest plausible unix time in seconds (the same bound ``decode_event`` applies).
-MAX_TS = 1e11
 EVENT_COLUMNS = frozenset({"ts", "type", "impression_id", "user_id", "item_id"})
 ITEM_COLUMNS = frozenset({"ts", "item_id", "text"})
 _KIND_RANK = {Item: 0, Impression: 1, Click: 2}
@@ -184,8 +182,11 @@ def _ts_field(row: dict[str, Any], default: float | None = None) -> float:
         ts = float(value)
     except (TypeError, ValueError, OverflowError):  # OverflowError: a JSON integer beyond float range
         raise RowError(f"ts {_short(value)} is not a number") from None
-    if not math.isfinite(ts) or abs(ts) >= MAX_TS:
-        raise RowError(f"ts {_short(value)} is not a unix time in seconds")
+    problem = time_problem(ts)  # the join's own rule: what the replay accepts, the join accepts
+    if problem is not None:
+        raise RowError(
+            problem if math.isfinite(ts) and abs(ts) < MAX_TS else f"ts {_short(value)} is not a unix time in seconds"
+        )
     return ts
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from toyworld import ToyWorld
 from livectr.core.config import Config, ServeConfig
 from livectr.core.events import (
     MAX_EVENT_BYTES,
+    MAX_FUTURE_S,
     MAX_REASON_CHARS,
     Click,
     DecodeError,
@@ -92,7 +94,7 @@ JSON_VALUES = st.recursive(
     max_leaves=12,
 )
 IDS = st.text(min_size=1, max_size=12)
-TIMES = st.floats(min_value=0, max_value=4e9)
+TIMES = st.floats(min_value=0, max_value=1.7e9)
 CONTEXT_VALUES = (
     st.text(max_size=8) | st.integers(*INT64) | st.floats(allow_nan=False, allow_infinity=False) | st.booleans()
 )
@@ -204,6 +206,7 @@ def assert_features(features: dict[str, Any]) -> None:
 
 def assert_unix_time(ts: float) -> None:
     assert isinstance(ts, float) and math.isfinite(ts) and abs(ts) < 1e11, ts
+    assert ts <= time.time() + MAX_FUTURE_S, ts
 
 
 def assert_valid_input_event(ev: object) -> None:
@@ -250,6 +253,7 @@ def check_event(raw: bytes | None) -> object:
     b'{"type":"impression","impression_id":"a","ts":1,"user_id":"u","item_id":"i","context":{"x":1' + b"0" * 40 + b"}}"
 )
 @example(b'{"type":"end","producer":"p","partition":-1,"count":3}')
+@example(b'{"type":"click","impression_id":"a","ts":9e10}')
 @example(b'{"type":"click","impression_id":"","ts":1}')
 @example(None)
 @example(b"x" * (MAX_EVENT_BYTES + 1))

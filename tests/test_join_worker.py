@@ -121,6 +121,10 @@ def add_malformed(cfg: Config, stream: Stream) -> None:
         (topics.impressions, 0, b'{"type":"impression","impression_id":"inf","ts":1e999}', "invalid event"),
         (topics.clicks, 0, b'{"type":"sco\\npe","x":[[[{}]]]}', "invalid event"),
         (topics.impressions, 1, b'[1, {"type": "impression"}]', "invalid event"),
+        # An impression and its click stamped in the far future used to move partition 1's
+        # watermark there: every later window closed at once, every later click was "late".
+        (topics.impressions, 1, encode_event(Impression("future", 9e10, "u", "i")), "invalid event"),
+        (topics.clicks, 1, encode_event(Click("future", 9e10)), "invalid event"),
         # Near the broker's size limit: its dead letter (+ headers) used to be refused by the
         # broker, killing the worker on every restart (a poison record); now it is cut short.
         (topics.clicks, 1, b'{"type":"click","impression_id":"' + b"p" * 999_800 + b'"}', "oversized"),
