@@ -112,6 +112,7 @@ class _Capture(logging.Handler):
         self.lines.append(record.getMessage())
 
 
+@pytest.mark.integration
 def test_real_clients_negotiate_sasl_with_the_broker(kafka_config: Config) -> None:
     """Producer, consumer and admin client built by the factories open SASL_PLAINTEXT connections
     and start a SCRAM-SHA-512 handshake with the embedded broker (which then refuses it)."""
@@ -217,6 +218,8 @@ def test_cli_refuses_secrets_on_the_command_line_and_bad_options_in_one_line(
     assert code == 2 and "KEY=VALUE" in out
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_a_run_passes_secrets_to_its_stages_without_writing_them(
     kafka_config: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
