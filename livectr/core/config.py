@@ -513,6 +513,9 @@ _BOUNDS: tuple[tuple[str, float, float, bool], ...] = (
     ("semantic.user_profile_ttl_s", 0, math.inf, True),
     ("serve.max_body_bytes", 1, math.inf, True),
     ("serve.max_candidates", 1, math.inf, True),
+    ("metrics.port", 0, 65535, True),
+    ("metrics.interval_s", 0, math.inf, False),
+    ("metrics.max_bytes", 1, math.inf, True),
 )
 
 
