@@ -314,11 +314,11 @@ class _Run:
         for start in range(0, n, size):
             batch = head[start : start + size]
             t = time.perf_counter()
-            self.learner.learn_batch(batch)
+            left_out = self.learner.learn_batch(batch).get("left_out", 0)
             self.train_s += time.perf_counter() - t
             requests = sum(ex.kind == KIND_SCORE_REQUEST for ex in batch)
             self.requests_scored += requests
-            self.trained += len(batch) - requests
+            self.trained += len(batch) - requests - left_out
             self.positives += sum(ex.label for ex in batch)
         if self.buffer:
             self.buffer_since = time.monotonic()  # the remainder arrived with the batches just trained
@@ -386,6 +386,7 @@ class _Run:
             "dead_letters": dlq.count,
             "buffered": len(self.buffer) + len(self.merge) + len(self.held),
             "warming_up": self.warming,
+            "real_negatives_left_out": self.learner.real_negatives_left_out,
         }
         status.update(self.recent.sample(self.learner.metrics))  # recent AUC, freshness, event time
         if self.on_status is not None:
@@ -402,6 +403,7 @@ class _Run:
             "serving_auc_impressions": s["serving_auc_impressions"],
             "examples_trained": self.trained,
             "positives": self.positives,
+            "real_negatives_left_out": self.learner.real_negatives_left_out,
             "label_order_auc": s["label_order_auc"],
             "label_order_logloss": s["label_order_logloss"],
             "progressive_auc": s["progressive_auc"],

@@ -159,6 +159,8 @@ class OnlineLearner(Predictor):
         self.delayed_share = DelayedShare(cfg.join.defer_wait_s)
         #: ``defer``: the fixed share of real negatives trained on (None: by the model's score).
         self.real_negative_share = real_negative_share(lc.real_negatives)
+        #: Real negatives left out before the model (counted, not trained; see learn_batch).
+        self.real_negatives_left_out = 0
         self.cold_start = (
             ColdStart(
                 self.model.mc.sem_dim, cfg.semantic.faiss_exact_below, cfg.semantic.neighbours, lc.cold_start_min_count
@@ -225,6 +227,8 @@ class OnlineLearner(Predictor):
         predictions[keep] = result["predictions"]
         predictions[at] = [skipped[k] for k in at.tolist()]
         result["predictions"] = predictions
+        result["left_out"] = len(skipped)
+        self.real_negatives_left_out += len(skipped)
         left_out = [examples[k] for k in at.tolist()]
         served_from, served_labels = self.serving_eval.labelled(self.metrics, left_out, np.zeros(len(left_out)))
         if self.experts is not None:

@@ -170,13 +170,14 @@ class JoinConfig:
     window_s: float = 600.0
     #: Labelling policy: ``wait``, ``fake-negative`` or ``defer`` (README, "Labelling policies";
     #: the default is the best in serving order over the benchmark's streams).
-    policy: str = "fake-negative"
+    policy: str = "defer"
     #: ``defer``: the waiting window after which an unclicked impression is sent as a negative (0:
     #: at once, as a fake negative; the real negative follows when the attribution window closes).
     defer_wait_s: float = 0.0
     #: Fraction of impressions (by a hash of the id, so restarts agree) also sent at impression
     #: time as score requests, scored by the model as it stands then: the serving AUC (0 disables).
-    #: Under ``fake-negative`` every impression's fake negative is scored so, and none are sent.
+    #: Under ``fake-negative``, and ``defer`` without a wait, the example sent at the impression's
+    #: time is scored so, and none are sent.
     score_sample: float = 1.0
     group_id: str = "livectr-join"
     #: Commit (and checkpoint the pending state) at most this often.
