@@ -312,6 +312,9 @@ class _Run:
             "gate_usage": m["gate_usage"],
             "dead_letters": dlq.count,
             "buffered": len(self.buffer) + len(self.merge),
+            # For `livectr chaos`: the model's total, and where this process resumed it from.
+            "examples_seen_total": self.learner.examples_seen,
+            "resumed_examples_seen": (self.manifest or {}).get("examples_seen", 0),
         }
         if self.on_status is not None:
             self.on_status(status)

@@ -19,7 +19,7 @@ from pathlib import Path
 import msgspec
 from confluent_kafka import TopicPartition
 
-from livectr.core import bus
+from livectr.core import bus, faults
 from livectr.core.config import Config
 from livectr.core.events import DecodeError, Example, ExampleBatch, decode_example
 from livectr.streams.join import PartitionState
@@ -97,6 +97,7 @@ def write_checkpoint(path: Path, ckpt: Checkpoint) -> None:
         fh.write(_ckpt_encoder.encode(ckpt))
         fh.flush()
         os.fsync(fh.fileno())
+    faults.hold(faults.CHECKPOINT)
     os.replace(tmp, path)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
