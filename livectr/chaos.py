@@ -112,26 +112,46 @@ class ChaosDrill:
     _rng: random.Random = field(default_factory=random.Random)
     _schedule: list[float] = field(default_factory=list)
     _order: list[str] = field(default_factory=list)
-    _t0: float = 0.0
+    _t0: float | None = None
+    _targets: list[str] = field(default_factory=list)
     _broker: EmbeddedBroker | None = None
 
     def stage_env(self) -> dict[str, str]:
         return {faults.HOLD_ENV: str(self.options.hold_s), faults.POINTS_ENV: f"{faults.CHECKPOINT},{faults.SNAPSHOT}"}
 
     def started(self, broker: EmbeddedBroker | None, stages: dict[str, Stage]) -> None:
-        """Draw the kill times (spread over the stream) and the order of targets (each in turn)."""
-        opts = self.options
-        self._rng = random.Random(opts.seed)
-        self._t0 = time.monotonic()
         self._broker = broker
+        self._rng = random.Random(self.options.seed)
+        self._targets = [p for p in TARGETS if any(n.split("-", 1)[0] == p for n in stages)]
+
+    def _start_clock(self, stages: dict[str, Stage]) -> bool:
+        """Start the drill's clock once traffic flows (the producer has published, or is done).
+
+        Then draw the kill times (spread over the stream) and the order of targets (each in
+        turn). Timing from the stages' start instead would let a slow start (imports on a busy
+        machine) swallow the first kills or the outage.
+        """
+        if self._t0 is not None:
+            return True
+        produce = stages.get("produce")
+        if produce is not None and produce.poll() is None and not produce.status().get("events_published"):
+            return False
+        opts = self.options
+        self._t0 = time.monotonic()
         lo, hi = 0.1 * opts.stream_s, 0.9 * opts.stream_s
         self._schedule = sorted(self._rng.uniform(lo, hi) for _ in range(opts.kills))
-        present = [p for p in TARGETS if any(n.split("-", 1)[0] == p for n in stages)]
+        present = list(self._targets)
         self._rng.shuffle(present)
         self._order = [present[i % len(present)] for i in range(opts.kills)] if present else []
+        return True
+
+    def _elapsed(self) -> float:
+        return time.monotonic() - self._t0 if self._t0 is not None else 0.0
 
     def tick(self, stages: dict[str, Stage]) -> None:
-        now = time.monotonic() - self._t0
+        if not self._start_clock(stages):
+            return
+        now = self._elapsed()
         opts = self.options
         if opts.outage_s > 0 and not self.outage and now >= opts.outage_at * opts.stream_s:
             self._freeze_broker(stages)
@@ -141,7 +161,7 @@ class ChaosDrill:
                 self._order.pop(0)
                 # An aimed kill may have waited past the next times: keep the rest spread out.
                 gap = opts.stream_s / (2.0 * (opts.kills + 1))
-                done = time.monotonic() - self._t0
+                done = self._elapsed()
                 self._schedule = [max(t, done + gap * (i + 1)) for i, t in enumerate(self._schedule)]
 
     # -- kills ----------------------------------------------------------------------------------
@@ -173,7 +193,7 @@ class ChaosDrill:
         os.kill(pid, signal.SIGKILL)
         assert stage.proc is not None
         stage.proc.wait(timeout=10)
-        record = KillRecord(stage.name, round(time.monotonic() - self._t0, 2), aim or "random", hit, pid)
+        record = KillRecord(stage.name, round(self._elapsed(), 2), aim or "random", hit, pid)
         if prefix == "learn":
             record.examples_seen_before = seen_before
             record.resumed_from_examples = self._snapshot_examples()
@@ -245,7 +265,7 @@ class ChaosDrill:
         }
         self.outage = {
             "outage_s": round(frozen, 2),
-            "outage_at_s": round(started - self._t0, 2),
+            "outage_at_s": round(self._elapsed() - frozen, 2),
             "outage_cpu_s": cpu,
             "outage_cpu_share": {n: round(c / frozen, 4) for n, c in cpu.items()},
         }
@@ -263,9 +283,11 @@ class ChaosDrill:
 
     def report(self, cfg: Config, stages: dict[str, Stage]) -> dict[str, Any]:
         truth = ground_truth(cfg)
-        labels = audit(cfg, truth, read_examples(cfg))
+        problems: list[str] = []
+        labels = audit(cfg, truth, _until_incomplete(read_examples(cfg), problems))
         return {
             **labels,
+            "audit_complete": not problems,
             "kills": len(self.kills),
             "kills_requested": self.options.kills,
             "kill_log": [k.__dict__ for k in self.kills],
@@ -285,12 +307,20 @@ def ground_truth(cfg: Config) -> GroundTruth:
     return traffic.truth
 
 
-def read_examples(cfg: Config, idle_s: float = 2.0, timeout_s: float = 300.0) -> Iterator[Example]:
+class IncompleteRead(RuntimeError):
+    """The examples topic never carried every end marker (a stage failed before finishing)."""
+
+
+def read_examples(
+    cfg: Config, idle_s: float = 2.0, stall_s: float = 30.0, timeout_s: float = 600.0
+) -> Iterator[Example]:
     """Every example on the examples topic (score requests included), from the beginning.
 
     Done when every partition has carried an end marker of every join input partition, its
     position has reached the high watermark, and nothing more arrived for ``idle_s`` (the
-    high watermark alone can stop short of the last batch).
+    high watermark alone can stop short of the last batch). Raises :class:`IncompleteRead`
+    (after yielding everything there is) when nothing arrives for ``stall_s`` without the
+    markers complete, or after ``timeout_s`` in all.
     """
     topic = cfg.topics.examples
     parts = bus.partition_count(cfg.kafka, topic)
@@ -326,15 +356,28 @@ def read_examples(cfg: Config, idle_s: float = 2.0, timeout_s: float = 300.0) ->
                     yield from rec.examples
                 elif isinstance(rec, Example):
                     yield rec
-            if msgs or time.monotonic() - last_record < idle_s:
+            quiet = time.monotonic() - last_record
+            if msgs or quiet < idle_s:
                 continue
             if all(len(e) >= sources for e in ends.values()):
                 highs = [cons.get_watermark_offsets(TopicPartition(topic, p), timeout=5)[1] for p in range(parts)]
                 if all(position[p] >= highs[p] for p in range(parts)):
                     return
-        raise TimeoutError(f"the examples topic was not read to its end markers within {timeout_s:.0f}s")
+            elif quiet >= stall_s:
+                break
+        missing = {p: sorted(set(range(sources)) - e) for p, e in ends.items() if len(e) < sources}
+        raise IncompleteRead(f"examples topic read without the end markers of input partitions {missing}")
     finally:
         cons.close()
+
+
+def _until_incomplete(examples: Iterator[Example], problems: list[str]) -> Iterator[Example]:
+    """``examples`` until :class:`IncompleteRead`, which is logged and noted in ``problems``."""
+    try:
+        yield from examples
+    except IncompleteRead as exc:
+        log.error("chaos: %s; auditing what was delivered", exc)
+        problems.append(str(exc))
 
 
 def expected_kinds(cfg: Config, truth: GroundTruth) -> dict[int, tuple[np.ndarray, np.ndarray]]:
@@ -489,6 +532,7 @@ def _policy_result(summary: dict[str, Any]) -> dict[str, Any]:
         *SUMMED,
         "policy",
         "ok",
+        "audit_complete",
         "failed_stage",
         "restarts",
         "kills_requested",
@@ -510,6 +554,7 @@ def _policy_result(summary: dict[str, Any]) -> dict[str, Any]:
     out["restarts"] = {stage: n for stage, n in (out.get("restarts") or {}).items() if restartable(stage)}
     out["clean"] = bool(
         summary.get("ok")
+        and summary.get("audit_complete")
         and summary.get("lost", 1) == 0
         and summary.get("duplicates", 1) == 0
         and summary.get("unexpected", 1) == 0
