@@ -548,6 +548,9 @@ def print_summary(summary: dict[str, Any], out: TextIO) -> None:
         value = summary[key]
         text = f"{value:,.4f}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else str(value)
         out.write(f"  {key:<24} {text}\n")
+    restarted = {name: n for name, n in (summary.get("restarts") or {}).items() if n}
+    if restarted:
+        out.write(f"  {'restarts':<24} {', '.join(f'{name} {n}' for name, n in restarted.items())}\n")
     out.flush()
 
 
