@@ -498,7 +498,13 @@ def chaos_speed(cfg: Config, stream_s: float) -> float:
 
 
 def run_chaos(
-    cfg: Config, options: ChaosOptions, policies: list[str], *, quiet: bool = False, speed_given: bool = False
+    cfg: Config,
+    options: ChaosOptions,
+    policies: list[str],
+    *,
+    quiet: bool = False,
+    speed_given: bool = False,
+    join_workers: int | None = None,
 ) -> dict[str, Any]:
     """One drilled run per policy (each on a fresh embedded broker, in ``data_dir/chaos-<policy>``).
 
@@ -515,7 +521,7 @@ def run_chaos(
         if not speed_given:
             run_cfg.simulator.speed = chaos_speed(run_cfg, options.stream_s)
         drill = ChaosDrill(run_cfg, options)
-        summary = run_pipeline(run_cfg, quiet=quiet, fresh=True, drill=drill)
+        summary = run_pipeline(run_cfg, quiet=quiet, fresh=True, drill=drill, join_workers=join_workers)
         results[policy] = _policy_result(summary)
     return combine(results)
 

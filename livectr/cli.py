@@ -286,7 +286,9 @@ def cmd_chaos(args: argparse.Namespace) -> int:
         outage_at=args.outage_at,
     )
     speed_given = getattr(args, "cfg:simulator.speed") is not None
-    report = run_chaos(cfg, options, policies, quiet=args.quiet, speed_given=speed_given)
+    report = run_chaos(
+        cfg, options, policies, quiet=args.quiet, speed_given=speed_given, join_workers=args.join_workers
+    )
     if args.summary_json is not None:
         write_json_atomic(args.summary_json, report)
     keys = ("expected_impressions", "final_examples", "lost", "duplicates", "unexpected", "wrong_labels", "kills")
@@ -455,6 +457,7 @@ def _add_chaos_parser(sub: Any) -> None:
     chaos.add_argument(
         "--outage-at", type=float, default=0.4, help="start the outage at this fraction of --stream-s (default 0.4)"
     )
+    chaos.add_argument("--join-workers", type=int, default=None, help="join worker processes (one consumer group)")
     chaos.add_argument("--quiet", action="store_true", help="no live progress line")
     chaos.set_defaults(func=cmd_chaos)
 
