@@ -115,6 +115,8 @@ class ChaosDrill:
     _t0: float | None = None
     _targets: list[str] = field(default_factory=list)
     _broker: EmbeddedBroker | None = None
+    #: (monotonic time, CPU seconds per stage pid) a little before the outage: its baseline.
+    _baseline: tuple[float, dict[int, float | None]] | None = None
 
     def stage_env(self) -> dict[str, str]:
         return {faults.HOLD_ENV: str(self.options.hold_s), faults.POINTS_ENV: f"{faults.CHECKPOINT},{faults.SNAPSHOT}"}
@@ -153,7 +155,10 @@ class ChaosDrill:
             return
         now = self._elapsed()
         opts = self.options
-        if opts.outage_s > 0 and not self.outage and now >= opts.outage_at * opts.stream_s:
+        outage_from = opts.outage_at * opts.stream_s
+        if opts.outage_s > 0 and not self._baseline and now >= outage_from - opts.outage_s:
+            self._baseline = (time.monotonic(), self._cpu_of(stages))
+        if opts.outage_s > 0 and not self.outage and now >= outage_from:
             self._freeze_broker(stages)
         if self._schedule and now >= self._schedule[0] and self._order:
             if self._kill(stages, self._order[0]):
@@ -242,14 +247,38 @@ class ChaosDrill:
 
     # -- outage ---------------------------------------------------------------------------------
 
+    @staticmethod
+    def _cpu_of(stages: dict[str, Stage]) -> dict[int, float | None]:
+        return {pid: _cpu_seconds(pid) for pid in (s.pid for s in stages.values()) if pid is not None}
+
+    def _baseline_share(self, stages: dict[str, Stage], now_cpu: dict[int, float | None]) -> dict[str, float]:
+        """Each stage's CPU share between the baseline sample and now (same process throughout)."""
+        if self._baseline is None:
+            return {}
+        at, cpu = self._baseline
+        span = time.monotonic() - at
+        out = {}
+        for name, stage in stages.items():
+            pid = stage.pid
+            then, now = cpu.get(pid) if pid is not None else None, now_cpu.get(pid) if pid is not None else None
+            if then is not None and now is not None and span > 0:
+                out[name] = round((now - then) / span, 4)
+        return out
+
     def _freeze_broker(self, stages: dict[str, Stage]) -> None:
-        """SIGSTOP the broker for ``outage_s``, recording each stage's CPU seconds meanwhile."""
+        """SIGSTOP the broker for ``outage_s``, recording each stage's CPU seconds meanwhile.
+
+        The baseline is each stage's CPU share over the ``outage_s`` before the freeze (same
+        processes), so a stage that merely keeps doing its normal work (the paced producer keeps
+        generating traffic into its local queue) can be told from one that spins.
+        """
         pid = self._broker.pid if self._broker is not None else None
         if pid is None:
             self.outage = {"outage_s": 0.0, "error": "no embedded broker to freeze"}
             return
         pids = {n: s.pid for n, s in stages.items() if s.pid is not None}
         before = {n: _cpu_seconds(p) for n, p in pids.items()}
+        baseline = self._baseline_share(stages, {p: before[n] for n, p in pids.items()})
         os.kill(pid, signal.SIGSTOP)
         started = time.monotonic()
         try:
@@ -268,6 +297,7 @@ class ChaosDrill:
             "outage_at_s": round(self._elapsed() - frozen, 2),
             "outage_cpu_s": cpu,
             "outage_cpu_share": {n: round(c / frozen, 4) for n, c in cpu.items()},
+            "outage_cpu_share_before": baseline,
         }
         log.warning("chaos: broker frozen %.1fs; stage CPU meanwhile %s", frozen, cpu)
 
@@ -551,6 +581,7 @@ def _policy_result(summary: dict[str, Any]) -> dict[str, Any]:
         "outage_at_s",
         "outage_cpu_s",
         "outage_cpu_share",
+        "outage_cpu_share_before",
         "events_published",
         "examples_trained",
         "serving_auc",

@@ -32,7 +32,15 @@ def test_broker_frozen_for_ten_seconds_loses_nothing(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
     report = json.loads(summary.read_text())
     run = report["policies"]["wait"]
-    print("outage:", json.dumps({k: run.get(k) for k in ("outage_s", "outage_cpu_s", "outage_cpu_share", "restarts")}))
+    print(
+        "outage:",
+        json.dumps(
+            {
+                k: run.get(k)
+                for k in ("outage_s", "outage_cpu_s", "outage_cpu_share", "outage_cpu_share_before", "restarts")
+            }
+        ),
+    )
     assert report["ok"]
     assert run["outage_s"] >= 9.5
     assert report["lost"] == 0 and report["duplicates"] == 0
