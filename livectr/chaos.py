@@ -92,6 +92,15 @@ class KillRecord:
     resumed_from_examples: int | None = None
 
 
+def _examples_seen(stage: Stage) -> int | None:
+    """The learner's ``examples_seen`` from its status file, if written by its current life."""
+    status = stage.status()
+    if status.get("updated_at", 0.0) < stage.started_at:
+        return None  # an earlier life's file: this one has reported nothing yet
+    seen = status.get("examples_seen_total")
+    return int(seen) if seen is not None else None
+
+
 def _cpu_seconds(pid: int) -> float | None:
     """User + system CPU seconds of a live process (Linux ``/proc``), else None."""
     try:
@@ -186,12 +195,10 @@ class ChaosDrill:
         stage = self._rng.choice(candidates)
         done_before = sum(1 for k in self.kills if k.stage.split("-", 1)[0] == prefix)
         aim = AIM.get(prefix) if done_before % 2 == 0 else None
-        seen_before = stage.status().get("examples_seen_total") if prefix == "learn" else None
         hit = "random moment"
         if aim is not None:
             hit = self._wait_for_write(stage, aim)
-            if prefix == "learn":
-                seen_before = stage.status().get("examples_seen_total", seen_before)
+        seen_before = _examples_seen(stage) if prefix == "learn" else None
         pid = stage.pid
         if pid is None:
             return True  # it ended (or died) while we aimed: the kill is spent on nothing

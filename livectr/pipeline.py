@@ -74,6 +74,8 @@ class Stage:
     exit_codes: list[int] = field(default_factory=list)
     restart_at: float | None = None
     config_path: Path | None = field(default=None, repr=False)
+    #: Wall time of the latest start: a status file older than this is an earlier life's.
+    started_at: float = 0.0
 
     @property
     def status_path(self) -> Path:
@@ -95,6 +97,7 @@ class Stage:
             self.log_file.write(f"\n--- restart {self.restarts} (previous exit {self.exit_codes[-1]}) ---\n".encode())
             self.log_file.flush()
         self.ended_at = None
+        self.started_at = time.time()
         cmd = [
             sys.executable,
             "-m",
