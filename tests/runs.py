@@ -14,8 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def livectr_run_command(cfg: Config, summary_path: Path, *extra: str) -> list[str]:
-    """The command line of ``livectr run --quiet`` on ``cfg``'s broker, topic prefix, partitions
-    and data dir, writing its summary to ``summary_path``, plus ``extra`` flags."""
+    """The ``livectr run --quiet`` command line on ``cfg``'s broker, topic prefix, partitions and
+    data dir, plus ``extra`` flags."""
     return [
         sys.executable, "-m", "livectr", "run", "--quiet",
         "--bootstrap-servers", cfg.kafka.bootstrap_servers,
@@ -28,7 +28,8 @@ def livectr_run_command(cfg: Config, summary_path: Path, *extra: str) -> list[st
 
 
 def livectr_run(cfg: Config, summary_path: Path, *extra: str, timeout_s: float = 400) -> dict[str, Any]:
-    """Run :func:`livectr_run_command`; fails with the end of its output unless it exits 0; returns the summary."""
+    """``livectr run --quiet`` on ``cfg``'s broker, topic prefix, partitions and data dir, plus
+    ``extra`` flags; fails with the end of its output unless it exits 0; returns the summary."""
     cmd = livectr_run_command(cfg, summary_path, *extra)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
