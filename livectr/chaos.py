@@ -232,9 +232,10 @@ class ChaosDrill:
         """Poll for ``stage``'s temp file of ``aim`` (a checkpoint or snapshot being written)."""
         deadline = time.monotonic() + self.options.aim_timeout_s
         while time.monotonic() < deadline and stage.pid is not None:
-            pid = str(stage.pid)
+            # Temp names: ".<checkpoint>.<pid>.tmp" and ".tmp-v<version>-<pid>-<ns>".
+            mark = f".{stage.pid}.tmp" if aim == faults.CHECKPOINT else f"-{stage.pid}-"
             for path in self._temp_paths(aim):
-                if pid in path.name:
+                if mark in path.name:
                     return f"mid-{aim} ({path.name})"
             time.sleep(0.002)
         return f"random moment (no {aim} within {self.options.aim_timeout_s:g}s)"
