@@ -50,6 +50,8 @@ from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load as load_torch
 from safetensors.torch import save_file as save_torch
 
+from livectr.core import faults
+
 log = logging.getLogger(__name__)
 
 
@@ -183,6 +185,7 @@ def publish_snapshot(
         for f in tmp.iterdir():
             _fsync_path(f)
         _fsync_path(tmp)
+        faults.hold(faults.SNAPSHOT)
         os.rename(tmp, root / name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

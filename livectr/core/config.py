@@ -350,6 +350,17 @@ class MetricsConfig:
 
 
 @dataclass
+class SupervisorConfig:
+    """How ``livectr run`` restarts a stage that dies (a crash, an OOM kill, a SIGKILL)."""
+
+    #: Restarts allowed per stage before the run gives up and ends ``ok: false`` (0 = never restart).
+    max_restarts: int = 5
+    #: Wait before the first restart, doubled for each further restart of the same stage, up to the cap.
+    backoff_s: float = 1.0
+    backoff_max_s: float = 30.0
+
+
+@dataclass
 class Config:
     """Everything livectr needs to run any stage."""
 
@@ -360,6 +371,7 @@ class Config:
     semantic: SemanticConfig = field(default_factory=SemanticConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
     data_dir: Path = Path("./livectr-data")
 
     @property
