@@ -100,6 +100,7 @@ def ensure_topics(cfg: Config, timeout_s: float = 15.0) -> Topics:
         topics.dead_letters: 1,
         topics.semantic: cfg.kafka.partitions,
         topics.semantic_misses: 1,
+        topics.model_updates: 1,  # one partition: updates apply in order
     }
     new = [
         NewTopic(name, num_partitions=n, replication_factor=cfg.kafka.replication_factor)
