@@ -209,10 +209,11 @@ class Scorer:
             self._reload_lock.release()
 
     def install(self, loaded: Loaded) -> bool:
-        """Swap in a model loaded elsewhere (a full snapshot from Kafka); False if it is the one serving."""
+        """Swap in a model loaded elsewhere (a full snapshot from Kafka) if it is newer than the one
+        serving; False otherwise (e.g. the same version, already loaded from disk)."""
         with self._reload_lock:
             current = self._current
-            if current is not None and current.version == loaded.version:
+            if current is not None and loaded.version <= current.version:
                 return False
             self._current = loaded
             self.reloads += 1

@@ -147,7 +147,7 @@ class UpdatePublisher:
     def publish_full(self, data_dir: Path, version: int) -> int:
         """Send snapshot ``version``'s serving files; deltas from now on build on it. Returns bytes."""
         blob = pack_files(read_serving_files(data_dir, version))
-        first = self._send(blob, "full", version, 0, None)
+        first = self.send(blob, "full", version, 0, None)
         self.base = (version, first)
         self.seq = 0
         self.fulls += 1
@@ -164,13 +164,13 @@ class UpdatePublisher:
         if self.base is None or learner.touched is None or not learner.touched:
             return None
         blob, meta = build_delta(learner, learner.touched, self.base[0], self.seq + 1)
-        self._send(blob, "delta", self.base[0], self.seq + 1, self.base[1])
+        self.send(blob, "delta", self.base[0], self.seq + 1, self.base[1])
         self.seq += 1
         self.deltas += 1
         self.delta_bytes = len(blob)
         return {"bytes": len(blob), "seq": self.seq, "examples": meta["examples"]}
 
-    def _send(self, blob: bytes, kind: str, version: int, seq: int, base_offset: int | None) -> int:
+    def send(self, blob: bytes, kind: str, version: int, seq: int, base_offset: int | None) -> int:
         """Produce ``blob`` in chunks; a full snapshot's first chunk is flushed to learn its offset."""
         digest = hashlib.sha256(blob).hexdigest()
         n = max(1, -(-len(blob) // self.chunk_bytes))
