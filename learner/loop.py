@@ -406,6 +406,7 @@ class _Run:
                 deltas_published=self.updates.deltas,
                 full_snapshots_on_kafka=self.updates.fulls,
                 last_delta_bytes=self.updates.delta_bytes,
+                mean_delta_bytes=self.updates.delta_bytes_total / self.updates.deltas if self.updates.deltas else 0,
                 last_full_snapshot_bytes=self.updates.full_bytes,
             )
         out.update(

@@ -134,6 +134,7 @@ class UpdatePublisher:
         self.deltas = 0
         self.full_bytes = 0
         self.delta_bytes = 0
+        self.delta_bytes_total = 0
 
     @property
     def chain(self) -> tuple[int, int] | None:
@@ -168,6 +169,7 @@ class UpdatePublisher:
         self.seq += 1
         self.deltas += 1
         self.delta_bytes = len(blob)
+        self.delta_bytes_total += len(blob)
         return {"bytes": len(blob), "seq": self.seq, "examples": meta["examples"]}
 
     def send(self, blob: bytes, kind: str, version: int, seq: int, base_offset: int | None) -> int:
