@@ -102,9 +102,10 @@ def _sample(rng: np.random.Generator, *arrays: np.ndarray) -> tuple[np.ndarray, 
 
 
 def build_delta(
-    predictor: Predictor, touched: TouchedRows, base_version: int, seq: int
+    predictor: Predictor, touched: TouchedRows, base_version: int, seq: int, snapshot_version: int | None = None
 ) -> tuple[bytes, dict[str, Any]]:
-    """The delta blob of everything ``touched`` since the last publish, and its metadata."""
+    """The delta blob of everything ``touched`` since the last publish, and its metadata
+    (``snapshot_version``: the newest snapshot the model after this delta contains)."""
     rows, decided, trained, examples = touched.take()
     decided, trained = _sample(np.random.default_rng(seq), decided, trained)
     model, feat = predictor.model, predictor.featurizer
@@ -114,6 +115,7 @@ def build_delta(
         "kind": "delta",
         "base_version": int(base_version),
         "seq": int(seq),
+        "snapshot_version": int(snapshot_version or base_version),
         "created_at": time.time(),
         "examples": examples,
         "examples_seen": predictor.examples_seen,

@@ -327,7 +327,7 @@ class _Run:
                 )
                 self.snapshot(dlq)
                 return
-        self.updates.publish_delta(self.learner)
+        self.updates.publish_delta(self.learner, self.last_version)
 
     # -- reporting ----------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ mean embedding).
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -35,7 +36,15 @@ from livectr.core.events import Impression
 from livectr.learner.deltas import Delta
 from livectr.learner.deltas import apply_delta as apply_delta_to
 from livectr.learner.predictor import Predictor
-from livectr.learner.snapshot import SnapshotError, latest_version, load_newest_good, load_version, version_name
+from livectr.learner.snapshot import (
+    MANIFEST,
+    SnapshotError,
+    latest_version,
+    load_newest_good,
+    load_version,
+    snapshots_dir,
+    version_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +57,8 @@ class NoSnapshotError(RuntimeError):
     """No snapshot has been published yet under the data directory."""
 
 
+#: Deltas applied this recently count as live (see :meth:`Scorer._deltas_cover`).
+DELTAS_LIVE_S = 10.0
 #: Upper bounds (seconds) of the event → served freshness histogram.
 FRESHNESS_BUCKETS = (0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0)
 #: Recent event → served values kept for benches (a ring).
@@ -72,9 +83,10 @@ class Loaded:
         #: Wall-clock time of the last delta applied (0: none).
         self.delta_at = 0.0
 
-    def score(self, impressions: Sequence[Impression]) -> np.ndarray:
+    def score(self, impressions: Sequence[Impression]) -> tuple[np.ndarray, int]:
+        """Scores and the version that computed them (read under the lock a delta takes)."""
         with self.lock:
-            return self.predictor.predict_batch(list(impressions))
+            return self.predictor.predict_batch(list(impressions)), self.version
 
     def follows(self, base: int, seq: int) -> bool:
         """Whether delta ``(base, seq)`` is the next one for this model."""
@@ -175,6 +187,8 @@ class Scorer:
                 return False
             if self._failed is not None and self._failed[0] == pointed and now - self._failed[1] < RETRY_FAILED_S:
                 return False
+            if self._current is not None and pointed > self._current.version and self._deltas_cover(pointed):
+                return False
             refused: list[SnapshotError] = []
             if self._current is None:  # nothing served yet: the newest snapshot that verifies
                 found, refused = load_newest_good(self.data_dir, with_optimizer=False)
@@ -245,6 +259,8 @@ class Scorer:
             current.chain = (base, seq)
             current.deltas_applied += 1
             current.delta_at = time.time()
+            # Published after that snapshot, the delta brings the model past it: name it so.
+            current.version = max(current.version, int(delta.meta.get("snapshot_version") or 0))
         self.deltas_applied += 1
         decided = delta.arrays.get("freshness.decided_at")
         if decided is not None:
@@ -259,6 +275,24 @@ class Scorer:
     def attach(self, follower: Any) -> None:
         """Start ``follower`` (an object with ``start()``/``stop()``) with the watcher, stop it with it."""
         self._followers.append(follower)
+
+    def _deltas_cover(self, version: int) -> bool:
+        """Whether live deltas will bring the serving model past disk snapshot ``version`` anyway.
+
+        Why: a scorer that also follows Kafka would otherwise load every full snapshot (tens of
+        MB, a few hundred ms of CPU) only to get rows the deltas of the same chain deliver within
+        seconds; it names that version once a delta published after it is applied. A snapshot of
+        another chain (a rollback, a learner restarted) or deltas gone quiet: loaded as usual.
+        """
+        current = self._current
+        if not self._followers or current is None or time.time() - current.delta_at > DELTAS_LIVE_S:
+            return False
+        try:
+            manifest = json.loads((snapshots_dir(self.data_dir) / version_name(version) / MANIFEST).read_text())
+        except (OSError, ValueError):
+            return False
+        chain = manifest.get("delta_chain") if isinstance(manifest, dict) else None
+        return isinstance(chain, list) and bool(chain) and int(chain[0]) == current.chain[0]
 
     def start_watcher(self) -> None:
         """Poll the ``latest`` pointer every ``reload_ms`` in a background thread (idempotent),
@@ -295,7 +329,7 @@ class Scorer:
         current = self._current  # one reference for the whole request
         if current is None:
             raise NoSnapshotError(f"no snapshot under {self.data_dir / 'snapshots'} yet")
-        return current.score(impressions), current.version
+        return current.score(impressions)
 
     def score(self, impressions: Sequence[Impression]) -> np.ndarray:
         """Click probabilities for ``impressions``; raises :class:`NoSnapshotError` before the first snapshot."""

@@ -159,12 +159,16 @@ class UpdatePublisher:
         )
         return len(blob)
 
-    def publish_delta(self, learner: OnlineLearner) -> dict[str, Any] | None:
-        """Send the rows touched since the last publish (None when nothing was trained)."""
+    def publish_delta(self, learner: OnlineLearner, snapshot_version: int | None = None) -> dict[str, Any] | None:
+        """Send the rows touched since the last publish (None when nothing was trained).
+
+        ``snapshot_version``: the learner's newest snapshot, which the model after this delta
+        contains (a scorer names that version once it has applied the delta).
+        """
         self.last_delta_t = time.monotonic()
         if self.base is None or learner.touched is None or not learner.touched:
             return None
-        blob, meta = build_delta(learner, learner.touched, self.base[0], self.seq + 1)
+        blob, meta = build_delta(learner, learner.touched, self.base[0], self.seq + 1, snapshot_version)
         self.send(blob, "delta", self.base[0], self.seq + 1, self.base[1])
         self.seq += 1
         self.deltas += 1

@@ -104,7 +104,8 @@ class Publishing:
         return version
 
     def delta(self) -> None:
-        assert self.updates.publish_delta(self.learner) is not None
+        last = snap.latest_version(self.cfg.data_dir)
+        assert self.updates.publish_delta(self.learner, last) is not None
         bus.flush_or_raise(self.prod, self.updates.tracker)
 
 
@@ -208,7 +209,7 @@ def test_corrupt_updates_are_refused_and_the_scorer_keeps_serving(
     np.testing.assert_allclose(scorer.score(imps), pub.learner.predict_batch(imps), rtol=1e-4, atol=1e-6)
 
 
-def test_rollback_still_moves_a_disk_scorer_that_also_follows_kafka(
+def test_a_disk_scorer_following_kafka_skips_covered_snapshots_and_still_rolls_back(
     cfg: Config, tmp_path: Path, followers: list[Scorer], capsys: pytest.CaptureFixture[str]
 ) -> None:
     from livectr import cli
@@ -224,6 +225,16 @@ def test_rollback_still_moves_a_disk_scorer_that_also_follows_kafka(
     pub.delta()
     scorer = follow(cfg, followers)  # the learner's data dir and Kafka
     wait_for(lambda: scorer.current is not None and scorer.current.chain == (2, 1))
+    # A disk snapshot on the same chain is not loaded: the next delta brings the model past it,
+    # and from then on the scorer names that version.
+    cfg.learner.update_full_every_s = 300.0
+    pub.train(world)
+    assert pub.snapshot() == 3
+    loads = scorer.reloads
+    pub.train(world)
+    pub.delta()
+    wait_for(lambda: scorer.version == 3)
+    assert scorer.reloads == loads and scorer.current is not None and scorer.current.chain == (2, 2)
     assert cli.main(["snapshots", "rollback", "1", "--data-dir", str(cfg.data_dir)]) == 0
     capsys.readouterr()
     wait_for(lambda: scorer.version == 1)
