@@ -28,6 +28,7 @@ import argparse
 import http.client
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -338,6 +339,14 @@ def live(args: argparse.Namespace) -> None:
                 after.get("livectr_serve_deltas_applied_total", 0) - before.get("livectr_serve_deltas_applied_total", 0)
             )
             results.append(main_run)
+            # Baseline in the same run: the same rate with the learner stopped (no snapshots, no
+            # deltas), so what the machine's other load costs is told apart from live updates.
+            learner.send_signal(signal.SIGSTOP)
+            try:
+                bodies = request_bodies(world, int(args.rate * args.baseline_seconds), args.candidates, "items", seed=2)
+                baseline = paced_drive(port, bodies, args.rate, cfg.data_dir)
+            finally:
+                learner.send_signal(signal.SIGCONT)
             for rate in (float(r) for r in args.step_rates.split(",")):
                 bodies = request_bodies(world, int(rate * args.step_seconds), args.candidates, "items", seed=int(rate))
                 results.append(paced_drive(port, bodies, rate, cfg.data_dir))
@@ -361,6 +370,11 @@ def live(args: argparse.Namespace) -> None:
         f"max snapshots behind {head['max_snapshots_behind']} ({head['responses_more_than_one_behind']} responses > 1)"
     )
     print(
+        f"baseline, learner stopped ({args.baseline_seconds:g} s at {args.rate:g}/s): p50 {baseline['p50_ms']} ms  "
+        f"p99 {baseline['p99_ms']} ms  max {baseline['max_ms']} ms  errors {baseline['errors']}; "
+        f"p99 ratio live/baseline {head['p99_ms'] / baseline['p99_ms']:.2f}"
+    )
+    print(
         f"target p99 ≤ 10 ms: {'met' if head['p99_ms'] <= 10 else 'MISSED'}; zero errors: {'met' if not head['errors'] else 'MISSED'}"
     )
     print(f"{'rate/s':>8}{'requests':>9}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'errors':>8}")
@@ -369,7 +383,7 @@ def live(args: argparse.Namespace) -> None:
     held = [r["rate"] for r in results if r["p99_ms"] <= 10 and not r["errors"]]
     print(f"highest rate holding p99 ≤ 10 ms: {max(held) if held else 'none'} requests/s")
     if args.json is not None:
-        args.json.write_text(json.dumps(results, indent=1))
+        args.json.write_text(json.dumps({"runs": results, "baseline": baseline}, indent=1))
 
 
 def main() -> None:
@@ -377,7 +391,8 @@ def main() -> None:
     parser.add_argument("--live", action="store_true", help="the serving bench under a live learner (see above)")
     parser.add_argument("--rate", type=float, default=400.0, help="--live: requests/s")
     parser.add_argument("--seconds", type=float, default=60.0, help="--live: seconds at --rate")
-    parser.add_argument("--step-rates", default="200,600,800,1000,1200", help="--live: rates tried after")
+    parser.add_argument("--step-rates", default="100,200,300,600", help="--live: rates tried after")
+    parser.add_argument("--baseline-seconds", type=float, default=30.0, help="--live: seconds with the learner stopped")
     parser.add_argument("--step-seconds", type=float, default=15.0, help="--live: seconds per step rate")
     parser.add_argument("--examples-per-s", type=float, default=1000.0, help="--live: examples/s for the learner")
     parser.add_argument("--requests", type=int, default=3000, help="measured requests per target and concurrency")
