@@ -278,3 +278,17 @@ def test_learner_loop_publishes_and_livectr_serve_follows_without_a_data_dir(cfg
             ]
         )
         np.testing.assert_allclose(got["scores"], want, rtol=1e-4, atol=1e-6)
+
+
+def test_a_row_given_to_another_id_is_rebound_on_the_replica() -> None:
+    """After vocabulary expiry the learner may give a row to a new id: the replica follows by id."""
+    from livectr.learner.vocab import UNKNOWN_ROW, GrowingVocab
+
+    vocab = GrowingVocab("user_id", initial_capacity=2)
+    vocab.bind("alice", 1)
+    vocab.bind("bob", 3)  # rows skipped over stay unused
+    assert vocab.row("alice") == 1 and vocab.row("bob") == 3 and vocab.capacity >= 4
+    vocab.bind("carol", 1)  # alice expired, her row reused
+    assert vocab.row("alice") == UNKNOWN_ROW and vocab.row("carol") == 1
+    vocab.bind("carol", 2)  # re-admitted elsewhere: her old row no longer names her
+    assert vocab.row("carol") == 2 and vocab.id_of(1) != "carol"
