@@ -460,7 +460,7 @@ def _learn(cfg: Config, on_status: StatusCallback | None, stop: threading.Event,
     prod = bus.producer(cfg.kafka)
     dlq = bus.DeadLetterSink(prod, cfg.topics.dead_letters, stage="learner")
     if cfg.learner.publish_updates:
-        bus.ensure_topics(cfg)  # the model-updates topic, if the stages were started on an older set
+        bus.ensure_topic(cfg.kafka, cfg.topics.model_updates, 1)  # one partition: updates apply in order
         run.publish_updates(prod)
     bus.assign_all(cons, cfg.kafka, [run.topic], {(run.topic, p): o for p, o in run.offsets.items()})
     paused: set[int] = set()

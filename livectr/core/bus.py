@@ -124,6 +124,20 @@ def ensure_topics(cfg: Config, timeout_s: float = 15.0) -> Topics:
     return topics
 
 
+def ensure_topic(kafka: KafkaConfig, name: str, partitions: int, timeout_s: float = 15.0) -> None:
+    """Create one topic if it does not exist yet (a stage that adds a topic to an existing set)."""
+    admin = AdminClient(kafka.client_properties())
+    if name not in admin.list_topics(timeout=timeout_s).topics:
+        new = NewTopic(name, num_partitions=partitions, replication_factor=kafka.replication_factor)
+        for fut in admin.create_topics([new], request_timeout=timeout_s).values():
+            try:
+                fut.result(timeout=timeout_s)
+            except KafkaException as exc:
+                if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                    raise
+    _wait_for_topics(admin, [name], timeout_s)
+
+
 def _wait_for_topics(admin: AdminClient, names: list[str], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
