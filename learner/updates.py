@@ -8,8 +8,10 @@ a blob split into messages of at most ``learner.update_chunk_bytes``, each with 
   version and its place in the chain since that base (1, 2, …);
 * ``livectr.chunk`` (``i/n``), ``livectr.sha256`` (of the whole blob: a corrupt update is refused
   before it is parsed, and a full snapshot's files are then checked against its manifest as on
-  disk), and ``livectr.base_offset`` — the offset of the first message of the full snapshot the
-  update builds on, so a new scorer reads the last message, jumps there and follows on.
+  disk), and ``livectr.since_base`` — how many messages back the first message of the full
+  snapshot the update builds on is (the learner is the topic's only writer and its producer is
+  idempotent, so its messages are contiguous), so a new scorer reads the last message, jumps
+  there and follows on. Nothing waits for the broker: a full snapshot is queued like a delta.
 
 Why full snapshots are rarer on Kafka than on disk (``learner.update_full_every_s``): a full
 snapshot is tens of megabytes (the hashed tables are allocated whole) and the embedded broker
@@ -82,7 +84,7 @@ class UpdateHeader:
     chunk: int
     chunks: int
     sha256: str
-    base_offset: int
+    since_base: int
 
     @classmethod
     def of(cls, msg: Message) -> UpdateHeader:
@@ -100,7 +102,7 @@ class UpdateHeader:
                 chunk,
                 chunks,
                 h["livectr.sha256"],
-                int(h["livectr.base_offset"]),
+                int(h["livectr.since_base"]),
             )
         except (KeyError, ValueError) as exc:
             raise UpdateError(f"model update at offset {msg.offset()} has bad headers ({exc!r})") from exc
@@ -112,7 +114,7 @@ class UpdateHeader:
             ("livectr.seq", str(self.seq).encode()),
             ("livectr.chunk", f"{self.chunk}/{self.chunks}".encode()),
             ("livectr.sha256", self.sha256.encode()),
-            ("livectr.base_offset", str(self.base_offset).encode()),
+            ("livectr.since_base", str(self.since_base).encode()),
         ]
 
 
@@ -125,8 +127,9 @@ class UpdatePublisher:
         self.topic = cfg.topics.model_updates
         self.chunk_bytes = max(1024, cfg.learner.update_chunk_bytes)
         self.tracker = bus.DeliveryTracker()
-        #: (version, offset of its first message) of the last full snapshot on Kafka.
-        self.base: tuple[int, int] | None = None
+        #: Version of the last full snapshot on Kafka, and messages sent since its first one.
+        self.base: int | None = None
+        self.since_base = 0
         self.seq = 0
         self.last_full_t = 0.0
         self.last_delta_t = time.monotonic()
@@ -139,24 +142,32 @@ class UpdatePublisher:
     @property
     def chain(self) -> tuple[int, int] | None:
         """The chain position the learner's published state has reached: (base version, seq)."""
-        return (self.base[0], self.seq) if self.base else None
+        return (self.base, self.seq) if self.base is not None else None
 
     def full_due(self) -> bool:
-        every = self.cfg.learner.update_full_every_s
-        return self.base is None or time.monotonic() - self.last_full_t >= every
+        """Whether the next snapshot goes on Kafka too: the first, then every ``update_full_every_s``,
+        and after any update that was not delivered (scorers would wait at the gap)."""
+        if self.tracker.failed:
+            log.warning(
+                "%d model updates were not delivered (%s); next: a full snapshot",
+                self.tracker.failed,
+                self.tracker.last_error,
+            )
+            self.tracker.failed = 0
+            self.base = None
+        return self.base is None or time.monotonic() - self.last_full_t >= self.cfg.learner.update_full_every_s
 
     def publish_full(self, data_dir: Path, version: int) -> int:
         """Send snapshot ``version``'s serving files; deltas from now on build on it. Returns bytes."""
         blob = pack_files(read_serving_files(data_dir, version))
-        first = self.send(blob, "full", version, 0, None)
-        self.base = (version, first)
+        self.since_base = 0
+        self.send(blob, "full", version, 0)
+        self.base = version
         self.seq = 0
         self.fulls += 1
         self.full_bytes = len(blob)
         self.last_full_t = time.monotonic()
-        log.info(
-            "model update: full snapshot v%08d on %s at offset %d (%d bytes)", version, self.topic, first, len(blob)
-        )
+        log.info("model update: full snapshot v%08d on %s (%d bytes)", version, self.topic, len(blob))
         return len(blob)
 
     def publish_delta(self, learner: OnlineLearner, snapshot_version: int | None = None) -> dict[str, Any] | None:
@@ -168,42 +179,34 @@ class UpdatePublisher:
         self.last_delta_t = time.monotonic()
         if self.base is None or learner.touched is None or not learner.touched:
             return None
-        blob, meta = build_delta(learner, learner.touched, self.base[0], self.seq + 1, snapshot_version)
-        self.send(blob, "delta", self.base[0], self.seq + 1, self.base[1])
+        blob, meta = build_delta(learner, learner.touched, self.base, self.seq + 1, snapshot_version)
+        self.send(blob, "delta", self.base, self.seq + 1)
         self.seq += 1
         self.deltas += 1
         self.delta_bytes = len(blob)
         self.delta_bytes_total += len(blob)
         return {"bytes": len(blob), "seq": self.seq, "examples": meta["examples"]}
 
-    def send(self, blob: bytes, kind: str, version: int, seq: int, base_offset: int | None) -> int:
-        """Produce ``blob`` in chunks; a full snapshot's first chunk is flushed to learn its offset."""
+    def send(self, blob: bytes, kind: str, version: int, seq: int) -> None:
+        """Queue ``blob`` in chunks; nothing waits for the broker (the learner's loop polls the
+        delivery reports, and a failure makes the next snapshot a full one on Kafka)."""
         digest = hashlib.sha256(blob).hexdigest()
         n = max(1, -(-len(blob) // self.chunk_bytes))
-        first_offset: list[int] = []
-
-        def first_delivered(err: KafkaError | None, msg: Message) -> None:
-            self.tracker.callback(err, msg)
-            if err is None:
-                first_offset.append(int(msg.offset() or 0))
-
+        key = f"{kind}:{version}:{seq}".encode()
         for i in range(n):
-            header = UpdateHeader(kind, version, seq, i, n, digest, -1 if base_offset is None else base_offset)
+            header = UpdateHeader(kind, version, seq, i, n, digest, self.since_base)
             chunk = blob[i * self.chunk_bytes : (i + 1) * self.chunk_bytes]
-            key = f"{kind}:{version}:{seq}".encode()
-            on_delivery = first_delivered if i == 0 and base_offset is None else self.tracker.callback
             bus.produce(
-                self.prod, self.topic, chunk, key=key, partition=0, on_delivery=on_delivery, headers=header.headers()
+                self.prod,
+                self.topic,
+                chunk,
+                key=key,
+                partition=0,
+                on_delivery=self.tracker.callback,
+                headers=header.headers(),
             )
-            if i == 0 and base_offset is None:
-                bus.flush_or_raise(self.prod, self.tracker)
-                if not first_offset:
-                    raise bus.DeliveryFailed(
-                        f"the first message of a full snapshot on {self.topic} was not acknowledged"
-                    )
-                base_offset = first_offset[0]
+            self.since_base += 1
         self.prod.poll(0)
-        return base_offset if base_offset is not None else -1
 
 
 class UpdateFollower:
@@ -285,9 +288,8 @@ class UpdateFollower:
                         h = UpdateHeader.of(msg)
                     except UpdateError:
                         return low
-                    if h.kind == "full" and h.chunk == 0:
-                        return int(msg.offset() or low)
-                    return h.base_offset if low <= h.base_offset < high else low
+                    base = int(msg.offset() or 0) - h.since_base
+                    return base if low <= base < high else low
         finally:
             cons.unassign()
         return low

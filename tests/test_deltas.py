@@ -195,7 +195,7 @@ def test_corrupt_updates_are_refused_and_the_scorer_keeps_serving(
     model = bytearray(files["model.safetensors"])
     model[-10] ^= 0xFF
     bad = pack_files({**files, "model.safetensors": bytes(model)})
-    pub.updates.send(bad, "full", version, 0, None)  # chunked like any full snapshot
+    pub.updates.send(bad, "full", version, 0)  # chunked like any full snapshot
     wait_for(lambda: scorer.update_refusals == 2)
     assert scorer.version == 1
     np.testing.assert_array_equal(scorer.score(imps), before)
