@@ -24,14 +24,17 @@ from livectr.core import config as config_mod
 from livectr.core.broker import EmbeddedBroker
 from livectr.core.config import Config
 from livectr.core.events import DecodeError, Impression, decode_event
+from livectr.core.metrics_log import StageRecorder, StatusCallback, open_recorder
 from livectr.core.procs import stop_on_signals
 from livectr.core.status import StatusFile, write_json_atomic
 from livectr.learner import snapshots_cli
 from livectr.learner.loop import run_learner
+from livectr.learner.online import real_negative_share
 from livectr.learner.scorer import Scorer
 from livectr.learner.serve import serve
 from livectr.learner.snapshot import LearnerLock, LearnerLockError, RollbackRefused, SnapshotError, rollback
 from livectr.pipeline import DataDirInUse, run_pipeline
+from livectr.report import NoMetrics, write_report
 from livectr.semantic_cache.client import SemanticCacheClient
 from livectr.semantic_cache.refresher import run_refresher
 from livectr.semantic_cache.similar import similar
@@ -83,6 +86,11 @@ CONFIG_FLAGS: dict[str, tuple[str, type, str]] = {
     "--batch-size": ("learner.batch_size", int, "learner mini-batch size"),
     "--lr": ("learner.lr", float, "learning rate"),
     "--device": ("learner.device", str, "auto | cpu | cuda"),
+    "--real-negatives": (
+        "learner.real_negatives",
+        str,
+        "policy defer: real negatives trained on — score (by the model's click probability) | all | a share 0-1",
+    ),
     "--threads": ("learner.threads", int, "torch threads of the learner"),
     "--snapshot-every-s": ("learner.snapshot_every_s", float, "publish a snapshot every N seconds"),
     "--snapshot-every-examples": ("learner.snapshot_every_examples", int, "… or every M examples"),
@@ -97,6 +105,11 @@ CONFIG_FLAGS: dict[str, tuple[str, type, str]] = {
     "--reload-ms": ("learner.scorer_reload_ms", int, "check the latest snapshot pointer every N ms (default 500)"),
     "--max-body-bytes": ("serve.max_body_bytes", int, "refuse larger request bodies with 413 (default 8 MiB)"),
     "--max-candidates": ("serve.max_candidates", int, "refuse requests with more candidates with 413 (default 10000)"),
+    "--metrics-port": (
+        "metrics.port",
+        int,
+        "serve Prometheus /metrics on this port (0 = off); `run`: join workers, learner, refresher on PORT, PORT+1, …",
+    ),
 }
 
 #: Flags of `livectr serve` only (`livectr run` starts no scorer).
@@ -136,6 +149,12 @@ def build_config(args: argparse.Namespace) -> Config:
         raise SystemExit(
             f"--defer-wait-s must be at least 0 and below --window-s ({cfg.join.window_s:g}), not {cfg.join.defer_wait_s:g}"
         )
+    try:
+        real_negative_share(cfg.learner.real_negatives)
+    except ValueError:
+        raise SystemExit(
+            f"--real-negatives must be score, all or a share in [0, 1], not {cfg.learner.real_negatives!r}"
+        ) from None
     return cfg
 
 
@@ -153,13 +172,36 @@ def _stop_on_signals() -> threading.Event:
     return stop_on_signals()
 
 
-def _run_stage(args: argparse.Namespace, body: Callable[[Config, StatusFile, threading.Event], dict[str, Any]]) -> int:
-    """Common wrapper of a stage command: config, signals, status file, summary output."""
+#: Stages that serve /metrics when given a port (the others only record samples).
+METRICS_STAGES = ("join", "learn", "refresh")
+
+
+def _recorder(cfg: Config, args: argparse.Namespace, stage: str) -> StageRecorder:
+    """The stage's metrics recorder (:mod:`livectr.core.metrics_log`); a busy port is a usage error."""
+    port = None if args.command in METRICS_STAGES else 0
+    try:
+        return open_recorder(cfg, stage, port)
+    except OSError as exc:
+        raise SystemExit(
+            f"livectr {args.command}: cannot serve /metrics on {cfg.metrics.host}:{cfg.metrics.port}: {exc}"
+        ) from None
+
+
+def _run_stage(
+    args: argparse.Namespace,
+    body: Callable[[Config, StatusCallback, threading.Event], dict[str, Any]],
+    stage: str | None = None,
+) -> int:
+    """Common wrapper of a stage command: config, signals, status file and metrics, summary output."""
     cfg = build_config(args)
     _require_broker(cfg)
     stop = _stop_on_signals()
     status = StatusFile(args.status_file)
-    summary = body(cfg, status, stop)
+    recorder = _recorder(cfg, args, stage or args.command)
+    try:
+        summary = body(cfg, recorder.chain(status), stop)
+    finally:
+        recorder.close()
     status.close()
     if args.summary_json is not None:
         write_json_atomic(args.summary_json, summary)
@@ -169,7 +211,7 @@ def _run_stage(args: argparse.Namespace, body: Callable[[Config, StatusFile, thr
 
 def cmd_produce(args: argparse.Namespace) -> int:
 
-    def body(cfg: Config, status: StatusFile, stop: threading.Event) -> dict[str, Any]:
+    def body(cfg: Config, status: StatusCallback, stop: threading.Event) -> dict[str, Any]:
         check_source(args.log, args.items)  # fail fast: bad files, then an unreachable broker
         bus.check_reachable(cfg.kafka)
         bus.ensure_topics(cfg)
@@ -191,12 +233,12 @@ def cmd_produce(args: argparse.Namespace) -> int:
             summary.update(source.truth.oracle_scores(cfg.join.window_s))
         return summary
 
-    return _run_stage(args, body)
+    return _run_stage(args, body, stage="catalogue" if args.catalogue_only else "produce")
 
 
 def cmd_join(args: argparse.Namespace) -> int:
 
-    def body(cfg: Config, status: StatusFile, stop: threading.Event) -> dict[str, Any]:
+    def body(cfg: Config, status: StatusCallback, stop: threading.Event) -> dict[str, Any]:
         bus.ensure_topics(cfg)
         semantics = None
         if cfg.semantic.enabled:
@@ -206,7 +248,7 @@ def cmd_join(args: argparse.Namespace) -> int:
                 cfg,
                 worker_id=args.worker_id,
                 semantics=semantics,
-                on_status=status,
+                on_status=status if semantics is None else _with_cache_counts(status, semantics),
                 stop=stop,
                 bounded=not args.forever,
             )
@@ -217,12 +259,29 @@ def cmd_join(args: argparse.Namespace) -> int:
             summary.update({f"semantic_{k}": v for k, v in semantics.stats().items()})
         return summary
 
-    return _run_stage(args, body)
+    return _run_stage(args, body, stage=args.worker_id)
+
+
+def _with_cache_counts(status: StatusCallback, semantics: SemanticCacheClient) -> StatusCallback:
+    """The join's status plus the semantic cache's lookup counters (its miss rate over time)."""
+
+    def report(counters: dict[str, Any]) -> None:
+        lookups, misses = semantics.item_lookups, semantics.item_misses
+        status(
+            {
+                **counters,
+                "semantic_lookups": lookups,
+                "semantic_misses": misses,
+                "semantic_miss_rate": misses / lookups if lookups else 0.0,
+            }
+        )
+
+    return report
 
 
 def cmd_refresh(args: argparse.Namespace) -> int:
 
-    def body(cfg: Config, status: StatusFile, stop: threading.Event) -> dict[str, Any]:
+    def body(cfg: Config, status: StatusCallback, stop: threading.Event) -> dict[str, Any]:
         bus.ensure_topics(cfg)
         return run_refresher(cfg, on_status=status, stop=stop)
 
@@ -231,7 +290,7 @@ def cmd_refresh(args: argparse.Namespace) -> int:
 
 def cmd_learn(args: argparse.Namespace) -> int:
 
-    def body(cfg: Config, status: StatusFile, stop: threading.Event) -> dict[str, Any]:
+    def body(cfg: Config, status: StatusCallback, stop: threading.Event) -> dict[str, Any]:
         LearnerLock(cfg.data_dir).acquire().release()  # fail at once, before any broker call
         bus.ensure_topics(cfg)
         return run_learner(cfg, on_status=status, stop=stop, bounded=not args.forever)
@@ -354,6 +413,19 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
     return 0 if action != "show" or report["verified"] else 1
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write the run's HTML report (plots of the metrics its stages recorded)."""
+
+    data_dir = args.data_dir if args.data_dir is not None else config_mod.from_env().data_dir
+    try:
+        path = write_report(data_dir, args.out)
+    except NoMetrics as exc:
+        print(f"livectr report: {exc}", file=sys.stderr)
+        return 2
+    print(f"report written to {path}")
+    return 0
+
+
 def _add_snapshots_parser(sub: Any) -> None:
     snaps = sub.add_parser("snapshots", help="list, inspect, compare published snapshots; roll back latest")
     snaps.set_defaults(func=cmd_snapshots)
@@ -433,7 +505,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(join)
     _add_config_flags(
-        join, ["--window-s", "--policy", "--defer-wait-s", "--group-id", "--score-sample", "--user-profile-ttl-s"]
+        join,
+        [
+            "--window-s",
+            "--policy",
+            "--defer-wait-s",
+            "--group-id",
+            "--score-sample",
+            "--user-profile-ttl-s",
+            "--metrics-port",
+        ],
     )
     join.add_argument("--worker-id", default=f"join-{socket.gethostname()}-{os.getpid()}")
     join.add_argument("--forever", action="store_true", help="keep running after end-of-stream markers")
@@ -441,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     refresh = sub.add_parser("refresh", help="semantic refresher: encode item texts with the teacher, publish vectors")
     _add_common(refresh)
-    _add_config_flags(refresh, ["--enrich", "--enrich-url", "--enrich-model"])
+    _add_config_flags(refresh, ["--enrich", "--enrich-url", "--enrich-model", "--metrics-port"])
     refresh.set_defaults(func=cmd_refresh)
 
     learn = sub.add_parser("learn", help="learner: train the student online and publish snapshots")
@@ -456,6 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
             "--snapshot-every-s",
             "--snapshot-every-examples",
             "--delta-every-s",
+            "--real-negatives",
+            "--metrics-port",
         ],
     )
     learn.add_argument("--forever", action="store_true", help="keep running after end-of-stream markers")
@@ -496,6 +579,12 @@ def build_parser() -> argparse.ArgumentParser:
     conv.set_defaults(func=cmd_convert_ml100k)
 
     _add_snapshots_parser(sub)
+
+    report = sub.add_parser("report", help="one self-contained HTML page with plots of a run's recorded metrics")
+    report.add_argument("--data-dir", type=Path, default=None, help="data dir of the run (default ./livectr-data)")
+    report.add_argument("--out", type=Path, default=None, help="HTML file to write (default DATA_DIR/report.html)")
+    report.add_argument("-v", "--verbose", action="store_true")
+    report.set_defaults(func=cmd_report)
     return parser
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -23,6 +23,16 @@ from livectr.core.config import Config, KafkaConfig, Topics
 from livectr.core.events import EndOfStream, encode_event
 
 log = logging.getLogger(__name__)
+
+#: Receives librdkafka's statistics JSON of every consumer created from here on (consumer lag
+#: for the stage's metrics: :mod:`livectr.core.metrics_log`); set by :func:`watch_consumers`.
+_consumer_stats: tuple[Callable[[str], None], int] | None = None
+
+
+def watch_consumers(listener: Callable[[str], None] | None, interval_ms: int = 1000) -> None:
+    """Hand the statistics of every consumer this process creates to ``listener`` (None: stop)."""
+    global _consumer_stats
+    _consumer_stats = (listener, interval_ms) if listener is not None else None
 
 
 def producer(kafka: KafkaConfig, **overrides: object) -> Producer:
@@ -59,6 +69,8 @@ def consumer(kafka: KafkaConfig, group_id: str | None = None, **overrides: objec
         # Range assignment keeps partition p of impressions and of clicks on the same worker.
         "partition.assignment.strategy": "range",
     }
+    if _consumer_stats is not None:
+        props["stats_cb"], props["statistics.interval.ms"] = _consumer_stats
     props.update(overrides)
     return Consumer(props)
 

@@ -170,6 +170,10 @@ class LearnerConfig:
     population_taste: bool = True
     expert_mix_lr: float = 0.005
     #: Examples shuffled together before mini-batches are cut (breaks label clumps; see learner.loop).
+    #: ``defer``: which real negatives are trained on — ``score``: each with the probability of a
+    #: click the model gives it (the informative ones); ``all`` (the paper); or a fixed share
+    #: such as ``0.25``. The importance weights account for the rest (README, "Labelling policies").
+    real_negatives: str = "score"
     shuffle_buffer: int = 4096
     #: Context fields that get their own embedding slot (first seen, first served; extra fields are
     #: counted and ignored so an unbounded set of field names cannot grow the model).
@@ -258,6 +262,28 @@ class ServeConfig:
 
 
 @dataclass
+class MetricsConfig:
+    """What the long-running stages record as they go and serve to Prometheus.
+
+    Each stage appends a sample of its live counters to ``DATA_DIR/metrics/<stage>.jsonl`` (the
+    input of ``livectr report``) and, given a port, serves them on ``/metrics``.
+    """
+
+    #: Port of the stage's Prometheus ``/metrics`` endpoint (0 = none). ``livectr run
+    #: --metrics-port BASE`` gives the join workers, the learner and the refresher BASE, BASE+1, …
+    port: int = 0
+    #: Address the ``/metrics`` endpoint binds (0.0.0.0 to be scraped from other machines).
+    host: str = "127.0.0.1"
+    #: Record samples to ``DATA_DIR/metrics`` (off: only ``/metrics``, if a port is given).
+    record: bool = True
+    #: At most one sample per this many seconds per stage.
+    interval_s: float = 1.0
+    #: A stage's samples file is thinned (every other old sample dropped) past this size, so a
+    #: run of any length keeps its whole span at a coarser resolution in bounded space.
+    max_bytes: int = 2 * 1024 * 1024
+
+
+@dataclass
 class Config:
     """Everything livectr needs to run any stage."""
 
@@ -267,6 +293,7 @@ class Config:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     semantic: SemanticConfig = field(default_factory=SemanticConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     data_dir: Path = Path("./livectr-data")
 
     @property
