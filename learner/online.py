@@ -91,6 +91,11 @@ def loss_weights(
     return torch.where(kinds == KIND_SCORE_REQUEST, torch.zeros_like(w), w)
 
 
+def _keep_draw(impression_id: str) -> float:
+    """A uniform draw in [0, 1) fixed by the impression id: a replay keeps the same real negatives."""
+    return zlib.crc32(impression_id.encode(), 0x5EED) / 2**32
+
+
 def real_negative_share(spec: str) -> float | None:
     """Parse ``learner.real_negatives``: ``score`` → None (each real negative kept with the
     model's click probability for it), ``all`` → 1.0, or a share in [0, 1]."""
@@ -209,6 +214,43 @@ class OnlineLearner(Predictor):
         """
         if not examples:
             return {"predictions": np.zeros(0, dtype=np.float32), "loss": math.nan}
+        skipped = self._skipped_real_negatives(examples) if self.real_negative_share is None else {}
+        if not skipped:
+            return self._learn(examples)
+        kept = [ex for k, ex in enumerate(examples) if k not in skipped]
+        result: dict[str, Any] = (
+            self._learn(kept) if kept else {"predictions": np.zeros(0, dtype=np.float32), "loss": math.nan}
+        )
+        predictions = np.empty(len(examples), dtype=np.float32)
+        at = np.fromiter(sorted(skipped), np.int64, len(skipped))
+        keep = np.ones(len(examples), dtype=bool)
+        keep[at] = False
+        predictions[keep] = result["predictions"]
+        predictions[at] = [skipped[k] for k in at.tolist()]
+        result["predictions"] = predictions
+        left_out = [examples[k] for k in at.tolist()]
+        served_from, served_labels = self.serving_eval.labelled(self.metrics, left_out, np.zeros(len(left_out)))
+        if self.experts is not None:
+            self.experts.fit_to_served(served_from, served_labels)
+        return result
+
+    def _skipped_real_negatives(self, examples: Sequence[Example]) -> dict[int, float]:
+        """``real_negatives = score``: the real negatives left out before the model, by their
+        served score (position → score). Kept with the probability of a click served for the
+        impression, chosen by a hash of its id; only their label is recorded (serving metrics,
+        the experts' mix). Real negatives whose served score is unknown (before a restart) are
+        decided in the model by its current score (:meth:`_dropped_real_negatives`)."""
+        out: dict[int, float] = {}
+        served = self.serving_eval.served
+        for k, ex in enumerate(examples):
+            if ex.kind != KIND_DEFER_TRUE or ex.label:
+                continue
+            p = served(ex.impression_id)
+            if p is not None and _keep_draw(ex.impression_id) >= p:
+                out[k] = p
+        return out
+
+    def _learn(self, examples: Sequence[Example]) -> dict[str, Any]:
         batch = self.featurizer.encode(examples, grow=True, labelled=True)
         requests = batch.kinds == KIND_SCORE_REQUEST
         trained = int(len(examples) - requests.sum())
@@ -229,7 +271,7 @@ class OnlineLearner(Predictor):
             self.model.train()
         out = self.model(inp, train=True)
         fixed = self.real_negative_share
-        rate: float | torch.Tensor = torch.sigmoid(out.logit.detach()) if fixed is None else fixed
+        rate: float | torch.Tensor = fixed if fixed is not None else self._keep_rates(examples, out.logit)
         dropped = self._dropped_real_negatives(examples, batch.kinds, batch.labels, rate)
         shift = self._in_batch_shift(inp, out.logit, labels, kinds, share, rate, dropped)
         logit = out.logit + shift
@@ -334,8 +376,20 @@ class OnlineLearner(Predictor):
             return None
         u = np.full(len(examples), -1.0)
         for k in real.tolist():
-            u[k] = zlib.crc32(examples[k].impression_id.encode(), 0x5EED) / 2**32
+            u[k] = _keep_draw(examples[k].impression_id)
         return torch.from_numpy(u).to(self.device) >= rate
+
+    def _keep_rates(self, examples: Sequence[Example], logit: torch.Tensor) -> torch.Tensor:
+        """Per example, the probability its real negative is kept: the score served for its
+        impression where it is pending, else the model's current score."""
+        served = self.serving_eval.served
+        known = np.fromiter(
+            (math.nan if (s := served(ex.impression_id)) is None else s for ex in examples), np.float64, len(examples)
+        )
+        current = torch.sigmoid(logit.detach())
+        return torch.where(
+            torch.from_numpy(np.isnan(known)).to(self.device), current, torch.from_numpy(known).to(current)
+        )
 
     @torch.no_grad()
     def _init_base_rate(self, labels: np.ndarray) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 from livectr.core import bus
 from livectr.core import config as config_mod
 from livectr.core.broker import EmbeddedBroker
-from livectr.core.config import Config
+from livectr.core.config import Config, ConfigError
 from livectr.core.events import DecodeError, Impression, decode_event
 from livectr.core.metrics_log import StageRecorder, StatusCallback, open_recorder
 from livectr.core.procs import stop_on_signals
@@ -48,7 +48,14 @@ from livectr.streams.worker import run_join_worker
 log = logging.getLogger("livectr")
 
 #: Errors that mean "fix the command line or the environment": one line on stderr, exit 2.
-USAGE_ERRORS: tuple[type[Exception], ...] = (ReplayInputError, bus.BrokerUnreachable, LearnerLockError, DataDirInUse)
+USAGE_ERRORS: tuple[type[Exception], ...] = (
+    ReplayInputError,
+    bus.BrokerUnreachable,
+    bus.InvalidKafkaOptions,
+    ConfigError,
+    LearnerLockError,
+    DataDirInUse,
+)
 
 #: flag → (config key, type, help). Only flags the user actually gives override the config.
 CONFIG_FLAGS: dict[str, tuple[str, type, str]] = {
@@ -58,6 +65,18 @@ CONFIG_FLAGS: dict[str, tuple[str, type, str]] = {
         "Kafka bootstrap servers HOST:PORT (default: start the embedded broker)",
     ),
     "--topic-prefix": ("kafka.topic_prefix", str, "prefix of every topic name (default livectr.)"),
+    "--security-protocol": (
+        "kafka.security_protocol",
+        str,
+        "Kafka security.protocol: PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL (password: env LIVECTR_KAFKA__SASL_PASSWORD)",
+    ),
+    "--sasl-mechanism": (
+        "kafka.sasl_mechanism",
+        str,
+        "Kafka sasl.mechanism: PLAIN | SCRAM-SHA-256 | SCRAM-SHA-512 | …",
+    ),
+    "--sasl-username": ("kafka.sasl_username", str, "Kafka sasl.username"),
+    "--ssl-ca-location": ("kafka.ssl_ca_location", str, "Kafka ssl.ca.location: CA certificate file of the brokers"),
     "--partitions": ("kafka.partitions", int, "partitions of the topics livectr creates"),
     "--data-dir": ("data_dir", Path, "snapshots and state (default ./livectr-data)"),
     "--events": ("simulator.events", int, "synthetic events to publish (impressions + clicks)"),
@@ -122,8 +141,27 @@ def _add_config_flags(parser: argparse.ArgumentParser, names: Sequence[str]) -> 
         parser.add_argument(flag, dest=f"cfg:{key}", type=typ, default=None, help=help_text)
 
 
+#: Flags of every command that talks to Kafka.
+KAFKA_FLAGS = (
+    "--bootstrap-servers",
+    "--topic-prefix",
+    "--security-protocol",
+    "--sasl-mechanism",
+    "--sasl-username",
+    "--ssl-ca-location",
+)
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    _add_config_flags(parser, ["--bootstrap-servers", "--topic-prefix", "--partitions", "--data-dir"])
+    _add_config_flags(parser, [*KAFKA_FLAGS, "--partitions", "--data-dir"])
+    parser.add_argument(
+        "--kafka-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any librdkafka property for every Kafka client (repeatable), e.g. ssl.certificate.location=…; "
+        "secrets only via env: LIVECTR_KAFKA__SASL_PASSWORD, LIVECTR_KAFKA__EXTRA='ssl.key.password=…'",
+    )
     parser.add_argument(
         "--semantics", choices=["on", "off"], default=None, help="semantic cache and distillation (default on)"
     )
@@ -141,8 +179,10 @@ def build_config(args: argparse.Namespace) -> Config:
         cfg = config_mod.from_env()
     overrides = {k.split(":", 1)[1]: v for k, v in vars(args).items() if k.startswith("cfg:") and v is not None}
     config_mod.apply_overrides(cfg, overrides)
+    _add_kafka_options(cfg, getattr(args, "kafka_option", None) or [])
     if getattr(args, "semantics", None) is not None:
         cfg.semantic.enabled = args.semantics == "on"
+    config_mod.validate(cfg, flags={key: flag for flag, (key, _, _) in CONFIG_FLAGS.items()})
     if cfg.join.policy not in POLICIES:
         raise SystemExit(f"--policy must be one of {', '.join(POLICIES)}, not {cfg.join.policy!r}")
     if cfg.join.policy == "defer" and not 0 <= cfg.join.defer_wait_s < cfg.join.window_s:
@@ -158,12 +198,33 @@ def build_config(args: argparse.Namespace) -> Config:
     return cfg
 
 
+def _add_kafka_options(cfg: Config, given: list[str]) -> None:
+    """Append ``--kafka-option KEY=VALUE`` flags to ``kafka.extra``; a secret on the command line
+    (visible to every user in the process list) is refused."""
+    options = config_mod.parse_options(cfg.kafka.extra)
+    for entry in given:
+        parsed = config_mod.parse_options(entry) if "=" in entry else {}
+        if len(parsed) != 1:
+            raise ConfigError(f"--kafka-option wants one KEY=VALUE, not {entry.split('=')[0][:40]!r}")
+        key = next(iter(parsed))
+        if config_mod.is_secret_option(key):
+            raise ConfigError(
+                f"--kafka-option {key}=… would show a secret in the process list: "
+                f"set it in the environment (LIVECTR_KAFKA__EXTRA='{key}=…'"
+                + (" or LIVECTR_KAFKA__SASL_PASSWORD)" if key == "sasl.password" else ")")
+            )
+        options.update(parsed)
+    if given:
+        cfg.kafka.extra = config_mod.format_options(options)
+
+
 def _require_broker(cfg: Config) -> None:
     if not cfg.kafka.bootstrap_servers:
         raise SystemExit(
             "this command needs --bootstrap-servers (or LIVECTR_KAFKA__BOOTSTRAP_SERVERS); "
             "`livectr run` and `livectr broker` start an embedded one"
         )
+    bus.check_options(cfg.kafka)
 
 
 def _stop_on_signals() -> threading.Event:
@@ -301,6 +362,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = build_config(args)
+    bus.check_options(cfg.kafka)
     if args.fresh and cfg.kafka.bootstrap_servers:
         raise SystemExit("livectr run: --fresh only applies to the embedded broker (a run without --bootstrap-servers)")
     summary = run_pipeline(
@@ -460,11 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(run)
     _add_config_flags(
         run,
-        [
-            f
-            for f in CONFIG_FLAGS
-            if f not in {"--bootstrap-servers", "--topic-prefix", "--partitions", "--data-dir", *SERVE_FLAGS}
-        ],
+        [f for f in CONFIG_FLAGS if f not in {*KAFKA_FLAGS, "--partitions", "--data-dir", *SERVE_FLAGS}],
     )
     run.add_argument(
         "--log", type=Path, default=None, help="replay this recorded events log instead of synthetic traffic"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import zlib
 
 import msgspec
 import numpy as np
@@ -777,7 +778,7 @@ def test_taste_expert_ignores_an_item_head_never_distilled() -> None:
 
 @given(
     st.lists(
-        st.tuples(st.floats(0, 1), st.integers(0, 1), st.sampled_from([KIND_DEFER_OBSERVED, KIND_DEFER_TRUE])),
+        st.tuples(st.floats(0.001, 0.999), st.integers(0, 1), st.sampled_from([KIND_DEFER_OBSERVED, KIND_DEFER_TRUE])),
         min_size=1,
         max_size=50,
     ),
@@ -845,3 +846,23 @@ def test_defer_without_a_wait_serves_the_observed_copys_score() -> None:
     waiting = OnlineLearner(cfg)
     waiting.learn_batch(observed)
     assert len(waiting.serving_eval) == 0
+
+
+def test_real_negatives_left_out_by_their_served_score_skip_the_model_but_keep_their_label() -> None:
+    cfg = make_cfg(False)
+    cfg.join.defer_wait_s = 0.0
+    learner = OnlineLearner(cfg)
+    world = ToyWorld(users=10, items=5, seed=4)
+    examples = world.examples(400)
+    served = learner.learn_batch([msgspec.structs.replace(ex, kind=KIND_DEFER_OBSERVED, label=0) for ex in examples])[
+        "predictions"
+    ]
+    seen = learner.examples_seen
+    true = [msgspec.structs.replace(ex, kind=KIND_DEFER_TRUE, label=0) for ex in examples]
+    out = learner.learn_batch(true)["predictions"]
+    kept = [k for k, ex in enumerate(true) if zlib.crc32(ex.impression_id.encode(), 0x5EED) / 2**32 < served[k]]
+    assert learner.examples_seen - seen == len(kept) < len(true)
+    left_out = sorted(set(range(len(true))) - set(kept))
+    assert np.allclose(out[left_out], served[left_out])  # a left-out row reports its served score
+    assert learner.metrics.summary()["serving_auc_impressions"] == len(true)
+    assert len(learner.serving_eval) == 0
