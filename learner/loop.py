@@ -535,7 +535,8 @@ def _learn(cfg: Config, on_status: StatusCallback | None, stop: threading.Event,
     prod = bus.producer(cfg.kafka)
     dlq = bus.DeadLetterSink(prod, cfg.topics.dead_letters, stage="learner")
     if cfg.learner.publish_updates:
-        bus.ensure_topic(cfg.kafka, cfg.topics.model_updates, 1)  # one partition: updates apply in order
+        # One partition: updates apply in order.
+        bus.ensure_topic(cfg.kafka, cfg.topics.model_updates, 1, config=bus.model_updates_topic_config(cfg))
         run.publish_updates(prod)
     bus.assign_all(cons, cfg.kafka, [run.topic], {(run.topic, p): o for p, o in run.offsets.items()})
     paused: set[int] = set()
