@@ -117,6 +117,11 @@ CONFIG_FLAGS: dict[str, tuple[str, type, str]] = {
     "--enrich": ("semantic.enrich", str, "LLM enrichment back-end: '' | openai | hf"),
     "--enrich-url": ("semantic.enrich_url", str, "OpenAI-compatible endpoint base URL"),
     "--enrich-model": ("semantic.enrich_model", str, "model name (openai) or local path (hf)"),
+    "--delta-every-s": (
+        "learner.delta_every_s",
+        float,
+        "publish the rows touched since the last publish on the model-updates topic every N seconds (0: off)",
+    ),
     "--reload-ms": ("learner.scorer_reload_ms", int, "check the latest snapshot pointer every N ms (default 500)"),
     "--max-body-bytes": ("serve.max_body_bytes", int, "refuse larger request bodies with 413 (default 8 MiB)"),
     "--max-candidates": ("serve.max_candidates", int, "refuse requests with more candidates with 413 (default 10000)"),
@@ -680,6 +685,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--threads",
             "--snapshot-every-s",
             "--snapshot-every-examples",
+            "--delta-every-s",
             "--real-negatives",
             "--metrics-port",
         ],
@@ -687,7 +693,11 @@ def build_parser() -> argparse.ArgumentParser:
     learn.add_argument("--forever", action="store_true", help="keep running after end-of-stream markers")
     learn.set_defaults(func=cmd_learn)
 
-    serve = sub.add_parser("serve", help="HTTP scorer that hot-reloads the latest snapshot (POST /score)")
+    serve = sub.add_parser(
+        "serve",
+        help="HTTP scorer that hot-reloads the latest snapshot (POST /score); with --bootstrap-servers it "
+        "also follows the model-updates topic (full snapshots and deltas) and needs no shared disk",
+    )
     _add_common(serve)
     _add_config_flags(serve, SERVE_FLAGS)
     serve.add_argument("--host", default="127.0.0.1")

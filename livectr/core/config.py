@@ -274,6 +274,18 @@ class LearnerConfig:
     partial_batch_ms: float = 100.0
     #: The scorer checks the ``latest`` snapshot pointer at most this often.
     scorer_reload_ms: int = 500
+    #: Publish full snapshots and deltas on the model-updates topic, so scorers can follow the
+    #: model from Kafka alone (learner.updates).
+    publish_updates: bool = True
+    #: Between full snapshots, publish the rows touched since the last publish every N seconds
+    #: (0: full snapshots only).
+    delta_every_s: float = 2.0
+    #: A full snapshot also goes on the model-updates topic at most every N seconds (and on the
+    #: learner's first publish): tens of MB each, kept in memory by the embedded broker. Deltas
+    #: chain from it across the disk snapshots in between (0: every snapshot).
+    update_full_every_s: float = 300.0
+    #: Model updates travel in messages of at most this many bytes (a full snapshot is split).
+    update_chunk_bytes: int = 900_000
 
 
 @dataclass
@@ -391,6 +403,8 @@ class Topics:
     dead_letters: str
     semantic: str
     semantic_misses: str
+    #: Full snapshots and deltas for scorers that follow the model over Kafka (learner.updates).
+    model_updates: str
 
     @classmethod
     def from_kafka(cls, kafka: KafkaConfig) -> Topics:
