@@ -379,6 +379,7 @@ class _Run:
         touched = self.learner.touched
         return (
             self.updates is not None
+            and not self.warming  # a delta may take the first snapshot: never over held examples
             and touched is not None
             and bool(touched)
             and time.monotonic() - self.updates.last_delta_t >= every
@@ -588,7 +589,7 @@ def _learn(cfg: Config, on_status: StatusCallback | None, stop: threading.Event,
         # restart reads the held examples again.
         if run.records > run.records_at_snapshot and not run.warming:
             run.snapshot(dlq, bus.flush_timeout(stop))
-        if run.updates is not None and run.learner.touched:
+        if run.updates is not None and run.learner.touched and not run.warming:
             run.publish_delta(dlq)  # scorers following Kafka get the last rows too
         bus.flush_or_raise(prod, dlq.tracker, bus.flush_timeout(stop))
         run.status(dlq, force=True)
