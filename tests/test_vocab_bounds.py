@@ -226,7 +226,7 @@ def test_snapshot_round_trip_with_expired_rows(tmp_path, admit: int) -> None:
     cfg = make_cfg(semantic=True, ttl=100.0, admit=admit)
     learner = OnlineLearner(cfg)
     world = ToyWorld(users=30, items=20, seed=6)
-    for step in range(4):
+    for _ in range(4):
         learner.learn_batch(at(world.examples(256), 0.0))
     for step in range(4):  # users 0-14 stay active, the others expire
         recent = [e for e in world.examples(512) if int(e.user_id[1:]) < 15]
