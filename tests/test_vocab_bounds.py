@@ -269,3 +269,27 @@ def test_expiry_and_admission_are_configured_by_env_and_flags(monkeypatch) -> No
     assert built.learner.item_ttl_s == 60.0 and built.learner.admit_min_count == 2
     with pytest.raises(ValueError):
         GrowingVocab("user_id", min_count=0)
+
+
+@pytest.mark.slow
+def test_reduced_soak_is_flat_with_expiry_and_grows_without(tmp_path) -> None:
+    """bench/soak.py at a reduced size (CI): table rows and snapshots flat after warm-up with
+    expiry, growing with the population without it (sizes, not timings, are asserted)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import soak
+
+    out = tmp_path / "soak.json"
+    argv = ["--events", "40000", "--every", "8000", "--ttl-s", "20", "--warmup-ttls", "3"]
+    argv += ["--user-lookback", "2000", "--item-lookback", "300", "--sem-dim", "8", "--out", str(out)]
+    assert soak.main(argv) == 0
+    import json
+
+    ratios = json.loads(out.read_text())["ratios"]
+    on = next(v for k, v in ratios.items() if k.startswith("expiry on"))
+    off = ratios["expiry off (baseline)"]
+    assert on["user_rows"]["ratio"] == 1.0 and on["live_users"]["ratio"] < 1.2
+    assert on["snapshot_mb"]["ratio"] < 1.1
+    assert off["live_users"]["ratio"] > 1.5 and off["snapshot_mb"]["late"] > on["snapshot_mb"]["late"]

@@ -195,8 +195,8 @@ class LearnerConfig:
     #: Bounded memory (learner.vocab): a user's / an item's row (embedding, optimiser and expert
     #: state) is freed after this long without an example (event-time seconds; 0 = never) and
     #: reused by new ids; the id then scores like one never seen (docs/design.md, "Bounded vocabularies").
-    user_ttl_s: float = 30 * 86400.0
-    item_ttl_s: float = 30 * 86400.0
+    user_ttl_s: float = 90 * 86400.0
+    item_ttl_s: float = 90 * 86400.0
     #: An id gets its own row only after this many impressions (Monolith's admission); before, it
     #: shares the unknown row, which the learner then trains as the row of rare ids. 1 = at once.
     admit_min_count: int = 1
