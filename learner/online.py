@@ -175,7 +175,7 @@ class OnlineLearner(Predictor):
         """
         if not examples:
             return {"predictions": np.zeros(0, dtype=np.float32), "loss": math.nan}
-        self.expire_rows(max(ex.ts for ex in examples))
+        self.expire_rows(float(np.median(np.fromiter((ex.ts for ex in examples), np.float64, len(examples)))))
         batch = self.featurizer.encode(examples, grow=True, labelled=True)
         requests = batch.kinds == KIND_SCORE_REQUEST
         trained = int(len(examples) - requests.sum())

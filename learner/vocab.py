@@ -95,8 +95,8 @@ class GrowingVocab:
     Bounded memory (issue 14), both off by default in this class (the learner turns them on from
     its config):
 
-    * **Expiry** (``ttl_s`` > 0): a row not looked up for ``ttl_s`` of event time (the largest
-      ``ts`` given to :meth:`lookup`) is freed by :meth:`expire`: its id is forgotten (it then
+    * **Expiry** (``ttl_s`` > 0): a row not looked up for ``ttl_s`` of event time (the clock:
+      the largest median ``ts`` of a :meth:`lookup`) is freed by :meth:`expire`: its id is forgotten (it then
       maps to the unknown row, exactly like an id never seen) and the row goes on a free list
       that the next new ids take before the table grows. The caller resets the row's
       parameters (:meth:`expire` returns the rows); :attr:`generation` counts reassignments so
@@ -181,7 +181,8 @@ class GrowingVocab:
         With ``grow=False`` unknown keys map to :data:`UNKNOWN_ROW` (serving) and nothing
         changes. Growing takes free rows first, then new ones (which may raise
         :attr:`capacity`; the caller resizes its tables when it does). ``ts`` (event times)
-        refreshes the rows' :attr:`last_seen` and advances the clock; ``countable`` marks the
+        refreshes the rows' :attr:`last_seen` and advances the clock (to the batch's median
+        event time, robust to an outlier); ``countable`` marks the
         keys that count as impressions for admission (default: all).
         """
         get = self._row_of.get
@@ -239,9 +240,13 @@ class GrowingVocab:
         if ts is None or not len(ts):
             self.last_seen[known] = np.where(np.isfinite(self.last_seen[known]), self.last_seen[known], self.clock)
             return
-        self.clock = max(self.clock, float(np.max(ts)))
-        mask = rows > UNKNOWN_ROW
-        np.maximum.at(self.last_seen, rows[mask], np.asarray(ts, dtype=np.float64)[mask])
+        ts = np.asarray(ts, dtype=np.float64)
+        finite = np.isfinite(ts)
+        if finite.any():
+            # The median, not the max: one example with a wild timestamp must not age every row.
+            self.clock = max(self.clock, float(np.median(ts[finite])))
+        mask = (rows > UNKNOWN_ROW) & finite
+        np.maximum.at(self.last_seen, rows[mask], ts[mask])
 
     def expire(self, now: float | None = None, force: bool = False) -> tuple[np.ndarray, list[str]]:
         """Free the rows not seen for :attr:`ttl_s` before ``now`` (default: the clock): the rows and their ids.

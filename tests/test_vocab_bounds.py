@@ -59,6 +59,15 @@ def test_rows_unseen_for_the_ttl_expire_and_their_ids_become_unknown() -> None:
     assert keep.expire(now=1e12, force=True)[0].size == 0 and "x" in keep
 
 
+def test_one_wild_timestamp_does_not_age_every_row() -> None:
+    v = GrowingVocab("user_id", ttl_s=100.0)
+    v.lookup(["a", "b", "c"], ts=np.array([0.0, 0.0, 0.0]))
+    v.lookup(["d", "e", "f"], ts=np.array([10.0, 10.0, 4e9]))  # a year-2096 timestamp among them
+    assert v.clock == 10.0 and v.expire(force=True)[0].size == 0
+    v.lookup(["g"], ts=np.array([np.nan]))  # not a time: no clock move, never expires on its own
+    assert v.clock == 10.0 and v.last_seen[v.row("g")] == 10.0
+
+
 def test_sweeps_are_spaced_by_a_sixteenth_of_the_ttl() -> None:
     v = GrowingVocab("user_id", ttl_s=160.0)
     v.lookup(["a"], ts=np.array([0.0]))
