@@ -2,6 +2,7 @@
 
     python bench/serving.py                         # synthetic and ml-100k, every policy, 3 seeds
     python bench/serving.py --datasets ml-100k --policies defer --seeds 1
+    python bench/serving.py --datasets suits   # item texts that say whom each item suits (bench/suits.py)
 
 The joined examples (with the teacher's vectors) are built once per data set through the real
 pipeline (publish → refresher → join with the cache client) and cached under ``bench/out``.
@@ -80,7 +81,14 @@ def load_examples(name: str, events: int, workdir: Path) -> tuple[list[Example],
         return examples, info["titles"], oracle
     from livectr.simulators.ml100k import convert_ml100k
 
-    log, items = (None, None) if name == "synthetic" else convert_ml100k(SHARED, workdir / "ml-100k")
+    if name == "synthetic":
+        log, items = None, None
+    elif name == "suits":
+        from suits import generate
+
+        log, items = generate(workdir / "suits")
+    else:
+        log, items = convert_ml100k(SHARED, workdir / "ml-100k")
     with EmbeddedBroker() as broker:
         cfg = base_config(broker, f"serving-{name}.", workdir / f"serving-{name}")
         cfg.simulator.events = events

@@ -383,10 +383,11 @@ class JoinWorker:
             self.dead.send(rej.raw, rej.reason, source=_Provenance(topic, p, rej.offset, rej.key.encode()))
 
     def _after_batch(self) -> None:
+        now = time.time() if self.track_idle else None
         for p, join in list(self.joins.items()):
             if join.finished:
                 continue
-            join.advance()
+            join.advance(now)
             self._drain(p, join)
             if join.clocks[IMPRESSIONS].done and join.clocks[CLICKS].done:
                 self._finish(p, join)

@@ -6,13 +6,14 @@ import threading
 import time
 from typing import Any
 
+import msgspec
 from toyworld import ToyWorld
 
 from livectr.core import bus
 from livectr.core.config import Config
-from livectr.core.events import Example, ExampleBatch, ExampleEnd, encode_example
+from livectr.core.events import KIND_FINAL, KIND_SCORE_REQUEST, Example, ExampleBatch, ExampleEnd, encode_example
 from livectr.learner import snapshot as snap
-from livectr.learner.loop import run_learner
+from livectr.learner.loop import WarmUp, _Run, run_learner
 
 
 def produce(
@@ -186,3 +187,43 @@ def test_merge_holds_a_partition_ahead_and_a_restart_trains_each_example_once(ka
     s2 = run_learner(cfg, bounded=True)
     assert s1["examples_trained"] + s2["examples_trained"] == 2000
     assert s2["examples_seen_total"] == 2000
+
+
+def test_a_fresh_learner_waits_until_the_negatives_cover_the_stream(cfg: Config) -> None:
+    """At a stream's start under ``wait`` the first window releases clicks alone: a fresh learner
+    scores requests but trains nothing until the negatives cover half the impression time the
+    positives do, then trains what waited, shuffled. Mid-stream both labels come at once."""
+    cfg.semantic.enabled = False
+    world = ToyWorld(users=40, items=20, seed=5)
+
+    def at(ts: list[float], label: int, kind: int = KIND_FINAL) -> list[Example]:
+        return [
+            msgspec.structs.replace(e, ts=float(t), label=label, kind=kind)
+            for e, t in zip(world.examples(len(ts)), ts, strict=True)
+        ]
+
+    run = _Run(cfg, None)
+    run.release(at(list(range(0, 600, 2)), 0, KIND_SCORE_REQUEST) + at(list(range(0, 600, 4)), 1))
+    run.train(force=True)
+    assert run.trained == 0 and run.requests_scored == 300 and run.warming
+    run.release(at(list(range(0, 200, 2)), 0))  # negatives of 200 s against positives of 600 s
+    run.train(force=True)
+    assert run.trained == 0 and run.warming
+    run.release(at(list(range(200, 320, 2)), 0) + at(list(range(600, 640, 4)), 1))
+    assert not run.warming
+    assert 0.2 < sum(e.label for e in run.buffer[:256]) / 256 < 0.8  # shuffled: clicks and negatives mixed
+    run.train(force=True)
+    assert run.trained == 150 + 100 + 60 + 10
+
+    mid = _Run(cfg, None)  # started mid-stream: the first records hold both labels
+    mid.release(
+        sorted(
+            at([400.0 + k for k in range(20)], 0) + at([990.0 + k for k in range(10)], 1),
+            key=lambda e: e.ts + (0 if e.label else 600),
+        )
+    )
+    assert not mid.warming
+
+    clicks_only = WarmUp(600.0)  # a stream without negatives is still learned, after 3 W
+    assert not clicks_only.observe(at([0.0, 1000.0], 1))
+    assert clicks_only.observe(at([1800.0], 1))
