@@ -76,13 +76,15 @@ class AdmissionFilter:
 
 @dataclass(frozen=True)
 class RowChanges:
-    """Rows whose id changed since a :meth:`GrowingVocab.marker`: newly assigned (with their ids)
-    and freed by expiry (now empty). A row freed and reassigned since the marker is only in
+    """Rows changed since a :meth:`GrowingVocab.marker`: newly assigned (with their ids), freed
+    by expiry (now reset and empty), and touched (looked up by training, so their parameters may
+    have moved; assigned rows included). A row freed and reassigned since the marker is only in
     ``assigned``: whoever mirrors the table overwrites it either way."""
 
     assigned: np.ndarray
     assigned_ids: list[str]
     freed: np.ndarray
+    touched: np.ndarray
 
 
 class GrowingVocab:
@@ -118,6 +120,7 @@ class GrowingVocab:
         self.last_seen = np.full(self.capacity, np.inf)
         self.generation = np.zeros(self.capacity, dtype=np.int64)
         self._stamp = np.zeros(self.capacity, dtype=np.int64)
+        self._touched = np.zeros(self.capacity, dtype=np.int64)
         self._seq = 1
         #: The largest event time seen (the expiry clock).
         self.clock = -np.inf
@@ -206,6 +209,7 @@ class GrowingVocab:
                 rows[i] = r
         if grow:
             self._touch(rows, ts)
+            self._touched[rows[rows > UNKNOWN_ROW]] = self._seq
         return rows, np.asarray(new_rows, dtype=np.int64)
 
     def _admitted(self, keys: list[str], countable: np.ndarray | None, at: np.ndarray) -> np.ndarray:
@@ -291,15 +295,17 @@ class GrowingVocab:
         return m
 
     def changes_since(self, marker: int) -> RowChanges:
-        """The rows assigned to new ids and the rows freed after ``marker`` was taken."""
+        """The rows assigned, freed and touched after ``marker`` was taken (see :class:`RowChanges`)."""
         hw = len(self._ids)
         changed = np.flatnonzero(self._stamp[1:hw] > marker) + 1
         assigned = [r for r in changed.tolist() if self._ids[r] is not None]
         freed = [r for r in changed.tolist() if self._ids[r] is None]
+        touched = np.flatnonzero(self._touched[1:hw] > marker) + 1
         return RowChanges(
             np.asarray(assigned, dtype=np.int64),
             [self._ids[r] or "" for r in assigned],
             np.asarray(freed, dtype=np.int64),
+            touched[[self._ids[r] is not None for r in touched.tolist()]] if touched.size else touched,
         )
 
     def _ensure_capacity(self, needed: int) -> None:
@@ -318,6 +324,7 @@ class GrowingVocab:
         self.last_seen = grown(self.last_seen, np.inf)
         self.generation = grown(self.generation, 0)
         self._stamp = grown(self._stamp, 0)
+        self._touched = grown(self._touched, 0)
         self.capacity = capacity
 
     def state(self) -> dict[str, Any]:

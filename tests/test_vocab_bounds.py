@@ -103,8 +103,12 @@ def test_changes_since_a_marker_list_assigned_and_freed_rows() -> None:
     v.lookup(["d"], ts=np.array([15.0]))  # takes row 1
     changes = v.changes_since(m)
     assert changes.assigned.tolist() == [1] and changes.assigned_ids == ["d"] and changes.freed.tolist() == [2]
+    assert changes.touched.tolist() == [1]
     m2 = v.marker()
-    assert v.changes_since(m2).assigned.size == 0 and v.changes_since(m2).freed.size == 0
+    v.lookup(["c"], ts=np.array([16.0]))
+    v.lookup(["c", "zz"], grow=False)  # serving lookups touch nothing
+    changes = v.changes_since(m2)
+    assert changes.assigned.size == 0 and changes.freed.size == 0 and changes.touched.tolist() == [3]
 
 
 @settings(max_examples=60, deadline=None)
