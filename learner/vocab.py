@@ -98,9 +98,9 @@ class GrowingVocab:
     its config):
 
     * **Expiry** (``ttl_s`` > 0): a row not looked up for ``ttl_s`` of event time (the clock:
-      the largest median ``ts`` of a :meth:`lookup`) is freed by :meth:`expire`: its id is forgotten (it then
-      maps to the unknown row, exactly like an id never seen) and the row goes on a free list
-      that the next new ids take before the table grows. The caller resets the row's
+      the largest median ``ts`` of a :meth:`lookup`) is freed by :meth:`expire`: its id is
+      forgotten (it then maps to the unknown row, exactly like an id never seen) and the row
+      goes on a free list that the next new ids take before the table grows. The caller resets the row's
       parameters (:meth:`expire` returns the rows); :attr:`generation` counts reassignments so
       hashed features keyed by row (the user×item pair weights) change with the id.
     * **Admission** (``min_count`` > 1): a new id gets a row only once it has had ``min_count``
@@ -122,7 +122,7 @@ class GrowingVocab:
         self._stamp = np.zeros(self.capacity, dtype=np.int64)
         self._touched = np.zeros(self.capacity, dtype=np.int64)
         self._seq = 1
-        #: The largest event time seen (the expiry clock).
+        #: The expiry clock: the largest median event time of a lookup (robust to one wild timestamp).
         self.clock = -np.inf
         self._next_sweep = -np.inf
         self.ttl_s = 0.0
