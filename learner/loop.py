@@ -61,6 +61,7 @@ from livectr.core.events import (
     encode_example,
 )
 from livectr.learner.align import EventTimeMerge
+from livectr.learner.live_metrics import RecentLearnerMetrics
 from livectr.learner.model import ModelConfig
 from livectr.learner.online import OnlineLearner
 from livectr.learner.snapshot import LearnerLock, clean_temp, load_newest_good, manifest_offsets, publish_snapshot
@@ -204,6 +205,7 @@ class _Run:
         #: examples released wait in ``held``.
         self.warm_up: WarmUp | None = WarmUp(cfg.join.window_s) if self.learner.examples_seen == 0 else None
         self.held: list[Example] = []
+        self.recent = RecentLearnerMetrics()
 
     @property
     def warming(self) -> bool:
@@ -254,6 +256,7 @@ class _Run:
             examples = self._warming(examples)
         if not examples:
             return
+        self.recent.released(examples)
         if not self.buffer:
             self.buffer_since = time.monotonic()
         self.buffer.extend(examples)
@@ -311,11 +314,11 @@ class _Run:
         for start in range(0, n, size):
             batch = head[start : start + size]
             t = time.perf_counter()
-            self.learner.learn_batch(batch)
+            left_out = self.learner.learn_batch(batch).get("left_out", 0)
             self.train_s += time.perf_counter() - t
             requests = sum(ex.kind == KIND_SCORE_REQUEST for ex in batch)
             self.requests_scored += requests
-            self.trained += len(batch) - requests
+            self.trained += len(batch) - requests - left_out
             self.positives += sum(ex.label for ex in batch)
         if self.buffer:
             self.buffer_since = time.monotonic()  # the remainder arrived with the batches just trained
@@ -383,7 +386,9 @@ class _Run:
             "dead_letters": dlq.count,
             "buffered": len(self.buffer) + len(self.merge) + len(self.held),
             "warming_up": self.warming,
+            "real_negatives_left_out": self.learner.real_negatives_left_out,
         }
+        status.update(self.recent.sample(self.learner.metrics))  # recent AUC, freshness, event time
         if self.on_status is not None:
             self.on_status(status)
         return status
@@ -398,6 +403,7 @@ class _Run:
             "serving_auc_impressions": s["serving_auc_impressions"],
             "examples_trained": self.trained,
             "positives": self.positives,
+            "real_negatives_left_out": self.learner.real_negatives_left_out,
             "label_order_auc": s["label_order_auc"],
             "label_order_logloss": s["label_order_logloss"],
             "progressive_auc": s["progressive_auc"],
@@ -487,6 +493,8 @@ def _learn(cfg: Config, on_status: StatusCallback | None, stop: threading.Event,
             msgs = cons.consume(num_messages=500, timeout=0.1)
             t = time.perf_counter()
             for msg in msgs:
+                if stop.is_set():  # far behind, a poll's worth of training can outlast the stop grace;
+                    break  # the records not handled are read again after a restart
                 err = msg.error()
                 if err is not None:
                     if err.code() != KafkaError._PARTITION_EOF:

@@ -223,7 +223,10 @@ class PartitionJoin:
         self._ready: list[tuple[float, str]] = []
         self._ready_info: dict[str, tuple[float, float]] = {}
         #: Score requests (see "Score requests" above): heap of (impression ts, impression id).
-        self.score_sample = score_sample if policy != POLICY_FAKE_NEGATIVE else 0.0
+        #: Not under ``fake-negative``, nor ``defer`` without a waiting window: there the example
+        #: sent at the impression's time (the fake negative, the observed copy) is the score.
+        at_once = policy == POLICY_FAKE_NEGATIVE or (self._defer and self.defer_wait_s == 0)
+        self.score_sample = 0.0 if at_once else score_sample
         self._sample_below = request_threshold(self.score_sample)
         self._requests: list[tuple[float, str]] = []
         #: Fake negatives (policy fake-negative), emitted when the watermark reaches their

@@ -760,11 +760,19 @@ def test_score_requests_sit_at_their_impression_time_in_decision_order(
     assert join.examples_total == copies * len(impressions) == len(f.examples) - len(requests)
 
 
-def test_score_requests_only_under_wait_and_by_a_stable_hash() -> None:
+def test_score_requests_only_where_no_example_is_sent_at_the_impression_and_by_a_stable_hash() -> None:
     fake = Feeder(PartitionJoin(0, W, POLICY_FAKE_NEGATIVE, score_sample=1.0))
     fake.imp(imp("a", 0))
     fake.close()
     assert [ex.kind for ex in fake.examples] == [KIND_FAKE_NEGATIVE]
+    at_once = Feeder(PartitionJoin(0, W, POLICY_DEFER, score_sample=1.0, defer_wait_s=0.0))
+    at_once.imp(imp("a", 0))
+    at_once.close()  # defer without a wait: the observed copy at the impression's time is the score
+    assert [ex.kind for ex in at_once.examples] == [KIND_DEFER_OBSERVED, KIND_DEFER_TRUE]
+    waiting = Feeder(PartitionJoin(0, W, POLICY_DEFER, score_sample=1.0, defer_wait_s=5.0))
+    waiting.imp(imp("a", 0))
+    waiting.close()
+    assert [ex.kind for ex in waiting.examples] == [KIND_SCORE_REQUEST, KIND_DEFER_OBSERVED, KIND_DEFER_TRUE]
     picks = []
     for _ in range(2):
         f = Feeder(PartitionJoin(0, W, score_sample=0.3))

@@ -66,7 +66,14 @@ def test_bounded_run_counts_dead_letters_snapshots_and_resume(kafka_config: Conf
     first = {p: [world.examples(200) for _ in range(10)] for p in range(2)}
     bad_label = world.examples(1)[0]
     bad_label = Example(**{**{f: getattr(bad_label, f) for f in bad_label.__struct_fields__}, "label": 7})
-    produce(cfg, first, raw=[(0, b"\xc1 not msgpack"), (1, encode_example(ExampleBatch([bad_label])))])
+    # An end marker for input partition 5 of 2 (tests/test_fuzz_decoders.py): it used to count
+    # toward "every input partition ended"; now it is an invalid example like the others.
+    bad_end = msgspec.msgpack.encode(["end", 5, 2, 0, "evil", 0.0])
+    produce(
+        cfg,
+        first,
+        raw=[(0, b"\xc1 not msgpack"), (1, encode_example(ExampleBatch([bad_label]))), (1, bad_end)],
+    )
     stop = threading.Event()
     statuses: list[dict[str, Any]] = []
 
@@ -76,18 +83,18 @@ def test_bounded_run_counts_dead_letters_snapshots_and_resume(kafka_config: Conf
             stop.set()
 
     s1 = run_learner(cfg, on_status=on_status, stop=stop, bounded=False)
-    assert s1["examples_trained"] == 4000 and s1["dead_letters"] == 2
+    assert s1["examples_trained"] == 4000 and s1["dead_letters"] == 3
     assert s1["positives"] == sum(e.label for b in first.values() for batch in b for e in batch)
     assert s1["snapshots_published"] >= 3  # every 1,500 examples, plus the final one
     assert 0.5 < s1["progressive_auc"] < 1 and s1["freshness_p50_s"] >= 0 and s1["gate_usage"] > 0
     assert {"examples_per_second", "progressive_auc", "windowed_auc", "gate_usage"} <= set(statuses[-1])
-    reasons = dead_letters(cfg, 2)
-    assert sorted(r.split(":")[0] for r in reasons) == ["invalid example", "invalid example"]
-    assert any("label 7" in r for r in reasons)
+    reasons = dead_letters(cfg, 3)
+    assert sorted(r.split(":")[0] for r in reasons) == ["invalid example"] * 3
+    assert any("label 7" in r for r in reasons) and any("source_partition 5" in r for r in reasons)
     manifest, _ = snap.load_latest(cfg.data_dir)
-    # Next offsets = records written per partition (10 batches + 1 bad record each). Counted, not read
+    # Next offsets = records written per partition (10 batches + 1 bad record on 0, 2 on 1). Counted, not read
     # from watermarks, which tansu may report per record batch (see EndOfStream's docstring).
-    assert manifest["offsets"] == {"0": 11, "1": 11}
+    assert manifest["offsets"] == {"0": 11, "1": 12}
     assert manifest["examples_seen"] == 4000 and manifest["offsets_topic"] == cfg.topics.examples
     v1 = manifest["version"]
 
@@ -99,7 +106,7 @@ def test_bounded_run_counts_dead_letters_snapshots_and_resume(kafka_config: Conf
     assert s2["examples_seen_total"] == 5000 and s2["resumed_from_version"] == v1
     assert s2["dead_letters"] == 0 and s2["snapshots_published"] >= 1
     manifest, _ = snap.load_latest(cfg.data_dir)
-    assert manifest["offsets"] == {"0": 11 + 2 + 2, "1": 11 + 2 + 2}  # + 2 batches + 2 end markers
+    assert manifest["offsets"] == {"0": 11 + 2 + 2, "1": 12 + 2 + 2}  # + 2 batches + 2 end markers
     assert manifest["end_markers"]["source_partitions"] == 2
 
     # Phase 3: restarting a finished bounded run trains nothing and returns at once.
