@@ -24,7 +24,8 @@ class ColdStart:
         self.index = ItemIndex(dim, exact_below=exact_below)
         self.neighbours = neighbours
         self.min_count = min_count
-        self.ids: list[str] = []
+        #: Indexed item ids in insertion order (a dict: expired items leave in O(1)).
+        self.ids: dict[str, None] = {}
         self._indexed_rows = np.zeros(0, dtype=bool)
         self.initialised = 0
 
@@ -79,7 +80,15 @@ class ColdStart:
         self._indexed_rows[rows] = True
         if ids:
             self.index.add(ids, batch.item_sem[fresh[first]])
-            self.ids.extend(ids)
+            self.ids.update(dict.fromkeys(ids))
+
+    def forget(self, rows: np.ndarray, ids: Sequence[str]) -> None:
+        """Drop expired items (``ids``, which held ``rows``) from the index: a reused row starts unindexed."""
+        self._indexed_rows[rows[rows < len(self._indexed_rows)]] = False
+        gone = [i for i in ids if i in self.ids]
+        for i in gone:
+            del self.ids[i]
+        self.index.remove(gone)
 
     def _grow(self, capacity: int) -> None:
         if len(self._indexed_rows) < capacity:
@@ -101,6 +110,6 @@ class ColdStart:
         if not ids:
             return
         self.index.add(list(ids), vectors)
-        self.ids = list(ids)
+        self.ids = dict.fromkeys(ids)
         self._grow(featurizer.items.capacity)
         self._indexed_rows[[featurizer.items.row(i) for i in ids]] = True

@@ -133,6 +133,7 @@ def build_delta(
         r = arrays[f"{name}.rows"]
         meta[f"{name}_ids"] = [vocab.id_of(int(x)) for x in r]
         arrays[f"{name}.counts"] = vocab.counts[r].astype(np.int64)
+        arrays[f"{name}.generation"] = vocab.generation[r].astype(np.int64)  # the pair hash mixes it in
     for key, value in state.items():
         if key not in keys.values():
             arrays[f"dense.{key}"] = value.detach().cpu().contiguous().numpy()
@@ -214,8 +215,10 @@ def apply_delta(predictor: Predictor, delta: Delta) -> None:
     with torch.no_grad():
         for name, vocab in (("user", feat.users), ("item", feat.items)):
             rows = a[f"{name}.rows"]
-            for key, row in zip(delta.meta[f"{name}_ids"], rows.tolist(), strict=True):
-                vocab.bind(key, row)
+            generations = a.get(f"{name}.generation")
+            gens = generations.tolist() if generations is not None else [None] * len(rows)
+            for key, row, gen in zip(delta.meta[f"{name}_ids"], rows.tolist(), gens, strict=True):
+                vocab.bind(key, row, gen)
             vocab.counts[rows] = a[f"{name}.counts"]
         tables = model.sparse_tables()
         tables["user"].grow(feat.users.capacity)

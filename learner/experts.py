@@ -95,6 +95,16 @@ class FastExperts:
         if rows > 0:
             self._grow(np.asarray([rows - 1]))
 
+    def reset_rows(self, rows: np.ndarray) -> None:
+        """Forget the users of ``rows`` (freed by expiry, to be reused by new users)."""
+        rows = rows[rows < self.user_w.shape[0]]
+        if not rows.size:
+            return
+        self.user_w[rows], self.user_ts[rows] = 0.0, -np.inf
+        self.slope_w[rows], self.slope_h[rows] = 0.0, self.slope_prior
+        if self.dim:
+            self.taste_w[rows], self.taste_h[rows] = 0.0, self.taste_prior
+
     def _fade(self, last: np.ndarray, now: np.ndarray | None) -> np.ndarray:
         """Factor by which a session bias last updated at ``last`` has faded at ``now`` (1: no clock)."""
         if not self.session_s or now is None:
@@ -185,7 +195,9 @@ class FastExperts:
         """:meth:`learn`, also returning the :meth:`components` rows each example was scored from."""
         self._grow(users)
         labels, weights = labels.astype(np.float64), weights.astype(np.float64)
-        components = self._rounds(users, vectors if self.dim else None, logits, labels, weights, ts)
+        # Row 0 is shared by unknown and not yet admitted users: no per-user state to learn there.
+        per_user = np.where(users == 0, 0.0, weights)
+        components = self._rounds(users, vectors if self.dim else None, logits, labels, per_user, ts)
         mixed = self.mixed(components)
         if not self.serving_feedback:
             self._mix_step(components, labels, weights)

@@ -17,7 +17,7 @@ import torch
 
 from livectr.core.events import COPY_KINDS
 from livectr.learner.model import ModelInputs
-from livectr.learner.vocab import ContextHasher, GrowingVocab
+from livectr.learner.vocab import UNKNOWN_ROW, ContextHasher, GrowingVocab
 from livectr.semantic_cache.codec import dequantize_many
 
 _COPY_KINDS = np.asarray(sorted(COPY_KINDS))
@@ -25,6 +25,8 @@ _COPY_KINDS = np.asarray(sorted(COPY_KINDS))
 #: Odd 32-bit multipliers (Knuth's and MurmurHash3's) that spread (user, item) rows over the pair buckets.
 _PAIR_MULT_USER = 2_654_435_761
 _PAIR_MULT_ITEM = 2_246_822_519
+_PAIR_MULT_GEN_USER = 3_266_489_917
+_PAIR_MULT_GEN_ITEM = 668_265_263
 
 
 @dataclass
@@ -97,10 +99,19 @@ class Featurizer:
         )
 
     def pairs(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
-        """Bucket of each (user row, item row) pair (rows are stable, so buckets are too)."""
+        """Bucket of each (user row, item row) pair.
+
+        A row's :attr:`~livectr.learner.vocab.GrowingVocab.generation` (how often it was
+        reassigned after expiry) is mixed in, so an id that inherits a freed row does not inherit
+        its predecessor's pair weights; with no reuse (generation 0) buckets are the plain
+        row hash, as in snapshots written before expiry existed.
+        """
         if not self.pair_buckets:
             return np.zeros(len(users), dtype=np.int64)
         mixed = (users.astype(np.int64) * _PAIR_MULT_USER) ^ (items.astype(np.int64) * _PAIR_MULT_ITEM)
+        gen_u, gen_i = self.users.generation[users], self.items.generation[items]
+        if gen_u.any() or gen_i.any():
+            mixed ^= (gen_u * _PAIR_MULT_GEN_USER) ^ (gen_i * _PAIR_MULT_GEN_ITEM)
         return mixed % self.pair_buckets
 
     def encode(self, records: Sequence[Any], grow: bool = True, labelled: bool = True) -> EncodedBatch:
@@ -109,10 +120,13 @@ class Featurizer:
         ``item_count`` is each item's impression count *before* this batch (the gate's input and
         what the cold-start metric looks at).
         """
-        users, _ = self.users.lookup([r.user_id for r in records], grow=grow)
-        items, new_items = self.items.lookup([r.item_id for r in records], grow=grow)
-        context = self.context.encode([r.context for r in records], grow=grow)
         n, s = len(records), self.sem_dim
+        ts = np.fromiter((r.ts for r in records), dtype=np.float64, count=n)
+        kinds = np.fromiter((r.kind for r in records), dtype=np.int64, count=n) if labelled else None
+        countable = ~np.isin(kinds, _COPY_KINDS) if kinds is not None else None
+        users, _ = self.users.lookup([r.user_id for r in records], grow=grow, ts=ts, countable=countable)
+        items, new_items = self.items.lookup([r.item_id for r in records], grow=grow, ts=ts, countable=countable)
+        context = self.context.encode([r.context for r in records], grow=grow)
         if s and labelled:
             item_sem, item_mask = dequantize_many([r.item_sem for r in records], s)
             user_sem, user_mask = dequantize_many([r.user_sem for r in records], s)
@@ -120,8 +134,8 @@ class Featurizer:
             item_sem = user_sem = np.zeros((n, s), dtype=np.float32)
             item_mask = user_mask = np.zeros(n, dtype=bool)
         if labelled:
+            assert kinds is not None
             labels = np.fromiter((r.label for r in records), dtype=np.float32, count=n)
-            kinds = np.fromiter((r.kind for r in records), dtype=np.int64, count=n)
             decided = np.fromiter((r.decided_at for r in records), dtype=np.float64, count=n)
         else:
             labels, kinds, decided = np.zeros(0, np.float32), np.zeros(0, np.int64), np.zeros(0, np.float64)
@@ -130,7 +144,7 @@ class Featurizer:
             items,
             context,
             self.pairs(users, items),
-            self.items.counts[items].astype(np.float32),
+            self.items.counts[items].astype(np.float32),  # 0 on the unknown row (never counted)
             item_sem,
             item_mask,
             user_sem,
@@ -139,7 +153,7 @@ class Featurizer:
             labels,
             kinds,
             decided,
-            np.fromiter((r.ts for r in records), dtype=np.float64, count=n),
+            ts,
         )
 
     def cold_mask(self, batch: EncodedBatch, first_n: int, count: bool = False) -> np.ndarray:
@@ -163,9 +177,11 @@ class Featurizer:
         before = cum - imp - (cum[group_start] - imp[group_start])  # impressions of the item earlier in the batch
         ordinal = self.items.counts[rows].copy()
         ordinal[order] += before
+        ordinal[rows == UNKNOWN_ROW] = 0  # unknown or not yet admitted: among its first impressions
         cold = np.where(impression, ordinal < first_n, ordinal <= first_n)
         if count:
-            np.add.at(self.items.counts, rows[impression], 1)
+            counted = impression & (rows != UNKNOWN_ROW)  # the shared row of unknown / not yet admitted ids
+            np.add.at(self.items.counts, rows[counted], 1)
         return cold
 
     def cold_mask_and_count(self, batch: EncodedBatch, first_n: int) -> np.ndarray:
@@ -173,7 +189,8 @@ class Featurizer:
         return self.cold_mask(batch, first_n, count=True)
 
     def count_users(self, batch: EncodedBatch) -> None:
-        np.add.at(self.users.counts, batch.user[~np.isin(batch.kinds, _COPY_KINDS)], 1)
+        counted = ~np.isin(batch.kinds, _COPY_KINDS) & (batch.user != UNKNOWN_ROW)
+        np.add.at(self.users.counts, batch.user[counted], 1)
 
     def state(self) -> dict[str, Any]:
         return {
@@ -184,13 +201,24 @@ class Featurizer:
             "pair_buckets": self.pair_buckets,
         }
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The vocabularies' per-row arrays, keyed ``user_counts``, ``item_last_seen``, … (snapshots)."""
+        out: dict[str, np.ndarray] = {}
+        for prefix, vocab in (("user", self.users), ("item", self.items)):
+            out.update({f"{prefix}_{k}": v for k, v in vocab.arrays().items()})
+        return out
+
     @classmethod
-    def from_state(
-        cls, state: Mapping[str, Any], user_counts: np.ndarray | None = None, item_counts: np.ndarray | None = None
-    ) -> Featurizer:
+    def from_state(cls, state: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | None = None) -> Featurizer:
+        """Inverse of :meth:`state` and :meth:`arrays`."""
+        arrays = arrays or {}
+
+        def of(prefix: str) -> dict[str, np.ndarray]:
+            return {k[len(prefix) + 1 :]: v for k, v in arrays.items() if k.startswith(f"{prefix}_")}
+
         return cls(
-            GrowingVocab.from_state(state["users"], user_counts),
-            GrowingVocab.from_state(state["items"], item_counts),
+            GrowingVocab.from_state(state["users"], arrays=of("user")),
+            GrowingVocab.from_state(state["items"], arrays=of("item")),
             ContextHasher.from_state(state["context"]),
             int(state["sem_dim"]),
             int(state.get("pair_buckets", 0)),

@@ -146,6 +146,9 @@ class OnlineLearner(Predictor):
     def __init__(self, cfg: Config, state: LearnerState | None = None, device: str | None = None) -> None:
         super().__init__(cfg, state=state, device=device)
         lc = cfg.learner
+        # Expiry and admission are training behaviour: the config wins over what a snapshot says.
+        self.featurizer.users.configure(lc.user_ttl_s, lc.admit_min_count)
+        self.featurizer.items.configure(lc.item_ttl_s, lc.admit_min_count)
         self.sparse_opt = RowOptimizer(
             self.model.sparse_tables(),
             lr=lc.embedding_lr,
@@ -255,6 +258,7 @@ class OnlineLearner(Predictor):
         return out
 
     def _learn(self, examples: Sequence[Example]) -> dict[str, Any]:
+        self.expire_rows(float(np.median(np.fromiter((ex.ts for ex in examples), np.float64, len(examples)))))
         batch = self.featurizer.encode(examples, grow=True, labelled=True)
         requests = batch.kinds == KIND_SCORE_REQUEST
         trained = int(len(examples) - requests.sum())
@@ -478,6 +482,32 @@ class OnlineLearner(Predictor):
 
     # -- growing tables ---------------------------------------------------------------------
 
+    def expire_rows(self, now: float, force: bool = False) -> int:
+        """Free the user and item rows unseen for their TTL at event time ``now``; how many were.
+
+        A freed row is reset everywhere it has state — embedding and first-order weight, its
+        optimiser accumulators, the user's fast experts, the item's place in the cold-start
+        index — so the id that reuses it starts like any new id (and the snapshot holds nothing
+        of the expired one). The vocabularies sweep at most every 1/16 of their TTL.
+        """
+        freed = 0
+        for name, vocab, table in (
+            ("user", self.featurizer.users, self.model.user_emb),
+            ("item", self.featurizer.items, self.model.item_emb),
+        ):
+            rows, ids = vocab.expire(now, force=force)
+            if not rows.size:
+                continue
+            t = torch.from_numpy(rows)
+            table.reset_rows(t[t < table.num_embeddings])
+            self.sparse_opt.reset_rows(name, t[t < table.num_embeddings])
+            if name == "user" and self.experts is not None:
+                self.experts.reset_rows(rows)
+            if name == "item" and self.cold_start is not None:
+                self.cold_start.forget(rows, ids)
+            freed += int(rows.size)
+        return freed
+
     def _sync_capacity(self) -> None:
         """Grow id tables to the vocabularies' capacities (the optimiser pads its state on its next step)."""
         for table, vocab in (
@@ -496,6 +526,10 @@ class OnlineLearner(Predictor):
             positives=self.metrics.positives,
             users=len(self.featurizer.users) - 1,
             items=len(self.featurizer.items) - 1,
+            user_rows=self.featurizer.users.capacity,
+            item_rows=self.featurizer.items.capacity,
+            users_expired=self.featurizer.users.expired_total,
+            items_expired=self.featurizer.items.expired_total,
             context_fields=list(self.featurizer.context.slots),
             context_fields_dropped=self.featurizer.context.dropped,
         )
@@ -532,10 +566,7 @@ class OnlineLearner(Predictor):
             "user_capacity": self.model.user_emb.num_embeddings,
             "item_capacity": self.model.item_emb.num_embeddings,
         }
-        arrays = {
-            "user_counts": self.featurizer.users.counts.copy(),
-            "item_counts": self.featurizer.items.counts.copy(),
-        }
+        arrays = self.featurizer.arrays()
         arrays.update({f"metrics.{k}": np.asarray(v).copy() for k, v in self.metrics.state().items()})
         arrays["defer.delayed_share"] = np.asarray([self.delayed_share.late, self.delayed_share.total])
         if self.experts is not None:

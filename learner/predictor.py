@@ -59,9 +59,7 @@ class Predictor:
             )
         else:
             mc = ModelConfig.from_dict(state.model_config)
-            self.featurizer = Featurizer.from_state(
-                state.meta["featurizer"], state.arrays.get("user_counts"), state.arrays.get("item_counts")
-            )
+            self.featurizer = Featurizer.from_state(state.meta["featurizer"], state.arrays)
         self.model = StudentCTR(mc).to(self.device)
         self.semantic = mc.sem_dim > 0
         self.experts = (
@@ -150,13 +148,20 @@ class Predictor:
         return vec.double().cpu().numpy()
 
     def set_unknown_rows_to_mean(self) -> None:
-        """Make row 0 (unknown ids) the impression-weighted mean of trained rows, for serving."""
+        """Make row 0 (unknown ids) the impression-weighted mean of trained rows, for serving.
+
+        Not when the learner admitted ids only after a few impressions: row 0 was then trained
+        as the row of rare ids (those not yet admitted, expired ones included when they come
+        back), which is what an unknown id is, and it is kept. Free rows count 0 and weigh nothing.
+        """
         with torch.no_grad():
             for table, vocab in (
                 (self.model.user_emb, self.featurizer.users),
                 (self.model.item_emb, self.featurizer.items),
             ):
-                n = len(vocab)
+                if vocab.min_count > 1:
+                    continue
+                n = vocab.high_water
                 counts = torch.from_numpy(vocab.counts[1:n].astype(np.float32)).to(self.device)
                 if n > 1 and float(counts.sum()) > 0:
                     table.weight[0] = (counts / counts.sum()) @ table.weight[1:n]

@@ -137,7 +137,8 @@ def format_show(report: dict[str, Any]) -> str:
 
 def _vocab_sizes(meta: dict[str, Any]) -> dict[str, int]:
     feat = meta.get("featurizer") or {}
-    return {k: len((feat.get(k) or {}).get("ids", [])) for k in ("users", "items")}
+    # Free rows (expired ids) are null in the list.
+    return {k: sum(i is not None for i in (feat.get(k) or {}).get("ids", [])) for k in ("users", "items")}
 
 
 def _tensor_deltas(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], top: int) -> list[dict[str, Any]]:

@@ -76,6 +76,13 @@ class SparseTable(nn.Module):
         lookups, self._lookups = self._lookups, []
         return lookups
 
+    @torch.no_grad()
+    def reset_rows(self, rows: torch.Tensor) -> None:
+        """Give ``rows`` fresh values (rows freed for reuse must not carry an old id's weights)."""
+        if rows.numel():
+            idx = rows.to(self.weight.device)
+            self.weight.data[idx] = fresh_rows(idx.numel(), self.dim, self.weight.device, self.weight.dtype)
+
     def grow(self, rows: int) -> None:
         """Re-allocate to ``rows`` rows; existing rows are kept, new ones are fresh."""
         old = self.weight.data
@@ -176,6 +183,13 @@ class RowOptimizer:
         shift = torch.empty_like(g)
         shift[order] = -self.wide_lr * before_g / (precision[r] + before_h)
         return shift
+
+    @torch.no_grad()
+    def reset_rows(self, name: str, rows: torch.Tensor) -> None:
+        """Restore the starting state (accumulators, prior precision) of ``rows`` of table ``name``."""
+        if rows.numel():
+            acc = self._sync_rows(name)
+            acc[rows.to(acc.device)] = self._init[name]
 
     def state(self) -> dict[str, torch.Tensor]:
         """A copy of the per-row state (never the live tensors: a snapshot must not change)."""

@@ -122,6 +122,21 @@ CONFIG_FLAGS: dict[str, tuple[str, type, str]] = {
         float,
         "publish the rows touched since the last publish on the model-updates topic every N seconds (0: off)",
     ),
+    "--user-ttl-s": (
+        "learner.user_ttl_s",
+        float,
+        "free a user's model row after this long without an example (event-time s; 0 = never)",
+    ),
+    "--item-ttl-s": (
+        "learner.item_ttl_s",
+        float,
+        "free an item's model row after this long without an example (event-time s; 0 = never)",
+    ),
+    "--admit-min-count": (
+        "learner.admit_min_count",
+        int,
+        "give an id its own model row only after this many impressions (default 1: at once)",
+    ),
     "--reload-ms": ("learner.scorer_reload_ms", int, "check the latest snapshot pointer every N ms (default 500)"),
     "--max-body-bytes": ("serve.max_body_bytes", int, "refuse larger request bodies with 413 (default 8 MiB)"),
     "--max-candidates": ("serve.max_candidates", int, "refuse requests with more candidates with 413 (default 10000)"),
@@ -688,6 +703,9 @@ def build_parser() -> argparse.ArgumentParser:
             "--delta-every-s",
             "--real-negatives",
             "--metrics-port",
+            "--user-ttl-s",
+            "--item-ttl-s",
+            "--admit-min-count",
         ],
     )
     learn.add_argument("--forever", action="store_true", help="keep running after end-of-stream markers")

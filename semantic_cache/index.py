@@ -68,6 +68,32 @@ class ItemIndex:
             if self.kind.startswith("flat") and len(self._ids) >= self.exact_below:
                 self._rebuild_hnsw()
 
+    def remove(self, item_ids: list[str]) -> int:
+        """Drop items (masked out of results at once); returns how many were there.
+
+        The index is rebuilt from the live vectors once the dropped rows outnumber them, so an
+        index whose items come and go stays the size of its live items.
+        """
+        with self._lock:
+            gone = [self._row_of.pop(i) for i in item_ids if i in self._row_of]
+            if gone and len(self._ids) - len(self._row_of) > max(len(self._row_of), 1024):
+                self._compact()
+            return len(gone)
+
+    def _compact(self) -> None:
+        """Rebuild ids, vectors and the FAISS index from the live rows only (lock held)."""
+        live = sorted(self._row_of.items(), key=lambda kv: kv[1])
+        self._ids = [k for k, _ in live]
+        self._vectors = self._vectors[[r for _, r in live]] if live else np.zeros((0, self.dim), dtype=np.float32)
+        self._row_of = {k: i for i, k in enumerate(self._ids)}
+        if self.kind == "hnsw" and len(self._ids) >= self.exact_below:
+            self._rebuild_hnsw()
+        else:
+            self._index = self._new_flat()
+            self.kind = "flat-gpu" if gpu_available() else "flat"
+            if len(self._ids):
+                self._index.add(self._vectors)
+
     def _rebuild_hnsw(self) -> None:
         index = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efSearch = 64

@@ -291,4 +291,8 @@ def test_a_row_given_to_another_id_is_rebound_on_the_replica() -> None:
     vocab.bind("carol", 1)  # alice expired, her row reused
     assert vocab.row("alice") == UNKNOWN_ROW and vocab.row("carol") == 1
     vocab.bind("carol", 2)  # re-admitted elsewhere: her old row no longer names her
-    assert vocab.row("carol") == 2 and vocab.id_of(1) != "carol"
+    assert vocab.row("carol") == 2
+    with pytest.raises(KeyError):
+        vocab.id_of(1)  # free on the replica now
+    vocab.bind("dave", 1, generation=4)  # the learner's generation of a reused row (the pair hash)
+    assert vocab.row("dave") == 1 and int(vocab.generation[1]) == 4

@@ -286,6 +286,14 @@ class LearnerConfig:
     update_full_every_s: float = 300.0
     #: Model updates travel in messages of at most this many bytes (a full snapshot is split).
     update_chunk_bytes: int = 900_000
+    #: Bounded memory (learner.vocab): a user's / an item's row (embedding, optimiser and expert
+    #: state) is freed after this long without an example (event-time seconds; 0 = never) and
+    #: reused by new ids; the id then scores like one never seen (docs/design.md, "Bounded vocabularies").
+    user_ttl_s: float = 90 * 86400.0
+    item_ttl_s: float = 90 * 86400.0
+    #: An id gets its own row only after this many impressions (Monolith's admission); before, it
+    #: shares the unknown row, which the learner then trains as the row of rare ids. 1 = at once.
+    admit_min_count: int = 1
 
 
 @dataclass
