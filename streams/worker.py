@@ -56,6 +56,25 @@ REASON_AFTER_END = "record after end of stream"
 STAGE = "join"
 #: Allocations between young-generation collections while the worker runs (see ``run``).
 GC_GEN0_THRESHOLD = 100_000
+#: Bound of the ``committed()`` round trip of a restore (retried on the next loop when exceeded).
+RESTORE_COMMITTED_TIMEOUT_S = 10.0
+#: Commit errors that mean "not a member of this generation any more" (or a rebalance under way)
+#: and transient coordinator trouble: the worker rejoins and resumes instead of failing.
+RETRIABLE_COMMIT_ERRORS = frozenset(
+    {
+        KafkaError.UNKNOWN_MEMBER_ID,
+        KafkaError.ILLEGAL_GENERATION,
+        KafkaError.REBALANCE_IN_PROGRESS,
+        KafkaError.FENCED_INSTANCE_ID,
+        KafkaError._ASSIGNMENT_LOST,
+        KafkaError.COORDINATOR_NOT_AVAILABLE,
+        KafkaError.NOT_COORDINATOR,
+        KafkaError._TIMED_OUT,
+        KafkaError.REQUEST_TIMED_OUT,
+        KafkaError._TRANSPORT,
+        KafkaError._WAIT_COORD,
+    }
+)
 
 
 class _Provenance:
@@ -151,6 +170,12 @@ class JoinWorker:
         self.started = time.monotonic()
         self._closing = False
         self._failed = False
+        #: Partitions assigned (paused) and not restored yet / restored but not yet sought.
+        self.to_restore: set[int] = set()
+        self.seek_pending: set[int] = set()
+        #: Times this member was fenced out of the group: assignments lost (session expired) and
+        #: commits refused (see ``_commit_offsets``); each time it rejoined and restored.
+        self.fenced = 0
 
     # ------------------------------------------------------------ rebalance
 
@@ -158,15 +183,59 @@ class JoinWorker:
         return IMPRESSIONS if topic == self.topics.impressions else CLICKS
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        committed = consumer.committed(partitions, timeout=30) if partitions else []
-        by_tp = {(self._source_of(tp.topic), tp.partition): tp for tp in committed}
-        for p in sorted({tp.partition for tp in partitions}):
-            self._restore(p, by_tp)
-        for tp in partitions:
-            pos = self.positions.get((self._source_of(tp.topic), tp.partition), OFFSET_INVALID)
-            tp.offset = pos if pos >= 0 else OFFSET_INVALID
+        """Take the partitions paused; :meth:`_restore_assigned` restores them from the main loop.
+
+        Nothing slow runs here: the group waits for every member's callback, and a restore
+        (a ``committed()`` round trip, a checkpoint read, re-reading the examples delivered after
+        it) can take seconds per partition.
+        """
         consumer.assign(partitions)
-        log.info("%s assigned input partitions %s", self.worker_id, sorted(self.joins))
+        if partitions:
+            consumer.pause(partitions)
+        self.to_restore.update(tp.partition for tp in partitions)
+        log.info("%s assigned input partitions %s (restoring)", self.worker_id, sorted(self.to_restore))
+
+    def _restore_assigned(self) -> None:
+        """Restore the partitions assigned since the last call, seek to their positions, resume them."""
+        assigned = {tp.partition for tp in self.consumer.assignment()}
+        todo = sorted(p for p in self.to_restore if p in assigned and p not in self.joins)
+        self.to_restore.clear()
+        if not todo:
+            return
+        tps = [TopicPartition(t, p) for p in todo for t in (self.topics.impressions, self.topics.clicks)]
+        try:
+            committed = self.consumer.committed(tps, timeout=RESTORE_COMMITTED_TIMEOUT_S)
+        except KafkaException as exc:
+            log.warning("%s: reading committed offsets failed (%s); retrying", self.worker_id, exc)
+            self.to_restore.update(todo)
+            return
+        by_tp = {(self._source_of(tp.topic), tp.partition): tp for tp in committed}
+        for p in todo:
+            self._restore(p, by_tp)
+        self.seek_pending.update(todo)
+        self._seek_restored()
+        log.info("%s restored input partitions %s", self.worker_id, todo)
+
+    def _seek_restored(self) -> None:
+        """Seek restored partitions to their positions and resume them (retried while not ready)."""
+        done: list[TopicPartition] = []
+        for p in sorted(self.seek_pending):
+            if p not in self.joins:
+                continue
+            tps = [TopicPartition(t, p) for t in (self.topics.impressions, self.topics.clicks)]
+            try:
+                for tp in tps:
+                    pos = self.positions.get((self._source_of(tp.topic), p), OFFSET_INVALID)
+                    if pos >= 0:
+                        self.consumer.seek(TopicPartition(tp.topic, p, pos))
+            except KafkaException as exc:
+                log.debug("partition %d not ready to seek (%s); retrying", p, exc)
+                continue
+            done += tps
+        if done:
+            self.consumer.resume(done)
+        self.seek_pending.difference_update(tp.partition for tp in done)
+        self.seek_pending.intersection_update(self.joins)
 
     def _restore(self, p: int, committed: dict[tuple[int, int], TopicPartition]) -> None:
         imp_tp, clk_tp = committed.get((IMPRESSIONS, p)), committed.get((CLICKS, p))
@@ -231,13 +300,25 @@ class JoinWorker:
         self.joins[p] = join
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._forget_pending({tp.partition for tp in partitions})
         revoked = {tp.partition for tp in partitions} & set(self.joins)
         if revoked and not self._closing and not self._failed:
             self._commit(sorted(revoked))
         self._retire(revoked)
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.warning(
+            "%s lost input partitions %s (fenced out of the group)",
+            self.worker_id,
+            sorted({tp.partition for tp in partitions}),
+        )
+        self.fenced += 1
+        self._forget_pending({tp.partition for tp in partitions})
         self._retire({tp.partition for tp in partitions} & set(self.joins))
+
+    def _forget_pending(self, partitions: set[int]) -> None:
+        self.to_restore.difference_update(partitions)
+        self.seek_pending.difference_update(partitions)
 
     def _retire(self, partitions: set[int]) -> None:
         for p in partitions:
@@ -471,8 +552,28 @@ class JoinWorker:
                 if offset >= 0:
                     offsets.append(TopicPartition(topic, p, offset, metadata=meta))
         if offsets:
-            self.consumer.commit(offsets=offsets, asynchronous=False)
+            self._commit_offsets(offsets)
         self._expire_cache_profiles()
+
+    def _commit_offsets(self, offsets: list[TopicPartition]) -> None:
+        """Commit; a member fenced out of its group (session expired during a pause, a broker
+        freeze, a slow disk) logs and carries on instead of dying.
+
+        The checkpoints written just before are newer than the refused commit, so whoever is
+        assigned these partitions next (this worker after it rejoins, or another) restores them
+        and nothing is lost: librdkafka rejoins on the next ``consume()`` and calls ``on_lost``
+        (or ``on_revoke``) and ``on_assign``, which drop and restore the state.
+        """
+        try:
+            self.consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            if not isinstance(err, KafkaError) or err.code() not in RETRIABLE_COMMIT_ERRORS:
+                raise
+            self.fenced += 1
+            log.warning(
+                "%s: commit refused (%s); rejoining the group, resuming from the checkpoints", self.worker_id, err.str()
+            )
 
     def _persist_profiles(self, p: int, join: PartitionJoin) -> None:
         """Forget idle users, then write the kept clicks that changed (before the checkpoint)."""
@@ -523,6 +624,7 @@ class JoinWorker:
             "late_clicks": total.late_clicks,
             "late_impressions": total.late_impressions,
             "suppressed_replays": total.suppressed,
+            "fenced": self.fenced,
             "dead_letters": self.dead.count,
             "dead_letter_reasons": dict(self.dead.reasons),
             "watermark_lag_s": lag if math.isfinite(lag) else 0.0,
@@ -537,6 +639,8 @@ class JoinWorker:
     # ----------------------------------------------------------------- loop
 
     def _all_finished(self) -> bool:
+        if self.to_restore:
+            return False
         if self.joins:
             return len(self.joins) == self._expected_partitions() and all(j.finished for j in self.joins.values())
         # Nothing assigned (more workers than partitions): done when every partition's commit says so.
@@ -584,6 +688,10 @@ class JoinWorker:
         last_commit = last_status = last_finish_check = time.monotonic()
         try:
             while not self.stop.is_set():
+                if self.to_restore:
+                    self._restore_assigned()
+                if self.seek_pending:
+                    self._seek_restored()
                 msgs = cons.consume(CONSUME_BATCH, 0.2)
                 if msgs:
                     if not self.first_event_at:
