@@ -142,6 +142,10 @@ class PartitionState(msgspec.Struct):
     #: Fake negatives not yet emitted (policy fake-negative): (impression ts, impression id,
     #: impression publish time). Checkpoints written before they waited for the watermark lack it.
     fake_negatives: list[tuple[float, str, float]] = msgspec.field(default_factory=list)
+    #: Re-keyed inputs (``streams/repartition.py``), per source: next raw offset expected from
+    #: each raw partition (older ones are copies and dropped), and raw partitions that have ended.
+    input_next: list[dict[int, int]] = msgspec.field(default_factory=list)
+    inputs_ended: list[list[int]] = msgspec.field(default_factory=list)
 
 
 class JoinCounters(msgspec.Struct):
@@ -159,6 +163,8 @@ class JoinCounters(msgspec.Struct):
     late_impressions: int = 0
     suppressed: int = 0
     score_requests: int = 0
+    #: Re-keyed records dropped as copies of ones already joined (a repartitioner re-read them).
+    input_copies: int = 0
 
 
 class PartitionJoin:
@@ -237,6 +243,10 @@ class PartitionJoin:
         self.examples_total = 0
         self.finished = False
         self.suppress: set[tuple[str, int]] = set()
+        #: Re-keyed inputs only: per source, next raw offset expected per raw partition, and the
+        #: raw partitions whose end marker arrived (see ``streams/repartition.py``).
+        self.input_next: tuple[dict[int, int], dict[int, int]] = ({}, {})
+        self.inputs_ended: tuple[set[int], set[int]] = (set(), set())
         self.counters = JoinCounters()
         self.out: list[Example] = []
         self.rejected: list[Rejection] = []
@@ -390,6 +400,8 @@ class PartitionJoin:
         self.watermark_published = 0.0
         self._last_queued_ts = -_INF
         self.finished = False
+        for ended in self.inputs_ended:
+            ended.clear()
 
     def current_watermark(self) -> tuple[float, float]:
         """(watermark the sources allow now, publish time of the record that set it)."""
@@ -643,6 +655,8 @@ class PartitionJoin:
             clicked_early=sorted(self._clicked_early),
             observed_negative=sorted(self._observed_negative),
             fake_negatives=sorted(self._fake_negatives),
+            input_next=[dict(d) for d in self.input_next],
+            inputs_ended=[sorted(e) for e in self.inputs_ended],
         )
 
     def expire_profiles(self) -> list[str]:
@@ -742,6 +756,10 @@ class PartitionJoin:
         join._observed_negative = set(state.observed_negative)
         join._fake_negatives = [(float(ts), str(iid), float(pub)) for ts, iid, pub in state.fake_negatives]
         heapq.heapify(join._fake_negatives)
+        for src, nxt in enumerate(state.input_next[:2]):
+            join.input_next[src].update(nxt)
+        for src, ended in enumerate(state.inputs_ended[:2]):
+            join.inputs_ended[src].update(ended)
         return join
 
 

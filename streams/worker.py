@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -45,6 +46,7 @@ from livectr.streams.checkpoint import (
 from livectr.streams.join import CLICKS, IMPRESSIONS, JoinCounters, PartitionJoin
 from livectr.streams.profile_store import ProfileStore
 from livectr.streams.profiles import history_length
+from livectr.streams.repartition import ORIGIN, Repartitioner, ensure_repartition_topics, join_inputs
 
 log = logging.getLogger(__name__)
 
@@ -58,23 +60,6 @@ STAGE = "join"
 GC_GEN0_THRESHOLD = 100_000
 #: Bound of the ``committed()`` round trip of a restore (retried on the next loop when exceeded).
 RESTORE_COMMITTED_TIMEOUT_S = 10.0
-#: Commit errors that mean "not a member of this generation any more" (or a rebalance under way)
-#: and transient coordinator trouble: the worker rejoins and resumes instead of failing.
-RETRIABLE_COMMIT_ERRORS = frozenset(
-    {
-        KafkaError.UNKNOWN_MEMBER_ID,
-        KafkaError.ILLEGAL_GENERATION,
-        KafkaError.REBALANCE_IN_PROGRESS,
-        KafkaError.FENCED_INSTANCE_ID,
-        KafkaError._ASSIGNMENT_LOST,
-        KafkaError.COORDINATOR_NOT_AVAILABLE,
-        KafkaError.NOT_COORDINATOR,
-        KafkaError._TIMED_OUT,
-        KafkaError.REQUEST_TIMED_OUT,
-        KafkaError._TRANSPORT,
-        KafkaError._WAIT_COORD,
-    }
-)
 
 
 class _Provenance:
@@ -146,16 +131,27 @@ class JoinWorker:
         self.stop = stop or threading.Event()
         self.bounded = bounded
         self.topics = cfg.topics
-        self.n_in = bus.partition_count(cfg.kafka, self.topics.impressions)
+        #: Raw partitions per source (re-keyed inputs end when all of them have ended).
+        self.n_raw = (
+            bus.partition_count(cfg.kafka, self.topics.impressions),
+            bus.partition_count(cfg.kafka, self.topics.clicks),
+        )
         self.n_out = bus.partition_count(cfg.kafka, self.topics.examples)
-        if self.n_in == 0 or self.n_out == 0:
+        if 0 in self.n_raw or self.n_out == 0:
             raise RuntimeError("join topics missing: run livectr.core.bus.ensure_topics(cfg) first")
+        #: The topics the join reads: the raw ones, or re-keyed copies (``join.repartition``).
+        self.rekeyed = cfg.join.repartition
+        self.imp_topic, self.clk_topic = join_inputs(cfg)
+        if self.rekeyed:
+            ensure_repartition_topics(cfg)
+        self.n_in = bus.partition_count(cfg.kafka, self.imp_topic)
         self.track_idle = not bounded and cfg.join.idle_timeout_s > 0
         extra: dict[str, object] = {"enable.partition.eof": True} if self.track_idle else {}
         self.consumer: Consumer = bus.consumer(cfg.kafka, cfg.join.group_id, **extra)
         self.producer = bus.producer(cfg.kafka)
         self.delivery = _ExampleDelivery()
         self.dead = bus.DeadLetterSink(self.producer, self.topics.dead_letters, STAGE)
+        self.repartitioner = Repartitioner(cfg, self.dead, self.stop) if self.rekeyed else None
         self.joins: dict[int, PartitionJoin] = {}
         self.seq: dict[int, int] = {}
         self.positions: dict[tuple[int, int], int] = {}
@@ -180,7 +176,7 @@ class JoinWorker:
     # ------------------------------------------------------------ rebalance
 
     def _source_of(self, topic: str) -> int:
-        return IMPRESSIONS if topic == self.topics.impressions else CLICKS
+        return IMPRESSIONS if topic == self.imp_topic else CLICKS
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Take the partitions paused; :meth:`_restore_assigned` restores them from the main loop.
@@ -202,7 +198,7 @@ class JoinWorker:
         self.to_restore.clear()
         if not todo:
             return
-        tps = [TopicPartition(t, p) for p in todo for t in (self.topics.impressions, self.topics.clicks)]
+        tps = [TopicPartition(t, p) for p in todo for t in (self.imp_topic, self.clk_topic)]
         try:
             committed = self.consumer.committed(tps, timeout=RESTORE_COMMITTED_TIMEOUT_S)
         except KafkaException as exc:
@@ -222,7 +218,7 @@ class JoinWorker:
         for p in sorted(self.seek_pending):
             if p not in self.joins:
                 continue
-            tps = [TopicPartition(t, p) for t in (self.topics.impressions, self.topics.clicks)]
+            tps = [TopicPartition(t, p) for t in (self.imp_topic, self.clk_topic)]
             try:
                 for tp in tps:
                     pos = self.positions.get((self._source_of(tp.topic), p), OFFSET_INVALID)
@@ -346,7 +342,7 @@ class JoinWorker:
         only on those two is looked up once per run, not once per record.
         """
         joins = self.joins
-        imp_topic = self.topics.impressions
+        imp_topic = self.imp_topic
         dead = self.dead
         last_topic: str | None = None
         last_p = -1
@@ -355,6 +351,9 @@ class JoinWorker:
         expected: type = Impression
         src = IMPRESSIONS
         after_end = False
+        rekeyed = self.rekeyed
+        unpack = ORIGIN.unpack
+        next_origin: dict[int, int] = {}
         for msg in msgs:
             err = msg.error()
             if err is not None:
@@ -372,11 +371,24 @@ class JoinWorker:
                 expected = Impression if src == IMPRESSIONS else Click
                 handler = join.on_impression if src == IMPRESSIONS else join.on_click
                 after_end = (src, p) in self.ended
+                next_origin = join.input_next[src]
                 if self.track_idle and self.at_end.pop((src, p), None) is not None:
                     join.set_idle(src, False)
             elif join is None:
                 continue
             raw = msg.value()
+            if rekeyed:
+                # Drop a copy of a raw record already joined (the repartitioner re-read it after a
+                # crash or a rebalance): its origin is behind what this partition has seen.
+                try:
+                    q, origin = unpack(msg.key())  # type: ignore[arg-type]
+                except (TypeError, struct.error):
+                    dead.send(raw, "re-keyed record without its origin key", source=msg)
+                    continue
+                if origin < next_origin.get(q, 0):
+                    join.counters.input_copies += 1
+                    continue
+                next_origin[q] = origin + 1
             try:
                 event = decode_event(raw)
             except DecodeError as exc:
@@ -408,11 +420,18 @@ class JoinWorker:
             self.ended.discard((CLICKS, p))
         else:
             join.clocks[src].done = False
+            join.inputs_ended[src].clear()
             self.ended.discard((src, p))
         return True
 
     def _on_end(self, join: PartitionJoin, src: int, marker: EndOfStream, msg: Message) -> None:
-        if marker.partition != msg.partition():
+        if self.rekeyed:
+            # A raw partition's end, copied to every re-keyed partition: the source ends with the last.
+            ended = join.inputs_ended[src]
+            ended.add(marker.partition)
+            if len(ended) < self.n_raw[src]:
+                return
+        elif marker.partition != msg.partition():
             self.dead.send(
                 msg.value(),
                 f"end marker for partition {marker.partition} read from partition {msg.partition()}",
@@ -460,7 +479,7 @@ class JoinWorker:
                 self.batches_out += len(out)
             self.examples_out += len(out)
         for rej in rejected:
-            topic = self.topics.impressions if rej.source == IMPRESSIONS else self.topics.clicks
+            topic = self.imp_topic if rej.source == IMPRESSIONS else self.clk_topic
             self.dead.send(rej.raw, rej.reason, source=_Provenance(topic, p, rej.offset, rej.key.encode()))
 
     def _after_batch(self) -> None:
@@ -515,7 +534,7 @@ class JoinWorker:
         for p in partitions:
             self._drain(p, self.joins[p])
         self._flush()
-        tps = [TopicPartition(t, p) for p in partitions for t in (self.topics.impressions, self.topics.clicks)]
+        tps = [TopicPartition(t, p) for p in partitions for t in (self.imp_topic, self.clk_topic)]
         for tp in self.consumer.position(tps):
             if tp.offset >= 0:
                 self.positions[(self._source_of(tp.topic), tp.partition)] = tp.offset
@@ -545,8 +564,8 @@ class JoinWorker:
             meta = CommitMeta(seq, join.finished, join.examples_total).encode()
             oldest_imp, oldest_clk = join.oldest_offsets()
             for topic, oldest, pos in (
-                (self.topics.impressions, oldest_imp, imp_pos),
-                (self.topics.clicks, oldest_clk, clk_pos),
+                (self.imp_topic, oldest_imp, imp_pos),
+                (self.clk_topic, oldest_clk, clk_pos),
             ):
                 offset = oldest if oldest is not None else pos
                 if offset >= 0:
@@ -567,12 +586,11 @@ class JoinWorker:
         try:
             self.consumer.commit(offsets=offsets, asynchronous=False)
         except KafkaException as exc:
-            err = exc.args[0] if exc.args else None
-            if not isinstance(err, KafkaError) or err.code() not in RETRIABLE_COMMIT_ERRORS:
+            if not bus.is_fenced(exc):
                 raise
             self.fenced += 1
             log.warning(
-                "%s: commit refused (%s); rejoining the group, resuming from the checkpoints", self.worker_id, err.str()
+                "%s: commit refused (%s); rejoining the group, resuming from the checkpoints", self.worker_id, exc
             )
 
     def _persist_profiles(self, p: int, join: PartitionJoin) -> None:
@@ -624,7 +642,9 @@ class JoinWorker:
             "late_clicks": total.late_clicks,
             "late_impressions": total.late_impressions,
             "suppressed_replays": total.suppressed,
-            "fenced": self.fenced,
+            "fenced": self.fenced + (self.repartitioner.fenced if self.repartitioner is not None else 0),
+            "input_copies": total.input_copies,
+            "repartitioned_in": self.repartitioner.records_in if self.repartitioner is not None else 0,
             "dead_letters": self.dead.count,
             "dead_letter_reasons": dict(self.dead.reasons),
             "watermark_lag_s": lag if math.isfinite(lag) else 0.0,
@@ -644,7 +664,7 @@ class JoinWorker:
         if self.joins:
             return len(self.joins) == self._expected_partitions() and all(j.finished for j in self.joins.values())
         # Nothing assigned (more workers than partitions): done when every partition's commit says so.
-        tps = [TopicPartition(self.topics.impressions, p) for p in range(self.n_in)]
+        tps = [TopicPartition(self.imp_topic, p) for p in range(self.n_in)]
         try:
             committed = self.consumer.committed(tps, timeout=5)
         except KafkaException:
@@ -679,11 +699,14 @@ class JoinWorker:
     def _run(self) -> dict[str, Any]:
         cons = self.consumer
         cons.subscribe(
-            [self.topics.impressions, self.topics.clicks],
+            [self.imp_topic, self.clk_topic],
             on_assign=self._on_assign,
             on_revoke=self._on_revoke,
             on_lost=self._on_lost,
         )
+        rep = self.repartitioner
+        if rep is not None:
+            rep.subscribe()
         interval = self.cfg.join.commit_interval_s
         last_commit = last_status = last_finish_check = time.monotonic()
         try:
@@ -692,7 +715,8 @@ class JoinWorker:
                     self._restore_assigned()
                 if self.seek_pending:
                     self._seek_restored()
-                msgs = cons.consume(CONSUME_BATCH, 0.2)
+                moved = rep.step(0.0) if rep is not None else 0
+                msgs = cons.consume(CONSUME_BATCH, 0.0 if moved else 0.2)
                 if msgs:
                     if not self.first_event_at:
                         self.first_event_at = time.monotonic()
@@ -704,6 +728,8 @@ class JoinWorker:
                 self._after_batch()
                 self.producer.poll(0)
                 if now - last_commit >= interval:
+                    if rep is not None:
+                        rep.commit()
                     self._commit(self._open_partitions())
                     last_commit = now
                 if self.on_status is not None and now - last_status >= 1.0:
@@ -721,7 +747,11 @@ class JoinWorker:
         finally:
             self._closing = True
             try:
-                cons.close()
+                try:
+                    if rep is not None:
+                        rep.close(self._failed)
+                finally:
+                    cons.close()
             finally:
                 for store in self.profile_stores.values():
                     store.close()

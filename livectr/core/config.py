@@ -114,6 +114,10 @@ class JoinConfig:
     #: One ExampleBatch record per consume batch and input partition (True) or one record per
     #: example (False; measured slower, see ``python bench/join_speed.py``).
     batch_examples: bool = True
+    #: Re-key impressions and clicks by impression id into internal topics of the join group
+    #: (``streams/repartition.py``), so labels do not depend on how producers partition. Off: the
+    #: raw topics must be co-partitioned by every producer (same hash of the impression id).
+    repartition: bool = True
 
 
 @dataclass
