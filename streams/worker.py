@@ -46,7 +46,14 @@ from livectr.streams.checkpoint import (
 from livectr.streams.join import CLICKS, IMPRESSIONS, JoinCounters, PartitionJoin
 from livectr.streams.profile_store import ProfileStore
 from livectr.streams.profiles import history_length
-from livectr.streams.repartition import ORIGIN, Repartitioner, ensure_repartition_topics, join_inputs
+from livectr.streams.repartition import (
+    ORIGIN,
+    PROGRESS,
+    PROGRESS_IDLE,
+    Repartitioner,
+    ensure_repartition_topics,
+    join_inputs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -140,18 +147,28 @@ class JoinWorker:
         if 0 in self.n_raw or self.n_out == 0:
             raise RuntimeError("join topics missing: run livectr.core.bus.ensure_topics(cfg) first")
         #: The topics the join reads: the raw ones, or re-keyed copies (``join.repartition``).
-        self.rekeyed = cfg.join.repartition
+        self.rekeyed: bool = cfg.join.repartition
         self.imp_topic, self.clk_topic = join_inputs(cfg)
         if self.rekeyed:
             ensure_repartition_topics(cfg)
         self.n_in = bus.partition_count(cfg.kafka, self.imp_topic)
         self.track_idle = not bounded and cfg.join.idle_timeout_s > 0
-        extra: dict[str, object] = {"enable.partition.eof": True} if self.track_idle else {}
+        # Partition ends are also what a deferred end of stream waits for (``_on_end``, re-keyed).
+        eof = self.track_idle or self.rekeyed
+        extra: dict[str, object] = {"enable.partition.eof": True} if eof else {}
+        #: (source, partition) read to the end of what the topic holds (until the next record).
+        self.eof: set[tuple[int, int]] = set()
+        #: Re-keyed: (source, partition) whose end of stream waits for the other source to catch up.
+        self.deferred_end: dict[tuple[int, int], float] = {}
         self.consumer: Consumer = bus.consumer(cfg.kafka, cfg.join.group_id, **extra)
         self.producer = bus.producer(cfg.kafka)
         self.delivery = _ExampleDelivery()
         self.dead = bus.DeadLetterSink(self.producer, self.topics.dead_letters, STAGE)
-        self.repartitioner = Repartitioner(cfg, self.dead, self.stop) if self.rekeyed else None
+        self.repartitioner = (
+            Repartitioner(cfg, self.dead, self.stop, cfg.join.idle_timeout_s if self.track_idle else 0.0)
+            if self.rekeyed
+            else None
+        )
         self.joins: dict[int, PartitionJoin] = {}
         self.seq: dict[int, int] = {}
         self.positions: dict[tuple[int, int], int] = {}
@@ -169,6 +186,11 @@ class JoinWorker:
         #: Partitions assigned (paused) and not restored yet / restored but not yet sought.
         self.to_restore: set[int] = set()
         self.seek_pending: set[int] = set()
+        #: Sources paused because they ran ahead of the other by more than ``join.max_skew_s``.
+        self.held: set[tuple[int, int]] = set()
+        self.backpressure_pauses = 0
+        self.peak_pending = 0
+        self.peak_orphans = 0
         #: Times this member was fenced out of the group: assignments lost (session expired) and
         #: commits refused (see ``_commit_offsets``); each time it rejoined and restored.
         self.fenced = 0
@@ -293,6 +315,9 @@ class JoinWorker:
             for src in (IMPRESSIONS, CLICKS):
                 if join.clocks[src].done:
                     self.ended.add((src, p))
+                elif self.rekeyed and len(join.inputs_ended[src]) >= self.n_raw[src]:
+                    self.ended.add((src, p))  # checkpointed while its end waited (``_apply_deferred_ends``)
+                    self.deferred_end[(src, p)] = time.time()
         self.joins[p] = join
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -315,6 +340,7 @@ class JoinWorker:
     def _forget_pending(self, partitions: set[int]) -> None:
         self.to_restore.difference_update(partitions)
         self.seek_pending.difference_update(partitions)
+        self.held = {(src, p) for src, p in self.held if p not in partitions}
 
     def _retire(self, partitions: set[int]) -> None:
         for p in partitions:
@@ -327,6 +353,9 @@ class JoinWorker:
                 self.ended.discard((src, p))
                 self.at_end.pop((src, p), None)
                 self.positions.pop((src, p), None)
+                self.held.discard((src, p))
+                self.eof.discard((src, p))
+                self.deferred_end.pop((src, p), None)
 
     @staticmethod
     def _add_counters(total: JoinCounters, part: JoinCounters) -> None:
@@ -354,6 +383,9 @@ class JoinWorker:
         rekeyed = self.rekeyed
         unpack = ORIGIN.unpack
         next_origin: dict[int, int] = {}
+        origin_ts: dict[int, float] = {}
+        idle_origins: set[int] = set()
+        q = 0
         for msg in msgs:
             err = msg.error()
             if err is not None:
@@ -371,7 +403,10 @@ class JoinWorker:
                 expected = Impression if src == IMPRESSIONS else Click
                 handler = join.on_impression if src == IMPRESSIONS else join.on_click
                 after_end = (src, p) in self.ended
+                self.eof.discard((src, p))
                 next_origin = join.input_next[src]
+                origin_ts = join.origin_ts[src]
+                idle_origins = join.origins_idle[src]
                 if self.track_idle and self.at_end.pop((src, p), None) is not None:
                     join.set_idle(src, False)
             elif join is None:
@@ -385,10 +420,15 @@ class JoinWorker:
                 except (TypeError, struct.error):
                     dead.send(raw, "re-keyed record without its origin key", source=msg)
                     continue
+                if origin < 0:
+                    self._on_progress(join, src, q, raw, msg)
+                    continue
                 if origin < next_origin.get(q, 0):
                     join.counters.input_copies += 1
                     continue
                 next_origin[q] = origin + 1
+                if idle_origins:
+                    idle_origins.discard(q)
             try:
                 event = decode_event(raw)
             except DecodeError as exc:
@@ -402,11 +442,31 @@ class JoinWorker:
                         continue
                 ms = msg.timestamp()[1]
                 handler(event, msg.offset(), ms * 0.001 if ms > 0 else time.time(), raw)
+                if rekeyed and event.ts > origin_ts.get(q, -math.inf):
+                    origin_ts[q] = event.ts
             elif type(event) is EndOfStream:
                 self._on_end(join, src, event, msg)
                 last_p = -1
             else:
                 dead.send(raw, f"wrong topic: {kind.__name__.lower()} event on {topic}", source=msg)
+
+    def _on_progress(self, join: PartitionJoin, src: int, q: int, raw: bytes | None, msg: Message) -> None:
+        """A repartitioner's progress marker: raw partition ``q`` reached an event time, or is idle.
+
+        Not an event: taken back out of ``events_in``.
+        """
+        self.events_in -= 1
+        if raw == PROGRESS_IDLE:
+            join.origins_idle[src].add(q)
+            return
+        try:
+            (ts,) = PROGRESS.unpack(raw or b"")
+        except struct.error:
+            self.dead.send(raw, "malformed progress marker on a re-keyed topic", source=msg)
+            return
+        join.origins_idle[src].discard(q)
+        if ts > join.origin_ts[src].get(q, -math.inf):
+            join.origin_ts[src][q] = ts
 
     def _reopen(self, join: PartitionJoin, src: int, p: int, raw: bytes | None, msg: Message) -> bool:
         """A data record after its source's end marker: dead letter (bounded) or new epoch."""
@@ -418,10 +478,13 @@ class JoinWorker:
             join.reopen()
             self.ended.discard((IMPRESSIONS, p))
             self.ended.discard((CLICKS, p))
+            self.deferred_end.pop((IMPRESSIONS, p), None)
+            self.deferred_end.pop((CLICKS, p), None)
         else:
             join.clocks[src].done = False
             join.inputs_ended[src].clear()
             self.ended.discard((src, p))
+            self.deferred_end.pop((src, p), None)
         return True
 
     def _on_end(self, join: PartitionJoin, src: int, marker: EndOfStream, msg: Message) -> None:
@@ -439,14 +502,40 @@ class JoinWorker:
             )
             return
         ms = msg.timestamp()[1]
-        join.end_of_stream(src, ms * 0.001 if ms > 0 else time.time())
+        published = ms * 0.001 if ms > 0 else time.time()
         self.ended.add((src, join.partition))
+        if self.rekeyed:
+            self.deferred_end[(src, join.partition)] = published
+        else:
+            join.end_of_stream(src, published)
+
+    def _apply_deferred_ends(self) -> None:
+        """Re-keyed: end a source once the other has been read to what its topic holds.
+
+        An ended source counts as +∞, so the watermark jumps to the other source's clock; read
+        through a repartitioner, the end marker can reach the join before records of the other
+        topic that were published before it (they travel through another topic), and windows
+        would close under clicks not read yet. Reading the raw topics directly, one consume batch
+        held both; here the end waits until the other source's re-keyed partition is at its end
+        (or has ended, or waits too).
+        """
+        for (src, p), published in list(self.deferred_end.items()):
+            join = self.joins.get(p)
+            if join is None:
+                del self.deferred_end[(src, p)]
+                continue
+            other = (1 - src, p)
+            if other in self.eof or other in self.deferred_end or join.clocks[1 - src].done:
+                del self.deferred_end[(src, p)]
+                join.end_of_stream(src, published)
 
     def _on_error(self, msg: Message, err: KafkaError) -> None:
         if err.code() == KafkaError._PARTITION_EOF:
+            self.events_in -= 1  # an event of the client, not a record
+            topic, p = msg.topic(), msg.partition()
+            assert topic is not None and p is not None  # a partition-EOF event names its partition
+            self.eof.add((self._source_of(topic), p))
             if self.track_idle:
-                topic, p = msg.topic(), msg.partition()
-                assert topic is not None and p is not None  # a partition-EOF event names its partition
                 self.at_end.setdefault((self._source_of(topic), p), time.monotonic())
             return
         if err.fatal():
@@ -483,9 +572,13 @@ class JoinWorker:
             self.dead.send(rej.raw, rej.reason, source=_Provenance(topic, p, rej.offset, rej.key.encode()))
 
     def _after_batch(self) -> None:
+        if self.deferred_end:
+            self._apply_deferred_ends()
         for p, join in list(self.joins.items()):
             if join.finished:
                 continue
+            if self.rekeyed:
+                join.merge_origins(self.n_raw)
             join.advance()
             self._drain(p, join)
             if join.clocks[IMPRESSIONS].done and join.clocks[CLICKS].done:
@@ -518,6 +611,66 @@ class JoinWorker:
         join.finished = True
         self._commit([p])
         log.info("%s finished input partition %d: %d examples", self.worker_id, p, join.examples_total)
+
+    def _backpressure(self) -> None:
+        """Pause a source that runs more than ``max_skew_s`` ahead of the other in event time;
+        resume it once the other is within half that, has ended, or is idle; only while the
+        partition holds at least ``backpressure_floor`` pending impressions and orphans. Also tracks the
+        peak of the join state (pending impressions, orphan clicks) for the status.
+
+        Without it, when one topic is read far ahead of the other (a backlog on one side, a
+        producer that writes all impressions first) the watermark — the slower source — holds
+        every impression read ahead (or every click, as an orphan) in memory. Paused, the state
+        stays bounded by window + skew (plus one consume batch: the pause acts between batches).
+        """
+        pending = orphans = 0
+        for join in self.joins.values():
+            pending += len(join.pending)
+            orphans += len(join.orphans)
+        self.peak_pending = max(self.peak_pending, pending)
+        self.peak_orphans = max(self.peak_orphans, orphans)
+        limit = self.cfg.join.max_skew_s
+        if limit <= 0:
+            return
+        floor = self.cfg.join.backpressure_floor
+        pause: list[tuple[int, int]] = []
+        resume: list[tuple[int, int]] = []
+        for p, join in self.joins.items():
+            if p in self.seek_pending:
+                continue
+            for src in (IMPRESSIONS, CLICKS):
+                mine, other = join.clocks[src], join.clocks[1 - src]
+                # Nothing to wait for when the other has ended (its end may wait for this one to
+                # be read: ``_apply_deferred_ends``) or is idle; small state is no concern.
+                free = (
+                    join.finished
+                    or mine.done
+                    or other.done
+                    or other.idle
+                    or (1 - src, p) in self.ended
+                    or len(join.pending) + len(join.orphans) < floor
+                )
+                # Re-keyed, a source's clock is its slowest raw partition's; while one of them is
+                # unseen (-∞) its newest tells how far it has read (it must not hide a backlog).
+                newest = mine.max_ts
+                if newest == -math.inf and self.rekeyed:
+                    newest = max(join.origin_ts[src].values(), default=newest)
+                ahead = newest - other.max_ts if newest > -math.inf else 0.0
+                if (1 - src, p) in self.held:
+                    ahead = 0.0  # one source per partition held at most: never both (a deadlock)
+                held = (src, p) in self.held
+                if not held and not free and ahead > limit:
+                    pause.append((src, p))
+                elif held and (free or ahead <= limit / 2):
+                    resume.append((src, p))
+        topics = (self.imp_topic, self.clk_topic)
+        if pause:
+            self.consumer.pause([TopicPartition(topics[src], p) for src, p in pause])
+            self.held.update(pause)
+            self.backpressure_pauses += len(pause)
+        if resume:
+            self.consumer.resume([TopicPartition(topics[src], p) for src, p in resume])
+            self.held.difference_update(resume)
 
     # -------------------------------------------------------------- commits
 
@@ -639,6 +792,11 @@ class JoinWorker:
             "pending": sum(len(j.pending) for j in self.joins.values()),
             "orphans": total.orphans,
             "orphans_buffered": sum(len(j.orphans) for j in self.joins.values()),
+            "peak_pending": self.peak_pending,
+            "peak_orphans": self.peak_orphans,
+            "paused_sources": len(self.held),
+            "backpressure_pauses": self.backpressure_pauses
+            + (self.repartitioner.pauses if self.repartitioner is not None else 0),
             "late_clicks": total.late_clicks,
             "late_impressions": total.late_impressions,
             "suppressed_replays": total.suppressed,
@@ -726,6 +884,7 @@ class JoinWorker:
                 if self.track_idle and self.at_end:
                     self._check_idle(now)
                 self._after_batch()
+                self._backpressure()
                 self.producer.poll(0)
                 if now - last_commit >= interval:
                     if rep is not None:

@@ -118,6 +118,14 @@ class JoinConfig:
     #: (``streams/repartition.py``), so labels do not depend on how producers partition. Off: the
     #: raw topics must be co-partitioned by every producer (same hash of the impression id).
     repartition: bool = True
+    #: Backpressure: a source (impressions or clicks of one partition) more than this many
+    #: event-time seconds ahead of the other is paused until the other catches up, so pending
+    #: impressions and orphan clicks stay bounded by window + skew, not by the inputs' lag (0: off).
+    max_skew_s: float = 600.0
+    #: ...once the partition holds at least this many pending impressions plus orphan clicks: below
+    #: it memory is no concern, and a source whose clock a few very late records pushed ahead
+    #: (a max-time clock) is not held back for nothing.
+    backpressure_floor: int = 20_000
 
 
 @dataclass
