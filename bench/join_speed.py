@@ -125,7 +125,8 @@ def main() -> None:
             print(
                 f"join ({label}): {rate:,.0f} events/s "
                 f"= {rate / base:.2f} × ceiling; examples {summary['examples_out']:,} in "
-                f"{summary['example_records_out']:,} records"
+                f"{summary['example_records_out']:,} records; {summary['elapsed_s']:.1f} s from start "
+                "(group join included)"
             )
         print(f"re-keyed / direct (ExampleBatch): {rates['ExampleBatch, re-keyed'] / rates['ExampleBatch']:.2f}")
 
