@@ -2,6 +2,7 @@
 
     python bench/serving.py                         # synthetic and ml-100k, every policy, 3 seeds
     python bench/serving.py --datasets ml-100k --policies defer --seeds 1
+    python bench/serving.py --datasets suits   # item texts that say whom each item suits (bench/suits.py)
 
 The joined examples (with the teacher's vectors) are built once per data set through the real
 pipeline (publish → refresher → join with the cache client) and cached under ``bench/out``.
@@ -15,7 +16,8 @@ seeds), and on the synthetic stream the oracle (the simulator's true click proba
 Policies: ``wait`` (label at the click or when the window closes), ``delayed`` (every label at
 ``ts + W``: what a batch pipeline delivers), ``fake-negative`` (a negative at once, a positive
 copy at the click; Ktena et al. 2019), ``defer`` (the label observed after a short waiting
-window, and the true label again later; Gu et al. 2021).
+window, and the true label again later; Gu et al. 2021), with livectr's default choice of real
+negatives (``learner.real_negatives``), and ``defer-all`` (the paper's: every real negative).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import json
 import math
 import sys
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -53,11 +56,11 @@ from livectr.core.events import (  # noqa: E402
     decode_example,
     encode_example,
 )
-from livectr.learner.online import OnlineLearner  # noqa: E402
+from livectr.learner.online import OnlineLearner, real_negative_share  # noqa: E402
 from livectr.simulators.sources import open_source  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
-POLICIES = ("wait", "delayed", "fake-negative", "defer", "defer-hold")
+POLICIES = ("wait", "delayed", "fake-negative", "defer", "defer-all", "defer-hold")
 #: One entry of a schedule: (event time, 0 = score / 1 = train, impression index, example to train on).
 Entry = tuple[float, int, int, Example | None]
 
@@ -80,7 +83,14 @@ def load_examples(name: str, events: int, workdir: Path) -> tuple[list[Example],
         return examples, info["titles"], oracle
     from livectr.simulators.ml100k import convert_ml100k
 
-    log, items = (None, None) if name == "synthetic" else convert_ml100k(SHARED, workdir / "ml-100k")
+    if name == "synthetic":
+        log, items = None, None
+    elif name == "suits":
+        from suits import generate
+
+        log, items = generate(workdir / "suits")
+    else:
+        log, items = convert_ml100k(SHARED, workdir / "ml-100k")
     with EmbeddedBroker() as broker:
         cfg = base_config(broker, f"serving-{name}.", workdir / f"serving-{name}")
         cfg.simulator.events = events
@@ -197,7 +207,11 @@ def _vw_line(ex: Example, label: int, weight: float, titles: dict[str, str] | No
 
 
 def vw_serving(
-    examples: list[Example], plan: list[Entry], wait_s: float, titles: dict[str, str] | None = None
+    examples: list[Example],
+    plan: list[Entry],
+    wait_s: float,
+    titles: dict[str, str] | None = None,
+    real_negatives: str = "all",
 ) -> np.ndarray:
     """VW (logistic, FTRL, user×item; with ``titles`` also title words × user) on the same plan,
     each example weighted as its policy prescribes (the same formulas as livectr's loss)."""
@@ -209,6 +223,7 @@ def vw_serving(
     vw = Workspace(args)
     scores = np.zeros(len(examples))
     late, total = 1.0, 4.0  # the learner's DelayedShare prior
+    fixed_share = real_negative_share(real_negatives)
     for _, what, k, ex in plan:
         if what == 0:
             scores[k] = vw.predict(_vw_line(examples[k], 0, 1.0, titles))
@@ -220,8 +235,15 @@ def vw_serving(
             if ex.kind in (KIND_FAKE_NEGATIVE, KIND_POSITIVE_COPY):
                 weight = (1 + p) if ex.label else (1 - p) * (1 + p)
             else:
-                half = 0.5 * late / total
-                weight = 1 / (1 - half) if ex.label else (1 - p) / (1 - p + p * half)
+                s, r = late / total, (p if fixed_share is None else fixed_share)
+                if (
+                    ex.kind == KIND_DEFER_TRUE
+                    and not ex.label
+                    and zlib.crc32(ex.impression_id.encode(), 0x5EED) >= r * 2**32
+                ):
+                    continue  # a real negative left out, as livectr leaves it out
+                z = 1 + p + r * (1 - p)
+                weight = z / (2 - s) if ex.label else (1 - p) * z / (1 - p + p * s + r * (1 - p))
                 if ex.kind == KIND_DEFER_TRUE and ex.label:
                     late, total = late + float(ex.click_delay > wait_s), total + 1.0
         vw.learn(_vw_line(ex, ex.label, weight, titles))
@@ -260,10 +282,15 @@ def evaluate(
     res: dict[str, Any] = {"examples": len(examples), "positives": int(y.sum())}
     if oracle is not None:
         res["oracle"] = figures(y, oracle, cold)
+    base = cfg
     for policy in policies:
         row: dict[str, Any] = {}
-        plan = schedule(examples, policy, cfg.join.window_s, cfg.join.defer_wait_s)
-        plain_plan = schedule(plain, policy, cfg.join.window_s, cfg.join.defer_wait_s)
+        cfg = copy.deepcopy(base)
+        if policy == "defer-all":  # the paper's DEFER: every real negative trained on
+            cfg.learner.real_negatives = "all"
+        timing = "defer" if policy == "defer-all" else policy
+        plan = schedule(examples, timing, cfg.join.window_s, cfg.join.defer_wait_s)
+        plain_plan = schedule(plain, timing, cfg.join.window_s, cfg.join.defer_wait_s)
         for sem in semantics:
             runs = []
             for seed in range(seeds):
@@ -278,8 +305,9 @@ def evaluate(
             row[f"livectr_{sem}"] = mean_over(runs)
             log(f"  {policy:<14} livectr semantics {sem}: {row[f'livectr_{sem}']['auc']:.4f}")
         if vw:
-            row["vw"] = figures(y, vw_serving(examples, plan, cfg.join.defer_wait_s), cold)
-            row["vw_title_words"] = figures(y, vw_serving(examples, plan, cfg.join.defer_wait_s, titles), cold)
+            wait, rate = cfg.join.defer_wait_s, cfg.learner.real_negatives
+            row["vw"] = figures(y, vw_serving(examples, plan, wait, None, rate), cold)
+            row["vw_title_words"] = figures(y, vw_serving(examples, plan, wait, titles, rate), cold)
             log(f"  {policy:<14} VW {row['vw']['auc']:.4f}, VW + title words {row['vw_title_words']['auc']:.4f}")
         res[policy] = row
     return res

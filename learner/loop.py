@@ -22,6 +22,16 @@ Design points:
   snapshot's offsets stop at the first record the merge still holds, and the manifest lists
   how many examples of each partly trained record to skip on resume, so the guarantee above
   holds with examples waiting in the merge.
+* **Warm-up.** Under ``wait`` the first window of a stream decides only clicks (a negative
+  leaves when its window closes, W after its impression). Trained as they come — a live stream,
+  or stages started before the producer, deliver them in batches of clicks alone — they set the
+  output bias from a click rate of 1 and drive the model to predict 1, and it then swings for
+  minutes of stream. So a fresh learner trains nothing until the negatives released cover at
+  least half the impression time the positives cover (:class:`WarmUp`; at a stream's start,
+  once 2 W of it are decided), then trains what waited, shuffled so that every mini-batch mixes
+  clicks and negatives. Score requests are scored as they come meanwhile (the model does not
+  change). A learner that starts mid-stream, or under ``fake-negative``/``defer``, meets both
+  labels at once and waits for nothing.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from confluent_kafka import KafkaError, Message, TopicPartition
 
 from livectr.core import bus
@@ -50,6 +61,7 @@ from livectr.core.events import (
     encode_example,
 )
 from livectr.learner.align import EventTimeMerge
+from livectr.learner.live_metrics import RecentLearnerMetrics
 from livectr.learner.model import ModelConfig
 from livectr.learner.online import OnlineLearner
 from livectr.learner.snapshot import LearnerLock, clean_temp, load_newest_good, manifest_offsets, publish_snapshot
@@ -57,6 +69,29 @@ from livectr.learner.snapshot import LearnerLock, clean_temp, load_newest_good, 
 log = logging.getLogger(__name__)
 
 StatusCallback = Callable[[dict[str, Any]], None]
+
+
+class WarmUp:
+    """When a fresh learner may start training (see "Warm-up" in the module docstring).
+
+    Tracks the impression times spanned by the positives and by the negatives released so far;
+    warm once the negatives cover at least half of the positives' span, or once the positives
+    span ``3 W`` without a negative (a stream without negatives must still be learned).
+    """
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self.pos = [math.inf, -math.inf]
+        self.neg = [math.inf, -math.inf]
+
+    def observe(self, examples: list[Example]) -> bool:
+        """Take labelled examples (no score requests); whether training may start."""
+        for ex in examples:
+            span = self.pos if ex.label else self.neg
+            span[0], span[1] = min(span[0], ex.ts), max(span[1], ex.ts)
+        pos = max(self.pos[1] - self.pos[0], 0.0)
+        neg = self.neg[1] - self.neg[0]
+        return (neg >= 0 and neg >= 0.5 * pos) or pos >= 3 * self.window_s
 
 
 def example_problem(ex: Example) -> str | None:
@@ -166,6 +201,15 @@ class _Run:
         self.last_status_t = 0.0
         self.trained_at_status = 0
         self.records = 0
+        #: A fresh model waits before training (see "Warm-up" above); meanwhile the labelled
+        #: examples released wait in ``held``.
+        self.warm_up: WarmUp | None = WarmUp(cfg.join.window_s) if self.learner.examples_seen == 0 else None
+        self.held: list[Example] = []
+        self.recent = RecentLearnerMetrics()
+
+    @property
+    def warming(self) -> bool:
+        return self.warm_up is not None
 
     # -- input --------------------------------------------------------------------------------
 
@@ -208,11 +252,40 @@ class _Run:
 
     def release(self, examples: list[Example]) -> None:
         """Buffer the examples the merge released, in decision-time order, score requests included."""
+        if self.warm_up is not None:
+            examples = self._warming(examples)
         if not examples:
             return
+        self.recent.released(examples)
         if not self.buffer:
             self.buffer_since = time.monotonic()
         self.buffer.extend(examples)
+
+    def _warming(self, examples: list[Example]) -> list[Example]:
+        """While warming up: score requests now, hold labelled examples; once warm, return what
+        waited (shuffled) followed by the rest of ``examples`` in order."""
+        assert self.warm_up is not None
+        for i, ex in enumerate(examples):
+            if ex.kind == KIND_SCORE_REQUEST:
+                continue
+            self.held.append(ex)
+            if self.warm_up.observe([ex]):
+                self._score_now([e for e in examples[:i] if e.kind == KIND_SCORE_REQUEST])
+                return self.end_warm_up() + examples[i + 1 :]
+        self._score_now([e for e in examples if e.kind == KIND_SCORE_REQUEST])
+        return []
+
+    def _score_now(self, requests: list[Example]) -> None:
+        if requests:
+            self.learner.score_requests(requests)
+            self.requests_scored += len(requests)
+
+    def end_warm_up(self) -> list[Example]:
+        """Stop warming up; the held examples, shuffled (in decision order they are the clicks
+        first, then the negatives: every mini-batch cut from them would hold one label)."""
+        held, self.held, self.warm_up = self.held, [], None
+        order = np.random.default_rng(self.cfg.learner.seed).permutation(len(held))
+        return [held[k] for k in order.tolist()]
 
     # -- training -----------------------------------------------------------------------------
 
@@ -241,11 +314,11 @@ class _Run:
         for start in range(0, n, size):
             batch = head[start : start + size]
             t = time.perf_counter()
-            self.learner.learn_batch(batch)
+            left_out = self.learner.learn_batch(batch).get("left_out", 0)
             self.train_s += time.perf_counter() - t
             requests = sum(ex.kind == KIND_SCORE_REQUEST for ex in batch)
             self.requests_scored += requests
-            self.trained += len(batch) - requests
+            self.trained += len(batch) - requests - left_out
             self.positives += sum(ex.label for ex in batch)
         if self.buffer:
             self.buffer_since = time.monotonic()  # the remainder arrived with the batches just trained
@@ -311,8 +384,11 @@ class _Run:
             "snapshot_version": self.last_version,
             "gate_usage": m["gate_usage"],
             "dead_letters": dlq.count,
-            "buffered": len(self.buffer) + len(self.merge),
+            "buffered": len(self.buffer) + len(self.merge) + len(self.held),
+            "warming_up": self.warming,
+            "real_negatives_left_out": self.learner.real_negatives_left_out,
         }
+        status.update(self.recent.sample(self.learner.metrics))  # recent AUC, freshness, event time
         if self.on_status is not None:
             self.on_status(status)
         return status
@@ -327,6 +403,7 @@ class _Run:
             "serving_auc_impressions": s["serving_auc_impressions"],
             "examples_trained": self.trained,
             "positives": self.positives,
+            "real_negatives_left_out": self.learner.real_negatives_left_out,
             "label_order_auc": s["label_order_auc"],
             "label_order_logloss": s["label_order_logloss"],
             "progressive_auc": s["progressive_auc"],
@@ -416,6 +493,8 @@ def _learn(cfg: Config, on_status: StatusCallback | None, stop: threading.Event,
             msgs = cons.consume(num_messages=500, timeout=0.1)
             t = time.perf_counter()
             for msg in msgs:
+                if stop.is_set():  # far behind, a poll's worth of training can outlast the stop grace;
+                    break  # the records not handled are read again after a restart
                 err = msg.error()
                 if err is not None:
                     if err.code() != KafkaError._PARTITION_EOF:
@@ -434,12 +513,17 @@ def _learn(cfg: Config, on_status: StatusCallback | None, stop: threading.Event,
             prod.poll(0)
             run.busy_s += time.perf_counter() - t
             run.status(dlq)
-        if bounded and run.ends.complete(partitions):
+        complete = bounded and run.ends.complete(partitions)
+        if complete:
             run.release(run.merge.flush())
+            if run.warming:  # a bounded stream too short to warm up: train what it held
+                run.release(run.end_warm_up())
         run.train(force=True)
-        if bounded and run.ends.complete(partitions):
+        if complete:
             run.learner.delayed.flush(run.learner.metrics)
-        if run.records > run.records_at_snapshot:
+        # Stopped while warming up: nothing was trained and no snapshot moves the offsets, so a
+        # restart reads the held examples again.
+        if run.records > run.records_at_snapshot and not run.warming:
             run.snapshot(dlq, bus.flush_timeout(stop))
         bus.flush_or_raise(prod, dlq.tracker, bus.flush_timeout(stop))
         run.status(dlq, force=True)

@@ -309,6 +309,11 @@ class ServingEvaluator:
         while len(pending) > self.max_pending:
             del pending[next(iter(pending))]
 
+    def served(self, impression_id: str) -> float | None:
+        """The score served for ``impression_id`` while its label is pending (None if none is)."""
+        entry = self._pending.get(impression_id)
+        return None if entry is None else entry[0]
+
     def labelled(
         self, metrics: LearnerMetrics, examples: Sequence[Example], labels: np.ndarray
     ) -> tuple[list[Any], list[float]]:

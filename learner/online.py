@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -53,25 +54,61 @@ def fake_negative_weights(p: torch.Tensor, labels: torch.Tensor, kinds: torch.Te
     return torch.where(fn, w, torch.ones_like(w))
 
 
-def loss_weights(p: torch.Tensor, labels: torch.Tensor, kinds: torch.Tensor, delayed_share: float) -> torch.Tensor:
+def loss_weights(
+    p: torch.Tensor,
+    labels: torch.Tensor,
+    kinds: torch.Tensor,
+    delayed_share: float,
+    real_negative_rate: float | torch.Tensor = 1.0,
+    dropped: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Per-example loss weights: the importance weights of each labelling policy.
 
     * ``fake-negative`` examples: :func:`fake_negative_weights`.
-    * ``defer`` examples (Gu et al., KDD 2021): every impression is ingested twice — its label
-      observed after the waiting window, and its true label later — so the observed distribution
-      has ``q(y=1|x) = p − p_dp/2`` and ``q(y=0|x) = 1 − p + p_dp/2``, where ``p_dp`` is the
-      probability of a click after the waiting window. With ``p_dp = p·s`` (``s``: the share of
-      clicks that come after the waiting window, estimated from the stream), the weights
-      ``p/q`` are ``1 / (1 − s/2)`` for positives and ``(1 − p) / (1 − p + p·s/2)`` for negatives.
+    * ``defer`` examples (Gu et al., KDD 2021): every impression is ingested as its label
+      observed after the waiting window, and again with its true label — at the click, or as a
+      *real negative* at the window's end, kept with probability ``r`` (``real_negative_rate``:
+      1 in the paper; a tensor gives each example its own). With ``p_dp = p·s`` the probability
+      of a click after the waiting window (``s``: the share of clicks that come after it,
+      estimated from the stream), the observed mass is ``p(2 − s)`` for positives and
+      ``1 − p + p·s + r(1 − p)`` for negatives, of ``Z = 1 + p + r(1 − p)`` in all, so the
+      weights ``p/q`` are ``Z / (2 − s)`` and ``(1 − p)·Z / (1 − p + p·s + r(1 − p))``. ``r = 1``
+      gives the paper's ``1/(1 − s/2)`` and ``(1 − p)/(1 − p + p·s/2)``; ``r = 0``, ``s = 1``
+      fake-negative's. Real negatives left out (``dropped``) weigh 0.
     * score requests: 0 (scored in the batch, never trained on); everything else 1.
     """
     p = p.detach()
     w = fake_negative_weights(p, labels, kinds)
     defer = (kinds == KIND_DEFER_OBSERVED) | (kinds == KIND_DEFER_TRUE)
-    half = 0.5 * delayed_share
-    w_defer = torch.where(labels > 0, torch.full_like(p, 1.0 / (1.0 - half)), (1 - p) / (1 - p + p * half))
+    r, s = real_negative_rate, delayed_share
+    z = 1 + p + r * (1 - p)
+    negative_mass = (1 - p + p * s + r * (1 - p)).clamp(min=1e-12)  # 0 only where p = 1 and s = 0
+    w_defer = torch.where(labels > 0, z / (2 - s), (1 - p) * z / negative_mass)
+    if dropped is not None:
+        w_defer = torch.where(dropped, torch.zeros_like(w_defer), w_defer)
     w = torch.where(defer, w_defer, w)
     return torch.where(kinds == KIND_SCORE_REQUEST, torch.zeros_like(w), w)
+
+
+def _keep_draw(impression_id: str) -> float:
+    """A uniform draw in [0, 1) fixed by the impression id: a replay keeps the same real negatives."""
+    return zlib.crc32(impression_id.encode(), 0x5EED) / 2**32
+
+
+def real_negative_share(spec: str) -> float | None:
+    """Parse ``learner.real_negatives``: ``score`` → None (each real negative kept with the
+    model's click probability for it), ``all`` → 1.0, or a share in [0, 1]."""
+    if spec == "score":
+        return None
+    if spec == "all":
+        return 1.0
+    try:
+        share = float(spec)
+    except ValueError:
+        share = math.nan
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"real negatives must be 'score', 'all' or a share in [0, 1], not {spec!r}")
+    return share
 
 
 class DelayedShare:
@@ -120,6 +157,10 @@ class OnlineLearner(Predictor):
         self.delayed = DelayedLabelEvaluator(cfg.join.window_s)
         self.serving_eval = ServingEvaluator()
         self.delayed_share = DelayedShare(cfg.join.defer_wait_s)
+        #: ``defer``: the fixed share of real negatives trained on (None: by the model's score).
+        self.real_negative_share = real_negative_share(lc.real_negatives)
+        #: Real negatives left out before the model (counted, not trained; see learn_batch).
+        self.real_negatives_left_out = 0
         self.cold_start = (
             ColdStart(
                 self.model.mc.sem_dim, cfg.semantic.faiss_exact_below, cfg.semantic.neighbours, lc.cold_start_min_count
@@ -172,6 +213,45 @@ class OnlineLearner(Predictor):
         """
         if not examples:
             return {"predictions": np.zeros(0, dtype=np.float32), "loss": math.nan}
+        skipped = self._skipped_real_negatives(examples) if self.real_negative_share is None else {}
+        if not skipped:
+            return self._learn(examples)
+        kept = [ex for k, ex in enumerate(examples) if k not in skipped]
+        result: dict[str, Any] = (
+            self._learn(kept) if kept else {"predictions": np.zeros(0, dtype=np.float32), "loss": math.nan}
+        )
+        predictions = np.empty(len(examples), dtype=np.float32)
+        at = np.fromiter(sorted(skipped), np.int64, len(skipped))
+        keep = np.ones(len(examples), dtype=bool)
+        keep[at] = False
+        predictions[keep] = result["predictions"]
+        predictions[at] = [skipped[k] for k in at.tolist()]
+        result["predictions"] = predictions
+        result["left_out"] = len(skipped)
+        self.real_negatives_left_out += len(skipped)
+        left_out = [examples[k] for k in at.tolist()]
+        served_from, served_labels = self.serving_eval.labelled(self.metrics, left_out, np.zeros(len(left_out)))
+        if self.experts is not None:
+            self.experts.fit_to_served(served_from, served_labels)
+        return result
+
+    def _skipped_real_negatives(self, examples: Sequence[Example]) -> dict[int, float]:
+        """``real_negatives = score``: the real negatives left out before the model, by their
+        served score (position → score). Kept with the probability of a click served for the
+        impression, chosen by a hash of its id; only their label is recorded (serving metrics,
+        the experts' mix). Real negatives whose served score is unknown (before a restart) are
+        decided in the model by its current score (:meth:`_dropped_real_negatives`)."""
+        out: dict[int, float] = {}
+        served = self.serving_eval.served
+        for k, ex in enumerate(examples):
+            if ex.kind != KIND_DEFER_TRUE or ex.label:
+                continue
+            p = served(ex.impression_id)
+            if p is not None and _keep_draw(ex.impression_id) >= p:
+                out[k] = p
+        return out
+
+    def _learn(self, examples: Sequence[Example]) -> dict[str, Any]:
         batch = self.featurizer.encode(examples, grow=True, labelled=True)
         requests = batch.kinds == KIND_SCORE_REQUEST
         trained = int(len(examples) - requests.sum())
@@ -191,10 +271,13 @@ class OnlineLearner(Predictor):
         if not self.model.training:
             self.model.train()
         out = self.model(inp, train=True)
-        shift = self._in_batch_shift(inp, out.logit, labels, kinds, share)
+        fixed = self.real_negative_share
+        rate: float | torch.Tensor = fixed if fixed is not None else self._keep_rates(examples, out.logit)
+        dropped = self._dropped_real_negatives(examples, batch.kinds, batch.labels, rate)
+        shift = self._in_batch_shift(inp, out.logit, labels, kinds, share, rate, dropped)
         logit = out.logit + shift
         p = torch.sigmoid(logit)
-        weights = loss_weights(p, labels, kinds, share)
+        weights = loss_weights(p, labels, kinds, share, rate, dropped)
         scale = 1.0 / max(trained, 1)  # a mean over the trained examples (requests weigh nothing)
         ctr_loss = (weights * F.binary_cross_entropy_with_logits(logit, labels, reduction="none")).sum() * scale
         loss = ctr_loss
@@ -256,7 +339,14 @@ class OnlineLearner(Predictor):
 
     @torch.no_grad()
     def _in_batch_shift(
-        self, inp: ModelInputs, logit: torch.Tensor, labels: torch.Tensor, kinds: torch.Tensor, share: float
+        self,
+        inp: ModelInputs,
+        logit: torch.Tensor,
+        labels: torch.Tensor,
+        kinds: torch.Tensor,
+        share: float,
+        rate: float | torch.Tensor = 1.0,
+        dropped: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Per-example first-order updates of the user and item within the batch (see RowOptimizer).
 
@@ -267,11 +357,38 @@ class OnlineLearner(Predictor):
         if not self.cfg.learner.in_batch_wide:
             return torch.zeros_like(logit)
         p = torch.sigmoid(logit)
-        w = loss_weights(p, labels, kinds, share)
+        w = loss_weights(p, labels, kinds, share, rate, dropped)
         grad, curvature = w * (p - labels), w * p * (1 - p)
         return self.sparse_opt.in_batch_wide_shift(
             "user", inp.user, grad, curvature
         ) + self.sparse_opt.in_batch_wide_shift("item", inp.item, grad, curvature)
+
+    def _dropped_real_negatives(
+        self, examples: Sequence[Example], kinds: np.ndarray, labels: np.ndarray, rate: float | torch.Tensor
+    ) -> torch.Tensor | None:
+        """``defer`` real negatives left out of training (kept with probability ``rate``, by a
+        hash of the impression id so that a replay drops the same ones)."""
+        if isinstance(rate, float) and rate >= 1.0:
+            return None
+        real = np.flatnonzero((kinds == KIND_DEFER_TRUE) & (labels == 0))
+        if not real.size:
+            return None
+        u = np.full(len(examples), -1.0)
+        for k in real.tolist():
+            u[k] = _keep_draw(examples[k].impression_id)
+        return torch.from_numpy(u).to(self.device) >= rate
+
+    def _keep_rates(self, examples: Sequence[Example], logit: torch.Tensor) -> torch.Tensor:
+        """Per example, the probability its real negative is kept: the score served for its
+        impression where it is pending, else the model's current score."""
+        served = self.serving_eval.served
+        known = np.fromiter(
+            (math.nan if (s := served(ex.impression_id)) is None else s for ex in examples), np.float64, len(examples)
+        )
+        current = torch.sigmoid(logit.detach())
+        return torch.where(
+            torch.from_numpy(np.isnan(known)).to(self.device), current, torch.from_numpy(known).to(current)
+        )
 
     @torch.no_grad()
     def _init_base_rate(self, labels: np.ndarray) -> None:
@@ -308,6 +425,10 @@ class OnlineLearner(Predictor):
         cold = self.featurizer.cold_mask_and_count(batch, self.cfg.learner.cold_start_impressions)
         self.featurizer.count_users(batch)
         requests = kinds == KIND_SCORE_REQUEST
+        if self.delayed_share.wait_s <= 0:
+            # ``defer`` without a waiting window: the observed copy is scored at its impression's
+            # place, so it is the served score (the join sends no separate request, see its docs).
+            requests = requests | (kinds == KIND_DEFER_OBSERVED)
         if requests.any():
             at = np.flatnonzero(requests)
             self.serving_eval.scored(

@@ -46,7 +46,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from livectr.core.config import Config, ServeConfig
-from livectr.core.events import ContextValue, Impression
+from livectr.core.events import ContextValue, Impression, one_line, time_problem
 from livectr.learner.scorer import NoSnapshotError, Scorer
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ class Rejected(Exception):
     """A request refused with an HTTP status and a reason (sent as ``{"error": reason}``)."""
 
     def __init__(self, status: int, reason: str) -> None:
+        reason = one_line(reason)  # msgspec quotes the offending key or value, which may be anything
         super().__init__(reason)
         self.status = status
         self.reason = reason
@@ -161,6 +162,10 @@ def to_impressions(req: ScoreRequest, max_candidates: int, request_no: int) -> t
             raise Rejected(422, "invalid request: give either `impressions` or `user_id` and `items`, not both")
         if len(req.impressions) > max_candidates:
             raise Rejected(413, f"{len(req.impressions)} impressions exceed the limit of {max_candidates}")
+        for i, imp in enumerate(req.impressions):
+            problem = time_problem(imp.ts)
+            if problem is not None:
+                raise Rejected(422, f"invalid request: {problem} - at `$.impressions[{i}].ts`")
         return req.impressions, True
     if req.user_id is None:
         raise Rejected(422, "invalid request: Object missing required field `user_id`")
@@ -174,6 +179,19 @@ def to_impressions(req: ScoreRequest, max_candidates: int, request_no: int) -> t
         Impression(impression_id=f"serve-{request_no}-{i}", ts=now, user_id=user, item_id=item, context=context)
         for i, item in enumerate(req.items)
     ], False
+
+
+def decode_score_request(body: bytes, cfg: ServeConfig, request_no: int) -> tuple[list[Impression], bool]:
+    """The impressions a ``POST /score`` body asks to score, and whether it used the original form.
+
+    Raises :class:`Rejected` (422 with msgspec's reason for a malformed body, 413 for too many
+    candidates) for any body that is not a valid request; never another exception.
+    """
+    try:
+        req = _request_decoder.decode(body)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise Rejected(422, f"invalid request: {exc}") from None
+    return to_impressions(req, cfg.max_candidates, request_no)
 
 
 def make_app(scorer: Scorer, cfg: ServeConfig | None = None, watch: bool = True) -> Starlette:
@@ -199,11 +217,7 @@ def make_app(scorer: Scorer, cfg: ServeConfig | None = None, watch: bool = True)
 
     async def score(request: Request) -> Response:
         body = await read_body(request, cfg.max_body_bytes)
-        try:
-            req = _request_decoder.decode(body)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            raise Rejected(422, f"invalid request: {exc}") from None
-        impressions, original_form = to_impressions(req, cfg.max_candidates, next(requests_seen))
+        impressions, original_form = decode_score_request(body, cfg, next(requests_seen))
         try:
             scores, version = await run_in_threadpool(scorer.score_versioned, impressions)
         except NoSnapshotError as exc:

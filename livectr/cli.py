@@ -22,16 +22,19 @@ from typing import Any
 from livectr.core import bus
 from livectr.core import config as config_mod
 from livectr.core.broker import EmbeddedBroker
-from livectr.core.config import Config
+from livectr.core.config import Config, ConfigError
 from livectr.core.events import DecodeError, Impression, decode_event
+from livectr.core.metrics_log import StageRecorder, StatusCallback, open_recorder
 from livectr.core.procs import stop_on_signals
 from livectr.core.status import StatusFile, write_json_atomic
 from livectr.learner import snapshots_cli
 from livectr.learner.loop import run_learner
+from livectr.learner.online import real_negative_share
 from livectr.learner.scorer import Scorer
 from livectr.learner.serve import serve
 from livectr.learner.snapshot import LearnerLock, LearnerLockError, RollbackRefused, SnapshotError, rollback
 from livectr.pipeline import DataDirInUse, run_pipeline
+from livectr.report import NoMetrics, write_report
 from livectr.semantic_cache.client import SemanticCacheClient
 from livectr.semantic_cache.refresher import run_refresher
 from livectr.semantic_cache.similar import similar
@@ -45,7 +48,14 @@ from livectr.streams.worker import run_join_worker
 log = logging.getLogger("livectr")
 
 #: Errors that mean "fix the command line or the environment": one line on stderr, exit 2.
-USAGE_ERRORS: tuple[type[Exception], ...] = (ReplayInputError, bus.BrokerUnreachable, LearnerLockError, DataDirInUse)
+USAGE_ERRORS: tuple[type[Exception], ...] = (
+    ReplayInputError,
+    bus.BrokerUnreachable,
+    bus.InvalidKafkaOptions,
+    ConfigError,
+    LearnerLockError,
+    DataDirInUse,
+)
 
 #: flag → (config key, type, help). Only flags the user actually gives override the config.
 CONFIG_FLAGS: dict[str, tuple[str, type, str]] = {
@@ -55,6 +65,18 @@ CONFIG_FLAGS: dict[str, tuple[str, type, str]] = {
         "Kafka bootstrap servers HOST:PORT (default: start the embedded broker)",
     ),
     "--topic-prefix": ("kafka.topic_prefix", str, "prefix of every topic name (default livectr.)"),
+    "--security-protocol": (
+        "kafka.security_protocol",
+        str,
+        "Kafka security.protocol: PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL (password: env LIVECTR_KAFKA__SASL_PASSWORD)",
+    ),
+    "--sasl-mechanism": (
+        "kafka.sasl_mechanism",
+        str,
+        "Kafka sasl.mechanism: PLAIN | SCRAM-SHA-256 | SCRAM-SHA-512 | …",
+    ),
+    "--sasl-username": ("kafka.sasl_username", str, "Kafka sasl.username"),
+    "--ssl-ca-location": ("kafka.ssl_ca_location", str, "Kafka ssl.ca.location: CA certificate file of the brokers"),
     "--partitions": ("kafka.partitions", int, "partitions of the topics livectr creates"),
     "--data-dir": ("data_dir", Path, "snapshots and state (default ./livectr-data)"),
     "--events": ("simulator.events", int, "synthetic events to publish (impressions + clicks)"),
@@ -67,7 +89,7 @@ CONFIG_FLAGS: dict[str, tuple[str, type, str]] = {
         "replay speed: 0 = as fast as possible, 1 = real time, 60 = a minute per second",
     ),
     "--window-s": ("join.window_s", float, "attribution window in event-time seconds (default 600)"),
-    "--policy": ("join.policy", str, "labelling policy: wait | fake-negative | defer"),
+    "--policy": ("join.policy", str, "labelling policy: defer (default) | fake-negative | wait"),
     "--defer-wait-s": ("join.defer_wait_s", float, "policy defer: the waiting window before a negative is sent (s)"),
     "--score-sample": (
         "join.score_sample",
@@ -83,6 +105,11 @@ CONFIG_FLAGS: dict[str, tuple[str, type, str]] = {
     "--batch-size": ("learner.batch_size", int, "learner mini-batch size"),
     "--lr": ("learner.lr", float, "learning rate"),
     "--device": ("learner.device", str, "auto | cpu | cuda"),
+    "--real-negatives": (
+        "learner.real_negatives",
+        str,
+        "policy defer: real negatives trained on — score (by the model's click probability) | all | a share 0-1",
+    ),
     "--threads": ("learner.threads", int, "torch threads of the learner"),
     "--snapshot-every-s": ("learner.snapshot_every_s", float, "publish a snapshot every N seconds"),
     "--snapshot-every-examples": ("learner.snapshot_every_examples", int, "… or every M examples"),
@@ -92,6 +119,11 @@ CONFIG_FLAGS: dict[str, tuple[str, type, str]] = {
     "--reload-ms": ("learner.scorer_reload_ms", int, "check the latest snapshot pointer every N ms (default 500)"),
     "--max-body-bytes": ("serve.max_body_bytes", int, "refuse larger request bodies with 413 (default 8 MiB)"),
     "--max-candidates": ("serve.max_candidates", int, "refuse requests with more candidates with 413 (default 10000)"),
+    "--metrics-port": (
+        "metrics.port",
+        int,
+        "serve Prometheus /metrics on this port (0 = off); `run`: join workers, learner, refresher on PORT, PORT+1, …",
+    ),
 }
 
 #: Flags of `livectr serve` only (`livectr run` starts no scorer).
@@ -104,8 +136,27 @@ def _add_config_flags(parser: argparse.ArgumentParser, names: Sequence[str]) -> 
         parser.add_argument(flag, dest=f"cfg:{key}", type=typ, default=None, help=help_text)
 
 
+#: Flags of every command that talks to Kafka.
+KAFKA_FLAGS = (
+    "--bootstrap-servers",
+    "--topic-prefix",
+    "--security-protocol",
+    "--sasl-mechanism",
+    "--sasl-username",
+    "--ssl-ca-location",
+)
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    _add_config_flags(parser, ["--bootstrap-servers", "--topic-prefix", "--partitions", "--data-dir"])
+    _add_config_flags(parser, [*KAFKA_FLAGS, "--partitions", "--data-dir"])
+    parser.add_argument(
+        "--kafka-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any librdkafka property for every Kafka client (repeatable), e.g. ssl.certificate.location=…; "
+        "secrets only via env: LIVECTR_KAFKA__SASL_PASSWORD, LIVECTR_KAFKA__EXTRA='ssl.key.password=…'",
+    )
     parser.add_argument(
         "--semantics", choices=["on", "off"], default=None, help="semantic cache and distillation (default on)"
     )
@@ -123,15 +174,43 @@ def build_config(args: argparse.Namespace) -> Config:
         cfg = config_mod.from_env()
     overrides = {k.split(":", 1)[1]: v for k, v in vars(args).items() if k.startswith("cfg:") and v is not None}
     config_mod.apply_overrides(cfg, overrides)
+    _add_kafka_options(cfg, getattr(args, "kafka_option", None) or [])
     if getattr(args, "semantics", None) is not None:
         cfg.semantic.enabled = args.semantics == "on"
+    config_mod.validate(cfg, flags={key: flag for flag, (key, _, _) in CONFIG_FLAGS.items()})
     if cfg.join.policy not in POLICIES:
         raise SystemExit(f"--policy must be one of {', '.join(POLICIES)}, not {cfg.join.policy!r}")
     if cfg.join.policy == "defer" and not 0 <= cfg.join.defer_wait_s < cfg.join.window_s:
         raise SystemExit(
             f"--defer-wait-s must be at least 0 and below --window-s ({cfg.join.window_s:g}), not {cfg.join.defer_wait_s:g}"
         )
+    try:
+        real_negative_share(cfg.learner.real_negatives)
+    except ValueError:
+        raise SystemExit(
+            f"--real-negatives must be score, all or a share in [0, 1], not {cfg.learner.real_negatives!r}"
+        ) from None
     return cfg
+
+
+def _add_kafka_options(cfg: Config, given: list[str]) -> None:
+    """Append ``--kafka-option KEY=VALUE`` flags to ``kafka.extra``; a secret on the command line
+    (visible to every user in the process list) is refused."""
+    options = config_mod.parse_options(cfg.kafka.extra)
+    for entry in given:
+        parsed = config_mod.parse_options(entry) if "=" in entry else {}
+        if len(parsed) != 1:
+            raise ConfigError(f"--kafka-option wants one KEY=VALUE, not {entry.split('=')[0][:40]!r}")
+        key = next(iter(parsed))
+        if config_mod.is_secret_option(key):
+            raise ConfigError(
+                f"--kafka-option {key}=… would show a secret in the process list: "
+                f"set it in the environment (LIVECTR_KAFKA__EXTRA='{key}=…'"
+                + (" or LIVECTR_KAFKA__SASL_PASSWORD)" if key == "sasl.password" else ")")
+            )
+        options.update(parsed)
+    if given:
+        cfg.kafka.extra = config_mod.format_options(options)
 
 
 def _require_broker(cfg: Config) -> None:
@@ -140,6 +219,7 @@ def _require_broker(cfg: Config) -> None:
             "this command needs --bootstrap-servers (or LIVECTR_KAFKA__BOOTSTRAP_SERVERS); "
             "`livectr run` and `livectr broker` start an embedded one"
         )
+    bus.check_options(cfg.kafka)
 
 
 def _stop_on_signals() -> threading.Event:
@@ -148,13 +228,36 @@ def _stop_on_signals() -> threading.Event:
     return stop_on_signals()
 
 
-def _run_stage(args: argparse.Namespace, body: Callable[[Config, StatusFile, threading.Event], dict[str, Any]]) -> int:
-    """Common wrapper of a stage command: config, signals, status file, summary output."""
+#: Stages that serve /metrics when given a port (the others only record samples).
+METRICS_STAGES = ("join", "learn", "refresh")
+
+
+def _recorder(cfg: Config, args: argparse.Namespace, stage: str) -> StageRecorder:
+    """The stage's metrics recorder (:mod:`livectr.core.metrics_log`); a busy port is a usage error."""
+    port = None if args.command in METRICS_STAGES else 0
+    try:
+        return open_recorder(cfg, stage, port)
+    except OSError as exc:
+        raise SystemExit(
+            f"livectr {args.command}: cannot serve /metrics on {cfg.metrics.host}:{cfg.metrics.port}: {exc}"
+        ) from None
+
+
+def _run_stage(
+    args: argparse.Namespace,
+    body: Callable[[Config, StatusCallback, threading.Event], dict[str, Any]],
+    stage: str | None = None,
+) -> int:
+    """Common wrapper of a stage command: config, signals, status file and metrics, summary output."""
     cfg = build_config(args)
     _require_broker(cfg)
     stop = _stop_on_signals()
     status = StatusFile(args.status_file)
-    summary = body(cfg, status, stop)
+    recorder = _recorder(cfg, args, stage or args.command)
+    try:
+        summary = body(cfg, recorder.chain(status), stop)
+    finally:
+        recorder.close()
     status.close()
     if args.summary_json is not None:
         write_json_atomic(args.summary_json, summary)
@@ -164,7 +267,7 @@ def _run_stage(args: argparse.Namespace, body: Callable[[Config, StatusFile, thr
 
 def cmd_produce(args: argparse.Namespace) -> int:
 
-    def body(cfg: Config, status: StatusFile, stop: threading.Event) -> dict[str, Any]:
+    def body(cfg: Config, status: StatusCallback, stop: threading.Event) -> dict[str, Any]:
         check_source(args.log, args.items)  # fail fast: bad files, then an unreachable broker
         bus.check_reachable(cfg.kafka)
         bus.ensure_topics(cfg)
@@ -186,12 +289,12 @@ def cmd_produce(args: argparse.Namespace) -> int:
             summary.update(source.truth.oracle_scores(cfg.join.window_s))
         return summary
 
-    return _run_stage(args, body)
+    return _run_stage(args, body, stage="catalogue" if args.catalogue_only else "produce")
 
 
 def cmd_join(args: argparse.Namespace) -> int:
 
-    def body(cfg: Config, status: StatusFile, stop: threading.Event) -> dict[str, Any]:
+    def body(cfg: Config, status: StatusCallback, stop: threading.Event) -> dict[str, Any]:
         bus.ensure_topics(cfg)
         semantics = None
         if cfg.semantic.enabled:
@@ -201,7 +304,7 @@ def cmd_join(args: argparse.Namespace) -> int:
                 cfg,
                 worker_id=args.worker_id,
                 semantics=semantics,
-                on_status=status,
+                on_status=status if semantics is None else _with_cache_counts(status, semantics),
                 stop=stop,
                 bounded=not args.forever,
             )
@@ -212,12 +315,29 @@ def cmd_join(args: argparse.Namespace) -> int:
             summary.update({f"semantic_{k}": v for k, v in semantics.stats().items()})
         return summary
 
-    return _run_stage(args, body)
+    return _run_stage(args, body, stage=args.worker_id)
+
+
+def _with_cache_counts(status: StatusCallback, semantics: SemanticCacheClient) -> StatusCallback:
+    """The join's status plus the semantic cache's lookup counters (its miss rate over time)."""
+
+    def report(counters: dict[str, Any]) -> None:
+        lookups, misses = semantics.item_lookups, semantics.item_misses
+        status(
+            {
+                **counters,
+                "semantic_lookups": lookups,
+                "semantic_misses": misses,
+                "semantic_miss_rate": misses / lookups if lookups else 0.0,
+            }
+        )
+
+    return report
 
 
 def cmd_refresh(args: argparse.Namespace) -> int:
 
-    def body(cfg: Config, status: StatusFile, stop: threading.Event) -> dict[str, Any]:
+    def body(cfg: Config, status: StatusCallback, stop: threading.Event) -> dict[str, Any]:
         bus.ensure_topics(cfg)
         return run_refresher(cfg, on_status=status, stop=stop)
 
@@ -226,7 +346,7 @@ def cmd_refresh(args: argparse.Namespace) -> int:
 
 def cmd_learn(args: argparse.Namespace) -> int:
 
-    def body(cfg: Config, status: StatusFile, stop: threading.Event) -> dict[str, Any]:
+    def body(cfg: Config, status: StatusCallback, stop: threading.Event) -> dict[str, Any]:
         LearnerLock(cfg.data_dir).acquire().release()  # fail at once, before any broker call
         bus.ensure_topics(cfg)
         return run_learner(cfg, on_status=status, stop=stop, bounded=not args.forever)
@@ -237,6 +357,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = build_config(args)
+    bus.check_options(cfg.kafka)
     if args.fresh and cfg.kafka.bootstrap_servers:
         raise SystemExit("livectr run: --fresh only applies to the embedded broker (a run without --bootstrap-servers)")
     summary = run_pipeline(
@@ -349,6 +470,19 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
     return 0 if action != "show" or report["verified"] else 1
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write the run's HTML report (plots of the metrics its stages recorded)."""
+
+    data_dir = args.data_dir if args.data_dir is not None else config_mod.from_env().data_dir
+    try:
+        path = write_report(data_dir, args.out)
+    except NoMetrics as exc:
+        print(f"livectr report: {exc}", file=sys.stderr)
+        return 2
+    print(f"report written to {path}")
+    return 0
+
+
 def _add_snapshots_parser(sub: Any) -> None:
     snaps = sub.add_parser("snapshots", help="list, inspect, compare published snapshots; roll back latest")
     snaps.set_defaults(func=cmd_snapshots)
@@ -383,11 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(run)
     _add_config_flags(
         run,
-        [
-            f
-            for f in CONFIG_FLAGS
-            if f not in {"--bootstrap-servers", "--topic-prefix", "--partitions", "--data-dir", *SERVE_FLAGS}
-        ],
+        [f for f in CONFIG_FLAGS if f not in {*KAFKA_FLAGS, "--partitions", "--data-dir", *SERVE_FLAGS}],
     )
     run.add_argument(
         "--log", type=Path, default=None, help="replay this recorded events log instead of synthetic traffic"
@@ -428,7 +558,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(join)
     _add_config_flags(
-        join, ["--window-s", "--policy", "--defer-wait-s", "--group-id", "--score-sample", "--user-profile-ttl-s"]
+        join,
+        [
+            "--window-s",
+            "--policy",
+            "--defer-wait-s",
+            "--group-id",
+            "--score-sample",
+            "--user-profile-ttl-s",
+            "--metrics-port",
+        ],
     )
     join.add_argument("--worker-id", default=f"join-{socket.gethostname()}-{os.getpid()}")
     join.add_argument("--forever", action="store_true", help="keep running after end-of-stream markers")
@@ -436,13 +575,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     refresh = sub.add_parser("refresh", help="semantic refresher: encode item texts with the teacher, publish vectors")
     _add_common(refresh)
-    _add_config_flags(refresh, ["--enrich", "--enrich-url", "--enrich-model"])
+    _add_config_flags(refresh, ["--enrich", "--enrich-url", "--enrich-model", "--metrics-port"])
     refresh.set_defaults(func=cmd_refresh)
 
     learn = sub.add_parser("learn", help="learner: train the student online and publish snapshots")
     _add_common(learn)
     _add_config_flags(
-        learn, ["--batch-size", "--lr", "--device", "--threads", "--snapshot-every-s", "--snapshot-every-examples"]
+        learn,
+        [
+            "--batch-size",
+            "--lr",
+            "--device",
+            "--threads",
+            "--snapshot-every-s",
+            "--snapshot-every-examples",
+            "--real-negatives",
+            "--metrics-port",
+        ],
     )
     learn.add_argument("--forever", action="store_true", help="keep running after end-of-stream markers")
     learn.set_defaults(func=cmd_learn)
@@ -478,6 +627,12 @@ def build_parser() -> argparse.ArgumentParser:
     conv.set_defaults(func=cmd_convert_ml100k)
 
     _add_snapshots_parser(sub)
+
+    report = sub.add_parser("report", help="one self-contained HTML page with plots of a run's recorded metrics")
+    report.add_argument("--data-dir", type=Path, default=None, help="data dir of the run (default ./livectr-data)")
+    report.add_argument("--out", type=Path, default=None, help="HTML file to write (default DATA_DIR/report.html)")
+    report.add_argument("-v", "--verbose", action="store_true")
+    report.set_defaults(func=cmd_report)
     return parser
 
 

@@ -25,6 +25,7 @@ from livectr.core import bus
 from livectr.core import config as config_mod
 from livectr.core.broker import EmbeddedBroker
 from livectr.core.config import Config
+from livectr.core.metrics_log import assign_ports
 from livectr.core.procs import die_with_parent
 from livectr.core.status import read_json
 from livectr.learner.snapshot import LearnerLock, list_versions
@@ -223,11 +224,11 @@ def earlier_stream_state(data_dir: Path) -> list[str]:
 
 
 def reset_stream_state(data_dir: Path) -> None:
-    """Forget positions in a previous stream (join checkpoints, snapshots, stage logs).
+    """Forget positions in a previous stream (join checkpoints, snapshots, stage logs, metrics).
 
     The semantic store is kept: teacher vectors stay valid across streams.
     """
-    for name in ("join-state", "snapshots", "run"):
+    for name in ("join-state", "snapshots", "run", "metrics"):
         path = data_dir / name
         if path.exists():
             shutil.rmtree(path)
@@ -318,6 +319,7 @@ def _plan(
         if items_path is not None:
             produce += ["--items", str(items_path)]
     plan["produce"] = produce
+    assign_ports(plan, cfg.metrics.port)  # --metrics-port BASE: join workers, learn, refresh
     return plan
 
 

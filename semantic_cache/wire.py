@@ -15,11 +15,18 @@ earlier impression). The client's staleness is measured from ``requested_at``.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import msgspec
 
 from livectr.core.events import DecodeError
+
+
+def _finite(*times: float) -> None:
+    """Raised from ``__post_init__``, msgspec turns this into a ValidationError (a dead letter)."""
+    if not all(math.isfinite(t) for t in times):
+        raise ValueError("non-finite time")
 
 
 class SemanticVector(msgspec.Struct, frozen=True, tag="vec", array_like=True):
@@ -31,12 +38,20 @@ class SemanticVector(msgspec.Struct, frozen=True, tag="vec", array_like=True):
     source_ts: float
     requested_at: float
 
+    def __post_init__(self) -> None:
+        if self.kind not in ("item", "user"):
+            raise ValueError(f"kind must be item or user, not {self.kind[:20]!r}")
+        _finite(self.computed_at, self.source_ts, self.requested_at)
+
 
 class MissReport(msgspec.Struct, frozen=True, tag="miss", array_like=True):
     kind: str
     ids: list[str]
     ts: float
     reporter: str = ""
+
+    def __post_init__(self) -> None:
+        _finite(self.ts)
 
 
 class UserClicks(msgspec.Struct, frozen=True, tag="clicks", array_like=True):
@@ -48,6 +63,9 @@ class UserClicks(msgspec.Struct, frozen=True, tag="clicks", array_like=True):
     reporter: str = ""
     #: Event time of the newest of these clicks: a summary covering them is valid from then on.
     event_ts: float = 0.0
+
+    def __post_init__(self) -> None:
+        _finite(self.ts, self.event_ts)
 
 
 _encoder = msgspec.msgpack.Encoder()

@@ -24,17 +24,16 @@ import io
 import itertools
 import math
 import os
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from livectr.core.events import Click, ContextValue, Impression, Item
+from livectr.core.events import MAX_EVENT_BYTES, MAX_TS, Click, ContextValue, Impression, Item, time_problem
 from livectr.simulators.records import BadRecord, SourceRecord
 
-#: Largest plausible unix time in seconds (the same bound ``decode_event`` applies).
-MAX_TS = 1e11
 EVENT_COLUMNS = frozenset({"ts", "type", "impression_id", "user_id", "item_id"})
 ITEM_COLUMNS = frozenset({"ts", "item_id", "text"})
 _KIND_RANK = {Item: 0, Impression: 1, Click: 2}
@@ -52,6 +51,9 @@ class ReplayInputError(ValueError):
     anything starts: the message is one line naming the file and the problem.
     """
 
+
+#: What reading a damaged file raises (a corrupt or truncated .gz: BadGzipFile, EOFError, zlib.error).
+UNREADABLE = (OSError, EOFError, UnicodeError, zlib.error)
 
 #: Columns a file must have (CSV header; JSONL: keys seen in its first records).
 REQUIRED_EVENT_COLUMNS = ("ts", "type", "impression_id", "user_id", "item_id")
@@ -157,8 +159,10 @@ def _text_field(row: dict[str, Any], name: str) -> str:
     if value is None or value == "":
         raise RowError(f"missing field {name!r}")
     if not isinstance(value, str):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, float) or (isinstance(value, int) and not isinstance(value, bool) and _in_int64(value)):
             return str(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            raise RowError(f"field {name!r} is a number beyond 64 bits")
         raise RowError(f"field {name!r} must be a string, got {type(value).__name__}")
     value = value.strip()
     if not value:
@@ -176,11 +180,26 @@ def _ts_field(row: dict[str, Any], default: float | None = None) -> float:
         raise RowError("ts must be a number")
     try:
         ts = float(value)
-    except (TypeError, ValueError):
-        raise RowError(f"ts {value!r} is not a number") from None
-    if not math.isfinite(ts) or abs(ts) >= MAX_TS:
-        raise RowError(f"ts {value!r} is not a unix time in seconds")
+    except (TypeError, ValueError, OverflowError):  # OverflowError: a JSON integer beyond float range
+        raise RowError(f"ts {_short(value)} is not a number") from None
+    problem = time_problem(ts)  # the join's own rule: what the replay accepts, the join accepts
+    if problem is not None:
+        raise RowError(
+            problem if math.isfinite(ts) and abs(ts) < MAX_TS else f"ts {_short(value)} is not a unix time in seconds"
+        )
     return ts
+
+
+def _in_int64(value: int) -> bool:
+    return -(2**63) <= value < 2**63
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    """``repr`` of a cell for a reason, cut to ``limit`` characters (a cell can be huge)."""
+    if isinstance(value, int) and not _in_int64(value):
+        return "<integer beyond 64 bits>"  # repr of a huge int can raise (4300-digit limit)
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _extra(row: dict[str, Any], known: frozenset[str]) -> dict[str, ContextValue]:
@@ -190,9 +209,11 @@ def _extra(row: dict[str, Any], known: frozenset[str]) -> dict[str, ContextValue
         if key in known or value is None:
             continue
         if isinstance(value, float) and not math.isfinite(value):
-            raise RowError(f"feature {key!r} is not finite")
+            raise RowError(f"feature {_short(key)} is not finite")
         if not isinstance(value, (str, int, float, bool)):
-            raise RowError(f"feature {key!r} must be a scalar, got {type(value).__name__}")
+            raise RowError(f"feature {_short(key)} must be a scalar, got {type(value).__name__}")
+        if isinstance(value, int) and not _in_int64(value):
+            raise RowError(f"feature {_short(key)} is an integer beyond 64 bits")
         out[str(key)] = value
     return out
 
@@ -201,7 +222,7 @@ def event_from_row(row: dict[str, Any]) -> Impression | Click:
     """Validate one events-file row and build its event; raises :class:`RowError`."""
     kind = row.get("type")
     if not isinstance(kind, str) or kind.strip().lower() not in ("impression", "click"):
-        raise RowError(f"unknown event type {kind!r}")
+        raise RowError(f"unknown event type {_short(kind)}")
     ts = _ts_field(row)
     impression_id = _text_field(row, "impression_id")
     if kind.strip().lower() == "click":
@@ -228,14 +249,22 @@ def item_from_row(row: dict[str, Any], default_ts: float) -> Item:
 def _parse(path: Path, build: Any) -> tuple[list[Any], list[BadRecord]]:
     good: list[Any] = []
     bad: list[BadRecord] = []
-    for row, raw, error in read_rows(path):
-        if row is None:
-            bad.append(BadRecord(raw=raw, reason=f"{error} [{path.name}]"))
-            continue
-        try:
-            good.append(build(row))
-        except RowError as exc:
-            bad.append(BadRecord(raw=raw, reason=f"invalid row: {exc} [{path.name}]"))
+    try:
+        for row, raw, error in read_rows(path):
+            if row is None:
+                bad.append(BadRecord(raw=raw, reason=f"{error} [{path.name}]"))
+                continue
+            if len(raw) > MAX_EVENT_BYTES:  # its event would be refused by every stage (and past ~1 MB by the broker)
+                bad.append(
+                    BadRecord(raw=raw, reason=f"oversized row: {len(raw)} bytes > {MAX_EVENT_BYTES} [{path.name}]")
+                )
+                continue
+            try:
+                good.append(build(row))
+            except RowError as exc:
+                bad.append(BadRecord(raw=raw, reason=f"invalid row: {exc} [{path.name}]"))
+    except UNREADABLE as exc:  # e.g. a .gz cut short past the records the up-front check probed
+        raise ReplayInputError(f"file {path} is unreadable after {len(good) + len(bad)} records: {exc}") from None
     return good, bad
 
 
@@ -274,7 +303,7 @@ def check_replay_file(path: Path, required: Sequence[str], what: str) -> None:
         columns, types, any_line = _probe(path)
     except ValueError as exc:  # the format cannot be told from the name
         raise ReplayInputError(f"{what} file {exc}") from None
-    except (OSError, EOFError, UnicodeError) as exc:  # e.g. a corrupt .gz
+    except UNREADABLE as exc:  # e.g. a corrupt .gz
         raise ReplayInputError(f"{what} file {path} is unreadable: {exc}") from None
     if not any_line:
         raise ReplayInputError(f"{what} file {path} is empty")

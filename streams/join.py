@@ -232,7 +232,10 @@ class PartitionJoin:
         self._ready: list[tuple[float, str]] = []
         self._ready_info: dict[str, tuple[float, float]] = {}
         #: Score requests (see "Score requests" above): heap of (impression ts, impression id).
-        self.score_sample = score_sample if policy != POLICY_FAKE_NEGATIVE else 0.0
+        #: Not under ``fake-negative``, nor ``defer`` without a waiting window: there the example
+        #: sent at the impression's time (the fake negative, the observed copy) is the score.
+        at_once = policy == POLICY_FAKE_NEGATIVE or (self._defer and self.defer_wait_s == 0)
+        self.score_sample = 0.0 if at_once else score_sample
         self._sample_below = request_threshold(self.score_sample)
         self._requests: list[tuple[float, str]] = []
         #: Fake negatives (policy fake-negative), emitted when the watermark reaches their
@@ -439,8 +442,12 @@ class PartitionJoin:
             elif seen:
                 clock.max_ts = max(seen.values())
 
-    def current_watermark(self) -> tuple[float, float]:
-        """(watermark the sources allow now, publish time of the record that set it)."""
+    def current_watermark(self, now: float | None = None) -> tuple[float, float]:
+        """(watermark the sources allow now, publish time of the record that set it).
+
+        ``now`` (wall seconds, unbounded runs): when every live source is idle, event time goes
+        on with the wall clock from each source's newest record (see :meth:`idle_watermark`).
+        """
         best, published = _INF, 0.0
         live = 0
         for clock in self.clocks:
@@ -454,12 +461,29 @@ class PartitionJoin:
         if live == 0:
             if all(c.done for c in self.clocks):
                 return _INF, max(c.done_published for c in self.clocks)
+            if now is not None:
+                return max(self.watermark, self.idle_watermark(now)), now
             return self.watermark, 0.0
         return best, published
 
-    def advance(self) -> None:
-        """Move the watermark; emit the positives it passed, then close every window it passed."""
-        wm, published = self.current_watermark()
+    def idle_watermark(self, now: float) -> float:
+        """Event time at wall time ``now`` when every live source is idle: the newest event time
+        of each source plus the wall time since it was published, the smallest over the sources.
+
+        Why: producers that stop (a quiet night, the end of a hand-fed stream) would otherwise
+        hold every open window — and its label — until the next event. Event time is taken to
+        run with the wall clock, as it does for live producers, so the last windows close W
+        after their impressions in wall time.
+        """
+        ests = [c.max_ts + max(now - c.max_published, 0.0) for c in self.clocks if not c.done and c.max_ts > -_INF]
+        return min(ests) if ests else -_INF
+
+    def advance(self, now: float | None = None) -> None:
+        """Move the watermark; emit the positives it passed, then close every window it passed.
+
+        ``now``: wall seconds, to let event time run on while every source is idle.
+        """
+        wm, published = self.current_watermark(now)
         if wm > self.watermark:
             self.watermark = wm
             self.watermark_published = published

@@ -39,7 +39,7 @@ import zlib
 from typing import Final
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import NewTopic
 
 from livectr.core import bus
 from livectr.core.config import Config
@@ -90,7 +90,7 @@ def ensure_repartition_topics(cfg: Config, timeout_s: float = 15.0) -> int:
     if n == 0:
         raise RuntimeError(f"{cfg.topics.impressions} does not exist: run livectr.core.bus.ensure_topics(cfg) first")
     names = repartition_topics(cfg)
-    admin = AdminClient(cfg.kafka.client_properties())
+    admin = bus.admin(cfg.kafka)
     existing = admin.list_topics(timeout=timeout_s).topics
     new = [
         NewTopic(name, num_partitions=n, replication_factor=cfg.kafka.replication_factor)

@@ -574,12 +574,13 @@ class JoinWorker:
     def _after_batch(self) -> None:
         if self.deferred_end:
             self._apply_deferred_ends()
+        now = time.time() if self.track_idle else None
         for p, join in list(self.joins.items()):
             if join.finished:
                 continue
             if self.rekeyed:
                 join.merge_origins(self.n_raw)
-            join.advance()
+            join.advance(now)
             self._drain(p, join)
             if join.clocks[IMPRESSIONS].done and join.clocks[CLICKS].done:
                 self._finish(p, join)

@@ -13,10 +13,10 @@ from livectr.core.config import Config
 REPO = Path(__file__).resolve().parents[1]
 
 
-def livectr_run(cfg: Config, summary_path: Path, *extra: str, timeout_s: float = 400) -> dict[str, Any]:
-    """``livectr run --quiet`` on ``cfg``'s broker, topic prefix, partitions and data dir, plus
-    ``extra`` flags; fails with the end of its output unless it exits 0; returns the summary."""
-    cmd = [
+def livectr_run_command(cfg: Config, summary_path: Path, *extra: str) -> list[str]:
+    """The ``livectr run --quiet`` command line on ``cfg``'s broker, topic prefix, partitions and
+    data dir, plus ``extra`` flags."""
+    return [
         sys.executable, "-m", "livectr", "run", "--quiet",
         "--bootstrap-servers", cfg.kafka.bootstrap_servers,
         "--topic-prefix", cfg.kafka.topic_prefix,
@@ -25,6 +25,12 @@ def livectr_run(cfg: Config, summary_path: Path, *extra: str, timeout_s: float =
         "--summary-json", str(summary_path),
         *extra,
     ]  # fmt: skip
+
+
+def livectr_run(cfg: Config, summary_path: Path, *extra: str, timeout_s: float = 400) -> dict[str, Any]:
+    """``livectr run --quiet`` on ``cfg``'s broker, topic prefix, partitions and data dir, plus
+    ``extra`` flags; fails with the end of its output unless it exits 0; returns the summary."""
+    cmd = livectr_run_command(cfg, summary_path, *extra)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(summary_path.read_text())

@@ -111,3 +111,25 @@ def test_fake_negative_policy_emits_negatives_and_positive_copies(kafka_config: 
     # serving AUC. (The stream is shorter than the evaluator's horizon, so no click comes too late.)
     assert summary["serving_auc_impressions"] == truth["impressions"]
     assert summary["serving_auc"] == summary["progressive_auc"]
+
+
+def test_default_policy_defer_scores_each_impression_once_and_trains_a_share_of_real_negatives(
+    kafka_config: Config, tmp_path: Path
+) -> None:
+    """The default, ``defer`` with real negatives kept by their served score: every impression
+    is served once (its observed copy), every label is final once, and on a stream of a few
+    percent clicks most real negatives never reach the model."""
+    cfg = kafka_config
+    cfg.simulator.events = 40_000
+    cfg.simulator.users = 1_000
+    cfg.simulator.items = 300
+    assert Config().join.policy == "defer" and Config().learner.real_negatives == "score"
+    truth = _truth(cfg)
+    summary = _run(cfg, tmp_path, "--semantics", "off", "--policy", Config().join.policy)
+    impressions, positives = truth["impressions"], truth["positives"]
+    assert summary["serving_auc_impressions"] == impressions
+    # Observed copies and positive true copies always train; real negatives only a share.
+    left_out = summary["stages"]["learn"]["real_negatives_left_out"]
+    assert summary["examples_trained"] + left_out == 2 * impressions
+    assert 0.5 * (impressions - positives) < left_out < impressions - positives
+    assert 0.5 < summary["serving_auc"] < 1.0 and 0.0 < summary["serving_logloss"] < 0.69

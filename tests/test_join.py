@@ -322,6 +322,29 @@ def test_idle_source_is_left_out_and_all_idle_holds() -> None:
     assert labels(f.examples) == {"a": 0, "c": 1, "b": 0}
 
 
+def test_every_source_idle_lets_event_time_run_with_the_wall_clock() -> None:
+    """Producers that stop do not hold the last windows open: with every live source idle, event
+    time runs on from each source's newest record at wall speed, the smaller estimate wins."""
+    join = PartitionJoin(0, W)
+    f = Feeder(join)
+    f.imp(imp("a", 0), published=1000.0)
+    f.imp(imp("b", 100), published=1010.0)
+    f.click(clk("a", 50), published=1005.0)
+    join.set_idle(IMPRESSIONS, True)
+    join.set_idle(CLICKS, True)
+    join.advance(now=1300.0)  # impressions: 100 + 290 = 390; clicks: 50 + 295 = 345
+    f.drain()
+    assert join.watermark == T0 + 345 and labels(f.examples) == {"a": 1}
+    join.advance(now=1710.0)  # clicks: 50 + 705 = 755 > 100 + 600 closes b; impressions: 100 + 700
+    f.drain()
+    assert labels(f.examples) == {"a": 1, "b": 0} and join.watermark == T0 + 755
+    join.advance()  # without a wall clock nothing is guessed
+    assert join.watermark == T0 + 755
+    join.set_idle(CLICKS, False)
+    join.advance(now=5000.0)  # a live source again bounds the watermark (which never goes back)
+    assert join.watermark == T0 + 755
+
+
 def test_end_of_stream_flush_closes_everything() -> None:
     f = Feeder(PartitionJoin(0, W))
     f.imp(imp("a", 0))
@@ -737,11 +760,19 @@ def test_score_requests_sit_at_their_impression_time_in_decision_order(
     assert join.examples_total == copies * len(impressions) == len(f.examples) - len(requests)
 
 
-def test_score_requests_only_under_wait_and_by_a_stable_hash() -> None:
+def test_score_requests_only_where_no_example_is_sent_at_the_impression_and_by_a_stable_hash() -> None:
     fake = Feeder(PartitionJoin(0, W, POLICY_FAKE_NEGATIVE, score_sample=1.0))
     fake.imp(imp("a", 0))
     fake.close()
     assert [ex.kind for ex in fake.examples] == [KIND_FAKE_NEGATIVE]
+    at_once = Feeder(PartitionJoin(0, W, POLICY_DEFER, score_sample=1.0, defer_wait_s=0.0))
+    at_once.imp(imp("a", 0))
+    at_once.close()  # defer without a wait: the observed copy at the impression's time is the score
+    assert [ex.kind for ex in at_once.examples] == [KIND_DEFER_OBSERVED, KIND_DEFER_TRUE]
+    waiting = Feeder(PartitionJoin(0, W, POLICY_DEFER, score_sample=1.0, defer_wait_s=5.0))
+    waiting.imp(imp("a", 0))
+    waiting.close()
+    assert [ex.kind for ex in waiting.examples] == [KIND_SCORE_REQUEST, KIND_DEFER_OBSERVED, KIND_DEFER_TRUE]
     picks = []
     for _ in range(2):
         f = Feeder(PartitionJoin(0, W, score_sample=0.3))

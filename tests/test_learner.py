@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import zlib
 
 import msgspec
 import numpy as np
@@ -26,7 +27,7 @@ from livectr.learner.experts import FastExperts
 from livectr.learner.features import Featurizer
 from livectr.learner.metrics import HistogramAUC, LearnerMetrics, LogQuantiles, ServingEvaluator, WindowAUC, exact_auc
 from livectr.learner.model import ModelConfig, StudentCTR
-from livectr.learner.online import OnlineLearner, fake_negative_weights, loss_weights
+from livectr.learner.online import OnlineLearner, fake_negative_weights, loss_weights, real_negative_share
 from livectr.learner.predictor import Predictor
 from livectr.learner.vocab import UNKNOWN_ROW, ContextHasher, GrowingVocab, stable_bucket
 
@@ -773,3 +774,95 @@ def test_taste_expert_ignores_an_item_head_never_distilled() -> None:
     assert (experts.taste_w != before).any()
     assert OnlineLearner(make_cfg(True), state=learner.state()).item_head_distilled
     assert Predictor(make_cfg(True), state=learner.state()).item_head_distilled
+
+
+@given(
+    st.lists(
+        st.tuples(st.floats(0.001, 0.999), st.integers(0, 1), st.sampled_from([KIND_DEFER_OBSERVED, KIND_DEFER_TRUE])),
+        min_size=1,
+        max_size=50,
+    ),
+    st.floats(0, 1),
+)
+def test_defer_weights_with_a_share_of_real_negatives(rows: list[tuple[float, int, int]], s: float) -> None:
+    """With every real negative (r = 1) the weights are the paper's; with none (r = 0) and every
+    click after the wait (s = 1) they are fake-negative's; a dropped real negative weighs 0."""
+    p = torch.tensor([r[0] for r in rows], dtype=torch.float64)
+    y = torch.tensor([float(r[1]) for r in rows], dtype=torch.float64)
+    k = torch.tensor([r[2] for r in rows])
+    paper = loss_weights(p, y, k, s, 1.0)
+    for (pi, yi, _), wi in zip(rows, paper.tolist()):
+        expected = 1 / (1 - s / 2) if yi else (1 - pi) / (1 - pi + pi * s / 2)
+        assert wi == pytest.approx(expected, rel=1e-6, abs=1e-9)
+    none = loss_weights(p, y, k, 1.0, 0.0)
+    for (pi, yi, _), wi in zip(rows, none.tolist()):
+        assert wi == pytest.approx((1 + pi) if yi else (1 - pi) * (1 + pi), rel=1e-6, abs=1e-9)
+    dropped = torch.tensor([ki == KIND_DEFER_TRUE and not yi for _, yi, ki in rows])
+    by_score = loss_weights(p, y, k, s, p, dropped)
+    assert all(w == 0.0 for w, d in zip(by_score.tolist(), dropped.tolist()) if d)
+    assert all(w > 0.0 or pi == 1.0 for (pi, _, _), w, d in zip(rows, by_score.tolist(), dropped.tolist()) if not d)
+
+
+def test_real_negatives_are_kept_by_score_and_the_same_ones_on_a_replay() -> None:
+    """``real_negatives = score``: a real negative is trained on with the probability of a click
+    the model gives it, chosen by a hash of the impression id (a replay keeps the same ones)."""
+    assert real_negative_share("score") is None and real_negative_share("all") == 1.0
+    assert real_negative_share("0.25") == 0.25
+    for bad in ("some", "1.5", "-0.1", "nan"):
+        with pytest.raises(ValueError):
+            real_negative_share(bad)
+    cfg = make_cfg(False)
+    learner = OnlineLearner(cfg)
+    world = ToyWorld(users=10, items=5, seed=1)
+    batch = [msgspec.structs.replace(ex, kind=KIND_DEFER_TRUE, label=0) for ex in world.examples(4000)]
+    kinds = np.full(len(batch), KIND_DEFER_TRUE)
+    labels = np.zeros(len(batch), dtype=np.float32)
+    rate = torch.full((len(batch),), 0.2, dtype=torch.float64)
+    dropped = learner._dropped_real_negatives(batch, kinds, labels, rate)
+    assert dropped is not None and 0.75 < float(dropped.double().mean()) < 0.85
+    again = learner._dropped_real_negatives(batch, kinds, labels, rate)
+    assert again is not None and bool((dropped == again).all())
+    assert learner._dropped_real_negatives(batch, kinds, labels, 1.0) is None
+
+
+def test_defer_without_a_wait_serves_the_observed_copys_score() -> None:
+    """``defer`` with ``defer_wait_s = 0``: the join sends no score request, the observed copy
+    (scored at its impression's place) is the served score, paired with the true label later."""
+    cfg = make_cfg(False)
+    cfg.join.defer_wait_s = 0.0
+    learner = OnlineLearner(cfg)
+    world = ToyWorld(users=10, items=5, seed=3)
+    examples = world.examples(300)
+    observed = [msgspec.structs.replace(ex, kind=KIND_DEFER_OBSERVED, label=0) for ex in examples]
+    scores = learner.learn_batch(observed)["predictions"]
+    assert len(learner.serving_eval) == 300
+    learner.learn_batch([msgspec.structs.replace(ex, kind=KIND_DEFER_TRUE) for ex in examples])
+    assert len(learner.serving_eval) == 0
+    summary = learner.metrics.summary()
+    assert summary["serving_auc_impressions"] == 300
+    labels = np.asarray([ex.label for ex in examples], dtype=np.float64)
+    assert summary["serving_auc"] == pytest.approx(exact_auc(scores, labels), abs=0.02)
+    cfg.join.defer_wait_s = 5.0  # with a wait, only requests are served scores
+    waiting = OnlineLearner(cfg)
+    waiting.learn_batch(observed)
+    assert len(waiting.serving_eval) == 0
+
+
+def test_real_negatives_left_out_by_their_served_score_skip_the_model_but_keep_their_label() -> None:
+    cfg = make_cfg(False)
+    cfg.join.defer_wait_s = 0.0
+    learner = OnlineLearner(cfg)
+    world = ToyWorld(users=10, items=5, seed=4)
+    examples = world.examples(400)
+    served = learner.learn_batch([msgspec.structs.replace(ex, kind=KIND_DEFER_OBSERVED, label=0) for ex in examples])[
+        "predictions"
+    ]
+    seen = learner.examples_seen
+    true = [msgspec.structs.replace(ex, kind=KIND_DEFER_TRUE, label=0) for ex in examples]
+    out = learner.learn_batch(true)["predictions"]
+    kept = [k for k, ex in enumerate(true) if zlib.crc32(ex.impression_id.encode(), 0x5EED) / 2**32 < served[k]]
+    assert learner.examples_seen - seen == len(kept) < len(true)
+    left_out = sorted(set(range(len(true))) - set(kept))
+    assert np.allclose(out[left_out], served[left_out])  # a left-out row reports its served score
+    assert learner.metrics.summary()["serving_auc_impressions"] == len(true)
+    assert len(learner.serving_eval) == 0

@@ -6,13 +6,14 @@ import threading
 import time
 from typing import Any
 
+import msgspec
 from toyworld import ToyWorld
 
 from livectr.core import bus
 from livectr.core.config import Config
-from livectr.core.events import Example, ExampleBatch, ExampleEnd, encode_example
+from livectr.core.events import KIND_FINAL, KIND_SCORE_REQUEST, Example, ExampleBatch, ExampleEnd, encode_example
 from livectr.learner import snapshot as snap
-from livectr.learner.loop import run_learner
+from livectr.learner.loop import WarmUp, _Run, run_learner
 
 
 def produce(
@@ -65,7 +66,14 @@ def test_bounded_run_counts_dead_letters_snapshots_and_resume(kafka_config: Conf
     first = {p: [world.examples(200) for _ in range(10)] for p in range(2)}
     bad_label = world.examples(1)[0]
     bad_label = Example(**{**{f: getattr(bad_label, f) for f in bad_label.__struct_fields__}, "label": 7})
-    produce(cfg, first, raw=[(0, b"\xc1 not msgpack"), (1, encode_example(ExampleBatch([bad_label])))])
+    # An end marker for input partition 5 of 2 (tests/test_fuzz_decoders.py): it used to count
+    # toward "every input partition ended"; now it is an invalid example like the others.
+    bad_end = msgspec.msgpack.encode(["end", 5, 2, 0, "evil", 0.0])
+    produce(
+        cfg,
+        first,
+        raw=[(0, b"\xc1 not msgpack"), (1, encode_example(ExampleBatch([bad_label]))), (1, bad_end)],
+    )
     stop = threading.Event()
     statuses: list[dict[str, Any]] = []
 
@@ -75,18 +83,18 @@ def test_bounded_run_counts_dead_letters_snapshots_and_resume(kafka_config: Conf
             stop.set()
 
     s1 = run_learner(cfg, on_status=on_status, stop=stop, bounded=False)
-    assert s1["examples_trained"] == 4000 and s1["dead_letters"] == 2
+    assert s1["examples_trained"] == 4000 and s1["dead_letters"] == 3
     assert s1["positives"] == sum(e.label for b in first.values() for batch in b for e in batch)
     assert s1["snapshots_published"] >= 3  # every 1,500 examples, plus the final one
     assert 0.5 < s1["progressive_auc"] < 1 and s1["freshness_p50_s"] >= 0 and s1["gate_usage"] > 0
     assert {"examples_per_second", "progressive_auc", "windowed_auc", "gate_usage"} <= set(statuses[-1])
-    reasons = dead_letters(cfg, 2)
-    assert sorted(r.split(":")[0] for r in reasons) == ["invalid example", "invalid example"]
-    assert any("label 7" in r for r in reasons)
+    reasons = dead_letters(cfg, 3)
+    assert sorted(r.split(":")[0] for r in reasons) == ["invalid example"] * 3
+    assert any("label 7" in r for r in reasons) and any("source_partition 5" in r for r in reasons)
     manifest, _ = snap.load_latest(cfg.data_dir)
-    # Next offsets = records written per partition (10 batches + 1 bad record each). Counted, not read
+    # Next offsets = records written per partition (10 batches + 1 bad record on 0, 2 on 1). Counted, not read
     # from watermarks, which tansu may report per record batch (see EndOfStream's docstring).
-    assert manifest["offsets"] == {"0": 11, "1": 11}
+    assert manifest["offsets"] == {"0": 11, "1": 12}
     assert manifest["examples_seen"] == 4000 and manifest["offsets_topic"] == cfg.topics.examples
     v1 = manifest["version"]
 
@@ -98,7 +106,7 @@ def test_bounded_run_counts_dead_letters_snapshots_and_resume(kafka_config: Conf
     assert s2["examples_seen_total"] == 5000 and s2["resumed_from_version"] == v1
     assert s2["dead_letters"] == 0 and s2["snapshots_published"] >= 1
     manifest, _ = snap.load_latest(cfg.data_dir)
-    assert manifest["offsets"] == {"0": 11 + 2 + 2, "1": 11 + 2 + 2}  # + 2 batches + 2 end markers
+    assert manifest["offsets"] == {"0": 11 + 2 + 2, "1": 12 + 2 + 2}  # + 2 batches + 2 end markers
     assert manifest["end_markers"]["source_partitions"] == 2
 
     # Phase 3: restarting a finished bounded run trains nothing and returns at once.
@@ -186,3 +194,43 @@ def test_merge_holds_a_partition_ahead_and_a_restart_trains_each_example_once(ka
     s2 = run_learner(cfg, bounded=True)
     assert s1["examples_trained"] + s2["examples_trained"] == 2000
     assert s2["examples_seen_total"] == 2000
+
+
+def test_a_fresh_learner_waits_until_the_negatives_cover_the_stream(cfg: Config) -> None:
+    """At a stream's start under ``wait`` the first window releases clicks alone: a fresh learner
+    scores requests but trains nothing until the negatives cover half the impression time the
+    positives do, then trains what waited, shuffled. Mid-stream both labels come at once."""
+    cfg.semantic.enabled = False
+    world = ToyWorld(users=40, items=20, seed=5)
+
+    def at(ts: list[float], label: int, kind: int = KIND_FINAL) -> list[Example]:
+        return [
+            msgspec.structs.replace(e, ts=float(t), label=label, kind=kind)
+            for e, t in zip(world.examples(len(ts)), ts, strict=True)
+        ]
+
+    run = _Run(cfg, None)
+    run.release(at(list(range(0, 600, 2)), 0, KIND_SCORE_REQUEST) + at(list(range(0, 600, 4)), 1))
+    run.train(force=True)
+    assert run.trained == 0 and run.requests_scored == 300 and run.warming
+    run.release(at(list(range(0, 200, 2)), 0))  # negatives of 200 s against positives of 600 s
+    run.train(force=True)
+    assert run.trained == 0 and run.warming
+    run.release(at(list(range(200, 320, 2)), 0) + at(list(range(600, 640, 4)), 1))
+    assert not run.warming
+    assert 0.2 < sum(e.label for e in run.buffer[:256]) / 256 < 0.8  # shuffled: clicks and negatives mixed
+    run.train(force=True)
+    assert run.trained == 150 + 100 + 60 + 10
+
+    mid = _Run(cfg, None)  # started mid-stream: the first records hold both labels
+    mid.release(
+        sorted(
+            at([400.0 + k for k in range(20)], 0) + at([990.0 + k for k in range(10)], 1),
+            key=lambda e: e.ts + (0 if e.label else 600),
+        )
+    )
+    assert not mid.warming
+
+    clicks_only = WarmUp(600.0)  # a stream without negatives is still learned, after 3 W
+    assert not clicks_only.observe(at([0.0, 1000.0], 1))
+    assert clicks_only.observe(at([1800.0], 1))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -20,13 +20,28 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from livectr.core.config import Config, KafkaConfig, Topics
-from livectr.core.events import EndOfStream, encode_event
+from livectr.core.events import EndOfStream, encode_event, one_line
 
 log = logging.getLogger(__name__)
 
+#: Receives librdkafka's statistics JSON of every consumer created from here on (consumer lag
+#: for the stage's metrics: :mod:`livectr.core.metrics_log`); set by :func:`watch_consumers`.
+_consumer_stats: tuple[Callable[[str], None], int] | None = None
 
-def producer(kafka: KafkaConfig, **overrides: object) -> Producer:
-    """A producer tuned for throughput, idempotent so broker retries do not duplicate records."""
+
+def watch_consumers(listener: Callable[[str], None] | None, interval_ms: int = 1000) -> None:
+    """Hand the statistics of every consumer this process creates to ``listener`` (None: stop)."""
+    global _consumer_stats
+    _consumer_stats = (listener, interval_ms) if listener is not None else None
+
+
+# Every Kafka client livectr creates is built here, from ``KafkaConfig.client_properties()``
+# (bootstrap servers, security settings, extra options): tests/test_kafka_security.py checks
+# that no other module constructs one.
+
+
+def producer_config(kafka: KafkaConfig, **overrides: object) -> dict[str, object]:
+    """Properties of :func:`producer`."""
     props: dict[str, object] = {
         **kafka.client_properties(),
         "enable.idempotence": True,
@@ -37,15 +52,55 @@ def producer(kafka: KafkaConfig, **overrides: object) -> Producer:
         "compression.type": "none",
     }
     props.update(overrides)
-    return Producer(props)
+    return props
 
 
-def consumer(kafka: KafkaConfig, group_id: str | None = None, **overrides: object) -> Consumer:
-    """A consumer with auto-commit off: stages commit only what they have fully handled.
+def producer(kafka: KafkaConfig, **overrides: object) -> Producer:
+    """A producer tuned for throughput, idempotent so broker retries do not duplicate records."""
+    return Producer(producer_config(kafka, **overrides))
 
-    Without ``group_id`` the consumer is meant for ``assign()`` (no group join, instant start);
-    a throwaway group id is set because librdkafka requires one.
+
+def admin_config(kafka: KafkaConfig, **overrides: str | int | float | bool) -> dict[str, str | int | float | bool]:
+    """Properties of :func:`admin`."""
+    return {**kafka.client_properties(), **overrides}
+
+
+def admin(
+    kafka: KafkaConfig, logger: logging.Logger | None = None, **overrides: str | int | float | bool
+) -> AdminClient:
+    """An admin client (topics, metadata); librdkafka's log lines go to ``logger`` when given."""
+    extra: dict[str, Any] = {"logger": logger} if logger is not None else {}
+    return AdminClient(admin_config(kafka, **overrides), **extra)
+
+
+class InvalidKafkaOptions(ValueError):
+    """librdkafka refused a property given by the config (a misspelt key, an invalid value)."""
+
+
+def check_options(kafka: KafkaConfig) -> None:
+    """Fail in one line, before any stage starts, when librdkafka refuses the configured
+    properties (say ``--kafka-option sasl.mechanism=SCRAM``); raises :class:`InvalidKafkaOptions`.
+
+    Building a client is librdkafka's own validation (it checks names, enumerations, files
+    such as ``ssl.ca.location``); without bootstrap servers it connects to nothing. The error
+    names the property; librdkafka does not echo secret values.
     """
+    quiet = logging.getLogger("livectr.bus.options")
+    quiet.propagate = False
+    quiet.addHandler(logging.NullHandler())
+    try:
+        # No bootstrap servers: librdkafka then connects to nothing.
+        client = Producer(producer_config(kafka, **{"bootstrap.servers": "", "logger": quiet}))
+    except (KafkaException, ValueError, TypeError) as exc:
+        err = exc.args[0] if exc.args else exc
+        reason = err.str() if isinstance(err, KafkaError) else str(err)
+        first_line = (reason or type(exc).__name__).splitlines()[0]
+        raise InvalidKafkaOptions(f"invalid Kafka client settings: {first_line}") from None
+    client.flush(0)
+
+
+def consumer_config(kafka: KafkaConfig, group_id: str | None = None, **overrides: object) -> dict[str, object]:
+    """Properties of :func:`consumer`."""
     props: dict[str, object] = {
         **kafka.client_properties(),
         "group.id": group_id or f"livectr-assign-{time.monotonic_ns()}",
@@ -59,8 +114,19 @@ def consumer(kafka: KafkaConfig, group_id: str | None = None, **overrides: objec
         # Range assignment keeps partition p of impressions and of clicks on the same worker.
         "partition.assignment.strategy": "range",
     }
+    if _consumer_stats is not None:
+        props["stats_cb"], props["statistics.interval.ms"] = _consumer_stats
     props.update(overrides)
-    return Consumer(props)
+    return props
+
+
+def consumer(kafka: KafkaConfig, group_id: str | None = None, **overrides: object) -> Consumer:
+    """A consumer with auto-commit off: stages commit only what they have fully handled.
+
+    Without ``group_id`` the consumer is meant for ``assign()`` (no group join, instant start);
+    a throwaway group id is set because librdkafka requires one.
+    """
+    return Consumer(consumer_config(kafka, group_id, **overrides))
 
 
 class BrokerUnreachable(ConnectionError):
@@ -76,9 +142,9 @@ def check_reachable(kafka: KafkaConfig, timeout_s: float = 5.0) -> None:
     quiet = logging.getLogger("livectr.bus.probe")
     quiet.propagate = False
     quiet.addHandler(logging.NullHandler())
-    admin = AdminClient({**kafka.client_properties(), "socket.connection.setup.timeout.ms": 3000}, logger=quiet)
+    client = admin(kafka, logger=quiet, **{"socket.connection.setup.timeout.ms": 3000})
     try:
-        admin.list_topics(timeout=timeout_s)
+        client.list_topics(timeout=timeout_s)
     except KafkaException as exc:
         err = exc.args[0] if exc.args else exc
         reason = err.str() if isinstance(err, KafkaError) else str(err)
@@ -90,8 +156,8 @@ def check_reachable(kafka: KafkaConfig, timeout_s: float = 5.0) -> None:
 def ensure_topics(cfg: Config, timeout_s: float = 15.0) -> Topics:
     """Create every livectr topic that does not exist yet; check co-partitioning of the join inputs."""
     topics = cfg.topics
-    admin = AdminClient(cfg.kafka.client_properties())
-    existing = admin.list_topics(timeout=timeout_s).topics
+    client = admin(cfg.kafka)
+    existing = client.list_topics(timeout=timeout_s).topics
     wanted = {
         topics.impressions: cfg.kafka.partitions,
         topics.clicks: cfg.kafka.partitions,
@@ -107,13 +173,13 @@ def ensure_topics(cfg: Config, timeout_s: float = 15.0) -> Topics:
         if name not in existing
     ]
     if new:
-        for fut in admin.create_topics(new, request_timeout=timeout_s).values():
+        for fut in client.create_topics(new, request_timeout=timeout_s).values():
             try:
                 fut.result(timeout=timeout_s)
             except KafkaException as exc:
                 if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                     raise
-    _wait_for_topics(admin, list(wanted), timeout_s)
+    _wait_for_topics(client, list(wanted), timeout_s)
     imp, clk = partition_count(cfg.kafka, topics.impressions), partition_count(cfg.kafka, topics.clicks)
     if imp != clk and not cfg.join.repartition:
         raise RuntimeError(
@@ -123,10 +189,10 @@ def ensure_topics(cfg: Config, timeout_s: float = 15.0) -> Topics:
     return topics
 
 
-def _wait_for_topics(admin: AdminClient, names: list[str], timeout_s: float) -> None:
+def _wait_for_topics(client: AdminClient, names: list[str], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        md = admin.list_topics(timeout=timeout_s).topics
+        md = client.list_topics(timeout=timeout_s).topics
         if all(n in md and md[n].error is None and md[n].partitions for n in names):
             return
         time.sleep(0.1)
@@ -135,7 +201,7 @@ def _wait_for_topics(admin: AdminClient, names: list[str], timeout_s: float) -> 
 
 def partition_count(kafka: KafkaConfig, topic: str, timeout_s: float = 10.0) -> int:
     """Number of partitions of ``topic`` (0 when it does not exist)."""
-    md = AdminClient(kafka.client_properties()).list_topics(topic, timeout=timeout_s)
+    md = admin(kafka).list_topics(topic, timeout=timeout_s)
     t = md.topics.get(topic)
     return len(t.partitions) if t is not None and t.error is None else 0
 
@@ -253,6 +319,11 @@ class Provenance(Protocol):
     def key(self) -> bytes | None: ...
 
 
+#: Largest value and key a dead letter carries (see :class:`DeadLetterSink`).
+DEAD_LETTER_MAX_VALUE = 256 * 1024
+DEAD_LETTER_MAX_KEY = 1024
+
+
 @dataclass
 class DeadLetterSink:
     """Sends rejected records to the dead-letter topic, never raising into the hot path.
@@ -260,6 +331,13 @@ class DeadLetterSink:
     The record value is the original bytes, untouched; the reason and provenance travel in
     headers (``livectr.reason``, ``livectr.stage``, ``livectr.topic``, ``livectr.partition``,
     ``livectr.offset``), the convention Kafka Connect uses for its DLQs.
+
+    Except for a record near the broker's size limit: with the headers its dead letter would
+    be refused (``MSG_SIZE_TOO_LARGE``, raised by ``produce``), the stage would die, restart
+    and meet the same record — a poison record blocking its partition. Values over
+    :data:`DEAD_LETTER_MAX_VALUE` (keys over :data:`DEAD_LETTER_MAX_KEY`) are cut to that size
+    and ``livectr.truncated`` gives the original's (the original stays in its topic, at the
+    offset the headers name).
     """
 
     prod: Producer
@@ -272,6 +350,7 @@ class DeadLetterSink:
     def send(
         self, value: bytes | None, reason: str, source: Provenance | None = None, key: bytes | None = None
     ) -> None:
+        reason = one_line(reason)
         headers = [("livectr.reason", reason.encode()), ("livectr.stage", self.stage.encode())]
         if source is not None:
             headers += [
@@ -280,7 +359,13 @@ class DeadLetterSink:
                 ("livectr.offset", str(source.offset()).encode()),
             ]
             key = key if key is not None else source.key()
-        produce(self.prod, self.topic, value or b"", key=key, on_delivery=self.tracker.callback, headers=headers)
+        value = value or b""
+        if len(value) > DEAD_LETTER_MAX_VALUE or (key is not None and len(key) > DEAD_LETTER_MAX_KEY):
+            size = f"value={len(value)}" + (f",key={len(key)}" if key is not None else "")
+            headers.append(("livectr.truncated", size.encode()))
+            value = value[:DEAD_LETTER_MAX_VALUE]
+            key = key[:DEAD_LETTER_MAX_KEY] if key is not None else None
+        produce(self.prod, self.topic, value, key=key, on_delivery=self.tracker.callback, headers=headers)
         self.count += 1
         short = reason.split(":", 1)[0]
         self.reasons[short] = self.reasons.get(short, 0) + 1

@@ -16,7 +16,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import re
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,9 +28,53 @@ from typing import Any
 ENV_PREFIX = "LIVECTR_"
 
 
+class ConfigError(ValueError):
+    """A config key, value or Kafka option that cannot be used; the message is one line."""
+
+
+#: What a secret looks like in serialised or printed config.
+REDACTED = "***"
+#: librdkafka properties whose value is a secret (matched as substrings of the lower-cased key):
+#: ``sasl.password``, ``ssl.key.password``, ``ssl.keystore.password``, ``ssl.key.pem``,
+#: ``sasl.oauthbearer.client.secret``, ``sasl.oauthbearer.config``, ``sasl.jaas.config``, …
+_SECRET_KEY_PARTS = ("password", "secret", "jaas", "key.pem", "oauthbearer.config")
+#: Splits "a=1,b=x,y,c=2" before each "key=" only, so a value may hold commas (cipher lists).
+_OPTION_SPLIT = re.compile(r",\s*(?=[A-Za-z0-9_.\-]+\s*=)")
+
+
+def is_secret_option(key: str) -> bool:
+    """Whether the librdkafka property ``key`` holds a secret (never written or printed)."""
+    k = key.strip().lower()
+    return any(part in k for part in _SECRET_KEY_PARTS)
+
+
+def parse_options(text: str) -> dict[str, str]:
+    """``"key=value,key=value"`` → dict; a value may contain commas; raises :class:`ConfigError`."""
+    options: dict[str, str] = {}
+    for entry in filter(None, (e.strip() for e in _OPTION_SPLIT.split(text.strip()))):
+        key, sep, value = entry.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"Kafka option {entry.split('=')[0][:40]!r} is not KEY=VALUE")
+        options[key.strip()] = value.strip()
+    return options
+
+
+def format_options(options: Mapping[str, str]) -> str:
+    """Inverse of :func:`parse_options`."""
+    return ",".join(f"{k}={v}" for k, v in options.items())
+
+
 @dataclass
 class KafkaConfig:
-    """Where the broker is and how topics are named and laid out."""
+    """Where the broker is, how topics are named and laid out, and how clients authenticate.
+
+    Every Kafka client livectr creates (``livectr.core.bus``: producers, consumers, admin
+    clients) gets :meth:`client_properties`: the security fields below, then ``extra``.
+    Secrets (``sasl_password`` and secret keys in ``extra``, see :func:`is_secret_option`) are
+    never written to disk or printed: :func:`to_dict` and ``repr`` show :data:`REDACTED`, and a
+    child stage reading the run's config file takes them from its environment
+    (:func:`restore_secrets`).
+    """
 
     #: Empty means: start the embedded tansu broker (``livectr run``) and use it.
     bootstrap_servers: str = ""
@@ -38,20 +84,51 @@ class KafkaConfig:
     replication_factor: int = 1
     #: Smallest value a stock Kafka accepts; keeps consumer-group joins fast (≈3 s on tansu).
     session_timeout_ms: int = 6000
-    #: Extra librdkafka properties, "key=value,key=value" (e.g. security settings).
+    #: ``security.protocol``: PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL ("" = librdkafka's default).
+    security_protocol: str = ""
+    #: ``sasl.mechanism``: PLAIN, SCRAM-SHA-256, SCRAM-SHA-512, OAUTHBEARER or GSSAPI.
+    sasl_mechanism: str = ""
+    sasl_username: str = ""
+    #: Secret: from ``LIVECTR_KAFKA__SASL_PASSWORD`` only (no flag: it would show in ``ps``).
+    sasl_password: str = ""
+    #: ``ssl.ca.location``: CA certificate(s) that signed the brokers' certificates.
+    ssl_ca_location: str = ""
+    #: Any other librdkafka properties, "key=value,key=value" (``LIVECTR_KAFKA__EXTRA``, or
+    #: ``--kafka-option key=value`` repeated), e.g. ``ssl.certificate.location=…``. Applied last.
     extra: str = ""
 
     def topic(self, name: str) -> str:
         """Full topic name for a logical name such as ``impressions``."""
         return f"{self.topic_prefix}{name}"
 
+    def security_properties(self) -> dict[str, str]:
+        """The librdkafka properties of the security fields that are set."""
+        named = {
+            "security.protocol": self.security_protocol,
+            "sasl.mechanism": self.sasl_mechanism,
+            "sasl.username": self.sasl_username,
+            "sasl.password": self.sasl_password,
+            "ssl.ca.location": self.ssl_ca_location,
+        }
+        return {k: v for k, v in named.items() if v}
+
     def client_properties(self) -> dict[str, str | int | float | bool]:
-        """librdkafka properties common to every client."""
+        """librdkafka properties common to every client (bootstrap, security, ``extra``)."""
         props: dict[str, str | int | float | bool] = {"bootstrap.servers": self.bootstrap_servers}
-        for pair in filter(None, (p.strip() for p in self.extra.split(","))):
-            key, _, value = pair.partition("=")
-            props[key.strip()] = value.strip()
+        props.update(self.security_properties())
+        props.update(parse_options(self.extra))
         return props
+
+    def redacted(self) -> KafkaConfig:
+        """A copy whose secrets read :data:`REDACTED` (what may be written or printed)."""
+        options = {k: REDACTED if is_secret_option(k) and v else v for k, v in parse_options(self.extra).items()}
+        return dataclasses.replace(
+            self, sasl_password=REDACTED if self.sasl_password else "", extra=format_options(options)
+        )
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{f.name}={getattr(self.redacted(), f.name)!r}" for f in dataclasses.fields(self))
+        return f"KafkaConfig({fields})"
 
 
 @dataclass
@@ -93,13 +170,14 @@ class JoinConfig:
     window_s: float = 600.0
     #: Labelling policy: ``wait``, ``fake-negative`` or ``defer`` (README, "Labelling policies";
     #: the default is the best in serving order over the benchmark's streams).
-    policy: str = "fake-negative"
+    policy: str = "defer"
     #: ``defer``: the waiting window after which an unclicked impression is sent as a negative (0:
     #: at once, as a fake negative; the real negative follows when the attribution window closes).
     defer_wait_s: float = 0.0
     #: Fraction of impressions (by a hash of the id, so restarts agree) also sent at impression
     #: time as score requests, scored by the model as it stands then: the serving AUC (0 disables).
-    #: Under ``fake-negative`` every impression's fake negative is scored so, and none are sent.
+    #: Under ``fake-negative``, and ``defer`` without a wait, the example sent at the impression's
+    #: time is scored so, and none are sent.
     score_sample: float = 1.0
     group_id: str = "livectr-join"
     #: Commit (and checkpoint the pending state) at most this often.
@@ -182,6 +260,10 @@ class LearnerConfig:
     population_taste: bool = True
     expert_mix_lr: float = 0.005
     #: Examples shuffled together before mini-batches are cut (breaks label clumps; see learner.loop).
+    #: ``defer``: which real negatives are trained on — ``score``: each with the probability of a
+    #: click the model gives it (the informative ones); ``all`` (the paper); or a fixed share
+    #: such as ``0.25``. The importance weights account for the rest (README, "Labelling policies").
+    real_negatives: str = "score"
     shuffle_buffer: int = 4096
     #: Context fields that get their own embedding slot (first seen, first served; extra fields are
     #: counted and ignored so an unbounded set of field names cannot grow the model).
@@ -258,6 +340,28 @@ class ServeConfig:
 
 
 @dataclass
+class MetricsConfig:
+    """What the long-running stages record as they go and serve to Prometheus.
+
+    Each stage appends a sample of its live counters to ``DATA_DIR/metrics/<stage>.jsonl`` (the
+    input of ``livectr report``) and, given a port, serves them on ``/metrics``.
+    """
+
+    #: Port of the stage's Prometheus ``/metrics`` endpoint (0 = none). ``livectr run
+    #: --metrics-port BASE`` gives the join workers, the learner and the refresher BASE, BASE+1, …
+    port: int = 0
+    #: Address the ``/metrics`` endpoint binds (0.0.0.0 to be scraped from other machines).
+    host: str = "127.0.0.1"
+    #: Record samples to ``DATA_DIR/metrics`` (off: only ``/metrics``, if a port is given).
+    record: bool = True
+    #: At most one sample per this many seconds per stage.
+    interval_s: float = 1.0
+    #: A stage's samples file is thinned (every other old sample dropped) past this size, so a
+    #: run of any length keeps its whole span at a coarser resolution in bounded space.
+    max_bytes: int = 2 * 1024 * 1024
+
+
+@dataclass
 class Config:
     """Everything livectr needs to run any stage."""
 
@@ -267,6 +371,7 @@ class Config:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     semantic: SemanticConfig = field(default_factory=SemanticConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     data_dir: Path = Path("./livectr-data")
 
     @property
@@ -321,34 +426,134 @@ def apply_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:
         if value is None:
             continue
         section_name, _, field_name = dotted.rpartition(".")
+        if section_name and section_name not in sections:
+            raise ConfigError(f"unknown config section {section_name!r} (in {dotted!r})")
         target = getattr(cfg, section_name) if section_name else cfg
         cls = sections[section_name] if section_name else Config
         hints = typing.get_type_hints(cls)
         if field_name not in hints:
-            raise KeyError(f"unknown config key {dotted!r}")
+            raise ConfigError(f"unknown config key {dotted!r}")
         if isinstance(value, str) and hints[field_name] is not str:
-            value = _coerce(value, hints[field_name])
+            try:
+                value = _coerce(value, hints[field_name])
+            except ValueError:
+                raise ConfigError(
+                    f"config key {dotted!r}: {value[:40]!r} is not a valid {hints[field_name].__name__}"
+                ) from None
         setattr(target, field_name, value)
     return cfg
 
 
 def from_env(environ: Mapping[str, str] | None = None) -> Config:
-    """A config with defaults overridden by ``LIVECTR_<SECTION>__<FIELD>`` variables."""
+    """A config with defaults overridden by ``LIVECTR_<SECTION>__<FIELD>`` variables.
+
+    Variables without ``__`` that name no top-level field belong to other parts (e.g.
+    ``LIVECTR_STOP_GRACE_S``) and are left alone; an unknown section or field, or a value of the
+    wrong type, raises :class:`ConfigError`.
+    """
     environ = os.environ if environ is None else environ
+    sections = _section_types()
     overrides: dict[str, str] = {}
     for key, value in environ.items():
         if not key.startswith(ENV_PREFIX):
             continue
         rest = key[len(ENV_PREFIX) :].lower()
         section, sep, name = rest.partition("__")
-        overrides[f"{section}.{name}" if sep else section] = value
+        if sep:
+            overrides[f"{section}.{name}"] = value  # an unknown section or field is a ConfigError
+        elif section in typing.get_type_hints(Config) and section not in sections:
+            overrides[section] = value  # a top-level field, e.g. LIVECTR_DATA_DIR
     return apply_overrides(Config(), overrides)
 
 
+def restore_secrets(cfg: Config, environ: Mapping[str, str] | None = None) -> Config:
+    """Put back secrets that a config file holds as :data:`REDACTED`, from the environment.
+
+    ``livectr run`` hands its stages a config file without secrets; they inherit its
+    environment, where the secrets came from (``LIVECTR_KAFKA__SASL_PASSWORD``, secret keys of
+    ``LIVECTR_KAFKA__EXTRA``). Raises :class:`ConfigError` when a redacted secret is not there.
+    """
+    environ = os.environ if environ is None else environ
+    kafka = cfg.kafka
+    if kafka.sasl_password == REDACTED:
+        kafka.sasl_password = environ.get(f"{ENV_PREFIX}KAFKA__SASL_PASSWORD", "")
+        if not kafka.sasl_password:
+            raise ConfigError(
+                f"kafka.sasl_password is redacted in the config file: set {ENV_PREFIX}KAFKA__SASL_PASSWORD"
+            )
+    options = parse_options(kafka.extra)
+    if REDACTED in options.values():
+        from_environ = parse_options(environ.get(f"{ENV_PREFIX}KAFKA__EXTRA", ""))
+        for key, value in options.items():
+            if value == REDACTED:
+                if not from_environ.get(key) or from_environ[key] == REDACTED:
+                    raise ConfigError(
+                        f"Kafka option {key} is redacted in the config file: set it in {ENV_PREFIX}KAFKA__EXTRA"
+                    )
+                options[key] = from_environ[key]
+        kafka.extra = format_options(options)
+    return cfg
+
+
+#: Values no run can use: ``(key, lowest, highest, lowest itself allowed)``. A command checks them
+#: before it starts anything (:func:`validate`); without, ``--partitions 0`` waited 15 s for
+#: topics that never appear and ``--batch-size 0`` ended a learner in a traceback.
+_BOUNDS: tuple[tuple[str, float, float, bool], ...] = (
+    ("kafka.partitions", 1, 1 << 16, True),
+    ("kafka.replication_factor", 1, 1 << 10, True),
+    ("kafka.session_timeout_ms", 1, math.inf, True),
+    ("simulator.events", 0, math.inf, True),
+    ("simulator.users", 1, math.inf, True),
+    ("simulator.items", 1, math.inf, True),
+    ("simulator.speed", 0, math.inf, True),
+    ("simulator.impressions_per_s", 0, math.inf, False),
+    ("join.window_s", 0, math.inf, False),
+    ("join.defer_wait_s", 0, math.inf, True),
+    ("join.score_sample", 0, 1, True),
+    ("join.commit_interval_s", 0, math.inf, False),
+    ("join.workers", 1, 1 << 10, True),
+    ("join.max_skew_s", 0, math.inf, True),
+    ("join.backpressure_floor", 0, math.inf, True),
+    ("learner.batch_size", 1, math.inf, True),
+    ("learner.lr", 0, math.inf, False),
+    ("learner.threads", 1, 1 << 10, True),
+    ("learner.snapshot_every_s", 0, math.inf, False),
+    ("learner.snapshot_every_examples", 1, math.inf, True),
+    ("learner.keep_snapshots", 1, math.inf, True),
+    ("learner.embedding_dim", 1, 1 << 12, True),
+    ("learner.context_buckets", 1, math.inf, True),
+    ("learner.pair_buckets", 0, math.inf, True),
+    ("learner.scorer_reload_ms", 1, math.inf, True),
+    ("semantic.reduced_dim", 1, 1 << 12, True),
+    ("semantic.user_profile_ttl_s", 0, math.inf, True),
+    ("serve.max_body_bytes", 1, math.inf, True),
+    ("serve.max_candidates", 1, math.inf, True),
+    ("metrics.port", 0, 65535, True),
+    ("metrics.interval_s", 0, math.inf, False),
+    ("metrics.max_bytes", 1, math.inf, True),
+)
+
+
+def validate(cfg: Config, flags: Mapping[str, str] | None = None) -> Config:
+    """Raise :class:`ConfigError` (naming the key, its flag from ``flags`` and its env variable)
+    for a value outside :data:`_BOUNDS`; NaN is outside every bound."""
+    for dotted, low, high, inclusive in _BOUNDS:
+        section, _, name = dotted.partition(".")
+        value = getattr(getattr(cfg, section), name)
+        if (value >= low if inclusive else value > low) and value <= high:
+            continue
+        rule = f"{'≥' if inclusive else '>'} {low:g}" + (f" and ≤ {high:g}" if high != math.inf else "")
+        names = [n for n in ((flags or {}).get(dotted), f"{ENV_PREFIX}{section.upper()}__{name.upper()}") if n]
+        raise ConfigError(f"{dotted} must be {rule}, not {value!r} ({', '.join(names)})")
+    return cfg
+
+
 def to_dict(cfg: Config) -> dict[str, Any]:
-    """Plain-JSON view of the config (paths as strings)."""
+    """Plain-JSON view of the config (paths as strings), secrets :data:`REDACTED`."""
 
     def convert(obj: Any) -> Any:
+        if isinstance(obj, KafkaConfig):
+            obj = obj.redacted()
         if dataclasses.is_dataclass(obj):
             return {f.name: convert(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
         if isinstance(obj, Path):
@@ -358,8 +563,9 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return convert(cfg)
 
 
-def from_dict(data: Mapping[str, Any]) -> Config:
-    """Inverse of :func:`to_dict` (used to hand a config to a child process)."""
+def from_dict(data: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Config:
+    """Inverse of :func:`to_dict` (used to hand a config to a child process); redacted secrets are
+    taken from ``environ`` (:func:`restore_secrets`)."""
     flat: dict[str, Any] = {}
     for key, value in data.items():
         if isinstance(value, Mapping):
@@ -369,7 +575,7 @@ def from_dict(data: Mapping[str, Any]) -> Config:
     cfg = apply_overrides(Config(), {k: v for k, v in flat.items() if not k.startswith("data_dir")})
     if "data_dir" in data:
         cfg.data_dir = Path(data["data_dir"])
-    return cfg
+    return restore_secrets(cfg, environ)
 
 
 def config_hash(cfg: Config, sections: tuple[str, ...] = ("learner", "semantic", "join")) -> str:
