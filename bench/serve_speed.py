@@ -11,6 +11,15 @@ hits them alike; the report gives p50/p99/mean latency (ms) and requests/s per t
 Targets: ``old`` — the stdlib ThreadingHTTPServer exactly as in commit 62235e8 (frozen below,
 on today's Scorer), original ``{"impressions": [...]}`` form; ``new`` — ``livectr serve`` with
 the same form; ``new-items`` — ``livectr serve`` with ``{"user_id", "items", "context"}``.
+
+``python bench/serve_speed.py --live [--rate 400] [--seconds 60] [--candidates 100]`` is the
+issue's serving bench: a broker, a paced stream of examples, the real learner (``livectr learn``,
+a snapshot every 5 s, deltas every 2 s) and ``livectr serve`` following its data dir and the
+model-updates topic, each its own process; this process sends ``--rate`` requests/s open-loop
+(each at its scheduled time, latency counted from then, so a stall is not hidden by the client
+waiting) for ``--seconds`` and reports p50/p99/max, errors, and how far each response's
+``model_version`` was behind the newest snapshot on disk when it arrived. Then shorter steps at
+rising rates find the highest that holds p99 ≤ 10 ms.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import argparse
 import http.client
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -183,8 +193,241 @@ def request_bodies(world: ToyWorld, n: int, candidates: int, form: str, seed: in
     return out
 
 
+# ---- the live bench: learner snapshotting and publishing deltas while the server is driven -------
+
+
+def paced_examples(cfg: Config, world: ToyWorld, rate: float, stop: threading.Event) -> None:
+    """Produce ``rate`` labelled examples/s (batches of 50, round-robin partitions) until ``stop``."""
+    from livectr.core import bus
+    from livectr.core.events import ExampleBatch, encode_example
+
+    prod = bus.producer(cfg.kafka)
+    tracker = bus.DeliveryTracker()
+    batch, k = 50, 0
+    start = time.monotonic()
+    while not stop.is_set():
+        due = start + k * batch / rate
+        delay = due - time.monotonic()
+        if delay > 0:
+            stop.wait(delay)
+        record = encode_example(ExampleBatch(world.examples(batch)))
+        bus.produce(prod, cfg.topics.examples, record, partition=k % cfg.kafka.partitions, on_delivery=tracker.callback)
+        prod.poll(0)
+        k += 1
+    prod.flush(5)
+
+
+def paced_drive(port: int, bodies: list[bytes], rate: float, data_dir: Path, threads: int = 8) -> dict[str, Any]:
+    """Send ``bodies`` open-loop at ``rate``/s over ``threads`` keep-alive connections."""
+    from livectr.learner.snapshot import latest_version
+
+    n = len(bodies)
+    latencies = np.full(n, np.nan)
+    behind = np.zeros(n, dtype=np.int64)
+    versions = np.zeros(n, dtype=np.int64)
+    errors: list[str] = []
+    start = time.perf_counter() + 0.2
+
+    def worker(k: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        for i in range(k, n, threads):
+            due = start + i / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            try:
+                conn.request("POST", "/score", body=bodies[i], headers={"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                data = resp.read()
+            except OSError as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                continue
+            latencies[i] = time.perf_counter() - due
+            if resp.status != 200:
+                errors.append(f"{resp.status} {data[:200]!r}")
+                continue
+            version = int(json.loads(data)["model_version"])
+            versions[i] = version
+            behind[i] = (latest_version(data_dir) or version) - version
+        conn.close()
+
+    pool = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    ms = latencies[~np.isnan(latencies)] * 1000
+    return {
+        "rate": rate,
+        "requests": n,
+        "errors": len(errors),
+        "error_example": errors[0] if errors else "",
+        "p50_ms": round(float(np.percentile(ms, 50)), 3) if ms.size else float("nan"),
+        "p99_ms": round(float(np.percentile(ms, 99)), 3) if ms.size else float("nan"),
+        "max_ms": round(float(ms.max()), 3) if ms.size else float("nan"),
+        "versions_seen": sorted({int(v) for v in versions if v}),
+        "max_snapshots_behind": int(behind.max()) if n else 0,
+        "responses_more_than_one_behind": int((behind > 1).sum()),
+    }
+
+
+def scrape(port: int) -> dict[str, float]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    conn.close()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("livectr_serve_") and not line.startswith("#") and "{" not in line:
+            name, _, value = line.partition(" ")
+            out[name] = float(value)
+    return out
+
+
+def score_buckets(port: int) -> dict[float, float]:
+    """The server's own ``/score`` latency histogram: cumulative count per upper bound (seconds)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    conn.close()
+    out: dict[float, float] = {}
+    for line in text.splitlines():
+        if line.startswith("livectr_serve_request_seconds_bucket") and 'route="/score"' in line:
+            bound = line.split('le="', 1)[1].split('"', 1)[0]
+            out[float("inf") if bound == "+Inf" else float(bound)] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def server_side(before: dict[float, float], after: dict[float, float]) -> dict[str, float]:
+    """Share of requests the server itself took over 10 ms, and its p99 as a bucket bound (ms)."""
+    counts = {b: after.get(b, 0.0) - before.get(b, 0.0) for b in sorted(after)}
+    total = counts.get(float("inf"), 0.0)
+    if not total:
+        return {"over_10ms": float("nan"), "p99_bucket_ms": float("nan")}
+    p99 = next(b for b, c in counts.items() if c >= 0.99 * total)
+    return {"over_10ms": 1 - counts.get(0.01, 0.0) / total, "p99_bucket_ms": p99 * 1000}
+
+
+def live(args: argparse.Namespace) -> None:
+    """The issue's serving bench (see the module docstring)."""
+    from livectr.core import bus
+    from livectr.core.broker import EmbeddedBroker
+
+    tmp = Path(tempfile.mkdtemp(prefix="livectr-serve-live-"))
+    with EmbeddedBroker(log_path=tmp / "tansu.log") as broker:
+        cfg = Config()
+        cfg.kafka.bootstrap_servers = broker.bootstrap_servers
+        cfg.kafka.topic_prefix = "live."
+        cfg.learner.device = "cpu"
+        cfg.data_dir = tmp / "data"
+        bus.ensure_topics(cfg)
+        world = ToyWorld(users=5000, items=2000, sem_dim=cfg.semantic.reduced_dim, seed=1)
+        env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "LIVECTR_LEARNER__DEVICE": "cpu",
+            "LIVECTR_KAFKA__TOPIC_PREFIX": cfg.kafka.topic_prefix,
+            "LIVECTR_LEARNER__SNAPSHOT_EVERY_S": "5",
+            "LIVECTR_LEARNER__DELTA_EVERY_S": "2",
+        }
+        common = ["--bootstrap-servers", broker.bootstrap_servers, "--data-dir", str(cfg.data_dir)]
+        stop = threading.Event()
+        feeder = threading.Thread(target=paced_examples, args=(cfg, world, args.examples_per_s, stop), daemon=True)
+        feeder.start()
+        port = free_port()
+        learner = subprocess.Popen(
+            [sys.executable, "-m", "livectr", "learn", "--forever", *common],
+            env=env,
+            stderr=(tmp / "learn.log").open("w"),
+        )
+        server = subprocess.Popen(
+            [sys.executable, "-m", "livectr", "serve", *common, "--port", str(port)],
+            env=env,
+            stderr=(tmp / "serve.log").open("w"),
+        )
+        results: list[dict[str, Any]] = []
+        try:
+            wait_ready(port, "/readyz", timeout_s=120)
+            drive(port, request_bodies(world, 200, args.candidates, "items", seed=99), 4)  # warm-up
+            before, hist_before = scrape(port), score_buckets(port)
+            bodies = request_bodies(world, int(args.rate * args.seconds), args.candidates, "items", seed=1)
+            main_run = paced_drive(port, bodies, args.rate, cfg.data_dir)
+            after = scrape(port)
+            main_run["server_side"] = server_side(hist_before, score_buckets(port))
+            main_run["snapshots_loaded"] = int(
+                after.get("livectr_serve_snapshot_loads_total", 0) - before.get("livectr_serve_snapshot_loads_total", 0)
+            )
+            main_run["deltas_applied"] = int(
+                after.get("livectr_serve_deltas_applied_total", 0) - before.get("livectr_serve_deltas_applied_total", 0)
+            )
+            results.append(main_run)
+            # Baseline in the same run: the same rate with the learner stopped (no snapshots, no
+            # deltas), so what the machine's other load costs is told apart from live updates.
+            learner.send_signal(signal.SIGSTOP)
+            try:
+                bodies = request_bodies(world, int(args.rate * args.baseline_seconds), args.candidates, "items", seed=2)
+                hist_before = score_buckets(port)
+                baseline = paced_drive(port, bodies, args.rate, cfg.data_dir)
+                baseline["server_side"] = server_side(hist_before, score_buckets(port))
+            finally:
+                learner.send_signal(signal.SIGCONT)
+            for rate in (float(r) for r in args.step_rates.split(",")):
+                bodies = request_bodies(world, int(rate * args.step_seconds), args.candidates, "items", seed=int(rate))
+                results.append(paced_drive(port, bodies, rate, cfg.data_dir))
+        finally:
+            stop.set()
+            for p in (server, learner):
+                p.terminate()
+            for p in (server, learner):
+                try:
+                    p.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+    head = results[0]
+    print(
+        f"live: {args.rate:g} requests/s of {args.candidates} candidates for {args.seconds:g} s; learner on "
+        f"{args.examples_per_s:g} examples/s, a snapshot every 5 s, deltas every 2 s; {os.cpu_count()} cores"
+    )
+    print(
+        f"p50 {head['p50_ms']} ms  p99 {head['p99_ms']} ms  max {head['max_ms']} ms  errors {head['errors']}  "
+        f"snapshots loaded {head['snapshots_loaded']}  deltas applied {head['deltas_applied']}  "
+        f"max snapshots behind {head['max_snapshots_behind']} ({head['responses_more_than_one_behind']} responses > 1)"
+    )
+    print(
+        f"baseline, learner stopped ({args.baseline_seconds:g} s at {args.rate:g}/s): p50 {baseline['p50_ms']} ms  "
+        f"p99 {baseline['p99_ms']} ms  max {baseline['max_ms']} ms  errors {baseline['errors']}; "
+        f"p99 ratio live/baseline {head['p99_ms'] / baseline['p99_ms']:.2f}"
+    )
+    for name, r in (("live", head), ("baseline", baseline)):
+        side = r["server_side"]
+        print(
+            f"{name}: in the server (its /score histogram) {side['over_10ms']:.2%} of requests over 10 ms, "
+            f"p99 ≤ {side['p99_bucket_ms']:g} ms"
+        )
+    print(
+        f"target p99 ≤ 10 ms: {'met' if head['p99_ms'] <= 10 else 'MISSED'}; zero errors: {'met' if not head['errors'] else 'MISSED'}"
+    )
+    print(f"{'rate/s':>8}{'requests':>9}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'errors':>8}")
+    for r in results:
+        print(f"{r['rate']:>8g}{r['requests']:>9}{r['p50_ms']:>9}{r['p99_ms']:>9}{r['max_ms']:>9}{r['errors']:>8}")
+    held = [r["rate"] for r in results if r["p99_ms"] <= 10 and not r["errors"]]
+    print(f"highest rate holding p99 ≤ 10 ms: {max(held) if held else 'none'} requests/s")
+    if args.json is not None:
+        args.json.write_text(json.dumps({"runs": results, "baseline": baseline}, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--live", action="store_true", help="the serving bench under a live learner (see above)")
+    parser.add_argument("--rate", type=float, default=400.0, help="--live: requests/s")
+    parser.add_argument("--seconds", type=float, default=60.0, help="--live: seconds at --rate")
+    parser.add_argument("--step-rates", default="100,200,300,600", help="--live: rates tried after")
+    parser.add_argument("--baseline-seconds", type=float, default=30.0, help="--live: seconds with the learner stopped")
+    parser.add_argument("--step-seconds", type=float, default=15.0, help="--live: seconds per step rate")
+    parser.add_argument("--examples-per-s", type=float, default=1000.0, help="--live: examples/s for the learner")
     parser.add_argument("--requests", type=int, default=3000, help="measured requests per target and concurrency")
     parser.add_argument("--candidates", type=int, default=100)
     parser.add_argument("--concurrency", default="1,4", help="client threads, comma-separated")
@@ -196,6 +439,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.serve_old is not None:
         serve_old(args.serve_old, args.port)
+        return
+    if args.live:
+        live(args)
         return
 
     tmp = Path(tempfile.mkdtemp(prefix="livectr-serve-bench-"))

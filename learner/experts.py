@@ -90,6 +90,11 @@ class FastExperts:
             self.taste_w = grown(self.taste_w, need, 0.0)
             self.taste_h = grown(self.taste_h, need, self.taste_prior)
 
+    def grow_users(self, rows: int) -> None:
+        """Make room for user rows below ``rows`` (a replica applying a delta: learner.deltas)."""
+        if rows > 0:
+            self._grow(np.asarray([rows - 1]))
+
     def _fade(self, last: np.ndarray, now: np.ndarray | None) -> np.ndarray:
         """Factor by which a session bias last updated at ``last`` has faded at ``now`` (1: no clock)."""
         if not self.session_s or now is None:

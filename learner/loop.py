@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from confluent_kafka import KafkaError, Message, TopicPartition
+from confluent_kafka import KafkaError, Message, Producer, TopicPartition
 
 from livectr.core import bus
 from livectr.core.config import Config, config_hash
@@ -61,10 +61,12 @@ from livectr.core.events import (
     encode_example,
 )
 from livectr.learner.align import EventTimeMerge
+from livectr.learner.deltas import TouchedRows
 from livectr.learner.live_metrics import RecentLearnerMetrics
 from livectr.learner.model import ModelConfig
 from livectr.learner.online import OnlineLearner
 from livectr.learner.snapshot import LearnerLock, clean_temp, load_newest_good, manifest_offsets, publish_snapshot
+from livectr.learner.updates import UpdatePublisher
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +208,14 @@ class _Run:
         self.warm_up: WarmUp | None = WarmUp(cfg.join.window_s) if self.learner.examples_seen == 0 else None
         self.held: list[Example] = []
         self.recent = RecentLearnerMetrics()
+        #: Full snapshots and deltas on the model-updates topic (None: not published).
+        self.updates: UpdatePublisher | None = None
+
+    def publish_updates(self, prod: Producer) -> None:
+        """Publish full snapshots and, every ``delta_every_s``, deltas on the model-updates topic."""
+        self.updates = UpdatePublisher(self.cfg, prod)
+        if self.cfg.learner.delta_every_s > 0:
+            self.learner.touched = TouchedRows()
 
     @property
     def warming(self) -> bool:
@@ -349,14 +359,49 @@ class _Run:
             "config_hash": config_hash(self.cfg),
             "semantics": self.cfg.semantic.enabled,
         }
+        if self.updates is not None and self.updates.chain is not None:
+            manifest["delta_chain"] = list(self.updates.chain)  # the deltas this snapshot contains
         version, _ = publish_snapshot(
             self.cfg.data_dir, self.learner.state(), manifest, self.cfg.learner.keep_snapshots
         )
+        if self.updates is not None and self.updates.full_due():
+            self.updates.publish_full(self.cfg.data_dir, version)
+            if self.learner.touched is not None:
+                self.learner.touched.take()  # all in the full snapshot
         self.snapshots += 1
         self.last_version = version
         self.last_snapshot_t = time.monotonic()
         self.trained_at_snapshot = self.trained
         self.records_at_snapshot = self.records
+
+    def delta_due(self) -> bool:
+        every = self.cfg.learner.delta_every_s
+        touched = self.learner.touched
+        return (
+            self.updates is not None
+            and not self.warming  # a delta may take the first snapshot: never over held examples
+            and touched is not None
+            and bool(touched)
+            and time.monotonic() - self.updates.last_delta_t >= every
+        )
+
+    def publish_delta(self, dlq: bus.DeadLetterSink) -> None:
+        """Publish the rows touched since the last publish; without a full snapshot on Kafka yet,
+        first the one resumed from (or a new one: a delta needs a base)."""
+        assert self.updates is not None
+        if self.updates.base is None:
+            if self.last_version is None:
+                self.snapshot(dlq)  # publishes the full snapshot on Kafka too
+                return
+            try:
+                self.updates.publish_full(self.cfg.data_dir, int(self.last_version))
+            except OSError as exc:
+                log.warning(
+                    "snapshot v%08d to publish on Kafka is unreadable (%s); taking a new one", self.last_version, exc
+                )
+                self.snapshot(dlq)
+                return
+        self.updates.publish_delta(self.learner, self.last_version)
 
     # -- reporting ----------------------------------------------------------------------------
 
@@ -387,6 +432,9 @@ class _Run:
             "buffered": len(self.buffer) + len(self.merge) + len(self.held),
             "warming_up": self.warming,
             "real_negatives_left_out": self.learner.real_negatives_left_out,
+            # For `livectr chaos`: the model's total, and where this process resumed it from.
+            "examples_seen_total": self.learner.examples_seen,
+            "resumed_examples_seen": (self.manifest or {}).get("examples_seen", 0),
         }
         status.update(self.recent.sample(self.learner.metrics))  # recent AUC, freshness, event time
         if self.on_status is not None:
@@ -434,6 +482,14 @@ class _Run:
             "context_fields_dropped": s["context_fields_dropped"],
             "device": str(self.learner.device),
         }
+        if self.updates is not None:
+            out.update(
+                deltas_published=self.updates.deltas,
+                full_snapshots_on_kafka=self.updates.fulls,
+                last_delta_bytes=self.updates.delta_bytes,
+                mean_delta_bytes=self.updates.delta_bytes_total / self.updates.deltas if self.updates.deltas else 0,
+                last_full_snapshot_bytes=self.updates.full_bytes,
+            )
         out.update(
             {
                 k: s[k]
@@ -484,6 +540,10 @@ def _learn(cfg: Config, on_status: StatusCallback | None, stop: threading.Event,
     cons = bus.consumer(cfg.kafka)
     prod = bus.producer(cfg.kafka)
     dlq = bus.DeadLetterSink(prod, cfg.topics.dead_letters, stage="learner")
+    if cfg.learner.publish_updates:
+        # One partition: updates apply in order.
+        bus.ensure_topic(cfg.kafka, cfg.topics.model_updates, 1, config=bus.model_updates_topic_config(cfg))
+        run.publish_updates(prod)
     bus.assign_all(cons, cfg.kafka, [run.topic], {(run.topic, p): o for p, o in run.offsets.items()})
     paused: set[int] = set()
     try:
@@ -504,11 +564,15 @@ def _learn(cfg: Config, on_status: StatusCallback | None, stop: threading.Event,
                 run.train(force=False)
                 if run.snapshot_due():  # per record, so a large poll cannot postpone a snapshot
                     run.snapshot(dlq)
+                elif run.delta_due():
+                    run.publish_delta(dlq)
                 run.status(dlq)  # likewise for status (rate-limited inside)
             run.release(run.merge.release(time.monotonic()))  # a source may have gone idle
             run.train(force=not msgs)
             if run.snapshot_due():
                 run.snapshot(dlq)
+            elif run.delta_due():
+                run.publish_delta(dlq)
             paused = _throttle(cons, run, paused)
             prod.poll(0)
             run.busy_s += time.perf_counter() - t
@@ -525,6 +589,8 @@ def _learn(cfg: Config, on_status: StatusCallback | None, stop: threading.Event,
         # restart reads the held examples again.
         if run.records > run.records_at_snapshot and not run.warming:
             run.snapshot(dlq, bus.flush_timeout(stop))
+        if run.updates is not None and run.learner.touched and not run.warming:
+            run.publish_delta(dlq)  # scorers following Kafka get the last rows too
         bus.flush_or_raise(prod, dlq.tracker, bus.flush_timeout(stop))
         run.status(dlq, force=True)
         return run.summary(dlq)

@@ -30,6 +30,7 @@ from livectr.core.events import (
     Example,
 )
 from livectr.learner.cold_start import ColdStart
+from livectr.learner.deltas import TouchedRows
 from livectr.learner.features import EncodedBatch
 from livectr.learner.metrics import DelayedLabelEvaluator, LearnerMetrics, ServingEvaluator
 from livectr.learner.model import ModelInputs
@@ -168,6 +169,8 @@ class OnlineLearner(Predictor):
             if self.semantic
             else None
         )
+        #: Rows trained since the last delta, when the learner publishes deltas (learner.deltas).
+        self.touched: TouchedRows | None = None
         if state is not None:
             self._load(state)
 
@@ -324,6 +327,8 @@ class OnlineLearner(Predictor):
         else:
             probs = p.detach().cpu().numpy()
         finished = time.time()
+        if self.touched is not None:
+            self.touched.add(batch, finished)
 
         self._record(batch, probs, finished, distill_value, gate_used, examples, components)
         if self.cold_start is not None:

@@ -8,6 +8,12 @@ reports that model's version. The HTTP server (:mod:`livectr.learner.serve`) run
 in a background thread (:meth:`Scorer.start_watcher`), so requests never wait for a load;
 without a watcher (``livectr score``) a request checks the pointer itself. A snapshot that
 cannot be loaded is logged and counted, and the previous model keeps serving.
+
+Scorers can also follow the model over Kafka (:mod:`livectr.learner.updates`): full snapshots
+are installed with the same one-reference swap, and deltas (:mod:`livectr.learner.deltas`) are
+written into the serving model in place, under the lock requests score under (about a
+millisecond), so a request sees the model before or after a delta, never half of one. The
+version a response names stays the full snapshot's; the delta sequence is in ``/metrics``.
 The scorer never calls the teacher: the semantic branch runs on the student's distilled
 vectors, and ids the learner never saw use the shared unknown row (the impression-weighted
 mean embedding).
@@ -15,6 +21,7 @@ mean embedding).
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -26,8 +33,18 @@ import numpy as np
 
 from livectr.core.config import Config
 from livectr.core.events import Impression
+from livectr.learner.deltas import Delta
+from livectr.learner.deltas import apply_delta as apply_delta_to
 from livectr.learner.predictor import Predictor
-from livectr.learner.snapshot import SnapshotError, latest_version, load_newest_good, load_version, version_name
+from livectr.learner.snapshot import (
+    MANIFEST,
+    SnapshotError,
+    latest_version,
+    load_newest_good,
+    load_version,
+    snapshots_dir,
+    version_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,20 +57,65 @@ class NoSnapshotError(RuntimeError):
     """No snapshot has been published yet under the data directory."""
 
 
-class Loaded:
-    """One loaded snapshot: immutable once built, swapped as a whole."""
+#: Deltas applied this recently count as live (see :meth:`Scorer._deltas_cover`).
+DELTAS_LIVE_S = 10.0
+#: Upper bounds (seconds) of the event → served freshness histogram.
+FRESHNESS_BUCKETS = (0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0)
+#: Recent event → served values kept for benches (a ring).
+FRESHNESS_KEPT = 200_000
 
-    def __init__(self, manifest: dict[str, Any], predictor: Predictor) -> None:
+
+class Loaded:
+    """One loaded snapshot, swapped as a whole; deltas update it in place under :attr:`lock`."""
+
+    def __init__(self, manifest: dict[str, Any], predictor: Predictor, chain: tuple[int, int] | None = None) -> None:
         self.manifest = manifest
         self.predictor = predictor
         self.version = int(manifest["version"])
         #: Wall-clock time the learner published it (seconds since the epoch).
         self.created_at = float(manifest.get("created_at", 0.0))
         self.lock = threading.Lock()
+        #: Position in the learner's delta chain (base version, seq) this model contains: a disk
+        #: snapshot records it in its manifest; a full snapshot from Kafka starts one (V, 0).
+        recorded = manifest.get("delta_chain")
+        self.chain: tuple[int, int] = chain or ((int(recorded[0]), int(recorded[1])) if recorded else (self.version, 0))
+        self.deltas_applied = 0
+        #: Wall-clock time of the last delta applied (0: none).
+        self.delta_at = 0.0
 
-    def score(self, impressions: Sequence[Impression]) -> np.ndarray:
+    def score(self, impressions: Sequence[Impression]) -> tuple[np.ndarray, int]:
+        """Scores and the version that computed them (read under the lock a delta takes)."""
         with self.lock:
-            return self.predictor.predict_batch(list(impressions))
+            return self.predictor.predict_batch(list(impressions)), self.version
+
+    def follows(self, base: int, seq: int) -> bool:
+        """Whether delta ``(base, seq)`` is the next one for this model."""
+        return (base, seq) == (self.chain[0], self.chain[1] + 1) or (base == self.version and seq == 1)
+
+
+class FreshnessHistogram:
+    """Event → served seconds of the examples in the deltas applied (cumulative buckets, a ring)."""
+
+    def __init__(self) -> None:
+        self.buckets = [0] * len(FRESHNESS_BUCKETS)
+        self.count = 0
+        self.sum = 0.0
+        self.recent: list[float] = []
+        self._next = 0
+
+    def observe(self, values: np.ndarray) -> None:
+        if not values.size:
+            return
+        for i, bound in enumerate(FRESHNESS_BUCKETS):
+            self.buckets[i] += int((values <= bound).sum())
+        self.count += int(values.size)
+        self.sum += float(values.sum())
+        for v in values.tolist():
+            if len(self.recent) < FRESHNESS_KEPT:
+                self.recent.append(v)
+            else:
+                self.recent[self._next] = v
+                self._next = (self._next + 1) % FRESHNESS_KEPT
 
 
 class Scorer:
@@ -78,6 +140,14 @@ class Scorer:
         self.load_failures = 0
         #: The latest version last refused as corrupt (not retried until ``latest`` moves on).
         self.refused_version: int | None = None
+        self.deltas_applied = 0
+        #: Deltas skipped: already contained, or after a gap in their chain (waiting for a full snapshot).
+        self.deltas_skipped = 0
+        #: Model updates from Kafka refused as corrupt or unusable.
+        self.update_refusals = 0
+        self.freshness = FreshnessHistogram()
+        self._followers: list[Any] = []
+        self._gap_logged: tuple[int, int] | None = None
         if load_now:
             self.maybe_reload(force=True)
 
@@ -117,6 +187,8 @@ class Scorer:
                 return False
             if self._failed is not None and self._failed[0] == pointed and now - self._failed[1] < RETRY_FAILED_S:
                 return False
+            if self._current is not None and pointed > self._current.version and self._deltas_cover(pointed):
+                return False
             refused: list[SnapshotError] = []
             if self._current is None:  # nothing served yet: the newest snapshot that verifies
                 found, refused = load_newest_good(self.data_dir, with_optimizer=False)
@@ -150,8 +222,83 @@ class Scorer:
         finally:
             self._reload_lock.release()
 
+    def install(self, loaded: Loaded) -> bool:
+        """Swap in a model loaded elsewhere (a full snapshot from Kafka) if it is newer than the one
+        serving; False otherwise (e.g. the same version, already loaded from disk)."""
+        with self._reload_lock:
+            current = self._current
+            if current is not None and loaded.version <= current.version:
+                return False
+            self._current = loaded
+            self.reloads += 1
+            return True
+
+    def apply_delta(self, delta: Delta) -> bool:
+        """Apply a :class:`~livectr.learner.deltas.Delta` if it is the next one for the serving model.
+
+        A delta already contained (an older one) is skipped quietly; one after a gap in the
+        chain is skipped until a full snapshot arrives. Raises ``DeltaError`` for a delta that
+        does not fit the model (the model is left as it was only if the error came first).
+        """
+        current = self._current
+        base, seq = delta.base_version, delta.seq
+        if current is None or not current.follows(base, seq):
+            self.deltas_skipped += 1
+            if current is not None and base == current.chain[0] and seq > current.chain[1] + 1:
+                if self._gap_logged != (base, current.chain[1]):
+                    self._gap_logged = (base, current.chain[1])
+                    log.warning(
+                        "delta chain of v%08d has a gap (have seq %d, got %d): waiting for the next full snapshot",
+                        base,
+                        current.chain[1],
+                        seq,
+                    )
+            return False
+        with current.lock:
+            apply_delta_to(current.predictor, delta)
+            current.chain = (base, seq)
+            current.deltas_applied += 1
+            current.delta_at = time.time()
+            # Published after that snapshot, the delta brings the model past it: name it so.
+            current.version = max(current.version, int(delta.meta.get("snapshot_version") or 0))
+        self.deltas_applied += 1
+        decided = delta.arrays.get("freshness.decided_at")
+        if decided is not None:
+            self.freshness.observe(np.maximum(current.delta_at - decided, 0.0))
+        return True
+
+    def refuse(self, reason: str) -> None:
+        """Count and log a model update that could not be used; the serving model stays."""
+        self.update_refusals += 1
+        log.error("%s; keeping v%s", reason, self.version)
+
+    def attach(self, follower: Any) -> None:
+        """Start ``follower`` (an object with ``start()``/``stop()``) with the watcher, stop it with it."""
+        self._followers.append(follower)
+
+    def _deltas_cover(self, version: int) -> bool:
+        """Whether live deltas will bring the serving model past disk snapshot ``version`` anyway.
+
+        Why: a scorer that also follows Kafka would otherwise load every full snapshot (tens of
+        MB, a few hundred ms of CPU) only to get rows the deltas of the same chain deliver within
+        seconds; it names that version once a delta published after it is applied. A snapshot of
+        another chain (a rollback, a learner restarted) or deltas gone quiet: loaded as usual.
+        """
+        current = self._current
+        if not self._followers or current is None or time.time() - current.delta_at > DELTAS_LIVE_S:
+            return False
+        try:
+            manifest = json.loads((snapshots_dir(self.data_dir) / version_name(version) / MANIFEST).read_text())
+        except (OSError, ValueError):
+            return False
+        chain = manifest.get("delta_chain") if isinstance(manifest, dict) else None
+        return isinstance(chain, list) and bool(chain) and int(chain[0]) == current.chain[0]
+
     def start_watcher(self) -> None:
-        """Poll the ``latest`` pointer every ``reload_ms`` in a background thread (idempotent)."""
+        """Poll the ``latest`` pointer every ``reload_ms`` in a background thread (idempotent),
+        and start the attached followers (the Kafka model-updates follower)."""
+        for follower in self._followers:
+            follower.start()
         if self._watcher is not None:
             return
         self._stop.clear()
@@ -159,6 +306,8 @@ class Scorer:
         self._watcher.start()
 
     def stop_watcher(self) -> None:
+        for follower in self._followers:
+            follower.stop()
         if self._watcher is None:
             return
         self._stop.set()
@@ -180,7 +329,7 @@ class Scorer:
         current = self._current  # one reference for the whole request
         if current is None:
             raise NoSnapshotError(f"no snapshot under {self.data_dir / 'snapshots'} yet")
-        return current.score(impressions), current.version
+        return current.score(impressions)
 
     def score(self, impressions: Sequence[Impression]) -> np.ndarray:
         """Click probabilities for ``impressions``; raises :class:`NoSnapshotError` before the first snapshot."""

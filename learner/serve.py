@@ -37,7 +37,7 @@ from typing import Any
 import msgspec
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -47,7 +47,8 @@ from starlette.routing import Route
 
 from livectr.core.config import Config, ServeConfig
 from livectr.core.events import ContextValue, Impression, one_line, time_problem
-from livectr.learner.scorer import NoSnapshotError, Scorer
+from livectr.learner.scorer import FRESHNESS_BUCKETS, NoSnapshotError, Scorer
+from livectr.learner.updates import UpdateFollower
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,39 @@ class _ScorerCollector:
             "livectr_serve_snapshot_load_failures",
             "Snapshots that failed to load (the previous model kept serving)",
             value=self.scorer.load_failures,
+        )
+        yield CounterMetricFamily(
+            "livectr_serve_deltas_applied",
+            "Deltas (rows touched since the last publish) applied",
+            value=self.scorer.deltas_applied,
+        )
+        yield CounterMetricFamily(
+            "livectr_serve_deltas_skipped",
+            "Deltas skipped: already contained, or after a gap in their chain (waiting for a full snapshot)",
+            value=self.scorer.deltas_skipped,
+        )
+        yield CounterMetricFamily(
+            "livectr_serve_update_refusals",
+            "Model updates from Kafka refused as corrupt or unusable (the model serving kept serving)",
+            value=self.scorer.update_refusals,
+        )
+        yield GaugeMetricFamily(
+            "livectr_serve_delta_seq",
+            "Position of the serving model in its delta chain (0: none applied since its full snapshot)",
+            value=current.chain[1] if current else 0,
+        )
+        yield GaugeMetricFamily(
+            "livectr_serve_delta_age_seconds",
+            "Seconds since the last delta was applied (NaN: none)",
+            value=time.time() - current.delta_at if current and current.delta_at else float("nan"),
+        )
+        fresh = self.scorer.freshness
+        yield HistogramMetricFamily(
+            "livectr_serve_freshness_seconds",
+            "Event → served: from an example's decision to the scorer applying the delta that trained it",
+            buckets=[(str(b), c) for b, c in zip(FRESHNESS_BUCKETS, fresh.buckets, strict=True)]
+            + [("+Inf", fresh.count)],
+            sum_value=fresh.sum,
         )
 
 
@@ -267,9 +301,20 @@ def make_app(scorer: Scorer, cfg: ServeConfig | None = None, watch: bool = True)
     return app
 
 
+def make_scorer(cfg: Config) -> Scorer:
+    """The scorer ``livectr serve`` runs: it follows ``data_dir/snapshots`` and, with a broker
+    (``--bootstrap-servers``), the model-updates topic too (full snapshots and deltas), so it
+    needs no shared disk. Nothing loads until the app starts."""
+    scorer = Scorer(cfg.data_dir, reload_ms=cfg.learner.scorer_reload_ms, cfg=cfg, load_now=False)
+    if cfg.kafka.bootstrap_servers:
+        scorer.attach(UpdateFollower(cfg, scorer))
+    return scorer
+
+
 def serve(cfg: Config, host: str, port: int) -> None:
     """Serve the scorer on ``host:port`` until interrupted; the first snapshot loads in the background."""
-    scorer = Scorer(cfg.data_dir, reload_ms=cfg.learner.scorer_reload_ms, cfg=cfg, load_now=False)
+    scorer = make_scorer(cfg)
     app = make_app(scorer, cfg.serve)
-    log.info("scoring on http://%s:%d (snapshots under %s)", host, port, cfg.data_dir / "snapshots")
+    source = f" and {cfg.topics.model_updates} on {cfg.kafka.bootstrap_servers}" if cfg.kafka.bootstrap_servers else ""
+    log.info("scoring on http://%s:%d (snapshots under %s%s)", host, port, cfg.data_dir / "snapshots", source)
     uvicorn.run(app, host=host, port=port, log_config=None, access_log=False, timeout_graceful_shutdown=5)

@@ -50,6 +50,8 @@ from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load as load_torch
 from safetensors.torch import save_file as save_torch
 
+from livectr.core import faults
+
 log = logging.getLogger(__name__)
 
 
@@ -183,6 +185,7 @@ def publish_snapshot(
         for f in tmp.iterdir():
             _fsync_path(f)
         _fsync_path(tmp)
+        faults.hold(faults.SNAPSHOT)
         os.rename(tmp, root / name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -233,13 +236,10 @@ def latest_version(data_dir: Path | str) -> int | None:
     return versions[-1] if versions else None
 
 
-def _read_verified(path: Path, name: str, sums: dict[str, str] | None) -> bytes:
-    try:
-        data = (path / name).read_bytes()
-    except FileNotFoundError:
-        raise SnapshotError(path, f"{name} is missing (partial snapshot)") from None
-    except OSError as exc:
-        raise SnapshotError(path, f"{name} is unreadable: {exc}") from exc
+def _verified(path: Path, name: str, data: bytes | None, sums: dict[str, str] | None) -> bytes:
+    """``data`` (the contents of ``name``) checked against the manifest's sha256, if it has one."""
+    if data is None:
+        raise SnapshotError(path, f"{name} is missing (partial snapshot)")
     if sums is not None:
         want = sums.get(name)
         if want is None:
@@ -269,14 +269,37 @@ def load_version(
     path = snapshots_dir(data_dir) / version_name(version)
     if not path.is_dir():
         raise FileNotFoundError(f"snapshot {path} does not exist")
-    manifest = _parse(path, MANIFEST, json.loads, _read_verified(path, MANIFEST, None))
+    names = [MANIFEST, *(n for n in DATA_FILES if with_optimizer or n != "optimizer.safetensors")]
+    files: dict[str, bytes] = {}
+    for name in names:
+        try:
+            files[name] = (path / name).read_bytes()
+        except FileNotFoundError:
+            continue  # reported by state_from_files as a partial snapshot
+        except OSError as exc:
+            raise SnapshotError(path, f"{name} is unreadable: {exc}") from exc
+    return state_from_files(path, files, with_optimizer)
+
+
+def state_from_files(
+    path: Path, files: dict[str, bytes], with_optimizer: bool = True
+) -> tuple[dict[str, Any], LearnerState]:
+    """Verify a snapshot's file contents against its manifest and parse them.
+
+    ``files`` maps file names to bytes, read from a snapshot directory or received over Kafka
+    (:mod:`livectr.learner.updates`); ``path`` names the snapshot in errors. Raises
+    :class:`SnapshotError` for a missing, corrupt or unparsable file.
+    """
+    if MANIFEST not in files:
+        raise SnapshotError(path, f"{MANIFEST} is missing (partial snapshot)")
+    manifest = _parse(path, MANIFEST, json.loads, files[MANIFEST])
     if not isinstance(manifest, dict) or "model_config" not in manifest:
         raise SnapshotError(path, f"{MANIFEST} is not a snapshot manifest")
     sums = manifest.get("files")  # None: written before checksums existed, loaded unverified
     if sums is not None and not isinstance(sums, dict):
         raise SnapshotError(path, f"{MANIFEST} has a malformed 'files' entry")
     names = [n for n in DATA_FILES if with_optimizer or n != "optimizer.safetensors"]
-    raw = {n: _read_verified(path, n, sums) for n in names}
+    raw = {n: _verified(path, n, files.get(n), sums) for n in names}
     state = LearnerState(
         model_config=manifest["model_config"],
         tensors=_parse(path, "model.safetensors", load_torch, raw["model.safetensors"]),
@@ -287,6 +310,13 @@ def load_version(
         meta=_parse(path, "vocab.json", json.loads, raw["vocab.json"]),
     )
     return manifest, state
+
+
+def read_serving_files(data_dir: Path | str, version: int) -> dict[str, bytes]:
+    """The bytes of what a scorer needs from one snapshot: the manifest and every file but the
+    optimiser's (what the learner publishes over Kafka). Raises ``FileNotFoundError``."""
+    path = snapshots_dir(data_dir) / version_name(version)
+    return {n: (path / n).read_bytes() for n in (MANIFEST, *DATA_FILES) if n != "optimizer.safetensors"}
 
 
 def load_latest(data_dir: Path | str, with_optimizer: bool = True) -> tuple[dict[str, Any], LearnerState] | None:

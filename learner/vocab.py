@@ -92,6 +92,29 @@ class GrowingVocab:
         self._ensure_capacity(len(self._ids))
         return rows, np.asarray(new_rows, dtype=np.int64)
 
+    def bind(self, key: str, row: int) -> None:
+        """Map ``key`` to ``row`` as the learner's vocabulary does (a scorer following deltas).
+
+        Why: a replica must keep the learner's row numbers (the pair buckets hash them), and a
+        row can be given to another id after expiry, so whatever id held ``row`` before (and any
+        row ``key`` held) is forgotten. Rows skipped over stay unused (never looked up).
+        """
+        if row <= UNKNOWN_ROW:
+            raise ValueError(f"cannot bind {key!r} to row {row}")
+        old_row = self._row_of.get(key)
+        if old_row == row:
+            return
+        while len(self._ids) <= row:
+            self._ids.append("")
+        old_key = self._ids[row]
+        if self._row_of.get(old_key) == row:
+            del self._row_of[old_key]
+        if old_row is not None:
+            self._ids[old_row] = ""
+        self._ids[row] = key
+        self._row_of[key] = row
+        self._ensure_capacity(len(self._ids))
+
     def _ensure_capacity(self, needed: int) -> None:
         if needed <= self.capacity:
             return

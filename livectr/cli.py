@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from livectr.chaos import ChaosOptions, run_chaos
 from livectr.core import bus
 from livectr.core import config as config_mod
 from livectr.core.broker import EmbeddedBroker
@@ -89,7 +90,7 @@ CONFIG_FLAGS: dict[str, tuple[str, type, str]] = {
         "replay speed: 0 = as fast as possible, 1 = real time, 60 = a minute per second",
     ),
     "--window-s": ("join.window_s", float, "attribution window in event-time seconds (default 600)"),
-    "--policy": ("join.policy", str, "labelling policy: defer (default) | fake-negative | wait"),
+    "--policy": ("join.policy", str, "labelling policy: fake-negative (default) | defer | wait"),
     "--defer-wait-s": ("join.defer_wait_s", float, "policy defer: the waiting window before a negative is sent (s)"),
     "--score-sample": (
         "join.score_sample",
@@ -116,6 +117,11 @@ CONFIG_FLAGS: dict[str, tuple[str, type, str]] = {
     "--enrich": ("semantic.enrich", str, "LLM enrichment back-end: '' | openai | hf"),
     "--enrich-url": ("semantic.enrich_url", str, "OpenAI-compatible endpoint base URL"),
     "--enrich-model": ("semantic.enrich_model", str, "model name (openai) or local path (hf)"),
+    "--delta-every-s": (
+        "learner.delta_every_s",
+        float,
+        "publish the rows touched since the last publish on the model-updates topic every N seconds (0: off)",
+    ),
     "--reload-ms": ("learner.scorer_reload_ms", int, "check the latest snapshot pointer every N ms (default 500)"),
     "--max-body-bytes": ("serve.max_body_bytes", int, "refuse larger request bodies with 413 (default 8 MiB)"),
     "--max-candidates": ("serve.max_candidates", int, "refuse requests with more candidates with 413 (default 10000)"),
@@ -123,6 +129,16 @@ CONFIG_FLAGS: dict[str, tuple[str, type, str]] = {
         "metrics.port",
         int,
         "serve Prometheus /metrics on this port (0 = off); `run`: join workers, learner, refresher on PORT, PORT+1, …",
+    ),
+    "--max-restarts": (
+        "supervisor.max_restarts",
+        int,
+        "restart a stage that dies at most N times before the run fails (default 5; 0 = never)",
+    ),
+    "--restart-backoff-s": (
+        "supervisor.backoff_s",
+        float,
+        "wait before restarting a dead stage, doubled per restart (default 1 s)",
     ),
 }
 
@@ -375,6 +391,40 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if summary.get("ok", False) else 1
 
 
+def cmd_chaos(args: argparse.Namespace) -> int:
+    """``livectr chaos``: drilled runs (kills, an optional broker outage), audited against the truth."""
+    cfg = build_config(args)
+    policies = [p.strip() for p in (args.policies or cfg.join.policy).split(",") if p.strip()]
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown:
+        raise SystemExit(f"--policies: unknown policy {', '.join(unknown)}; expected {', '.join(POLICIES)}")
+    if cfg.kafka.bootstrap_servers:
+        raise SystemExit("livectr chaos starts its own embedded broker: leave out --bootstrap-servers")
+    if args.kills < 0:
+        raise SystemExit(f"--kills must be 0 or more, not {args.kills}")
+    options = ChaosOptions(
+        kills=args.kills,
+        seed=cfg.simulator.seed if args.kill_seed is None else args.kill_seed,
+        stream_s=args.stream_s,
+        hold_s=args.hold_s,
+        aim_timeout_s=args.aim_timeout_s,
+        outage_s=args.outage_s,
+        outage_at=args.outage_at,
+    )
+    speed_given = getattr(args, "cfg:simulator.speed") is not None
+    report = run_chaos(
+        cfg, options, policies, quiet=args.quiet, speed_given=speed_given, join_workers=args.join_workers
+    )
+    if args.summary_json is not None:
+        write_json_atomic(args.summary_json, report)
+    keys = ("expected_impressions", "final_examples", "lost", "duplicates", "unexpected", "wrong_labels", "kills")
+    for policy, r in report["policies"].items():
+        line = ", ".join(f"{k} {r.get(k)}" for k in keys)
+        print(f"chaos {policy}: {line}, restarts {r.get('restarts')}, retrained {r.get('retrained_examples')}")
+    print(f"chaos: {'ok' if report['ok'] else 'FAILED'} (lost {report['lost']}, duplicates {report['duplicates']})")
+    return 0 if report["ok"] else 1
+
+
 def cmd_broker(args: argparse.Namespace) -> int:
 
     stop = _stop_on_signals()
@@ -507,6 +557,50 @@ def _add_snapshots_parser(sub: Any) -> None:
     rb.add_argument("--force", action="store_true", help="even while a learner holds the data dir's lock")
 
 
+def _add_chaos_parser(sub: Any) -> None:
+    chaos = sub.add_parser(
+        "chaos",
+        help="SIGKILL the join, learner and refresher during a run (and optionally freeze the broker); "
+        "audit every label against the simulator's truth (exit 1 if any is lost or repeated)",
+    )
+    _add_common(chaos)
+    _add_config_flags(
+        chaos,
+        [
+            "--events",
+            "--seed",
+            "--users",
+            "--items-count",
+            "--speed",
+            "--window-s",
+            "--policy",
+            "--defer-wait-s",
+            "--snapshot-every-s",
+            "--max-restarts",
+            "--restart-backoff-s",
+        ],
+    )
+    chaos.add_argument("--kills", type=int, default=5, help="SIGKILLs in total, spread over the stream (default 5)")
+    chaos.add_argument(
+        "--policies", default=None, help="comma-separated policies, one drilled run each (default: --policy)"
+    )
+    chaos.add_argument("--kill-seed", type=int, default=None, help="seed of kill times and targets (default --seed)")
+    chaos.add_argument(
+        "--stream-s", type=float, default=60.0, help="wall seconds the traffic lasts (sets --speed unless given)"
+    )
+    chaos.add_argument(
+        "--hold-s", type=float, default=0.05, help="stages linger this long mid-checkpoint/mid-snapshot (aimed kills)"
+    )
+    chaos.add_argument("--aim-timeout-s", type=float, default=15.0, help="an aimed kill waits this long for its write")
+    chaos.add_argument("--outage-s", type=float, default=0.0, help="freeze the broker (SIGSTOP) this long mid-run")
+    chaos.add_argument(
+        "--outage-at", type=float, default=0.4, help="start the outage at this fraction of --stream-s (default 0.4)"
+    )
+    chaos.add_argument("--join-workers", type=int, default=None, help="join worker processes (one consumer group)")
+    chaos.add_argument("--quiet", action="store_true", help="no live progress line")
+    chaos.set_defaults(func=cmd_chaos)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="livectr", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -538,6 +632,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="start traffic without first letting the teacher encode the existing catalogue",
     )
     run.set_defaults(func=cmd_run)
+
+    _add_chaos_parser(sub)
 
     produce = sub.add_parser("produce", help="publish synthetic traffic or replay a recorded log")
     _add_common(produce)
@@ -589,6 +685,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--threads",
             "--snapshot-every-s",
             "--snapshot-every-examples",
+            "--delta-every-s",
             "--real-negatives",
             "--metrics-port",
         ],
@@ -596,7 +693,11 @@ def build_parser() -> argparse.ArgumentParser:
     learn.add_argument("--forever", action="store_true", help="keep running after end-of-stream markers")
     learn.set_defaults(func=cmd_learn)
 
-    serve = sub.add_parser("serve", help="HTTP scorer that hot-reloads the latest snapshot (POST /score)")
+    serve = sub.add_parser(
+        "serve",
+        help="HTTP scorer that hot-reloads the latest snapshot (POST /score); with --bootstrap-servers it "
+        "also follows the model-updates topic (full snapshots and deltas) and needs no shared disk",
+    )
     _add_common(serve)
     _add_config_flags(serve, SERVE_FLAGS)
     serve.add_argument("--host", default="127.0.0.1")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import signal
 import subprocess
@@ -19,12 +20,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 from livectr.core import bus
 from livectr.core import config as config_mod
 from livectr.core.broker import EmbeddedBroker
-from livectr.core.config import Config
+from livectr.core.config import Config, SupervisorConfig
 from livectr.core.metrics_log import assign_ports
 from livectr.core.procs import die_with_parent
 from livectr.core.status import read_json
@@ -66,6 +67,16 @@ class Stage:
     proc: subprocess.Popen[bytes] | None = None
     ended_at: float | None = None
     log_file: Any = field(default=None, repr=False)
+    #: Extra environment of the child (e.g. fault-injection settings of ``livectr chaos``).
+    env: dict[str, str] = field(default_factory=dict)
+    #: Times the supervisor restarted this stage, the exit codes that made it, and when the
+    #: next restart is due (monotonic time; None: not waiting for one).
+    restarts: int = 0
+    exit_codes: list[int] = field(default_factory=list)
+    restart_at: float | None = None
+    config_path: Path | None = field(default=None, repr=False)
+    #: Wall time of the latest start: a status file older than this is an earlier life's.
+    started_at: float = 0.0
 
     @property
     def status_path(self) -> Path:
@@ -80,7 +91,14 @@ class Stage:
         return self.run_dir / f"{self.name}.log"
 
     def start(self, config_path: Path) -> None:
-        self.log_file = open(self.log_path, "wb")
+        self.close_log()
+        # A restarted stage appends to the log of its earlier lives (whose end says why it died).
+        self.log_file = open(self.log_path, "ab" if self.restarts else "wb")
+        if self.restarts:
+            self.log_file.write(f"\n--- restart {self.restarts} (previous exit {self.exit_codes[-1]}) ---\n".encode())
+            self.log_file.flush()
+        self.ended_at = None
+        self.started_at = time.time()
         cmd = [
             sys.executable,
             "-m",
@@ -103,7 +121,14 @@ class Stage:
             stdin=subprocess.DEVNULL,
             start_new_session=True,
             preexec_fn=die_with_parent(signal.SIGTERM),
+            env={**os.environ, **self.env} if self.env else None,
         )
+        self.config_path = config_path
+
+    @property
+    def pid(self) -> int | None:
+        """Process id of the running child, else None."""
+        return self.proc.pid if self.proc is not None and self.proc.poll() is None else None
 
     def poll(self) -> int | None:
         code = self.proc.poll() if self.proc is not None else None
@@ -170,6 +195,89 @@ def stop_stages(stages: list[Stage], grace_s: float = STOP_GRACE_S, hurry: Calla
             stage.kill()
     for stage in stages:
         stage.wait(timeout_s=10)
+
+
+#: Stages the supervisor restarts when they die: each resumes from its own durable state (join
+#: checkpoints and committed offsets, the learner's latest snapshot, the refresher's vector store).
+#: The producer is not among them: a second publish of the same traffic would duplicate it.
+RESTARTABLE = ("join", "learn", "refresh")
+#: Exit code of a usage error (a bad flag or file, a held lock): a restart would fail the same way.
+USAGE_EXIT = 2
+
+
+def restartable(name: str) -> bool:
+    """Whether the supervisor may restart stage ``name`` (``join-0``, ``learn``, ``refresh``, …)."""
+    return name.split("-", 1)[0] in RESTARTABLE
+
+
+def restart_delay(policy: SupervisorConfig, restarts: int) -> float:
+    """Seconds before restart number ``restarts + 1``: exponential backoff, capped."""
+    return min(policy.backoff_s * 2.0**restarts, policy.backoff_max_s)
+
+
+class Supervisor:
+    """Restarts stages that die instead of ending the run (the second line of defence).
+
+    A stage "dies" when it exits with a non-zero code or a signal (``-9`` after SIGKILL). A
+    restartable one (:func:`restartable`) is started again with the very same command line after
+    :func:`restart_delay`, at most ``policy.max_restarts`` times; it resumes from its own durable
+    state. A stage that exits 0 is done, one that exits with :data:`USAGE_EXIT` or runs out of
+    restarts fails the run. Non-blocking: :meth:`check` is called from the run's loop.
+    """
+
+    def __init__(self, stages: dict[str, Stage], policy: SupervisorConfig) -> None:
+        self.stages = stages
+        self.policy = policy
+
+    def check(self) -> str | None:
+        """Start the restarts that are due, schedule new ones; the name of a stage that failed the run."""
+        now = time.monotonic()
+        for stage in list(self.stages.values()):
+            if stage.restart_at is not None:
+                if now >= stage.restart_at and stage.config_path is not None:
+                    stage.restart_at = None
+                    stage.restarts += 1
+                    stage.start(stage.config_path)
+                    log.warning("restarted stage %s (restart %d)", stage.name, stage.restarts)
+                continue
+            code = stage.poll()
+            if code in (None, 0):
+                continue
+            if not restartable(stage.name) or code == USAGE_EXIT or stage.restarts >= self.policy.max_restarts:
+                return stage.name
+            stage.exit_codes.append(code)
+            delay = restart_delay(self.policy, stage.restarts)
+            stage.restart_at = now + delay
+            log.warning("stage %s died (exit %d): restarting it in %.1fs", stage.name, code, delay)
+        return None
+
+    def settled(self, names: list[str]) -> bool:
+        """Whether every stage in ``names`` has ended cleanly (exit 0, no restart pending)."""
+        return all(self.stages[n].poll() == 0 and self.stages[n].restart_at is None for n in names)
+
+    def restarts(self) -> dict[str, int]:
+        """Restarts per stage (the summary's ``restarts``)."""
+        return {name: stage.restarts for name, stage in self.stages.items()}
+
+
+class Drill(Protocol):
+    """Something done to a run while it goes (``livectr chaos``: kills, outages), and its report."""
+
+    def stage_env(self) -> dict[str, str]:
+        """Extra environment of every stage process."""
+        ...
+
+    def started(self, broker: EmbeddedBroker | None, stages: dict[str, Stage]) -> None:
+        """The broker and every stage are up."""
+        ...
+
+    def tick(self, stages: dict[str, Stage]) -> None:
+        """Called from the run's loop about twice a second (may block briefly)."""
+        ...
+
+    def report(self, cfg: Config, stages: dict[str, Stage]) -> dict[str, Any]:
+        """After the stages stopped, before the broker does: keys merged into the summary."""
+        ...
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -406,6 +514,7 @@ def merge_summaries(stages: dict[str, Stage], cfg: Config, started: float) -> di
         "clicks": prod.get("clicks", 0),
         "examples_trained": learn.get("examples_trained", 0),
         "positives": learn.get("positives", 0),
+        "real_negatives_left_out": learn.get("real_negatives_left_out", 0),
         "label_order_auc": learn.get("label_order_auc"),
         "label_order_logloss": learn.get("label_order_logloss"),
         "progressive_auc": learn.get("progressive_auc"),
@@ -445,6 +554,9 @@ def print_summary(summary: dict[str, Any], out: TextIO) -> None:
         value = summary[key]
         text = f"{value:,.4f}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else str(value)
         out.write(f"  {key:<24} {text}\n")
+    restarted = {name: n for name, n in (summary.get("restarts") or {}).items() if n}
+    if restarted:
+        out.write(f"  {'restarts':<24} {', '.join(f'{name} {n}' for name, n in restarted.items())}\n")
     out.flush()
 
 
@@ -458,6 +570,7 @@ def run_pipeline(
     quiet: bool = False,
     warm_catalogue: bool = True,
     fresh: bool = False,
+    drill: Drill | None = None,
 ) -> dict[str, Any]:
     """Start the broker if needed, every stage as a child process, show progress, return the summary.
 
@@ -466,6 +579,9 @@ def run_pipeline(
     (:class:`~livectr.simulators.replay.ReplayInputError`) and, with ``--bootstrap-servers``,
     that a broker answers (:class:`~livectr.core.bus.BrokerUnreachable`); without, that the
     data dir holds no earlier stream's state unless ``fresh`` (:func:`prepare_embedded_data_dir`).
+
+    A stage that dies is restarted (:class:`Supervisor`); ``drill`` (``livectr chaos``) acts on
+    the run while it goes and adds its report to the summary.
     """
     check_source(log_path, items_path)
     if cfg.kafka.bootstrap_servers:
@@ -473,7 +589,7 @@ def run_pipeline(
     else:
         prepare_embedded_data_dir(cfg.data_dir, fresh)
     with _Signals() as signals:
-        return _run(cfg, log_path, items_path, forever, join_workers, quiet, warm_catalogue, signals)
+        return _run(cfg, log_path, items_path, forever, join_workers, quiet, warm_catalogue, signals, drill)
 
 
 def _run(
@@ -485,6 +601,7 @@ def _run(
     quiet: bool,
     warm_catalogue: bool,
     signals: _Signals,
+    drill: Drill | None = None,
 ) -> dict[str, Any]:
     """The body of :func:`run_pipeline`, with its signal handlers installed.
 
@@ -496,6 +613,8 @@ def _run(
     broker: EmbeddedBroker | None = None
     stages: dict[str, Stage] = {}
     progress = Progress(sys.stderr, quiet)
+    supervisor = Supervisor(stages, cfg.supervisor)
+    env = drill.stage_env() if drill is not None else {}
     interrupted = False
     try:
         failed: str | None = None
@@ -511,18 +630,21 @@ def _run(
             config_path.write_text(json.dumps(config_mod.to_dict(cfg), indent=2))
             plan = _plan(cfg, log_path, items_path, forever, join_workers or cfg.join.workers)
             if "refresh" in plan:
-                stages["refresh"] = _start(Stage("refresh", plan.pop("refresh"), run_dir), config_path)
+                stages["refresh"] = _start(Stage("refresh", plan.pop("refresh"), run_dir, env=env), config_path)
                 if warm_catalogue:
                     _warm_catalogue(stages, plan["produce"], run_dir, config_path, quiet)
             for name, args in plan.items():
-                stages[name] = _start(Stage(name, args, run_dir), config_path)
-            bounded = [s for n, s in stages.items() if n != "refresh"]
+                stages[name] = _start(Stage(name, args, run_dir, env=env), config_path)
+            bounded = [n for n in stages if n != "refresh"]
+            if drill is not None:
+                drill.started(broker, stages)
             while True:
                 progress.show(stages)
-                codes = {s.name: s.poll() for s in stages.values()}
-                failed = next((n for n, c in codes.items() if c not in (None, 0)), None)
-                if failed or all(s.poll() is not None for s in bounded):
+                failed = supervisor.check()
+                if failed or supervisor.settled(bounded):
                     break
+                if drill is not None:
+                    drill.tick(stages)
                 time.sleep(0.5)
         except KeyboardInterrupt as exc:
             interrupted = True
@@ -538,6 +660,9 @@ def _run(
         summary = merge_summaries(stages, cfg, started)
         summary["ok"] = failed is None
         summary["interrupted"] = interrupted
+        summary["restarts"] = supervisor.restarts()
+        if drill is not None:
+            summary.update(drill.report(cfg, stages))
         if failed:
             summary["failed_stage"] = failed
             sys.stderr.write(

@@ -19,7 +19,7 @@ from pathlib import Path
 import msgspec
 from confluent_kafka import TopicPartition
 
-from livectr.core import bus
+from livectr.core import bus, faults
 from livectr.core.config import Config
 from livectr.core.events import DecodeError, Example, ExampleBatch, decode_example
 from livectr.streams.join import PartitionState
@@ -98,6 +98,7 @@ def write_checkpoint(path: Path, ckpt: Checkpoint) -> None:
         fh.write(_ckpt_encoder.encode(ckpt))
         fh.flush()
         os.fsync(fh.fileno())
+    faults.hold(faults.CHECKPOINT)
     os.replace(tmp, path)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -106,8 +107,37 @@ def write_checkpoint(path: Path, ckpt: Checkpoint) -> None:
         os.close(dir_fd)
 
 
+def remove_stale_temps(path: Path) -> int:
+    """Remove temp files of ``path`` left by writers that died mid-write (their pid is gone); how many."""
+    removed = 0
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2 : -len(".tmp")]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        try:
+            tmp.unlink()
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def read_checkpoint(path: Path) -> Checkpoint | None:
-    """The checkpoint at ``path``, or ``None`` when absent or unreadable (then Kafka's commit rules)."""
+    """The checkpoint at ``path``, or ``None`` when absent or unreadable (then Kafka's commit rules).
+
+    Temp files of writers killed mid-write are removed on the way (:func:`remove_stale_temps`).
+    """
+    remove_stale_temps(path)
     try:
         ckpt = _ckpt_decoder.decode(path.read_bytes())
     except FileNotFoundError:

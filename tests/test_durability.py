@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,3 +55,16 @@ def test_profile_store_commits_are_durable(tmp_path: Path) -> None:
         assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2
     finally:
         store.close()
+
+
+def test_a_restore_removes_temp_files_of_writers_killed_mid_write(tmp_path: Path) -> None:
+    path = tmp_path / "join-state" / "p0.ckpt"
+    path.parent.mkdir(parents=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = path.with_name(f".{path.name}.{int(dead.stdout)}.tmp")
+    live = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    stale.write_bytes(b"half a checkpoint")
+    live.write_bytes(b"being written")
+    assert read_checkpoint(path) is None
+    assert not stale.exists(), "a dead writer's temp file is removed"
+    assert live.exists(), "a live writer's temp file is left alone"

@@ -113,19 +113,19 @@ def test_fake_negative_policy_emits_negatives_and_positive_copies(kafka_config: 
     assert summary["serving_auc"] == summary["progressive_auc"]
 
 
-def test_default_policy_defer_scores_each_impression_once_and_trains_a_share_of_real_negatives(
+def test_defer_scores_each_impression_once_and_trains_a_share_of_real_negatives(
     kafka_config: Config, tmp_path: Path
 ) -> None:
-    """The default, ``defer`` with real negatives kept by their served score: every impression
-    is served once (its observed copy), every label is final once, and on a stream of a few
-    percent clicks most real negatives never reach the model."""
+    """``defer`` with real negatives kept by their served score (the default choice): every
+    impression is served once (its observed copy), every label is final once, and on a stream of
+    a few percent clicks most real negatives never reach the model."""
     cfg = kafka_config
     cfg.simulator.events = 40_000
     cfg.simulator.users = 1_000
     cfg.simulator.items = 300
-    assert Config().join.policy == "defer" and Config().learner.real_negatives == "score"
+    assert Config().learner.real_negatives == "score"
     truth = _truth(cfg)
-    summary = _run(cfg, tmp_path, "--semantics", "off", "--policy", Config().join.policy)
+    summary = _run(cfg, tmp_path, "--semantics", "off", "--policy", "defer")
     impressions, positives = truth["impressions"], truth["positives"]
     assert summary["serving_auc_impressions"] == impressions
     # Observed copies and positive true copies always train; real negatives only a share.

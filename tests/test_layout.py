@@ -1,7 +1,7 @@
 """The house rules: one installed namespace, and stages that depend one way.
 
 Layers, bottom to top: ``livectr.core`` ← ``livectr.simulators`` and ``livectr.streams`` ←
-``livectr.semantic_cache`` ← ``livectr.learner`` ← ``livectr.pipeline`` ← ``livectr.cli``. A
+``livectr.semantic_cache`` ← ``livectr.learner`` ← ``livectr.pipeline`` ← ``livectr.chaos`` ← ``livectr.cli``. A
 module may import its own layer and the layers below, never above, and no stage imports the
 command line. Checked on the source (every ``import`` statement, including ones inside
 functions), so a cycle cannot hide in a function body.
@@ -27,6 +27,7 @@ FOLDERS = {
     "livectr.learner": ROOT / "learner",
     "livectr.cli": ROOT / "livectr" / "cli.py",
     "livectr.pipeline": ROOT / "livectr" / "pipeline.py",
+    "livectr.chaos": ROOT / "livectr" / "chaos.py",
 }
 LAYER = {
     "livectr.core": 0,
@@ -36,6 +37,7 @@ LAYER = {
     "livectr.learner": 3,
     "livectr.cli": 5,
     "livectr.pipeline": 4,
+    "livectr.chaos": 4.5,
 }
 
 

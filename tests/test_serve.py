@@ -188,8 +188,10 @@ def test_a_corrupt_snapshot_is_counted_and_the_previous_model_keeps_serving(
     scorer = Scorer(cfg.data_dir, reload_ms=20)
     with TestClient(make_app(scorer)) as c:
         assert c.post("/score", json={"user_id": "u", "items": ["a"]}).json()["model_version"] == 1
+        scorer.stop_watcher()  # corrupt v2 before the watcher can see it whole
         v2 = publish(cfg, learner)
         (snapshots_dir(cfg.data_dir) / version_name(v2) / "model.safetensors").write_bytes(b"garbage")
+        scorer.start_watcher()
         deadline = time.monotonic() + 10
         while scorer.load_failures == 0 and time.monotonic() < deadline:
             time.sleep(0.02)

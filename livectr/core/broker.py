@@ -104,6 +104,11 @@ class EmbeddedBroker:
         self.stop()
         raise BrokerError(f"tansu did not become ready on port {self.port} within {self.startup_timeout_s}s")
 
+    @property
+    def pid(self) -> int | None:
+        """Process id of the running broker (to freeze it with SIGSTOP in outage drills), else None."""
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
     def stop(self) -> None:
         """Terminate the broker (idempotent)."""
         proc, self._proc = self._proc, None

@@ -166,9 +166,11 @@ def ensure_topics(cfg: Config, timeout_s: float = 15.0) -> Topics:
         topics.dead_letters: 1,
         topics.semantic: cfg.kafka.partitions,
         topics.semantic_misses: 1,
+        topics.model_updates: 1,  # one partition: updates apply in order
     }
+    configs = {topics.model_updates: model_updates_topic_config(cfg)}
     new = [
-        NewTopic(name, num_partitions=n, replication_factor=cfg.kafka.replication_factor)
+        NewTopic(name, num_partitions=n, replication_factor=cfg.kafka.replication_factor, config=configs.get(name, {}))
         for name, n in wanted.items()
         if name not in existing
     ]
@@ -187,6 +189,33 @@ def ensure_topics(cfg: Config, timeout_s: float = 15.0) -> Topics:
             "without join.repartition the join needs them co-partitioned (same count, same key)"
         )
     return topics
+
+
+def model_updates_topic_config(cfg: Config) -> dict[str, str]:
+    """Retention of the model-updates topic: three full-snapshot intervals (at least 10 minutes),
+    so the newest full snapshot a new scorer bootstraps from is always kept, and the deltas
+    (hundreds of kB every few seconds) do not pile up. (The embedded broker keeps everything.)"""
+    lc = cfg.learner
+    keep_s = max(600.0, 3 * lc.update_full_every_s, 3 * lc.snapshot_every_s)
+    return {"retention.ms": str(int(keep_s * 1000))}
+
+
+def ensure_topic(
+    kafka: KafkaConfig, name: str, partitions: int, timeout_s: float = 15.0, config: dict[str, str] | None = None
+) -> None:
+    """Create one topic if it does not exist yet (a stage that adds a topic to an existing set)."""
+    client = admin(kafka)
+    if name not in client.list_topics(timeout=timeout_s).topics:
+        new = NewTopic(
+            name, num_partitions=partitions, replication_factor=kafka.replication_factor, config=config or {}
+        )
+        for fut in client.create_topics([new], request_timeout=timeout_s).values():
+            try:
+                fut.result(timeout=timeout_s)
+            except KafkaException as exc:
+                if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                    raise
+    _wait_for_topics(client, [name], timeout_s)
 
 
 def _wait_for_topics(client: AdminClient, names: list[str], timeout_s: float) -> None:

@@ -170,7 +170,7 @@ class JoinConfig:
     window_s: float = 600.0
     #: Labelling policy: ``wait``, ``fake-negative`` or ``defer`` (README, "Labelling policies";
     #: the default is the best in serving order over the benchmark's streams).
-    policy: str = "defer"
+    policy: str = "fake-negative"
     #: ``defer``: the waiting window after which an unclicked impression is sent as a negative (0:
     #: at once, as a fake negative; the real negative follows when the attribution window closes).
     defer_wait_s: float = 0.0
@@ -286,6 +286,18 @@ class LearnerConfig:
     partial_batch_ms: float = 100.0
     #: The scorer checks the ``latest`` snapshot pointer at most this often.
     scorer_reload_ms: int = 500
+    #: Publish full snapshots and deltas on the model-updates topic, so scorers can follow the
+    #: model from Kafka alone (learner.updates).
+    publish_updates: bool = True
+    #: Between full snapshots, publish the rows touched since the last publish every N seconds
+    #: (0: full snapshots only).
+    delta_every_s: float = 2.0
+    #: A full snapshot also goes on the model-updates topic at most every N seconds (and on the
+    #: learner's first publish): tens of MB each, kept in memory by the embedded broker. Deltas
+    #: chain from it across the disk snapshots in between (0: every snapshot).
+    update_full_every_s: float = 300.0
+    #: Model updates travel in messages of at most this many bytes (a full snapshot is split).
+    update_chunk_bytes: int = 900_000
 
 
 @dataclass
@@ -362,6 +374,17 @@ class MetricsConfig:
 
 
 @dataclass
+class SupervisorConfig:
+    """How ``livectr run`` restarts a stage that dies (a crash, an OOM kill, a SIGKILL)."""
+
+    #: Restarts allowed per stage before the run gives up and ends ``ok: false`` (0 = never restart).
+    max_restarts: int = 5
+    #: Wait before the first restart, doubled for each further restart of the same stage, up to the cap.
+    backoff_s: float = 1.0
+    backoff_max_s: float = 30.0
+
+
+@dataclass
 class Config:
     """Everything livectr needs to run any stage."""
 
@@ -372,6 +395,7 @@ class Config:
     semantic: SemanticConfig = field(default_factory=SemanticConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
     data_dir: Path = Path("./livectr-data")
 
     @property
@@ -391,6 +415,8 @@ class Topics:
     dead_letters: str
     semantic: str
     semantic_misses: str
+    #: Full snapshots and deltas for scorers that follow the model over Kafka (learner.updates).
+    model_updates: str
 
     @classmethod
     def from_kafka(cls, kafka: KafkaConfig) -> Topics:
