@@ -189,15 +189,20 @@ class Repartitioner:
             self.at_end.pop(source, None)
 
     def step(self, timeout_s: float) -> int:
-        """Move one batch of raw records; return how many were read."""
+        """Move one batch of raw records; return how many records were moved.
+
+        Error events (a frozen broker reports some at once) are not records: the caller waits
+        on its own consumer when nothing was moved, so a loop on errors cannot spin.
+        """
         msgs = self.consumer.consume(CONSUME_BATCH, timeout_s)
+        before = self.records_out
         if msgs:
             self._route(msgs)
         if self.at_end and self.idle_timeout_s > 0:
             self._announce_idle(time.monotonic())
         if self.max_skew_s > 0 and self.owned:
             self._backpressure()
-        return len(msgs)
+        return self.records_out - before
 
     def _backpressure(self) -> None:
         """Pause a raw partition more than ``join.max_skew_s`` of event time ahead of the slowest
