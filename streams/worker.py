@@ -185,6 +185,8 @@ class JoinWorker:
         self._failed = False
         #: Partitions assigned (paused) and not restored yet / restored but not yet sought.
         self.to_restore: set[int] = set()
+        #: Offset each (source, partition) was assigned at (the checkpoint's position, or invalid).
+        self.assigned_at: dict[tuple[int, int], int] = {}
         self.seek_pending: set[int] = set()
         #: Sources paused because they ran ahead of the other by more than ``join.max_skew_s``.
         self.held: set[tuple[int, int]] = set()
@@ -207,6 +209,17 @@ class JoinWorker:
         (a ``committed()`` round trip, a checkpoint read, re-reading the examples delivered after
         it) can take seconds per partition.
         """
+        # Start where the checkpoint (a local file, read at once) says; the main loop seeks only if
+        # the restore decides otherwise. A seek racing librdkafka's own lookup of the committed
+        # offset (when assigned without one) can lose to it, and replaying from the committed,
+        # replay-safe offsets into a restored state repeats examples.
+        ckpts = {p: read_checkpoint(checkpoint_path(self.cfg, p)) for p in {tp.partition for tp in partitions}}
+        for tp in partitions:
+            ckpt = ckpts[tp.partition]
+            if ckpt is not None:
+                pos = ckpt.impressions_position if tp.topic == self.imp_topic else ckpt.clicks_position
+                tp.offset = pos if pos >= 0 else OFFSET_INVALID
+            self.assigned_at[(self._source_of(tp.topic), tp.partition)] = tp.offset
         consumer.assign(partitions)
         if partitions:
             consumer.pause(partitions)
@@ -243,7 +256,10 @@ class JoinWorker:
             tps = [TopicPartition(t, p) for t in (self.imp_topic, self.clk_topic)]
             try:
                 for tp in tps:
-                    pos = self.positions.get((self._source_of(tp.topic), p), OFFSET_INVALID)
+                    src = self._source_of(tp.topic)
+                    pos = self.positions.get((src, p), OFFSET_INVALID)
+                    # Always seek: a partition resumed before anything was consumed from it
+                    # restarts at its committed offset, not at the one it was assigned at.
                     if pos >= 0:
                         self.consumer.seek(TopicPartition(tp.topic, p, pos))
             except KafkaException as exc:

@@ -46,7 +46,7 @@ def test_a_source_read_ahead_is_paused_and_state_stays_bounded(
 ) -> None:
     monkeypatch.setattr(worker_module, "CONSUME_BATCH", BATCH)
     monkeypatch.setattr(repartition, "CONSUME_BATCH", BATCH)
-    cfg = configure(kafka_config, max_skew_s=600.0, backpressure_floor=BATCH)
+    cfg = configure(kafka_config, max_skew_s=600.0, backpressure_floor=BATCH, repartition=True)
     imps, clicks, truth = stream(cfg)
     ahead, behind = (imps, clicks) if first == "impressions" else (clicks, imps)
     worker = Worker(cfg, "w-bp")

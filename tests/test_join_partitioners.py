@@ -69,8 +69,7 @@ def publish_two_ways(cfg: Config, records: list[tuple[str, int, Any]]) -> tuple[
 
 def test_producers_that_hash_differently_lose_no_label(kafka_config: Config) -> None:
     kafka_config.kafka.partitions = PARTITIONS
-    cfg = configure(kafka_config)
-    assert cfg.join.repartition
+    cfg = configure(kafka_config, repartition=True)
     stream = make_stream(cfg, 0, 400, partitions=PARTITIONS)
     imp_parts, click_parts = publish_two_ways(cfg, stream.records)
     apart = [iid for iid, p in click_parts.items() if iid in imp_parts and imp_parts[iid] != p]

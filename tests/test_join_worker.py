@@ -448,7 +448,7 @@ def test_sigkill_loses_no_label_and_resends_none(kafka_config: Config) -> None:
     """Kill -9 after examples were delivered past the last checkpoint; the restarted worker
     restores the checkpoint, replays, and drops what it had already delivered."""
     kafka_config.kafka.session_timeout_ms = 2000  # the killed member must leave the group quickly
-    cfg = configure(kafka_config, commit_interval_s=4.0)
+    cfg = configure(kafka_config, commit_interval_s=4.0, repartition=True)
     first = make_stream(cfg, 0, 200)
     publish(cfg, first.records)
     proc = multiprocessing.get_context("spawn").Process(target=_worker_process, args=(to_dict(cfg),))

@@ -193,9 +193,10 @@ class JoinConfig:
     #: example (False; measured slower, see ``python bench/join_speed.py``).
     batch_examples: bool = True
     #: Re-key impressions and clicks by impression id into internal topics of the join group
-    #: (``streams/repartition.py``), so labels do not depend on how producers partition. Off: the
-    #: raw topics must be co-partitioned by every producer (same hash of the impression id).
-    repartition: bool = True
+    #: (``streams/repartition.py``), so labels do not depend on how producers partition. Off (the
+    #: default for now: a SIGKILL of a stage under ``livectr run`` still repeats labels with it on,
+    #: see docs/design.md): the raw topics must be co-partitioned by every producer.
+    repartition: bool = False
     #: Backpressure: a source (impressions or clicks of one partition) more than this many
     #: event-time seconds ahead of the other is paused until the other catches up, so pending
     #: impressions and orphan clicks stay bounded by window + skew, not by the inputs' lag (0: off).
