@@ -30,8 +30,8 @@ Design points:
   least half the impression time the positives cover (:class:`WarmUp`; at a stream's start,
   once 2 W of it are decided), then trains what waited, shuffled so that every mini-batch mixes
   clicks and negatives. Score requests are scored as they come meanwhile (the model does not
-  change). A learner that starts mid-stream, or under ``fake-negative``/``defer``, meets both
-  labels at once and waits for nothing.
+  change). Only under ``wait``: a learner under ``fake-negative``/``defer``, or one that starts
+  mid-stream, meets both labels at once.
 """
 
 from __future__ import annotations
@@ -205,7 +205,8 @@ class _Run:
         self.records = 0
         #: A fresh model waits before training (see "Warm-up" above); meanwhile the labelled
         #: examples released wait in ``held``.
-        self.warm_up: WarmUp | None = WarmUp(cfg.join.window_s) if self.learner.examples_seen == 0 else None
+        fresh = self.learner.examples_seen == 0
+        self.warm_up: WarmUp | None = WarmUp(cfg.join.window_s) if fresh and cfg.join.policy == "wait" else None
         self.held: list[Example] = []
         self.recent = RecentLearnerMetrics()
         #: Full snapshots and deltas on the model-updates topic (None: not published).
