@@ -356,15 +356,20 @@ class DelayedLabelEvaluator:
     them in that order). Should a positive copy still reach the learner *before* its fake
     negative (a restart, disorder between join sources), it waits (``_early``) for its fake
     negative, whose score it then takes. Each impression is evaluated at most once, whatever the
-    order: the ids closed by the clock are remembered (two generations of ``memory`` ids), and
-    an example of one of them that comes after its close is counted in :attr:`late`, not
-    evaluated again.
+    order: the ids closed by the clock are remembered — the newest ``memory`` as strings, then
+    ``old_generations`` more generations as sorted 64-bit hashes (8 bytes an id; a run whose
+    partitions lagged ~1,000 s of event time outran two generations of strings) — and an
+    example of one of them that comes after its close is counted in :attr:`late`, not evaluated
+    again. Only an example whose impression is past the horizon can have been closed, so only
+    those are looked up in the older generations.
 
     Pending scores live in memory only: after a restart, a positive copy of an impression scored
     before it is evaluated with the current model's score.
     """
 
-    def __init__(self, window_s: float, slack_s: float | None = None, memory: int = 100_000) -> None:
+    def __init__(
+        self, window_s: float, slack_s: float | None = None, memory: int = 100_000, old_generations: int = 20
+    ) -> None:
         self.horizon_s = window_s + (slack_s if slack_s is not None else 0.1 * window_s)
         self._pending: dict[str, tuple[float, bool]] = {}
         self._early: dict[str, tuple[float, bool]] = {}
@@ -372,7 +377,9 @@ class DelayedLabelEvaluator:
         self._max_ts = -math.inf
         self._memory = max(1, memory)
         self._closed_now: set[str] = set()
-        self._closed_prev: set[str] = set()
+        #: Older generations of closed ids, as sorted 64-bit hashes (8 bytes an id): consulted only
+        #: for examples whose impression is already past the horizon — no other can be closed.
+        self._closed_old: deque[np.ndarray] = deque(maxlen=max(1, old_generations))
         #: Examples that came after their impression had been closed (not evaluated again).
         self.late = 0
 
@@ -393,10 +400,10 @@ class DelayedLabelEvaluator:
         out_p: list[float] = []
         out_y: list[int] = []
         out_c: list[bool] = []
-        closed_now, closed_prev = self._closed_now, self._closed_prev
+        closed_now, past = self._closed_now, self._max_ts - self.horizon_s
         for i, kind in enumerate(kinds.tolist()):
             if kind == KIND_FAKE_NEGATIVE or kind == KIND_POSITIVE_COPY:
-                if ids[i] in closed_now or ids[i] in closed_prev:  # evaluated already
+                if ids[i] in closed_now or (ts[i] < past and self._closed_before(ids[i])):  # evaluated already
                     self.late += 1
                     continue
             if kind == KIND_FAKE_NEGATIVE:
@@ -453,8 +460,18 @@ class DelayedLabelEvaluator:
     def _remember_closed(self, impression_id: str) -> None:
         self._closed_now.add(impression_id)
         if len(self._closed_now) >= self._memory:
-            self._closed_prev = self._closed_now
+            hashes = np.fromiter((hash(i) for i in self._closed_now), np.int64, len(self._closed_now))
+            self._closed_old.append(np.sort(hashes))
             self._closed_now = set()
+
+    def _closed_before(self, impression_id: str) -> bool:
+        """Whether ``impression_id`` is in an older generation of closed ids (by its hash)."""
+        h = hash(impression_id)
+        for hashes in self._closed_old:
+            at = int(np.searchsorted(hashes, h))
+            if at < hashes.size and hashes[at] == h:
+                return True
+        return False
 
 
 def _evaluated(metrics: LearnerMetrics, probs: list[float], labels: list[int], cold: list[bool]) -> None:

@@ -52,3 +52,18 @@ def test_positive_copy_ahead_of_its_fake_negative_waits_for_it() -> None:
     ev.flush(m)
     assert m.examples == 3 and m.positives == 2 and len(ev) == 0
     assert m.auc.value() == 1.0  # a (0.9) and c (0.6), clicked, above b (0.1)
+
+
+def test_a_copy_arriving_many_closures_late_is_not_evaluated_again() -> None:
+    """A lagging partition's positive copy can reach the learner after hundreds of thousands of
+    other impressions closed: it is still recognised as closed (older generations of closed ids
+    are kept as hashes), so every impression counts once."""
+    ev, m = DelayedLabelEvaluator(window_s=100, slack_s=0, memory=10, old_generations=20), LearnerMetrics()
+    _feed(ev, m, [("lag", 0.0, 0.3, 0, KIND_FAKE_NEGATIVE)])
+    # 150 more impressions close after it (15 generations of 10), the clock far past its window.
+    _feed(ev, m, [(f"x{k}", 200.0 + k, 0.1, 0, KIND_FAKE_NEGATIVE) for k in range(150)])
+    _feed(ev, m, [("z", 1000.0, 0.1, 0, KIND_FAKE_NEGATIVE)])
+    assert m.examples == 151  # "lag" and every x closed once
+    _feed(ev, m, [("lag", 0.0, 0.9, 1, KIND_POSITIVE_COPY)])  # its click, very late
+    ev.flush(m)
+    assert m.examples == 152 and ev.late == 1  # z at the flush; "lag" not again
