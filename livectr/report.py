@@ -101,20 +101,21 @@ def _event_axis(run: Run) -> str:
 WALL = "wall time since the run's first sample"
 
 
-def chart_serving_auc(run: Run) -> str:
+def _serving_chart(run: Run, key: str, title: str) -> str:
+    """A learner figure over event time: cumulative and over the latest impressions."""
     series = []
     for name, samples in run.of_kind("learn").items():
-        series.append(_event(run, samples, "serving_auc", f"{name}: cumulative"))
-        series.append(_event(run, samples, "serving_auc_recent", f"{name}: latest impressions"))
-    return _chart("Serving AUC over event time", series, x_label=_event_axis(run), x_format=format_duration)
+        series.append(_event(run, samples, key, f"{name}: cumulative"))
+        series.append(_event(run, samples, f"{key}_recent", f"{name}: latest impressions"))
+    return _chart(title, series, x_label=_event_axis(run), x_format=format_duration)
+
+
+def chart_serving_auc(run: Run) -> str:
+    return _serving_chart(run, "serving_auc", "Serving AUC over event time")
 
 
 def chart_serving_logloss(run: Run) -> str:
-    series = []
-    for name, samples in run.of_kind("learn").items():
-        series.append(_event(run, samples, "serving_logloss", f"{name}: cumulative"))
-        series.append(_event(run, samples, "serving_logloss_recent", f"{name}: latest impressions"))
-    return _chart("Serving log loss over event time", series, x_label=_event_axis(run), x_format=format_duration)
+    return _serving_chart(run, "serving_logloss", "Serving log loss over event time")
 
 
 def chart_throughput(run: Run) -> str:
