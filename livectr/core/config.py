@@ -229,6 +229,10 @@ class LearnerConfig:
     #: First-order weights (online Newton): prior precision (shrinkage of rare ids) and step scale.
     wide_prior: float = 2.5
     wide_lr: float = 1.0
+    #: Trust region of a first-order weight's Newton step, in logits per step (0: none). A row
+    #: seen hundreds of times in one batch while the model is far off (the first minutes of a
+    #: stream) would otherwise take a step several logits too long (docs/design.md).
+    wide_max_step: float = 0.5
     #: Score each example with the first-order updates of earlier examples of its user and item in
     #: the same mini-batch, as a per-example learner would (RowOptimizer.in_batch_wide_shift).
     in_batch_wide: bool = True
@@ -543,6 +547,7 @@ _BOUNDS: tuple[tuple[str, float, float, bool], ...] = (
     ("learner.embedding_dim", 1, 1 << 12, True),
     ("learner.context_buckets", 1, math.inf, True),
     ("learner.pair_buckets", 0, math.inf, True),
+    ("learner.wide_max_step", 0, math.inf, True),
     ("learner.scorer_reload_ms", 1, math.inf, True),
     ("semantic.reduced_dim", 1, 1 << 12, True),
     ("semantic.user_profile_ttl_s", 0, math.inf, True),
