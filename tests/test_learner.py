@@ -791,9 +791,7 @@ def test_a_batch_is_weighed_with_the_delays_of_its_own_clicks() -> None:
         return seen[-1]
 
     learner._delayed_share = spy  # type: ignore[method-assign]
-    batch = [
-        msgspec.structs.replace(ex, kind=KIND_DEFER_TRUE, label=1, click_delay=10.0) for ex in world.examples(100)
-    ]
+    batch = [msgspec.structs.replace(ex, kind=KIND_DEFER_TRUE, label=1, click_delay=10.0) for ex in world.examples(100)]
     learner.learn_batch(batch)
     assert seen == [pytest.approx((1 + 100) / (4 + 100))]
 
