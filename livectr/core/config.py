@@ -170,7 +170,7 @@ class JoinConfig:
     window_s: float = 600.0
     #: Labelling policy: ``wait``, ``fake-negative`` or ``defer`` (README, "Labelling policies";
     #: the default is the best in serving order over the benchmark's streams).
-    policy: str = "fake-negative"
+    policy: str = "defer"
     #: ``defer``: the waiting window after which an unclicked impression is sent as a negative (0:
     #: at once, as a fake negative; the real negative follows when the attribution window closes).
     defer_wait_s: float = 0.0
