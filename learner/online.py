@@ -280,7 +280,11 @@ class OnlineLearner(Predictor):
             self.model.train()
         out = self.model(inp, train=True)
         fixed = self.real_negative_share
-        rate: float | torch.Tensor = fixed if fixed is not None else self._keep_rates(examples, out.logit)
+        rate: float | torch.Tensor = 1.0  # only defer's examples are weighed by it
+        if fixed is not None:
+            rate = fixed
+        elif ((batch.kinds == KIND_DEFER_OBSERVED) | (batch.kinds == KIND_DEFER_TRUE)).any():
+            rate = self._keep_rates(examples, out.logit)
         dropped = self._dropped_real_negatives(examples, batch.kinds, batch.labels, rate)
         shift = self._in_batch_shift(inp, out.logit, labels, kinds, share, rate, dropped)
         logit = out.logit + shift
