@@ -23,6 +23,7 @@ from livectr.core import bus, faults
 from livectr.core.config import Config
 from livectr.core.events import DecodeError, Example, ExampleBatch, decode_example
 from livectr.streams.join import PartitionState
+from livectr.streams.repartition import join_inputs
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def checkpoint_path(cfg: Config, partition: int) -> Path:
     """File of input partition ``partition``'s checkpoint (per group and impressions topic)."""
     safe = re.compile(r"[^A-Za-z0-9._-]")
     group = safe.sub("_", cfg.join.group_id)
-    topic = safe.sub("_", cfg.topics.impressions)
+    topic = safe.sub("_", join_inputs(cfg)[0])
     return cfg.data_dir / "join-state" / group / f"{topic}-{partition}.ckpt"
 
 
