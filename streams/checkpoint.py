@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import msgspec
-from confluent_kafka import TopicPartition
+from confluent_kafka import KafkaError, TopicPartition
 
 from livectr.core import bus, faults
 from livectr.core.config import Config
@@ -153,8 +153,13 @@ def delivered_after(cfg: Config, p: int, out_partition: int, start: int) -> set[
 
     These were produced after the checkpoint being restored; the replay will produce them
     again and the join drops them once each.
+
+    Read to the partition's end as the fetches find it (the partition-EOF event), not to the
+    high watermark: the broker may report that at the start of the last record batch, and a
+    batch of examples left unread is a batch delivered twice. The watermark only says whether
+    anything at all follows ``start`` (a batch starting there or later raises it past ``start``).
     """
-    reader = bus.consumer(cfg.kafka)
+    reader = bus.consumer(cfg.kafka, **{"enable.partition.eof": True})
     tp = TopicPartition(cfg.topics.examples, out_partition, start)
     try:
         _, high = reader.get_watermark_offsets(tp, timeout=10)
@@ -164,10 +169,14 @@ def delivered_after(cfg: Config, p: int, out_partition: int, start: int) -> set[
         reader.assign([tp])
         key = str(p).encode()
         position = start
+        at_end = False
         deadline = time.monotonic() + 30
-        while position < high and time.monotonic() < deadline:
+        while not at_end and time.monotonic() < deadline:
             for msg in reader.consume(10_000, 0.5):
-                if msg.error() is not None:
+                err = msg.error()
+                if err is not None:
+                    eof = err.code() == KafkaError._PARTITION_EOF
+                    at_end = at_end or (eof and max(position, msg.offset() or 0) >= high)
                     continue
                 offset, raw = msg.offset(), msg.value()
                 assert offset is not None  # a consumed record without error has an offset
@@ -184,7 +193,7 @@ def delivered_after(cfg: Config, p: int, out_partition: int, start: int) -> set[
                     else ([record] if isinstance(record, Example) else [])
                 )
                 seen.update((ex.impression_id, ex.kind) for ex in examples)
-        if position < high:
+        if not at_end:
             log.warning("partition %d: could not re-read delivered examples; duplicates possible", p)
         if seen:
             log.info("partition %d: %d examples delivered after the checkpoint will not be resent", p, len(seen))

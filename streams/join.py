@@ -13,6 +13,7 @@ import heapq
 import math
 import zlib
 from collections import deque
+from collections.abc import Iterable
 from typing import Final
 
 import msgspec
@@ -149,6 +150,9 @@ class PartitionState(msgspec.Struct):
     #: Re-keyed inputs, per source: newest event time per raw partition, and raw partitions idle.
     origin_ts: list[dict[int, float]] = msgspec.field(default_factory=list)
     origins_idle: list[list[int]] = msgspec.field(default_factory=list)
+    #: Examples (impression id, kind) a previous owner delivered after the checkpoint it restored
+    #: from and this state has not produced again yet: still to be dropped when they come.
+    suppress: list[tuple[str, int]] = msgspec.field(default_factory=list)
 
 
 class JoinCounters(msgspec.Struct):
@@ -719,7 +723,21 @@ class PartitionJoin:
             inputs_ended=[sorted(e) for e in self.inputs_ended],
             origin_ts=[dict(d) for d in self.origin_ts],
             origins_idle=[sorted(e) for e in self.origins_idle],
+            suppress=sorted(self.suppress),
         )
+
+    def suppress_delivered(self, delivered: Iterable[tuple[str, int]]) -> int:
+        """Drop these examples (impression id, kind) once each when the replay produces them again.
+
+        They were delivered after the restored state (by a previous owner, or before a crash).
+        Entries of impressions this state has already closed are skipped: a closed impression
+        produces nothing more, so they could never match, and while any entry is held the fast
+        close path is off. Returns how many entries were added.
+        """
+        closed_now, closed_prev = self._closed_now, self._closed_prev
+        before = len(self.suppress)
+        self.suppress.update(e for e in delivered if e[0] not in closed_now and e[0] not in closed_prev)
+        return len(self.suppress) - before
 
     def expire_profiles(self) -> list[str]:
         """Forget the kept clicks of users idle for ``profile_ttl_s`` before the watermark.
@@ -826,6 +844,7 @@ class PartitionJoin:
             join.origin_ts[src].update(seen)
         for src, idle in enumerate(state.origins_idle[:2]):
             join.origins_idle[src].update(idle)
+        join.suppress_delivered((str(iid), int(kind)) for iid, kind in state.suppress)
         return join
 
 

@@ -171,6 +171,10 @@ class JoinWorker:
         )
         self.joins: dict[int, PartitionJoin] = {}
         self.seq: dict[int, int] = {}
+        #: Per input partition: an examples offset at or before anything delivered for it that its
+        #: state does not reflect (its restored checkpoint's, or the examples partition's end when
+        #: taken over without one); what a checkpoint records while nothing newer is known.
+        self.out_from: dict[int, int] = {}
         self.positions: dict[tuple[int, int], int] = {}
         self.ended: set[tuple[int, int]] = set()
         self.at_end: dict[tuple[int, int], float] = {}
@@ -240,12 +244,33 @@ class JoinWorker:
             log.warning("%s: reading committed offsets failed (%s); retrying", self.worker_id, exc)
             self.to_restore.update(todo)
             return
+        try:
+            ends = self._output_ends({p % self.n_out for p in todo})
+        except KafkaException as exc:
+            log.warning("%s: reading the examples topic's ends failed (%s); retrying", self.worker_id, exc)
+            self.to_restore.update(todo)
+            return
         by_tp = {(self._source_of(tp.topic), tp.partition): tp for tp in committed}
         for p in todo:
-            self._restore(p, by_tp)
+            self._restore(p, by_tp, ends[p % self.n_out])
         self.seek_pending.update(todo)
         self._seek_restored()
         log.info("%s restored input partitions %s", self.worker_id, todo)
+
+    def _output_ends(self, parts: set[int]) -> dict[int, int]:
+        """High watermark of each examples partition in ``parts`` (queried, not cached).
+
+        The broker may report a partition's high watermark at the start of its last record
+        batch, below its true end: a lower bound of where the next record will land, which is
+        all :meth:`_restore` needs it for.
+        """
+        topic = self.topics.examples
+        return {
+            q: self.consumer.get_watermark_offsets(
+                TopicPartition(topic, q), timeout=RESTORE_COMMITTED_TIMEOUT_S, cached=False
+            )[1]
+            for q in sorted(parts)
+        }
 
     def _seek_restored(self) -> None:
         """Seek restored partitions to their positions and resume them (retried while not ready)."""
@@ -271,7 +296,12 @@ class JoinWorker:
         self.seek_pending.difference_update(tp.partition for tp in done)
         self.seek_pending.intersection_update(self.joins)
 
-    def _restore(self, p: int, committed: dict[tuple[int, int], TopicPartition]) -> None:
+    def _restore(self, p: int, committed: dict[tuple[int, int], TopicPartition], out_end: int) -> None:
+        """Rebuild partition ``p``'s join from its checkpoint (or Kafka's commit), then make the
+        restore durable before anything is delivered for it (:meth:`_anchor`).
+
+        ``out_end``: the examples partition's end now, a lower bound of this owner's deliveries.
+        """
         imp_tp, clk_tp = committed.get((IMPRESSIONS, p)), committed.get((CLICKS, p))
         meta = CommitMeta.parse(imp_tp.metadata if imp_tp is not None else None)
         ckpt = read_checkpoint(checkpoint_path(self.cfg, p))
@@ -305,8 +335,11 @@ class JoinWorker:
             self.positions[(IMPRESSIONS, p)] = ckpt.impressions_position
             self.positions[(CLICKS, p)] = ckpt.clicks_position
             self.seq[p] = ckpt.seq
+            # The checkpoint's examples offset, or (written before anything was known there, by
+            # an older version) the end now, which misses what was delivered in between.
+            self.out_from[p] = ckpt.out_offset if ckpt.out_offset >= 0 else out_end
             if not join.finished and ckpt.out_offset >= 0:
-                join.suppress = delivered_after(self.cfg, p, ckpt.out_partition, ckpt.out_offset)
+                join.suppress_delivered(delivered_after(self.cfg, p, ckpt.out_partition, ckpt.out_offset))
         else:
             join = PartitionJoin(
                 p,
@@ -325,6 +358,7 @@ class JoinWorker:
             for src, tp in ((IMPRESSIONS, imp_tp), (CLICKS, clk_tp)):
                 self.positions[(src, p)] = tp.offset if tp is not None and tp.offset >= 0 else OFFSET_INVALID
             self.seq[p] = meta.seq
+            self.out_from[p] = out_end
         if join.finished:
             self.ended.update({(IMPRESSIONS, p), (CLICKS, p)})
         else:
@@ -335,6 +369,26 @@ class JoinWorker:
                     self.ended.add((src, p))  # checkpointed while its end waited (``_apply_deferred_ends``)
                     self.deferred_end[(src, p)] = time.time()
         self.joins[p] = join
+        if not join.finished and (ckpt is None or ckpt.seq < meta.seq or ckpt.out_offset < 0):
+            self._anchor(p, join)
+
+    def _anchor(self, p: int, join: PartitionJoin) -> None:
+        """Checkpoint a partition just taken over without a checkpoint that says where its examples
+        stand, before it is resumed.
+
+        Without it, a worker killed between its first deliveries and its first periodic
+        checkpoint left nothing that tells the next owner where to look for them: it restored
+        from Kafka's commit (or from nothing), replayed, and delivered every one of them again.
+        The anchor records the restored state, its positions and ``out_from`` (the examples
+        partition's end, below anything this owner will deliver), so the next restore re-reads
+        from there and drops what it finds.
+        """
+        self._write_checkpoint(
+            p,
+            join,
+            self.positions.get((IMPRESSIONS, p), OFFSET_INVALID),
+            self.positions.get((CLICKS, p), OFFSET_INVALID),
+        )
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._forget_pending({tp.partition for tp in partitions})
@@ -361,6 +415,7 @@ class JoinWorker:
     def _retire(self, partitions: set[int]) -> None:
         for p in partitions:
             join = self.joins.pop(p)
+            self.out_from.pop(p, None)
             store = self.profile_stores.pop(p, None)
             if store is not None:
                 store.close()
@@ -713,24 +768,8 @@ class JoinWorker:
             join = self.joins[p]
             imp_pos = self.positions.get((IMPRESSIONS, p), OFFSET_INVALID)
             clk_pos = self.positions.get((CLICKS, p), OFFSET_INVALID)
-            seq = self.seq.get(p, 0) + 1
-            self.seq[p] = seq
-            out_partition = p % self.n_out
             self._persist_profiles(p, join)
-            write_checkpoint(
-                checkpoint_path(self.cfg, p),
-                Checkpoint(
-                    version=CHECKPOINT_VERSION,
-                    group_id=self.cfg.join.group_id,
-                    partition=p,
-                    seq=seq,
-                    impressions_position=imp_pos,
-                    clicks_position=clk_pos,
-                    out_partition=out_partition,
-                    out_offset=self.delivery.next_offset.get(out_partition, -1),
-                    state=join.snapshot(),
-                ),
-            )
+            seq = self._write_checkpoint(p, join, imp_pos, clk_pos)
             meta = CommitMeta(seq, join.finished, join.examples_total).encode()
             oldest_imp, oldest_clk = join.oldest_offsets()
             for topic, oldest, pos in (
@@ -743,6 +782,34 @@ class JoinWorker:
         if offsets:
             self._commit_offsets(offsets)
         self._expire_cache_profiles()
+
+    def _write_checkpoint(self, p: int, join: PartitionJoin, imp_pos: int, clk_pos: int) -> int:
+        """Write partition ``p``'s checkpoint under the next sequence number (returned).
+
+        Its examples offset is the later of two lower bounds of what the state does not reflect:
+        this process's next offset on the examples partition (everything it delivered is flushed
+        by now) and ``out_from``. What a previous owner delivered after it and the replay has
+        not produced again yet travels in the state's ``suppress``.
+        """
+        seq = self.seq.get(p, 0) + 1
+        self.seq[p] = seq
+        out_partition = p % self.n_out
+        out_offset = max(self.delivery.next_offset.get(out_partition, -1), self.out_from.get(p, -1))
+        write_checkpoint(
+            checkpoint_path(self.cfg, p),
+            Checkpoint(
+                version=CHECKPOINT_VERSION,
+                group_id=self.cfg.join.group_id,
+                partition=p,
+                seq=seq,
+                impressions_position=imp_pos,
+                clicks_position=clk_pos,
+                out_partition=out_partition,
+                out_offset=out_offset,
+                state=join.snapshot(),
+            ),
+        )
+        return seq
 
     def _commit_offsets(self, offsets: list[TopicPartition]) -> None:
         """Commit; a member fenced out of its group (session expired during a pause, a broker
