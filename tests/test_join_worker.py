@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from confluent_kafka import TopicPartition
 from lookups import ClickSetLookup
 
 from livectr.core import bus
@@ -36,7 +37,7 @@ from livectr.core.events import (
 from livectr.streams.checkpoint import checkpoint_path, profile_store_path, read_checkpoint
 from livectr.streams.join import REASON_ORPHAN
 from livectr.streams.profile_store import ProfileStore
-from livectr.streams.repartition import partition_of
+from livectr.streams.repartition import join_inputs, partition_of
 from livectr.streams.worker import run_join_worker
 
 pytestmark = pytest.mark.integration
@@ -483,6 +484,48 @@ def test_sigkill_loses_no_label_and_resends_none(kafka_config: Config) -> None:
     truth = {**first.truth, **second.truth, **third.truth}
     assert {e.impression_id: e.label for e in examples} == truth
     assert Counter(e.impression_id for e in examples) == Counter({iid: 1 for iid in truth})
+
+
+@pytest.mark.parametrize("repartition", [False, True], ids=["direct", "rekeyed"])
+def test_sigkill_before_the_first_checkpoint_resends_nothing(kafka_config: Config, repartition: bool) -> None:
+    """Kill -9 after examples were delivered but before any periodic checkpoint or commit (the
+    case of a join killed soon after ``livectr run`` restarted it): the partitions were
+    checkpointed when taken over, so the restarted worker re-reads what was delivered since and
+    drops it. Restored from nothing, it replayed from the start and sent all of it again."""
+    kafka_config.kafka.session_timeout_ms = 2000  # the killed member must leave the group quickly
+    cfg = configure(kafka_config, commit_interval_s=3600.0, repartition=repartition)
+    first = make_stream(cfg, 0, 200)
+    publish(cfg, first.records)
+    proc = multiprocessing.get_context("spawn").Process(target=_worker_process, args=(to_dict(cfg),))
+    proc.start()
+    want = {iid for iid, label in first.truth.items() if label}
+    try:
+        assert delivered(read_topic(cfg, cfg.topics.examples, lambda msgs: delivered(msgs, want), 40), want)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(5)
+    finally:
+        if proc.is_alive():
+            proc.kill()
+    probe = bus.consumer(cfg.kafka, cfg.join.group_id)
+    try:
+        topic = join_inputs(cfg)[0]
+        committed = probe.committed(
+            [TopicPartition(topic, p) for p in range(bus.partition_count(cfg.kafka, topic))], 10
+        )
+    finally:
+        probe.close()
+    assert all(tp.offset < 0 for tp in committed), "committed before the kill: not the case under test"
+
+    rest = make_stream(cfg, 200, 60)
+    publish(cfg, rest.records, end_partitions=2)
+    summary = run_bounded(cfg, worker_id="survivor", limit_s=60)
+
+    examples, _, _ = read_examples(cfg, ends=4)
+    truth = {**first.truth, **rest.truth}
+    repeated = sorted(iid for iid, n in Counter(e.impression_id for e in examples).items() if n > 1)
+    assert not repeated, f"{len(repeated)} impressions labelled more than once, e.g. {repeated[:5]}"
+    assert {e.impression_id: e.label for e in examples} == truth
+    assert summary["suppressed_replays"] > 0
 
 
 def test_two_workers_share_the_partitions(kafka_config: Config) -> None:
