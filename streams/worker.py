@@ -200,6 +200,11 @@ class JoinWorker:
         #: Times this member was fenced out of the group: assignments lost (session expired) and
         #: commits refused (see ``_commit_offsets``); each time it rejoined and restored.
         self.fenced = 0
+        #: Longest time spent in one ``on_assign`` callback (the group waits for it) and in one
+        #: restore from the main loop; partitions restored so far (rebalances, restarts).
+        self.assign_callback_max_s = 0.0
+        self.restore_max_s = 0.0
+        self.partitions_restored = 0
 
     # ------------------------------------------------------------ rebalance
 
@@ -217,6 +222,7 @@ class JoinWorker:
         # the restore decides otherwise. A seek racing librdkafka's own lookup of the committed
         # offset (when assigned without one) can lose to it, and replaying from the committed,
         # replay-safe offsets into a restored state repeats examples.
+        began = time.monotonic()
         ckpts = {p: read_checkpoint(checkpoint_path(self.cfg, p)) for p in {tp.partition for tp in partitions}}
         for tp in partitions:
             ckpt = ckpts[tp.partition]
@@ -228,6 +234,7 @@ class JoinWorker:
         if partitions:
             consumer.pause(partitions)
         self.to_restore.update(tp.partition for tp in partitions)
+        self.assign_callback_max_s = max(self.assign_callback_max_s, time.monotonic() - began)
         log.info("%s assigned input partitions %s (restoring)", self.worker_id, sorted(self.to_restore))
 
     def _restore_assigned(self) -> None:
@@ -237,6 +244,7 @@ class JoinWorker:
         self.to_restore.clear()
         if not todo:
             return
+        began = time.monotonic()
         tps = [TopicPartition(t, p) for p in todo for t in (self.imp_topic, self.clk_topic)]
         try:
             committed = self.consumer.committed(tps, timeout=RESTORE_COMMITTED_TIMEOUT_S)
@@ -255,6 +263,8 @@ class JoinWorker:
             self._restore(p, by_tp, ends[p % self.n_out])
         self.seek_pending.update(todo)
         self._seek_restored()
+        self.partitions_restored += len(todo)
+        self.restore_max_s = max(self.restore_max_s, time.monotonic() - began)
         log.info("%s restored input partitions %s", self.worker_id, todo)
 
     def _output_ends(self, parts: set[int]) -> dict[int, int]:
@@ -886,6 +896,9 @@ class JoinWorker:
             "suppressed_replays": total.suppressed,
             "fenced": self.fenced + (self.repartitioner.fenced if self.repartitioner is not None else 0),
             "input_copies": total.input_copies,
+            "assign_callback_max_s": self.assign_callback_max_s,
+            "restore_max_s": self.restore_max_s,
+            "partitions_restored": self.partitions_restored,
             "repartitioned_in": self.repartitioner.records_in if self.repartitioner is not None else 0,
             "dead_letters": self.dead.count,
             "dead_letter_reasons": dict(self.dead.reasons),
