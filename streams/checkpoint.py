@@ -159,7 +159,8 @@ def delivered_after(cfg: Config, p: int, out_partition: int, start: int) -> set[
     batch of examples left unread is a batch delivered twice. The watermark only says whether
     anything at all follows ``start`` (a batch starting there or later raises it past ``start``).
     """
-    reader = bus.consumer(cfg.kafka, **{"enable.partition.eof": True})
+    props: dict[str, object] = {"enable.partition.eof": True}
+    reader = bus.consumer(cfg.kafka, None, **props)
     tp = TopicPartition(cfg.topics.examples, out_partition, start)
     try:
         _, high = reader.get_watermark_offsets(tp, timeout=10)
