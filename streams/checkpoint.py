@@ -173,7 +173,7 @@ def delivered_after(cfg: Config, p: int, out_partition: int, start: int) -> set[
         at_end = False
         deadline = time.monotonic() + 30
         while not at_end and time.monotonic() < deadline:
-            for msg in reader.consume(10_000, 0.5):
+            for msg in reader.consume(10_000, 0.1):
                 err = msg.error()
                 if err is not None:
                     eof = err.code() == KafkaError._PARTITION_EOF

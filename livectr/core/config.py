@@ -194,8 +194,9 @@ class JoinConfig:
     batch_examples: bool = True
     #: Re-key impressions and clicks by impression id into internal topics of the join group
     #: (``streams/repartition.py``), so labels do not depend on how producers partition. Off (the
-    #: default for now: a SIGKILL of a stage under ``livectr run`` still repeats labels with it on,
-    #: see docs/design.md): the raw topics must be co-partitioned by every producer.
+    #: default for now; the repeated labels after a SIGKILL that kept it off are fixed, see
+    #: docs/design.md, "Join restore after a SIGKILL"): the raw topics must be co-partitioned by
+    #: every producer.
     repartition: bool = False
     #: Backpressure: a source (impressions or clicks of one partition) more than this many
     #: event-time seconds ahead of the other is paused until the other catches up, so pending
