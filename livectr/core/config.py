@@ -192,6 +192,20 @@ class JoinConfig:
     #: One ExampleBatch record per consume batch and input partition (True) or one record per
     #: example (False; measured slower, see ``python bench/join_speed.py``).
     batch_examples: bool = True
+    #: Re-key impressions and clicks by impression id into internal topics of the join group
+    #: (``streams/repartition.py``), so labels do not depend on how producers partition. Off (the
+    #: default for now; the repeated labels after a SIGKILL that kept it off are fixed, see
+    #: docs/design.md, "Join restore after a SIGKILL"): the raw topics must be co-partitioned by
+    #: every producer.
+    repartition: bool = False
+    #: Backpressure: a source (impressions or clicks of one partition) more than this many
+    #: event-time seconds ahead of the other is paused until the other catches up, so pending
+    #: impressions and orphan clicks stay bounded by window + skew, not by the inputs' lag (0: off).
+    max_skew_s: float = 600.0
+    #: ...once the partition holds at least this many pending impressions plus orphan clicks: below
+    #: it memory is no concern, and a source whose clock a few very late records pushed ahead
+    #: (a max-time clock) is not held back for nothing.
+    backpressure_floor: int = 20_000
 
 
 @dataclass
@@ -538,6 +552,8 @@ _BOUNDS: tuple[tuple[str, float, float, bool], ...] = (
     ("join.score_sample", 0, 1, True),
     ("join.commit_interval_s", 0, math.inf, False),
     ("join.workers", 1, 1 << 10, True),
+    ("join.max_skew_s", 0, math.inf, True),
+    ("join.backpressure_floor", 0, math.inf, True),
     ("learner.batch_size", 1, math.inf, True),
     ("learner.lr", 0, math.inf, False),
     ("learner.threads", 1, 1 << 10, True),
