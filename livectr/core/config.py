@@ -193,11 +193,10 @@ class JoinConfig:
     #: example (False; measured slower, see ``python bench/join_speed.py``).
     batch_examples: bool = True
     #: Re-key impressions and clicks by impression id into internal topics of the join group
-    #: (``streams/repartition.py``), so labels do not depend on how producers partition. Off (the
-    #: default for now; the repeated labels after a SIGKILL that kept it off are fixed, see
-    #: docs/design.md, "Join restore after a SIGKILL"): the raw topics must be co-partitioned by
-    #: every producer.
-    repartition: bool = False
+    #: (``streams/repartition.py``), so labels do not depend on how producers partition (on by
+    #: default: producers disagree — murmur2 in Java and kafka-python, CRC-32 in librdkafka).
+    #: Off saves one decode and produce per record, if every producer co-partitions the raw topics.
+    repartition: bool = True
     #: Backpressure: a source (impressions or clicks of one partition) more than this many
     #: event-time seconds ahead of the other is paused until the other catches up, so pending
     #: impressions and orphan clicks stay bounded by window + skew, not by the inputs' lag (0: off).
