@@ -98,6 +98,11 @@ CONFIG_FLAGS: dict[str, tuple[str, type, str]] = {
         "fraction of impressions scored at impression time for serving_auc (0-1)",
     ),
     "--group-id": ("join.group_id", str, "consumer group of the join workers"),
+    "--repartition": (
+        "join.repartition",
+        str,
+        "on (default) | off: re-key impressions and clicks by impression id, whatever the producers' partitioner",
+    ),
     "--user-profile-ttl-s": (
         "semantic.user_profile_ttl_s",
         float,
@@ -675,6 +680,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--policy",
             "--defer-wait-s",
             "--group-id",
+            "--repartition",
             "--score-sample",
             "--user-profile-ttl-s",
             "--metrics-port",

@@ -106,3 +106,11 @@ def test_every_policy_is_accepted_with_its_defaults() -> None:
         assert cfg.join.policy == policy
     with pytest.raises(SystemExit):
         build_config(build_parser().parse_args(["join", "--policy", "defer", "--defer-wait-s", "900"]))
+
+
+def test_repartition_is_on_by_default_and_the_flag_turns_it_off() -> None:
+    from livectr.cli import build_config, build_parser
+
+    for command in ("join", "run"):
+        assert build_config(build_parser().parse_args([command])).join.repartition is True
+        assert build_config(build_parser().parse_args([command, "--repartition", "off"])).join.repartition is False
