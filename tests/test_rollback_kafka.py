@@ -110,7 +110,7 @@ def test_a_running_learner_rolls_back_on_request_and_continues_from_v(
     cfg.learner.shuffle_buffer = 0
     cfg.learner.align_idle_s = 0.0
     cfg.learner.snapshot_every_examples = 800
-    cfg.learner.snapshot_every_s = 3600.0
+    cfg.learner.snapshot_every_s = 1.0  # the tail after the last 800 too
     cfg.learner.delta_every_s = 0.2
     cfg.learner.keep_snapshots = 10
     world = ToyWorld(users=60, items=30, seed=12)
@@ -128,7 +128,9 @@ def test_a_running_learner_rolls_back_on_request_and_continues_from_v(
         seen_back = examples_seen(cfg, back)
         assert 0 < seen_back < 2400
         scorer = follow(kafka_only(cfg, tmp_path), followers)
-        wait_for(lambda: scorer.version == top)
+        imps = impressions(world, 80)
+        at_top = served_by(cfg, top).predict_batch(imps)
+        wait_for(lambda: scorer.current is not None and np.allclose(scorer.score(imps), at_top, atol=1e-6))
 
         started = time.monotonic()
         code = cli.main(["snapshots", "rollback", str(back), "--data-dir", str(cfg.data_dir), "--json"])
@@ -149,8 +151,7 @@ def test_a_running_learner_rolls_back_on_request_and_continues_from_v(
         stop.set()
         learner.join(timeout=60)
     assert result["resumed_from_version"] == back  # the run it continued with resumed from v2
-    # And the Kafka-only scorer ends on the learner's model (v4 plus its last delta).
-    imps = impressions(world, 80)
+    # And the Kafka-only scorer ends on the learner's model (its last snapshot and delta).
     final = Scorer(cfg.data_dir, cfg=cfg).score(imps)
     wait_for(lambda: np.allclose(scorer.score(imps), final, rtol=1e-4, atol=1e-6), timeout_s=15)
     print(f"rollback by the running learner to a Kafka-only scorer: {took:.2f} s")
