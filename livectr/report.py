@@ -180,7 +180,11 @@ def chart_consumer_lag(run: Run) -> str:
 
 
 def chart_dead_letters(run: Run) -> str:
-    series = [_wall(run, s, "dead_letters", n) for n, s in sorted(run.stages.items()) if stage_kind(n) != "catalogue"]
+    series = [
+        _wall(run, s, "dead_letters", n)
+        for n, s in sorted(run.stages.items())
+        if stage_kind(n) not in ("catalogue", "serve")
+    ]
     return _chart("Dead letters (cumulative, per stage)", series, x_label=WALL, x_format=format_duration, y_floor=0)
 
 
