@@ -98,6 +98,12 @@ CONFIG_FLAGS: dict[str, tuple[str, type, str]] = {
         "fraction of impressions scored at impression time for serving_auc (0-1)",
     ),
     "--group-id": ("join.group_id", str, "consumer group of the join workers"),
+    "--caught-up-clock": (
+        "join.caught_up_clock",
+        str,
+        "a join source at the end of its partition runs on with the wall clock: unbounded (default: "
+        "live runs) | always (paced bounded runs too) | off",
+    ),
     "--user-profile-ttl-s": (
         "semantic.user_profile_ttl_s",
         float,
@@ -694,6 +700,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--group-id",
             "--score-sample",
             "--user-profile-ttl-s",
+            "--caught-up-clock",
             "--metrics-port",
         ],
     )

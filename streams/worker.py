@@ -20,7 +20,7 @@ from typing import Any
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from livectr.core import bus
-from livectr.core.config import Config
+from livectr.core.config import Config, ConfigError
 from livectr.core.events import (
     Click,
     DecodeError,
@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 
 #: Records per ``consume()`` call: large batches amortise the Python overhead per call.
 CONSUME_BATCH = 10_000
+#: Values of ``join.caught_up_clock``: when a source at the end of its partition runs on with
+#: the wall clock (see PartitionJoin.current_watermark).
+CAUGHT_UP_MODES = ("off", "unbounded", "always")
 #: Examples per ExampleBatch record (≈150 B each without vectors): stays far below 1 MB.
 MAX_BATCH_EXAMPLES = 2_000
 REASON_AFTER_END = "record after end of stream"
@@ -132,7 +135,16 @@ class JoinWorker:
         if self.n_in == 0 or self.n_out == 0:
             raise RuntimeError("join topics missing: run livectr.core.bus.ensure_topics(cfg) first")
         self.track_idle = not bounded and cfg.join.idle_timeout_s > 0
-        extra: dict[str, object] = {"enable.partition.eof": True} if self.track_idle else {}
+        mode = cfg.join.caught_up_clock
+        if mode not in CAUGHT_UP_MODES:
+            raise ConfigError(
+                f"join.caught_up_clock must be one of {', '.join(CAUGHT_UP_MODES)}, not {mode!r} "
+                "(--caught-up-clock, LIVECTR_JOIN__CAUGHT_UP_CLOCK)"
+            )
+        #: Sources at the end of their partition run on with the wall clock (PartitionJoin.caught_up).
+        self.track_caught_up = mode == "always" or (mode == "unbounded" and not bounded)
+        self.track_eof = self.track_idle or self.track_caught_up
+        extra: dict[str, object] = {"enable.partition.eof": True} if self.track_eof else {}
         self.consumer: Consumer = bus.consumer(cfg.kafka, cfg.join.group_id, **extra)
         self.producer = bus.producer(cfg.kafka)
         self.delivery = _ExampleDelivery()
@@ -291,8 +303,9 @@ class JoinWorker:
                 expected = Impression if src == IMPRESSIONS else Click
                 handler = join.on_impression if src == IMPRESSIONS else join.on_click
                 after_end = (src, p) in self.ended
-                if self.track_idle and self.at_end.pop((src, p), None) is not None:
+                if self.track_eof and self.at_end.pop((src, p), None) is not None:
                     join.set_idle(src, False)
+                    join.caught_up[src] = False
             elif join is None:
                 continue
             raw = msg.value()
@@ -344,10 +357,14 @@ class JoinWorker:
 
     def _on_error(self, msg: Message, err: KafkaError) -> None:
         if err.code() == KafkaError._PARTITION_EOF:
-            if self.track_idle:
+            if self.track_eof:
                 topic, p = msg.topic(), msg.partition()
                 assert topic is not None and p is not None  # a partition-EOF event names its partition
-                self.at_end.setdefault((self._source_of(topic), p), time.monotonic())
+                src = self._source_of(topic)
+                self.at_end.setdefault((src, p), time.monotonic())
+                join = self.joins.get(p)
+                if join is not None and self.track_caught_up:
+                    join.caught_up[src] = True
             return
         if err.fatal():
             raise KafkaException(err)
@@ -383,7 +400,7 @@ class JoinWorker:
             self.dead.send(rej.raw, rej.reason, source=_Provenance(topic, p, rej.offset, rej.key.encode()))
 
     def _after_batch(self) -> None:
-        now = time.time() if self.track_idle else None
+        now = time.time() if self.track_eof else None
         for p, join in list(self.joins.items()):
             if join.finished:
                 continue

@@ -186,6 +186,13 @@ class JoinConfig:
     #: Unbounded runs: a source at the end of its partition this long (wall seconds) stops
     #: holding the watermark back (like Flink's ``withIdleness``); 0 disables.
     idle_timeout_s: float = 60.0
+    #: A source that has delivered everything published so far (at the end of its partition)
+    #: counts as its newest event time plus the wall time since that record was published, so
+    #: sparse clicks do not hold fake negatives and windows until the next click (docs/design.md,
+    #: "Freshness: the caught-up clock"): ``unbounded`` (live runs, ``--forever``), ``always``
+    #: (bounded runs too: a paced replay, the freshness bench) or ``off``. It assumes event time
+    #: runs with the wall clock, as live streams do; a replay slower than real time should keep it off.
+    caught_up_clock: str = "unbounded"
     #: Recently closed impression ids remembered (two generations of this size) so a late
     #: click is reported as late rather than as an orphan.
     closed_memory: int = 100_000
