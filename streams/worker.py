@@ -20,7 +20,7 @@ from typing import Any
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from livectr.core import bus
-from livectr.core.config import Config, ConfigError
+from livectr.core.config import CAUGHT_UP_MODES, Config, ConfigError
 from livectr.core.events import (
     Click,
     DecodeError,
@@ -50,9 +50,6 @@ log = logging.getLogger(__name__)
 
 #: Records per ``consume()`` call: large batches amortise the Python overhead per call.
 CONSUME_BATCH = 10_000
-#: Values of ``join.caught_up_clock``: when a source at the end of its partition runs on with
-#: the wall clock (see PartitionJoin.current_watermark).
-CAUGHT_UP_MODES = ("off", "unbounded", "always")
 #: Examples per ExampleBatch record (≈150 B each without vectors): stays far below 1 MB.
 MAX_BATCH_EXAMPLES = 2_000
 REASON_AFTER_END = "record after end of stream"

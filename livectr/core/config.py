@@ -561,6 +561,12 @@ _BOUNDS: tuple[tuple[str, float, float, bool], ...] = (
 )
 
 
+#: Values of ``join.caught_up_clock`` (see :class:`JoinConfig`).
+CAUGHT_UP_MODES: tuple[str, ...] = ("off", "unbounded", "always")
+#: String settings with a fixed set of values, checked by :func:`validate`.
+_CHOICES: tuple[tuple[str, tuple[str, ...]], ...] = (("join.caught_up_clock", CAUGHT_UP_MODES),)
+
+
 def validate(cfg: Config, flags: Mapping[str, str] | None = None) -> Config:
     """Raise :class:`ConfigError` (naming the key, its flag from ``flags`` and its env variable)
     for a value outside :data:`_BOUNDS`; NaN is outside every bound."""
@@ -572,6 +578,12 @@ def validate(cfg: Config, flags: Mapping[str, str] | None = None) -> Config:
         rule = f"{'≥' if inclusive else '>'} {low:g}" + (f" and ≤ {high:g}" if high != math.inf else "")
         names = [n for n in ((flags or {}).get(dotted), f"{ENV_PREFIX}{section.upper()}__{name.upper()}") if n]
         raise ConfigError(f"{dotted} must be {rule}, not {value!r} ({', '.join(names)})")
+    for dotted, allowed in _CHOICES:
+        section, _, name = dotted.partition(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            names = [n for n in ((flags or {}).get(dotted), f"{ENV_PREFIX}{section.upper()}__{name.upper()}") if n]
+            raise ConfigError(f"{dotted} must be one of {', '.join(allowed)}, not {value!r} ({', '.join(names)})")
     return cfg
 
 
