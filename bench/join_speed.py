@@ -5,7 +5,10 @@ the same topics:
 
 * the ceiling: a bare confluent-kafka consumer that only ``consume()``s and ``decode_event``s;
 * the join worker (policy ``wait``) with one ExampleBatch record per consume batch and input
-  partition, and with one record per example.
+  partition, and with one record per example, reading the raw topics (``join.repartition`` off:
+  they are co-partitioned here);
+* the join worker re-keying its inputs first (``join.repartition``, the default), and its rate
+  against the direct one: the price of not depending on the producers' partitioner.
 
     python bench/join_speed.py [--impressions 300000]
 
@@ -90,9 +93,10 @@ def ceiling(cfg: Config, n: int) -> float:
     return rate
 
 
-def join_rate(cfg: Config, batch: bool, run: int) -> dict:
+def join_rate(cfg: Config, batch: bool, run: int, repartition: bool = False) -> dict:
     cfg.join.group_id = f"bench-join-{run}"
     cfg.join.batch_examples = batch
+    cfg.join.repartition = repartition
     cfg.data_dir = cfg.data_dir.parent / f"bench-{run}"
     return run_join_worker(cfg, worker_id=f"bench-{run}")
 
@@ -112,14 +116,19 @@ def main() -> None:
         n = publish(cfg, args.impressions, args.ctr) + 4
         base = ceiling(cfg, n)
         print(f"events {n:,}; consume+decode ceiling {base:,.0f} msg/s")
-        for run, batch in enumerate((True, False)):
-            summary = join_rate(cfg, batch, run)
+        rates: dict[str, float] = {}
+        for run, (batch, repartition) in enumerate(((True, False), (False, False), (True, True))):
+            summary = join_rate(cfg, batch, run, repartition)
             rate = summary["events_per_second"]
+            label = ("ExampleBatch" if batch else "one record per example") + (", re-keyed" if repartition else "")
+            rates[label] = rate
             print(
-                f"join ({'ExampleBatch' if batch else 'one record per example'}): {rate:,.0f} events/s "
+                f"join ({label}): {rate:,.0f} events/s "
                 f"= {rate / base:.2f} × ceiling; examples {summary['examples_out']:,} in "
-                f"{summary['example_records_out']:,} records"
+                f"{summary['example_records_out']:,} records; {summary['elapsed_s']:.1f} s from start "
+                "(group join included)"
             )
+        print(f"re-keyed / direct (ExampleBatch): {rates['ExampleBatch, re-keyed'] / rates['ExampleBatch']:.2f}")
 
 
 if __name__ == "__main__":

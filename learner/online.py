@@ -155,6 +155,7 @@ class OnlineLearner(Predictor):
             initial_accumulator=lc.embedding_init_accumulator,
             wide_prior=lc.wide_prior,
             wide_lr=lc.wide_lr,
+            wide_max_step=lc.wide_max_step,
         )
         self.dense_opt = torch.optim.Adam(self.model.dense_parameters(), lr=lc.lr, fused=True)
         self.metrics = LearnerMetrics()
@@ -273,13 +274,17 @@ class OnlineLearner(Predictor):
         inp = batch.to_inputs(self.device)
         labels = torch.from_numpy(batch.labels).to(self.device)
         kinds = torch.from_numpy(batch.kinds).to(self.device)
-        share = self.delayed_share.value
+        share = self._delayed_share(examples, batch.kinds, batch.labels)
 
         if not self.model.training:
             self.model.train()
         out = self.model(inp, train=True)
         fixed = self.real_negative_share
-        rate: float | torch.Tensor = fixed if fixed is not None else self._keep_rates(examples, out.logit)
+        rate: float | torch.Tensor = 1.0  # only defer's examples are weighed by it
+        if fixed is not None:
+            rate = fixed
+        elif ((batch.kinds == KIND_DEFER_OBSERVED) | (batch.kinds == KIND_DEFER_TRUE)).any():
+            rate = self._keep_rates(examples, out.logit)
         dropped = self._dropped_real_negatives(examples, batch.kinds, batch.labels, rate)
         shift = self._in_batch_shift(inp, out.logit, labels, kinds, share, rate, dropped)
         logit = out.logit + shift
@@ -345,6 +350,15 @@ class OnlineLearner(Predictor):
             "gate_usage": gate_used / len(examples) if self.semantic else None,
             "cold_started": cold_started,
         }
+
+    def _delayed_share(self, examples: Sequence[Example], kinds: np.ndarray, labels: np.ndarray) -> float:
+        """The share of late clicks that weighs this batch, counting the batch's own true clicks
+        first: their delays are known as they arrive, and the stream's first batch would
+        otherwise weigh its clicks by the prior alone (see :class:`DelayedShare`)."""
+        true_positives = np.flatnonzero((kinds == KIND_DEFER_TRUE) & (labels > 0))
+        if true_positives.size:
+            self.delayed_share.observe(np.fromiter((examples[k].click_delay for k in true_positives.tolist()), float))
+        return self.delayed_share.value
 
     @torch.no_grad()
     def _in_batch_shift(
@@ -456,11 +470,6 @@ class OnlineLearner(Predictor):
             )
             if self.experts is not None:
                 self.experts.fit_to_served(served_from, served_labels)
-            true_positives = at[(kinds[at] == KIND_DEFER_TRUE) & (labels > 0)]
-            if true_positives.size:
-                self.delayed_share.observe(
-                    np.fromiter((examples[k].click_delay for k in true_positives.tolist()), float)
-                )
         fake = (kinds == KIND_FAKE_NEGATIVE) | (kinds == KIND_POSITIVE_COPY)
         if fake.any():
             at = np.flatnonzero(fake)

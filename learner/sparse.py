@@ -103,9 +103,13 @@ class RowOptimizer:
         initial_accumulator: float,
         wide_prior: float,
         wide_lr: float = 1.0,
+        wide_max_step: float = 0.0,
     ) -> None:
         self.tables = tables
         self.wide_lr = wide_lr
+        #: Trust region of the first-order weights: no row's weight moves more than this many
+        #: logits in one step (0: no limit). See :meth:`step`.
+        self.wide_max_step = wide_max_step
         self.lr = lr
         self._init = {name: self._initial_row(t, initial_accumulator, wide_prior) for name, t in tables.items()}
         self.accum = {name: self._init[name].expand_as(t.weight).clone() for name, t in tables.items()}
@@ -153,7 +157,10 @@ class RowOptimizer:
             rate = acc_rows
             rate[:, :d] = self.lr / acc_rows[:, :d].sqrt()
             rate[:, d] = self.wide_lr / acc_rows[:, d]
-            table.weight.data.index_add_(0, rows, total.mul_(rate).neg_())
+            delta = total.mul_(rate).neg_()
+            if self.wide_max_step > 0:
+                delta[:, d].clamp_(-self.wide_max_step, self.wide_max_step)
+            table.weight.data.index_add_(0, rows, delta)
 
     @torch.no_grad()
     def in_batch_wide_shift(
@@ -182,6 +189,8 @@ class RowOptimizer:
         before_h = _segment_cumsum(h, start) - h
         shift = torch.empty_like(g)
         shift[order] = -self.wide_lr * before_g / (precision[r] + before_h)
+        if self.wide_max_step > 0:
+            shift.clamp_(-self.wide_max_step, self.wide_max_step)
         return shift
 
     @torch.no_grad()

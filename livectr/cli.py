@@ -90,7 +90,7 @@ CONFIG_FLAGS: dict[str, tuple[str, type, str]] = {
         "replay speed: 0 = as fast as possible, 1 = real time, 60 = a minute per second",
     ),
     "--window-s": ("join.window_s", float, "attribution window in event-time seconds (default 600)"),
-    "--policy": ("join.policy", str, "labelling policy: fake-negative (default) | defer | wait"),
+    "--policy": ("join.policy", str, "labelling policy: defer (default) | fake-negative | wait"),
     "--defer-wait-s": ("join.defer_wait_s", float, "policy defer: the waiting window before a negative is sent (s)"),
     "--score-sample": (
         "join.score_sample",

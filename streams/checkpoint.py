@@ -17,12 +17,13 @@ import time
 from pathlib import Path
 
 import msgspec
-from confluent_kafka import TopicPartition
+from confluent_kafka import KafkaError, TopicPartition
 
 from livectr.core import bus, faults
 from livectr.core.config import Config
 from livectr.core.events import DecodeError, Example, ExampleBatch, decode_example
 from livectr.streams.join import PartitionState
+from livectr.streams.repartition import join_inputs
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def checkpoint_path(cfg: Config, partition: int) -> Path:
     """File of input partition ``partition``'s checkpoint (per group and impressions topic)."""
     safe = re.compile(r"[^A-Za-z0-9._-]")
     group = safe.sub("_", cfg.join.group_id)
-    topic = safe.sub("_", cfg.topics.impressions)
+    topic = safe.sub("_", join_inputs(cfg)[0])
     return cfg.data_dir / "join-state" / group / f"{topic}-{partition}.ckpt"
 
 
@@ -152,8 +153,14 @@ def delivered_after(cfg: Config, p: int, out_partition: int, start: int) -> set[
 
     These were produced after the checkpoint being restored; the replay will produce them
     again and the join drops them once each.
+
+    Read to the partition's end as the fetches find it (the partition-EOF event), not to the
+    high watermark: the broker may report that at the start of the last record batch, and a
+    batch of examples left unread is a batch delivered twice. The watermark only says whether
+    anything at all follows ``start`` (a batch starting there or later raises it past ``start``).
     """
-    reader = bus.consumer(cfg.kafka)
+    props: dict[str, object] = {"enable.partition.eof": True}
+    reader = bus.consumer(cfg.kafka, None, **props)
     tp = TopicPartition(cfg.topics.examples, out_partition, start)
     try:
         _, high = reader.get_watermark_offsets(tp, timeout=10)
@@ -163,10 +170,14 @@ def delivered_after(cfg: Config, p: int, out_partition: int, start: int) -> set[
         reader.assign([tp])
         key = str(p).encode()
         position = start
+        at_end = False
         deadline = time.monotonic() + 30
-        while position < high and time.monotonic() < deadline:
-            for msg in reader.consume(10_000, 0.5):
-                if msg.error() is not None:
+        while not at_end and time.monotonic() < deadline:
+            for msg in reader.consume(10_000, 0.1):
+                err = msg.error()
+                if err is not None:
+                    eof = err.code() == KafkaError._PARTITION_EOF
+                    at_end = at_end or (eof and max(position, msg.offset() or 0) >= high)
                     continue
                 offset, raw = msg.offset(), msg.value()
                 assert offset is not None  # a consumed record without error has an offset
@@ -183,7 +194,7 @@ def delivered_after(cfg: Config, p: int, out_partition: int, start: int) -> set[
                     else ([record] if isinstance(record, Example) else [])
                 )
                 seen.update((ex.impression_id, ex.kind) for ex in examples)
-        if position < high:
+        if not at_end:
             log.warning("partition %d: could not re-read delivered examples; duplicates possible", p)
         if seen:
             log.info("partition %d: %d examples delivered after the checkpoint will not be resent", p, len(seen))

@@ -13,6 +13,7 @@ import heapq
 import math
 import zlib
 from collections import deque
+from collections.abc import Iterable
 from typing import Final
 
 import msgspec
@@ -142,6 +143,16 @@ class PartitionState(msgspec.Struct):
     #: Fake negatives not yet emitted (policy fake-negative): (impression ts, impression id,
     #: impression publish time). Checkpoints written before they waited for the watermark lack it.
     fake_negatives: list[tuple[float, str, float]] = msgspec.field(default_factory=list)
+    #: Re-keyed inputs (``streams/repartition.py``), per source: next raw offset expected from
+    #: each raw partition (older ones are copies and dropped), and raw partitions that have ended.
+    input_next: list[dict[int, int]] = msgspec.field(default_factory=list)
+    inputs_ended: list[list[int]] = msgspec.field(default_factory=list)
+    #: Re-keyed inputs, per source: newest event time per raw partition, and raw partitions idle.
+    origin_ts: list[dict[int, float]] = msgspec.field(default_factory=list)
+    origins_idle: list[list[int]] = msgspec.field(default_factory=list)
+    #: Examples (impression id, kind) a previous owner delivered after the checkpoint it restored
+    #: from and this state has not produced again yet: still to be dropped when they come.
+    suppress: list[tuple[str, int]] = msgspec.field(default_factory=list)
 
 
 class JoinCounters(msgspec.Struct):
@@ -159,6 +170,8 @@ class JoinCounters(msgspec.Struct):
     late_impressions: int = 0
     suppressed: int = 0
     score_requests: int = 0
+    #: Re-keyed records dropped as copies of ones already joined (a repartitioner re-read them).
+    input_copies: int = 0
 
 
 class PartitionJoin:
@@ -243,6 +256,14 @@ class PartitionJoin:
         self.examples_total = 0
         self.finished = False
         self.suppress: set[tuple[str, int]] = set()
+        #: Re-keyed inputs only: per source, next raw offset expected per raw partition, and the
+        #: raw partitions whose end marker arrived (see ``streams/repartition.py``).
+        self.input_next: tuple[dict[int, int], dict[int, int]] = ({}, {})
+        self.inputs_ended: tuple[set[int], set[int]] = (set(), set())
+        #: Re-keyed inputs: newest event time seen per raw partition (data or progress marker),
+        #: and raw partitions declared idle; see :meth:`merge_origins`.
+        self.origin_ts: tuple[dict[int, float], dict[int, float]] = ({}, {})
+        self.origins_idle: tuple[set[int], set[int]] = (set(), set())
         self.counters = JoinCounters()
         self.out: list[Example] = []
         self.rejected: list[Rejection] = []
@@ -397,6 +418,37 @@ class PartitionJoin:
         self.watermark_published = 0.0
         self._last_queued_ts = -_INF
         self.finished = False
+        for ended in self.inputs_ended:
+            ended.clear()
+        for seen in self.origin_ts:
+            seen.clear()  # event time restarts; idleness (``origins_idle``) is about liveness and stays
+
+    def merge_origins(self, raw_partitions: tuple[int, int]) -> None:
+        """Re-keyed inputs: set each source's event time to that of its slowest raw partition.
+
+        A re-keyed partition merges records of every raw partition, in whatever order the
+        repartitioner read them; the newest time seen would run ahead of a raw partition read
+        later and close windows its clicks still belong to. As Flink does across input channels,
+        the source's clock is the minimum over raw partitions not ended and not idle (an ended one
+        has nothing more, an idle one holds nothing back); the repartitioner sends progress
+        markers so that raw partitions with no record for this partition still advance it.
+        """
+        inf = _INF
+        for src in (IMPRESSIONS, CLICKS):
+            clock = self.clocks[src]
+            if clock.done:
+                continue
+            seen, ended, idle = self.origin_ts[src], self.inputs_ended[src], self.origins_idle[src]
+            slowest = inf
+            for q in range(raw_partitions[src]):
+                if q not in ended and q not in idle:
+                    t = seen.get(q, -inf)
+                    if t < slowest:
+                        slowest = t
+            if slowest < inf:
+                clock.max_ts = slowest
+            elif seen:
+                clock.max_ts = max(seen.values())
 
     def current_watermark(self, now: float | None = None) -> tuple[float, float]:
         """(watermark the sources allow now, publish time of the record that set it).
@@ -683,7 +735,25 @@ class PartitionJoin:
             clicked_early=sorted(self._clicked_early),
             observed_negative=sorted(self._observed_negative),
             fake_negatives=sorted(self._fake_negatives),
+            input_next=[dict(d) for d in self.input_next],
+            inputs_ended=[sorted(e) for e in self.inputs_ended],
+            origin_ts=[dict(d) for d in self.origin_ts],
+            origins_idle=[sorted(e) for e in self.origins_idle],
+            suppress=sorted(self.suppress),
         )
+
+    def suppress_delivered(self, delivered: Iterable[tuple[str, int]]) -> int:
+        """Drop these examples (impression id, kind) once each when the replay produces them again.
+
+        They were delivered after the restored state (by a previous owner, or before a crash).
+        Entries of impressions this state has already closed are skipped: a closed impression
+        produces nothing more, so they could never match, and while any entry is held the fast
+        close path is off. Returns how many entries were added.
+        """
+        closed_now, closed_prev = self._closed_now, self._closed_prev
+        before = len(self.suppress)
+        self.suppress.update(e for e in delivered if e[0] not in closed_now and e[0] not in closed_prev)
+        return len(self.suppress) - before
 
     def expire_profiles(self) -> list[str]:
         """Forget the kept clicks of users idle for ``profile_ttl_s`` before the watermark.
@@ -782,6 +852,15 @@ class PartitionJoin:
         join._observed_negative = set(state.observed_negative)
         join._fake_negatives = [(float(ts), str(iid), float(pub)) for ts, iid, pub in state.fake_negatives]
         heapq.heapify(join._fake_negatives)
+        for src, nxt in enumerate(state.input_next[:2]):
+            join.input_next[src].update(nxt)
+        for src, ended in enumerate(state.inputs_ended[:2]):
+            join.inputs_ended[src].update(ended)
+        for src, seen in enumerate(state.origin_ts[:2]):
+            join.origin_ts[src].update(seen)
+        for src, idle in enumerate(state.origins_idle[:2]):
+            join.origins_idle[src].update(idle)
+        join.suppress_delivered((str(iid), int(kind)) for iid, kind in state.suppress)
         return join
 
 

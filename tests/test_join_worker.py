@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from confluent_kafka import TopicPartition
 from lookups import ClickSetLookup
 
 from livectr.core import bus
@@ -36,6 +37,7 @@ from livectr.core.events import (
 from livectr.streams.checkpoint import checkpoint_path, profile_store_path, read_checkpoint
 from livectr.streams.join import REASON_ORPHAN
 from livectr.streams.profile_store import ProfileStore
+from livectr.streams.repartition import join_inputs, partition_of
 from livectr.streams.worker import run_join_worker
 
 pytestmark = pytest.mark.integration
@@ -246,7 +248,7 @@ def test_bounded_run_joins_exactly_and_dead_letters_bad_input(kafka_config: Conf
     # One end marker per input partition on every examples partition, with that partition's count.
     end_partitions = [m.partition() for m in msgs if isinstance(decode_example(m.value()), ExampleEnd)]
     assert sorted(zip((m.source_partition for m in ends), end_partitions)) == [(0, 0), (0, 1), (1, 0), (1, 1)]
-    per_partition = Counter(int(iid[3:]) % 2 for iid in stream.truth)
+    per_partition = Counter(partition_of(iid, 2) for iid in stream.truth)
     assert {(m.source_partition, m.examples, m.source_partitions, m.worker) for m in ends} == {
         (0, per_partition[0], 2, "w-a"),
         (1, per_partition[1], 2, "w-a"),
@@ -447,7 +449,7 @@ def test_sigkill_loses_no_label_and_resends_none(kafka_config: Config) -> None:
     """Kill -9 after examples were delivered past the last checkpoint; the restarted worker
     restores the checkpoint, replays, and drops what it had already delivered."""
     kafka_config.kafka.session_timeout_ms = 2000  # the killed member must leave the group quickly
-    cfg = configure(kafka_config, commit_interval_s=4.0)
+    cfg = configure(kafka_config, commit_interval_s=4.0, repartition=True)
     first = make_stream(cfg, 0, 200)
     publish(cfg, first.records)
     proc = multiprocessing.get_context("spawn").Process(target=_worker_process, args=(to_dict(cfg),))
@@ -475,11 +477,55 @@ def test_sigkill_loses_no_label_and_resends_none(kafka_config: Config) -> None:
     publish(cfg, third.records, end_partitions=2)
     summary = run_bounded(cfg, worker_id="survivor", limit_s=60)
     assert summary["suppressed_replays"] > 0
+    # The killed worker's repartitioner had moved records it never committed: moved again, dropped as copies.
+    assert summary["input_copies"] > 0
 
     examples, _, _ = read_examples(cfg, ends=4)
     truth = {**first.truth, **second.truth, **third.truth}
     assert {e.impression_id: e.label for e in examples} == truth
     assert Counter(e.impression_id for e in examples) == Counter({iid: 1 for iid in truth})
+
+
+@pytest.mark.parametrize("repartition", [False, True], ids=["direct", "rekeyed"])
+def test_sigkill_before_the_first_checkpoint_resends_nothing(kafka_config: Config, repartition: bool) -> None:
+    """Kill -9 after examples were delivered but before any periodic checkpoint or commit (the
+    case of a join killed soon after ``livectr run`` restarted it): the partitions were
+    checkpointed when taken over, so the restarted worker re-reads what was delivered since and
+    drops it. Restored from nothing, it replayed from the start and sent all of it again."""
+    kafka_config.kafka.session_timeout_ms = 2000  # the killed member must leave the group quickly
+    cfg = configure(kafka_config, commit_interval_s=3600.0, repartition=repartition)
+    first = make_stream(cfg, 0, 200)
+    publish(cfg, first.records)
+    proc = multiprocessing.get_context("spawn").Process(target=_worker_process, args=(to_dict(cfg),))
+    proc.start()
+    want = {iid for iid, label in first.truth.items() if label}
+    try:
+        assert delivered(read_topic(cfg, cfg.topics.examples, lambda msgs: delivered(msgs, want), 40), want)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(5)
+    finally:
+        if proc.is_alive():
+            proc.kill()
+    probe = bus.consumer(cfg.kafka, cfg.join.group_id)
+    try:
+        topic = join_inputs(cfg)[0]
+        committed = probe.committed(
+            [TopicPartition(topic, p) for p in range(bus.partition_count(cfg.kafka, topic))], 10
+        )
+    finally:
+        probe.close()
+    assert all(tp.offset < 0 for tp in committed), "committed before the kill: not the case under test"
+
+    rest = make_stream(cfg, 200, 60)
+    publish(cfg, rest.records, end_partitions=2)
+    summary = run_bounded(cfg, worker_id="survivor", limit_s=60)
+
+    examples, _, _ = read_examples(cfg, ends=4)
+    truth = {**first.truth, **rest.truth}
+    repeated = sorted(iid for iid, n in Counter(e.impression_id for e in examples).items() if n > 1)
+    assert not repeated, f"{len(repeated)} impressions labelled more than once, e.g. {repeated[:5]}"
+    assert {e.impression_id: e.label for e in examples} == truth
+    assert summary["suppressed_replays"] > 0
 
 
 def test_two_workers_share_the_partitions(kafka_config: Config) -> None:
@@ -502,6 +548,17 @@ def test_two_workers_share_the_partitions(kafka_config: Config) -> None:
     assert sum(r["impressions"] for r in results.values()) == len(stream.truth)
 
 
+def late_labels(msgs: list[Any]) -> dict[str, int]:
+    """Labels of the ``late…`` impressions among the example records ``msgs``."""
+    return {
+        e.impression_id: e.label
+        for m in msgs
+        if isinstance(r := decode_example(m.value()), ExampleBatch)
+        for e in r.examples
+        if e.impression_id.startswith("late") and e.kind != KIND_SCORE_REQUEST
+    }
+
+
 def test_unbounded_worker_reopens_after_end_and_idle_clicks_release_the_watermark(kafka_config: Config) -> None:
     """Forever mode: a finished partition takes a new stream (new event-time epoch); a clicks
     partition that stays empty is declared idle, so impressions alone close their windows."""
@@ -521,18 +578,14 @@ def test_unbounded_worker_reopens_after_end_and_idle_clicks_release_the_watermar
             (topics.impressions, 0, encode_event(Impression(f"late{k}", T0 + 10 * k, "u", "i"))) for k in range(100)
         ]
         publish(cfg, later)
+        # Re-keyed by impression id, the stream spreads over both join partitions; each one's clock
+        # follows raw partition 0 (the only one not idle), so both close up to its newest impression.
         want = {f"late{k}" for k in range(100) if T0 + 10 * k + cfg.join.window_s < T0 + 990}
-        msgs = read_topic(cfg, topics.examples, lambda m: delivered(m, {f"late{k}" for k in range(39)}), timeout_s=20)
+        msgs = read_topic(cfg, topics.examples, lambda m: want <= set(late_labels(m)), timeout_s=20)
     finally:
         stop.set()
         thread.join(30)
-    got = {
-        e.impression_id: e.label
-        for m in msgs
-        if isinstance(r := decode_example(m.value()), ExampleBatch)
-        for e in r.examples
-        if e.impression_id.startswith("late") and e.kind != KIND_SCORE_REQUEST
-    }
+    got = late_labels(msgs)
     # Once the impressions source is idle too, event time runs on with the wall clock (a few
     # seconds here), so a window or two more may close before the stop: never fewer.
     assert want <= set(got) and set(got.values()) == {0}

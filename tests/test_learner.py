@@ -307,6 +307,28 @@ def test_wide_weights_follow_online_newton() -> None:
     assert w == pytest.approx((1 - p) / (cfg.learner.wide_prior + p * (1 - p)), rel=1e-4)
 
 
+def test_wide_step_stays_in_its_trust_region() -> None:
+    """A row seen 300 times in one batch while the model is far off would take a Newton step of
+    several logits (-Σg / precision); the trust region caps it, and a small step is untouched."""
+    from livectr.learner.sparse import RowOptimizer, SparseTable
+
+    def moved(max_step: float, grad: float, n: int) -> float:
+        table = SparseTable(4, dim=2)
+        table.train()
+        opt = RowOptimizer({"ctx": table}, lr=0.02, initial_accumulator=0.1, wide_prior=2.5, wide_max_step=max_step)
+        before = float(table.weight[1, 2])
+        out = table(torch.ones(n, dtype=torch.long))
+        (out[:, 2] * grad).sum().backward()
+        opt.step(torch.full((n,), 0.02))
+        return float(table.weight[1, 2]) - before
+
+    free = moved(0.0, -0.2, 300)
+    assert free == pytest.approx(60 / (2.5 + 6), rel=1e-4)  # 7 logits: the overshoot
+    assert moved(0.5, -0.2, 300) == pytest.approx(0.5)
+    assert moved(0.5, 0.2, 300) == pytest.approx(-0.5)
+    assert moved(0.5, -0.2, 1) == pytest.approx(0.2 / 2.52, rel=1e-4)
+
+
 def test_cold_start_copies_neighbour_embeddings() -> None:
     cfg = make_cfg(True)
     cfg.learner.cold_start_min_count = 3
@@ -752,6 +774,26 @@ def test_defer_true_positives_teach_the_delayed_share() -> None:
     assert learner.delayed_share.value == pytest.approx((1 + 50) / (4 + 200))
     back = OnlineLearner(cfg, state=learner.state())
     assert back.delayed_share.value == learner.delayed_share.value
+
+
+def test_a_batch_is_weighed_with_the_delays_of_its_own_clicks() -> None:
+    """The stream's first batch of ``defer`` clicks must not be weighed by the prior share alone
+    (Beta(1, 3): 0.25 late, when without a waiting window every click is late): its positives
+    would weigh ~0.6 of what they should, and the model would start far too low."""
+    cfg = make_cfg(False)
+    learner = OnlineLearner(cfg)
+    world = ToyWorld(users=10, items=5, seed=1)
+    seen: list[float] = []
+    real = learner._delayed_share
+
+    def spy(*args: object) -> float:
+        seen.append(real(*args))  # type: ignore[arg-type]
+        return seen[-1]
+
+    learner._delayed_share = spy  # type: ignore[method-assign]
+    batch = [msgspec.structs.replace(ex, kind=KIND_DEFER_TRUE, label=1, click_delay=10.0) for ex in world.examples(100)]
+    learner.learn_batch(batch)
+    assert seen == [pytest.approx((1 + 100) / (4 + 100))]
 
 
 def test_taste_expert_ignores_an_item_head_never_distilled() -> None:

@@ -48,7 +48,10 @@ def test_a_stage_that_keeps_dying_exhausts_its_budget(tmp_path: Path) -> None:
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_run_survives_a_sigkilled_join_worker(kafka_config: Config, tmp_path: Path) -> None:
+@pytest.mark.parametrize("repartition", [False, True], ids=["direct", "rekeyed"])
+def test_run_survives_a_sigkilled_join_worker(kafka_config: Config, tmp_path: Path, repartition: bool) -> None:
+    """The join is killed right after its first examples, before its first periodic checkpoint:
+    the restarted worker must find where they stand (the checkpoint taken with the partitions)."""
     cfg = kafka_config
     cfg.simulator.events = 4_000
     cfg.simulator.users = 500
@@ -62,7 +65,8 @@ def test_run_survives_a_sigkilled_join_worker(kafka_config: Config, tmp_path: Pa
         # ~20 s of event time in ~12 s: the join is mid-stream when it is killed.
         "--speed", "1.7", "--restart-backoff-s", "0.5",
     )  # fmt: skip
-    run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    env = {**os.environ, "LIVECTR_JOIN__REPARTITION": "true" if repartition else "false"}
+    run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
     status = cfg.data_dir / "run" / "join-0.status.json"
     killed = None
     try:

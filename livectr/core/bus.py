@@ -183,10 +183,10 @@ def ensure_topics(cfg: Config, timeout_s: float = 15.0) -> Topics:
                     raise
     _wait_for_topics(client, list(wanted), timeout_s)
     imp, clk = partition_count(cfg.kafka, topics.impressions), partition_count(cfg.kafka, topics.clicks)
-    if imp != clk:
+    if imp != clk and not cfg.join.repartition:
         raise RuntimeError(
             f"{topics.impressions} has {imp} partitions but {topics.clicks} has {clk}: "
-            "the join needs them co-partitioned (same count, same key)"
+            "without join.repartition the join needs them co-partitioned (same count, same key)"
         )
     return topics
 
@@ -287,8 +287,12 @@ def produce(
     partition: int | None = None,
     on_delivery: object = None,
     headers: list[tuple[str, bytes]] | None = None,
+    timestamp: int = 0,
 ) -> None:
-    """``Producer.produce`` that waits (polling delivery reports) when the local queue is full."""
+    """``Producer.produce`` that waits (polling delivery reports) when the local queue is full.
+
+    ``timestamp``: the record's timestamp in ms (0: the producer's clock).
+    """
     kwargs: dict[str, Any] = {"value": value}
     if key is not None:
         kwargs["key"] = key
@@ -298,12 +302,40 @@ def produce(
         kwargs["on_delivery"] = on_delivery
     if headers:
         kwargs["headers"] = headers
+    if timestamp > 0:
+        kwargs["timestamp"] = timestamp
     while True:
         try:
             prod.produce(topic, **kwargs)
             return
         except BufferError:
             prod.poll(0.05)
+
+
+#: Commit errors that mean "no longer a member of this generation" (session expired during a
+#: pause, a broker freeze, a slow disk), a rebalance under way, or transient coordinator trouble:
+#: routine in Kafka, so a stage rejoins and resumes from its last durable state instead of dying.
+FENCED_COMMIT_ERRORS = frozenset(
+    {
+        KafkaError.UNKNOWN_MEMBER_ID,
+        KafkaError.ILLEGAL_GENERATION,
+        KafkaError.REBALANCE_IN_PROGRESS,
+        KafkaError.FENCED_INSTANCE_ID,
+        KafkaError._ASSIGNMENT_LOST,
+        KafkaError.COORDINATOR_NOT_AVAILABLE,
+        KafkaError.NOT_COORDINATOR,
+        KafkaError._TIMED_OUT,
+        KafkaError.REQUEST_TIMED_OUT,
+        KafkaError._TRANSPORT,
+        KafkaError._WAIT_COORD,
+    }
+)
+
+
+def is_fenced(exc: KafkaException) -> bool:
+    """Whether a failed commit is one of :data:`FENCED_COMMIT_ERRORS` (rejoin, do not die)."""
+    err = exc.args[0] if exc.args else None
+    return isinstance(err, KafkaError) and err.code() in FENCED_COMMIT_ERRORS
 
 
 class Provenance(Protocol):

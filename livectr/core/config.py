@@ -170,7 +170,7 @@ class JoinConfig:
     window_s: float = 600.0
     #: Labelling policy: ``wait``, ``fake-negative`` or ``defer`` (README, "Labelling policies";
     #: the default is the best in serving order over the benchmark's streams).
-    policy: str = "fake-negative"
+    policy: str = "defer"
     #: ``defer``: the waiting window after which an unclicked impression is sent as a negative (0:
     #: at once, as a fake negative; the real negative follows when the attribution window closes).
     defer_wait_s: float = 0.0
@@ -199,6 +199,20 @@ class JoinConfig:
     #: One ExampleBatch record per consume batch and input partition (True) or one record per
     #: example (False; measured slower, see ``python bench/join_speed.py``).
     batch_examples: bool = True
+    #: Re-key impressions and clicks by impression id into internal topics of the join group
+    #: (``streams/repartition.py``), so labels do not depend on how producers partition. Off (the
+    #: default for now; the repeated labels after a SIGKILL that kept it off are fixed, see
+    #: docs/design.md, "Join restore after a SIGKILL"): the raw topics must be co-partitioned by
+    #: every producer.
+    repartition: bool = False
+    #: Backpressure: a source (impressions or clicks of one partition) more than this many
+    #: event-time seconds ahead of the other is paused until the other catches up, so pending
+    #: impressions and orphan clicks stay bounded by window + skew, not by the inputs' lag (0: off).
+    max_skew_s: float = 600.0
+    #: ...once the partition holds at least this many pending impressions plus orphan clicks: below
+    #: it memory is no concern, and a source whose clock a few very late records pushed ahead
+    #: (a max-time clock) is not held back for nothing.
+    backpressure_floor: int = 20_000
 
 
 @dataclass
@@ -236,6 +250,10 @@ class LearnerConfig:
     #: First-order weights (online Newton): prior precision (shrinkage of rare ids) and step scale.
     wide_prior: float = 2.5
     wide_lr: float = 1.0
+    #: Trust region of a first-order weight's Newton step, in logits per step (0: none). A row
+    #: seen hundreds of times in one batch while the model is far off (the first minutes of a
+    #: stream) would otherwise take a step several logits too long (docs/design.md).
+    wide_max_step: float = 0.5
     #: Score each example with the first-order updates of earlier examples of its user and item in
     #: the same mini-batch, as a per-example learner would (RowOptimizer.in_batch_wide_shift).
     in_batch_wide: bool = True
@@ -541,6 +559,8 @@ _BOUNDS: tuple[tuple[str, float, float, bool], ...] = (
     ("join.score_sample", 0, 1, True),
     ("join.commit_interval_s", 0, math.inf, False),
     ("join.workers", 1, 1 << 10, True),
+    ("join.max_skew_s", 0, math.inf, True),
+    ("join.backpressure_floor", 0, math.inf, True),
     ("learner.batch_size", 1, math.inf, True),
     ("learner.lr", 0, math.inf, False),
     ("learner.threads", 1, 1 << 10, True),
@@ -550,6 +570,7 @@ _BOUNDS: tuple[tuple[str, float, float, bool], ...] = (
     ("learner.embedding_dim", 1, 1 << 12, True),
     ("learner.context_buckets", 1, math.inf, True),
     ("learner.pair_buckets", 0, math.inf, True),
+    ("learner.wide_max_step", 0, math.inf, True),
     ("learner.scorer_reload_ms", 1, math.inf, True),
     ("semantic.reduced_dim", 1, 1 << 12, True),
     ("semantic.user_profile_ttl_s", 0, math.inf, True),
