@@ -258,7 +258,10 @@ def rollback_report(cfg: Config, version: int, force: bool = False, wait_s: floa
                 f"({type(exc).__name__}: {exc}); Kafka-only scorers follow when a learner next starts"
             ) from exc
         published = True
-    return {"version": version, "previous": before, "rolled_back_by": "cli", "published_on_kafka": published}
+    report = {"version": version, "previous": before, "rolled_back_by": "cli", "published_on_kafka": published}
+    if running:
+        report["forced_past_learner"] = True
+    return report
 
 
 def rollback_message(data_dir: Path | str, report: dict[str, Any]) -> str:
@@ -275,11 +278,15 @@ def rollback_message(data_dir: Path | str, report: dict[str, Any]) -> str:
             f"A learner started now resumes from v{version:08d}'s weights and Kafka offsets; "
             f"its next snapshot will be v{newest + 1:08d}"
         )
-    kafka = (
-        f"v{version:08d} republished on the model-updates topic: Kafka-only scorers serve it within seconds.\n"
-        if report.get("published_on_kafka")
-        else "Not sent on Kafka (no --bootstrap-servers): Kafka-only scorers follow when a learner next starts.\n"
-    )
+    if report.get("published_on_kafka"):
+        kafka = f"v{version:08d} republished on the model-updates topic: Kafka-only scorers serve it within seconds.\n"
+    elif report.get("forced_past_learner"):
+        kafka = (
+            "Not sent on Kafka: a learner that takes no rollback requests is running (--force), and its "
+            "next snapshot supersedes this rollback.\n"
+        )
+    else:
+        kafka = "Not sent on Kafka (no --bootstrap-servers): Kafka-only scorers follow when a learner next starts.\n"
     return (
         f"latest: {prev} -> v{version:08d} (checksums verified). Scorers on this disk follow within their "
         f"reload interval.\n{kafka}{learner} (versions above {version} are kept, not overwritten)."

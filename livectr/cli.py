@@ -532,6 +532,7 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
             text = snapshots_cli.format_diff(report)
         else:
             cfg = build_config(args)
+            data_dir = args.data_dir if args.data_dir is not None else cfg.data_dir  # --config-json's too
             cfg.data_dir = Path(data_dir)
             if cfg.kafka.bootstrap_servers:
                 bus.check_options(cfg.kafka)
