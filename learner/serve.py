@@ -135,6 +135,11 @@ class _ScorerCollector:
             "Model updates from Kafka refused as corrupt or unusable (the model serving kept serving)",
             value=self.scorer.update_refusals,
         )
+        yield CounterMetricFamily(
+            "livectr_serve_rollbacks",
+            "Full snapshots from Kafka with the rollback marker installed over a model already serving",
+            value=self.scorer.rollbacks,
+        )
         yield GaugeMetricFamily(
             "livectr_serve_delta_seq",
             "Position of the serving model in its delta chain (0: none applied since its full snapshot)",

@@ -22,6 +22,7 @@ from livectr.learner import snapshot as snap
 from livectr.learner.loop import run_learner
 from livectr.learner.predictor import Predictor
 from livectr.learner.scorer import Scorer
+from livectr.learner.serve import ServeMetrics
 
 #: What "within seconds" means here (the shared test machine included).
 WITHIN_S = 5.0
@@ -86,6 +87,7 @@ def test_cli_rollback_republishes_v_and_a_kafka_only_scorer_serves_it(
     wait_for(lambda: scorer.rollbacks == 1, timeout_s=WITHIN_S)
     took = time.monotonic() - started
     assert scorer.version == 1 and scorer.current is not None and scorer.current.chain == (1, 0)
+    assert "livectr_serve_rollbacks_total 1.0" in ServeMetrics(scorer).render().decode()
     imps = impressions(world, 60)
     v1 = served_by(cfg, 1).predict_batch(imps)
     np.testing.assert_allclose(scorer.score(imps), v1, rtol=1e-5, atol=1e-6)

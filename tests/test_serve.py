@@ -175,6 +175,7 @@ def test_metrics_exposition(client: TestClient) -> None:
         "livectr_serve_snapshot_age_seconds",
         "livectr_serve_snapshot_loads_total 1.0",
         "livectr_serve_snapshot_load_failures_total 0.0",
+        "livectr_serve_rollbacks_total 0.0",
     ):
         assert name in text, name
     assert 'livectr_serve_requests_total{route="/score",status="200"} 1.0' in text
