@@ -11,7 +11,13 @@ the labelling policy's own wait is excluded) and when they were trained; when th
 it, ``now − decided_at`` is that example's event → served time. Printed: p50/p99 of event →
 trained (from the deltas, and the learner's own figure over every example), event → served, the
 targets (trained p99 ≤ 2 s beyond the policy's wait, served p99 ≤ 5 s) met or missed, and bytes
-per delta against a full snapshot.
+per delta against a full snapshot; and event → joined by kind and apart for the stream's first
+``--warm-s`` seconds (clicks ramp up over their delay there).
+
+By default two runs, one after the other in the same invocation: ``join.caught_up_clock`` off
+(the join's watermark waits for the next click of each partition: fake negatives wait with it)
+and ``always`` (a source at the end of its partition runs on with the wall clock, as live runs
+do by default), so the before/after is measured under the same load.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +38,7 @@ import numpy as np
 from livectr.core import bus
 from livectr.core.broker import EmbeddedBroker
 from livectr.core.config import Config, to_dict
-from livectr.core.events import KIND_SCORE_REQUEST, ExampleBatch, decode_example
+from livectr.core.events import KIND_FAKE_NEGATIVE, KIND_POSITIVE_COPY, KIND_SCORE_REQUEST, ExampleBatch, decode_example
 from livectr.learner.deltas import Delta
 from livectr.learner.scorer import Scorer
 from livectr.learner.updates import UpdateFollower
@@ -62,11 +69,26 @@ def quantiles(values: list[np.ndarray]) -> tuple[float, float, int]:
     return float(np.quantile(v, 0.5)), float(np.quantile(v, 0.99)), int(v.size)
 
 
-def event_to_joined(cfg: Config) -> list[np.ndarray]:
+@dataclass
+class Joined:
+    """Per example read back from the examples topic: kind, ``decided_at``, join publish time."""
+
+    kind: np.ndarray
+    decided: np.ndarray
+    joined: np.ndarray
+
+    def lags(self, mask: np.ndarray | None = None) -> list[np.ndarray]:
+        lag = self.joined - self.decided
+        return [lag if mask is None else lag[mask]]
+
+
+def event_to_joined(cfg: Config) -> Joined:
     """Per example: when the join published it (the record's Kafka timestamp) − its ``decided_at``."""
     cons = bus.consumer(cfg.kafka)
     bus.assign_all(cons, cfg.kafka, [cfg.topics.examples])
-    out: list[np.ndarray] = []
+    kinds: list[int] = []
+    decided_at: list[float] = []
+    joined_at: list[float] = []
     quiet_since = time.monotonic()
     while time.monotonic() - quiet_since < 3.0:
         msgs = cons.consume(1000, 0.5)
@@ -78,12 +100,14 @@ def event_to_joined(cfg: Config) -> list[np.ndarray]:
             rec = decode_example(msg.value())
             examples = rec.examples if isinstance(rec, ExampleBatch) else [rec]
             joined = msg.timestamp()[1] / 1000.0
-            decided = [
-                ex.decided_at for ex in examples if getattr(ex, "kind", KIND_SCORE_REQUEST) != KIND_SCORE_REQUEST
-            ]
-            out.append(joined - np.asarray(decided, dtype=np.float64))
+            for ex in examples:
+                kind = getattr(ex, "kind", KIND_SCORE_REQUEST)
+                if kind != KIND_SCORE_REQUEST:
+                    kinds.append(kind)
+                    decided_at.append(ex.decided_at)
+                    joined_at.append(joined)
     cons.close()
-    return out
+    return Joined(np.asarray(kinds), np.asarray(decided_at, dtype=np.float64), np.asarray(joined_at))
 
 
 def main() -> None:
@@ -93,8 +117,29 @@ def main() -> None:
     ap.add_argument("--delta-every-s", type=float, default=2.0)
     ap.add_argument("--policy", default="fake-negative")
     ap.add_argument("--partitions", type=int, default=4, help="partitions of the topics (join sources)")
+    ap.add_argument(
+        "--caught-up-clock",
+        default="off,always",
+        help="join.caught_up_clock, comma-separated: one paced run each, in this order (off: the "
+        "previous behaviour; always: a source at the end of its partition runs on with the wall "
+        "clock, as live runs do by default). Default: both, for a before/after in one invocation",
+    )
+    ap.add_argument(
+        "--warm-s",
+        type=float,
+        default=20.0,
+        help="event → joined is also shown apart for examples decided in the stream's first N s "
+        "(clicks ramp up over the click delay: median 20 s)",
+    )
     args = ap.parse_args()
+    for k, mode in enumerate(args.caught_up_clock.split(",")):
+        if k:
+            print()
+        run_once(args, mode.strip())
 
+
+def run_once(args: argparse.Namespace, mode: str) -> None:
+    """One paced ``livectr run`` with ``join.caught_up_clock = mode``; prints its figures."""
     work = Path(tempfile.mkdtemp(prefix="livectr-freshness-"))
     with EmbeddedBroker(log_path=work / "tansu.log") as broker:
         cfg = Config()
@@ -104,6 +149,7 @@ def main() -> None:
         cfg.data_dir = work / "data"
         cfg.semantic.enabled = False
         cfg.join.policy = args.policy
+        cfg.join.caught_up_clock = mode
         cfg.learner.device = "cpu"
         cfg.learner.delta_every_s = args.delta_every_s
         cfg.simulator.speed = 1.0
@@ -136,14 +182,16 @@ def main() -> None:
         while scorer.deltas_applied < learn.get("deltas_published", 0) and time.monotonic() < deadline:
             time.sleep(0.2)
         scorer.stop_watcher()
-        joined = quantiles(event_to_joined(cfg))
+        by_example = event_to_joined(cfg)
+        joined = quantiles(by_example.lags())
 
     served = quantiles(scorer.served)
     trained = quantiles(scorer.trained)
     full = learn.get("last_full_snapshot_bytes", 0)
     delta_bytes = learn.get("mean_delta_bytes", 0)
     print(
-        f"paced run: {args.rate:g} impressions/s for ~{args.seconds:g} s ({elapsed:.0f} s wall), policy {args.policy}"
+        f"paced run: {args.rate:g} impressions/s for ~{args.seconds:g} s ({elapsed:.0f} s wall), policy {args.policy}, "
+        f"{args.partitions} partitions, caught-up clock {mode}"
     )
     print(
         f"examples trained {learn['examples_trained']}, deltas published {learn.get('deltas_published')}, "
@@ -151,6 +199,15 @@ def main() -> None:
         f"refused {scorer.update_refusals}), full snapshots on Kafka {learn.get('full_snapshots_on_kafka')}"
     )
     print(f"event → joined (join published the example, n={joined[2]}): p50 {joined[0]:.3f} s  p99 {joined[1]:.3f} s")
+    first = float(by_example.decided.min()) if by_example.decided.size else 0.0
+    for label, mask in (
+        ("fake negatives", by_example.kind == KIND_FAKE_NEGATIVE),
+        ("positive copies", by_example.kind == KIND_POSITIVE_COPY),
+        (f"decided in the first {args.warm_s:g} s", by_example.decided < first + args.warm_s),
+        (f"decided after the first {args.warm_s:g} s", by_example.decided >= first + args.warm_s),
+    ):
+        part = quantiles(by_example.lags(mask))
+        print(f"  event → joined, {label} (n={part[2]}): p50 {part[0]:.3f} s  p99 {part[1]:.3f} s")
     print(f"event → trained (examples in deltas, n={trained[2]}): p50 {trained[0]:.3f} s  p99 {trained[1]:.3f} s")
     print(
         f"event → trained (learner, every example): p50 {learn['freshness_p50_s']:.3f} s  "

@@ -6,7 +6,13 @@ context buckets and (user, item) pairs, plus the small dense layers. A delta car
 those, as Monolith syncs its sparse parameters, so a replica stays seconds behind the learner
 for a fraction of the bytes. User and item rows are sent with their ids *and* row numbers: a
 row can be given to another id after vocabulary expiry, and the pair buckets hash row numbers,
-so the replica binds each id to the learner's row (:meth:`GrowingVocab.bind`). Context and
+so the replica binds each id to the learner's row (:meth:`GrowingVocab.bind`). Rows the
+learner's vocabulary expiry freed since the last publish (and not given to a new id since) go
+as ``{user,item}.expired`` with their new generation, and the replica frees them
+(:meth:`GrowingVocab.unbind`): without that, an id the learner dropped would keep its row and
+weights on the replica until the row was reused. Row 0, the shared row of unknown ids (which
+the learner trains as the row of rare ids under admission), travels by index with a null id.
+Context and
 pair rows are hashed buckets, sent by index. Dense weights (the cross network, the MLP, the
 semantic part: ≈35k floats with the default shape) go in every delta — they change on every
 step, and a replica with stale dense weights would not score as the learner does.
@@ -34,7 +40,7 @@ from safetensors.numpy import save as save_numpy
 from livectr.core.events import KIND_SCORE_REQUEST
 from livectr.learner.features import EncodedBatch
 from livectr.learner.predictor import Predictor
-from livectr.learner.vocab import ContextHasher
+from livectr.learner.vocab import UNKNOWN_ROW, ContextHasher
 
 #: Decision times carried per delta for the freshness measurement (a uniform sample beyond).
 FRESHNESS_SAMPLE = 4096
@@ -56,6 +62,8 @@ class TouchedRows:
     """Rows of each id table trained since the last :meth:`take`, and the examples' decision times."""
 
     tables: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    #: User and item rows freed by vocabulary expiry (``user``/``item`` → arrays of rows).
+    expired: dict[str, list[np.ndarray]] = field(default_factory=dict)
     decided_at: list[np.ndarray] = field(default_factory=list)
     trained_at: list[np.ndarray] = field(default_factory=list)
     examples: int = 0
@@ -74,6 +82,14 @@ class TouchedRows:
         self.trained_at.append(np.full(int(trained.sum()), finished))
         self.examples += int((batch.kinds != KIND_SCORE_REQUEST).sum())
 
+    def expire(self, name: str, rows: np.ndarray) -> None:
+        """Record rows of table ``name`` freed by expiry (called by :meth:`OnlineLearner.expire_rows`)."""
+        self.expired.setdefault(name, []).append(np.asarray(rows, dtype=np.int64).reshape(-1))
+
+    def take_expired(self) -> dict[str, np.ndarray]:
+        """Unique rows freed per table since the last take (call before :meth:`take`, which clears them)."""
+        return {name: np.unique(np.concatenate(parts)) for name, parts in self.expired.items()}
+
     def take(self) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, int]:
         """Unique rows per table, decision and training times, examples; then start afresh."""
         rows = {name: np.unique(np.concatenate(parts)) for name, parts in self.tables.items()}
@@ -81,10 +97,11 @@ class TouchedRows:
         trained = np.concatenate(self.trained_at) if self.trained_at else np.zeros(0)
         examples = self.examples
         self.tables, self.decided_at, self.trained_at, self.examples = {}, [], [], 0
+        self.expired = {}
         return rows, decided, trained, examples
 
     def __bool__(self) -> bool:
-        return self.examples > 0
+        return self.examples > 0 or bool(self.expired)
 
 
 def _sparse_keys(predictor: Predictor) -> dict[str, str]:
@@ -106,9 +123,11 @@ def build_delta(
 ) -> tuple[bytes, dict[str, Any]]:
     """The delta blob of everything ``touched`` since the last publish, and its metadata
     (``snapshot_version``: the newest snapshot the model after this delta contains)."""
+    expired = touched.take_expired()
     rows, decided, trained, examples = touched.take()
     decided, trained = _sample(np.random.default_rng(seq), decided, trained)
     model, feat = predictor.model, predictor.featurizer
+    freed = _split_freed(predictor, rows, expired)
     arrays: dict[str, np.ndarray] = {}
     keys = _sparse_keys(predictor)
     meta: dict[str, Any] = {
@@ -131,9 +150,12 @@ def build_delta(
         arrays[f"{name}.values"] = weight.index_select(0, torch.from_numpy(r).to(weight.device)).cpu().numpy()
     for name, vocab in (("user", feat.users), ("item", feat.items)):
         r = arrays[f"{name}.rows"]
-        meta[f"{name}_ids"] = [vocab.id_of(int(x)) for x in r]
+        meta[f"{name}_ids"] = [vocab.id_of(int(x)) if x > UNKNOWN_ROW else None for x in r]
         arrays[f"{name}.counts"] = vocab.counts[r].astype(np.int64)
         arrays[f"{name}.generation"] = vocab.generation[r].astype(np.int64)  # the pair hash mixes it in
+        arrays[f"{name}.expired"] = freed[name]
+        arrays[f"{name}.expired_generation"] = vocab.generation[freed[name]].astype(np.int64)
+        meta[f"{name}_expired"] = int(freed[name].size)
     for key, value in state.items():
         if key not in keys.values():
             arrays[f"dense.{key}"] = value.detach().cpu().contiguous().numpy()
@@ -155,6 +177,23 @@ def build_delta(
     arrays["freshness.trained_at"] = trained.astype(np.float64)
     blob = save_numpy({k: np.ascontiguousarray(v) for k, v in arrays.items()}, metadata={"livectr": json.dumps(meta)})
     return blob, meta
+
+
+def _split_freed(
+    predictor: Predictor, rows: dict[str, np.ndarray], expired: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Rows of the user and item tables free now: those expired since the last publish and not
+    given to a new id since, and touched rows that expired after training. They are removed from
+    ``rows`` (a free row has no id to send; its values are reset and never looked up)."""
+    freed: dict[str, np.ndarray] = {}
+    empty = np.zeros(0, dtype=np.int64)
+    for name, vocab in (("user", predictor.featurizer.users), ("item", predictor.featurizer.items)):
+        r = rows.get(name, empty)
+        keep = vocab.live(r) | (r == UNKNOWN_ROW)
+        candidates = np.union1d(expired.get(name, empty), r[~keep])
+        freed[name] = candidates[~vocab.live(candidates)].astype(np.int64)
+        rows[name] = r[keep]
+    return freed
 
 
 @dataclass
@@ -187,6 +226,11 @@ def parse_delta(blob: bytes) -> Delta:
     for name in ("user", "item"):
         if len(meta.get(f"{name}_ids", ())) != len(arrays.get(f"{name}.rows", ())):
             raise DeltaError(f"delta's {name} ids and rows disagree")
+        freed, gens = arrays.get(f"{name}.expired"), arrays.get(f"{name}.expired_generation")
+        if (freed is None) != (gens is None) or (freed is not None and gens is not None and len(freed) != len(gens)):
+            raise DeltaError(f"delta's {name} expired rows and generations disagree")
+        if freed is not None and freed.size and int(freed.min()) <= UNKNOWN_ROW:
+            raise DeltaError(f"delta frees {name} row {int(freed.min())}, the shared unknown row")
     return Delta(meta, arrays)
 
 
@@ -214,11 +258,16 @@ def apply_delta(predictor: Predictor, delta: Delta) -> None:
         feat.context = ContextHasher.from_state({**feat.context.state(), "slots": slots})
     with torch.no_grad():
         for name, vocab in (("user", feat.users), ("item", feat.items)):
+            freed = a.get(f"{name}.expired")
+            if freed is not None:  # first: a row freed then reused since is in the rows below
+                for row, gen in zip(freed.tolist(), a[f"{name}.expired_generation"].tolist(), strict=True):
+                    vocab.unbind(row, gen)
             rows = a[f"{name}.rows"]
             generations = a.get(f"{name}.generation")
             gens = generations.tolist() if generations is not None else [None] * len(rows)
             for key, row, gen in zip(delta.meta[f"{name}_ids"], rows.tolist(), gens, strict=True):
-                vocab.bind(key, row, gen)
+                if row > UNKNOWN_ROW:  # row 0 (unknown ids) has values but no id
+                    vocab.bind(key, row, gen)
             vocab.counts[rows] = a[f"{name}.counts"]
         tables = model.sparse_tables()
         tables["user"].grow(feat.users.capacity)
@@ -241,6 +290,9 @@ def apply_delta(predictor: Predictor, delta: Delta) -> None:
 def _apply_experts(predictor: Predictor, a: dict[str, np.ndarray]) -> None:
     experts = predictor.experts
     assert experts is not None
+    freed = a.get("user.expired")
+    if freed is not None and freed.size:
+        experts.reset_rows(freed)  # as the learner did: a user reusing the row starts afresh
     users = a["user.rows"]
     if users.size:
         experts.grow_users(int(users.max()) + 1)

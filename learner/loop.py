@@ -32,6 +32,12 @@ Design points:
   clicks and negatives. Score requests are scored as they come meanwhile (the model does not
   change). Only under ``wait``: a learner under ``fake-negative``/``defer``, or one that starts
   mid-stream, meets both labels at once.
+* **Rollback while running.** ``livectr snapshots rollback V`` hands a running learner a request
+  (:func:`livectr.learner.snapshot.request_rollback`); between two polls the learner moves
+  ``latest`` to V, drops everything it holds, resumes from V exactly as a restarted learner
+  would (weights, optimiser, offsets: the examples after V are trained again), republishes V on
+  the model-updates topic with the rollback marker (Kafka-only scorers serve V within seconds)
+  and answers. Its next snapshot still numbers above the highest existing version.
 """
 
 from __future__ import annotations
@@ -59,13 +65,23 @@ from livectr.core.events import (
     ExampleEnd,
     decode_example,
     encode_example,
+    one_line,
 )
+from livectr.learner import snapshot as snap
 from livectr.learner.align import EventTimeMerge
 from livectr.learner.deltas import TouchedRows
 from livectr.learner.live_metrics import RecentLearnerMetrics
 from livectr.learner.model import ModelConfig
 from livectr.learner.online import OnlineLearner
-from livectr.learner.snapshot import LearnerLock, clean_temp, load_newest_good, manifest_offsets, publish_snapshot
+from livectr.learner.snapshot import (
+    LearnerLock,
+    SnapshotError,
+    clean_temp,
+    load_newest_good,
+    load_version,
+    manifest_offsets,
+    publish_snapshot,
+)
 from livectr.learner.updates import UpdatePublisher
 
 log = logging.getLogger(__name__)
@@ -187,6 +203,7 @@ class _Run:
         self.requests_scored = 0
         #: Join sources (impressions partitions) the merge waits for once the first record is in.
         self.sources = sources
+        self.source_count = sources
         self.ends = EndTracker.from_dict((self.manifest or {}).get("end_markers"))
         self.snapshots = 0
         self.last_version = (self.manifest or {}).get("version")
@@ -404,6 +421,24 @@ class _Run:
                 return
         self.updates.publish_delta(self.learner, self.last_version)
 
+    # -- rollback -----------------------------------------------------------------------------
+
+    def rolled_back(self, version: int) -> _Run:
+        """A run resumed from snapshot ``version`` after moving ``latest`` to it (see "Rollback
+        while running" above); this one's buffers are dropped, its model-updates chain carried
+        on with ``version`` republished as a rollback. Raises ``OSError``/``SnapshotError``
+        (nothing changed) when ``version`` is missing or does not verify."""
+        load_version(self.cfg.data_dir, version, with_optimizer=True)  # refuse before touching anything
+        snap.point_latest(self.cfg.data_dir, version)
+        run = _Run(self.cfg, self.on_status, self.partitions, self.source_count)
+        run.snapshots = self.snapshots
+        run.updates = self.updates
+        if run.updates is not None:
+            if self.cfg.learner.delta_every_s > 0:
+                run.learner.touched = TouchedRows()
+            run.updates.publish_full(self.cfg.data_dir, version, rollback=True)
+        return run
+
     # -- reporting ----------------------------------------------------------------------------
 
     def status(self, dlq: bus.DeadLetterSink, force: bool = False) -> dict[str, Any] | None:
@@ -531,8 +566,38 @@ def run_learner(
     Holds :class:`LearnerLock` on the data dir for its whole run: a second learner on the same
     data dir fails at once with :class:`LearnerLockError` instead of overwriting snapshots.
     """
-    with LearnerLock(cfg.data_dir):
+    with LearnerLock(cfg.data_dir) as lock:
+        lock.accept_rollbacks()
         return _learn(cfg, on_status, stop or threading.Event(), bounded)
+
+
+#: How often the loop looks for a rollback request (a stat of one file).
+ROLLBACK_POLL_S = 0.2
+
+
+def _roll_back_if_asked(run: _Run, cons: Any, paused: set[int]) -> _Run:
+    """Do a pending rollback request (and answer it): the run to continue with."""
+    request = snap.take_rollback_request(run.cfg.data_dir)
+    if request is None:
+        return run
+    before = snap.latest_version(run.cfg.data_dir)
+    try:
+        version = int(request["version"])
+        new = run.rolled_back(version)
+    except (KeyError, TypeError, ValueError, OSError, SnapshotError) as exc:
+        log.error("rollback request %s refused: %s", request, exc)
+        snap.answer_rollback(run.cfg.data_dir, request, {"error": one_line(str(exc)) or type(exc).__name__})
+        return run
+    offsets = {(new.topic, p): o for p, o in new.offsets.items()}
+    bus.assign_all(cons, new.cfg.kafka, [new.topic], offsets)  # replaces the assignment, paused ones too
+    paused.clear()
+    log.info("rolled back: latest v%s -> v%08d; training resumes from its offsets %s", before, version, new.offsets)
+    snap.answer_rollback(
+        run.cfg.data_dir,
+        request,
+        {"version": version, "previous": before, "published_on_kafka": new.updates is not None},
+    )
+    return new
 
 
 def _learn(cfg: Config, on_status: StatusCallback | None, stop: threading.Event, bounded: bool) -> dict[str, Any]:
@@ -547,10 +612,14 @@ def _learn(cfg: Config, on_status: StatusCallback | None, stop: threading.Event,
         run.publish_updates(prod)
     bus.assign_all(cons, cfg.kafka, [run.topic], {(run.topic, p): o for p, o in run.offsets.items()})
     paused: set[int] = set()
+    next_rollback_check = 0.0
     try:
         while not stop.is_set():
             if bounded and run.ends.complete(partitions):
                 break
+            if time.monotonic() >= next_rollback_check:
+                next_rollback_check = time.monotonic() + ROLLBACK_POLL_S
+                run = _roll_back_if_asked(run, cons, paused)
             msgs = cons.consume(num_messages=500, timeout=0.1)
             t = time.perf_counter()
             for msg in msgs:

@@ -507,6 +507,8 @@ class OnlineLearner(Predictor):
             rows, ids = vocab.expire(now, force=force)
             if not rows.size:
                 continue
+            if self.touched is not None:
+                self.touched.expire(name, rows)  # the next delta frees them on replicas too
             t = torch.from_numpy(rows)
             table.reset_rows(t[t < table.num_embeddings])
             self.sparse_opt.reset_rows(name, t[t < table.num_embeddings])

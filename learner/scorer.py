@@ -145,6 +145,8 @@ class Scorer:
         self.deltas_skipped = 0
         #: Model updates from Kafka refused as corrupt or unusable.
         self.update_refusals = 0
+        #: Full snapshots installed from Kafka with the rollback marker over a model already serving.
+        self.rollbacks = 0
         self.freshness = FreshnessHistogram()
         self._followers: list[Any] = []
         self._gap_logged: tuple[int, int] | None = None
@@ -222,13 +224,16 @@ class Scorer:
         finally:
             self._reload_lock.release()
 
-    def install(self, loaded: Loaded) -> bool:
+    def install(self, loaded: Loaded, rollback: bool = False) -> bool:
         """Swap in a model loaded elsewhere (a full snapshot from Kafka) if it is newer than the one
-        serving; False otherwise (e.g. the same version, already loaded from disk)."""
+        serving, or whatever it is with ``rollback`` (a chain restarting there: a rollback, a
+        learner restarted); False otherwise (e.g. the same version, already loaded from disk)."""
         with self._reload_lock:
             current = self._current
-            if current is not None and loaded.version <= current.version:
+            if current is not None and loaded.version <= current.version and not rollback:
                 return False
+            if rollback and current is not None:
+                self.rollbacks += 1
             self._current = loaded
             self.reloads += 1
             return True

@@ -25,10 +25,14 @@ Rollback (:func:`rollback`, ``livectr snapshots rollback V``) only moves the poi
 verified older version: scorers follow it like any new version, a learner started afterwards
 resumes from V's weights, optimiser and Kafka offsets (so it re-reads what came after V), and
 its next snapshot is numbered above the highest existing one — newer versions are never reused.
+While a learner runs, the pointer is its own: the CLI hands it a rollback request
+(:func:`request_rollback`, a file next to the lock) and the learner, between two polls, moves the
+pointer, reloads V and continues from V's offsets (:mod:`livectr.learner.loop`), then answers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -82,6 +86,11 @@ MANIFEST = "manifest.json"
 #: The files a snapshot holds besides its manifest (each checksummed in ``manifest["files"]``).
 DATA_FILES = ("model.safetensors", "optimizer.safetensors", "state.safetensors", "vocab.json")
 LOCK_FILE = ".learner.lock"
+#: A rollback asked of the running learner, and its answer (JSON, each written by rename).
+ROLLBACK_REQUEST = "rollback-request.json"
+ROLLBACK_ANSWER = "rollback-answer.json"
+#: Second line of the lock file of a learner that takes rollback requests.
+ACCEPTS_ROLLBACKS = "accepts-rollback-requests"
 
 
 def snapshots_dir(data_dir: Path | str) -> Path:
@@ -401,6 +410,12 @@ class LearnerLock:
         self._fd = fd
         return self
 
+    def accept_rollbacks(self) -> None:
+        """Say in the lock file that this learner takes rollback requests (:func:`request_rollback`)."""
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, f"{os.getpid()}\n{ACCEPTS_ROLLBACKS}\n".encode(), 0)
+
     def release(self) -> None:
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
@@ -416,6 +431,93 @@ class LearnerLock:
 
 class RollbackRefused(RuntimeError):
     """A rollback that was not done: the version is missing or corrupt, or a learner is running."""
+
+
+class LearnerRunning(RollbackRefused):
+    """Refused because a learner holds the lock; ``takes_requests``: it would do the rollback itself."""
+
+    def __init__(self, message: str, takes_requests: bool) -> None:
+        super().__init__(message)
+        self.takes_requests = takes_requests
+
+
+def learner_running(data_dir: Path | str) -> bool:
+    """Whether a live learner holds the data dir's lock (tried, and released at once if taken)."""
+    lock = LearnerLock(data_dir)
+    try:
+        lock.acquire()
+    except LearnerLockError:
+        return True
+    lock.release()
+    return False
+
+
+def point_latest(data_dir: Path | str, version: int) -> None:
+    """Swap ``latest`` to ``version`` (no checks: :func:`rollback` and the learner's rollback verify first)."""
+    _atomic_pointer(snapshots_dir(data_dir), version_name(version))
+
+
+def _write_atomic_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def request_rollback(data_dir: Path | str, version: int, wait_s: float = 30.0) -> dict[str, Any]:
+    """Ask the running learner to roll back to ``version``; its answer once done.
+
+    The answer holds ``version``, ``previous`` (what ``latest`` pointed to) and
+    ``published_on_kafka`` (whether the learner republished ``version`` on the model-updates
+    topic with the rollback marker). Raises :class:`RollbackRefused` with the learner's reason,
+    or when it has not taken the request within ``wait_s`` (the request is then withdrawn).
+    """
+    root = snapshots_dir(data_dir)
+    nonce = f"{os.getpid()}-{time.monotonic_ns()}"
+    request, answer = root / ROLLBACK_REQUEST, root / ROLLBACK_ANSWER
+    _write_atomic_json(request, {"version": int(version), "nonce": nonce, "requested_at": time.time()})
+    deadline = time.monotonic() + wait_s
+    while True:
+        got = _read_json(answer)
+        if got is not None and got.get("nonce") == nonce:
+            if got.get("error"):
+                raise RollbackRefused(f"the running learner refused: {got['error']}")
+            return got
+        if time.monotonic() > deadline:
+            pending = _read_json(request)
+            if pending is not None and pending.get("nonce") == nonce:
+                with contextlib.suppress(OSError):
+                    request.unlink()
+                raise RollbackRefused(
+                    f"the running learner did not take the rollback request within {wait_s:g} s; latest left unchanged"
+                )
+            deadline = time.monotonic() + wait_s  # taken: it is rolling back, give it time to answer
+        time.sleep(0.05)
+
+
+def take_rollback_request(data_dir: Path | str) -> dict[str, Any] | None:
+    """The pending rollback request, removed so it is done once (the learner's side); None if none."""
+    path = snapshots_dir(data_dir) / ROLLBACK_REQUEST
+    if not path.exists():
+        return None
+    request = _read_json(path)
+    with contextlib.suppress(OSError):
+        path.unlink()
+    return request
+
+
+def answer_rollback(data_dir: Path | str, request: dict[str, Any], answer: dict[str, Any]) -> None:
+    """Answer a request taken with :func:`take_rollback_request` (``error`` set: refused)."""
+    _write_atomic_json(
+        snapshots_dir(data_dir) / ROLLBACK_ANSWER, {**answer, "nonce": request.get("nonce"), "answered_at": time.time()}
+    )
 
 
 def verify_version(data_dir: Path | str, version: int) -> dict[str, str]:
@@ -469,9 +571,14 @@ def rollback(data_dir: Path | str, version: int, force: bool = False) -> int | N
         lock.acquire()
     except LearnerLockError as exc:
         if not force:
-            raise RollbackRefused(
+            try:
+                takes = ACCEPTS_ROLLBACKS in lock.path.read_text()
+            except OSError:
+                takes = False
+            raise LearnerRunning(
                 f"a learner is running on this data dir ({exc}); it would publish over the rollback. "
-                "Stop it first, or pass --force"
+                "Stop it first, or pass --force",
+                takes,
             ) from None
         log.warning("rolling back while a learner runs (--force): its next snapshot supersedes v%08d", version)
     try:

@@ -16,7 +16,9 @@ from typing import Any
 
 import torch
 
+from livectr.core.config import Config
 from livectr.learner import snapshot as snap
+from livectr.learner.updates import publish_rollback
 
 #: Manifest metrics shown by ``list`` and compared first by ``diff``.
 HEADLINE_METRICS = ("serving_auc", "serving_logloss")
@@ -220,11 +222,72 @@ def format_diff(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def rollback_message(data_dir: Path | str, version: int, before: int | None) -> str:
+def rollback_report(cfg: Config, version: int, force: bool = False, wait_s: float = 30.0) -> dict[str, Any]:
+    """Roll ``cfg.data_dir`` back to ``version`` and make Kafka-only scorers follow; what was done.
+
+    * No learner running: move ``latest`` here, then (with ``cfg.kafka.bootstrap_servers``)
+      republish ``version`` on the model-updates topic with the rollback marker.
+    * A learner running that takes requests: it does both itself and continues from ``version``.
+    * ``force`` with a learner that does not: ``latest`` only (its next snapshot supersedes it;
+      nothing is sent on Kafka, where that learner is the only writer).
+
+    Keys: ``version``, ``previous``, ``rolled_back_by`` (``cli`` | ``learner``) and
+    ``published_on_kafka``. Raises :class:`~livectr.learner.snapshot.RollbackRefused`.
+    """
+    data_dir = cfg.data_dir
+    try:
+        before = snap.rollback(data_dir, version, force=force)
+    except snap.LearnerRunning as exc:
+        if not exc.takes_requests:
+            raise
+        answer = snap.request_rollback(data_dir, version, wait_s)
+        return {
+            "version": version,
+            "previous": answer.get("previous"),
+            "rolled_back_by": "learner",
+            "published_on_kafka": bool(answer.get("published_on_kafka")),
+        }
+    running = force and snap.learner_running(data_dir)
+    published = False
+    if cfg.kafka.bootstrap_servers and not running:
+        try:
+            publish_rollback(cfg, version)
+        except Exception as exc:  # the pointer moved: say so, and what did not happen
+            raise snap.RollbackRefused(
+                f"latest now points to v{version:08d}, but republishing it on {cfg.topics.model_updates} failed "
+                f"({type(exc).__name__}: {exc}); Kafka-only scorers follow when a learner next starts"
+            ) from exc
+        published = True
+    report = {"version": version, "previous": before, "rolled_back_by": "cli", "published_on_kafka": published}
+    if running:
+        report["forced_past_learner"] = True
+    return report
+
+
+def rollback_message(data_dir: Path | str, report: dict[str, Any]) -> str:
+    version, before = report["version"], report["previous"]
     newest = max(snap.list_versions(data_dir))
     prev = f"v{before:08d}" if before is not None else "none"
+    if report.get("rolled_back_by") == "learner":
+        learner = (
+            f"The running learner rolled back: it continues from v{version:08d}'s weights and Kafka offsets; "
+            f"its next snapshot will be v{newest + 1:08d}"
+        )
+    else:
+        learner = (
+            f"A learner started now resumes from v{version:08d}'s weights and Kafka offsets; "
+            f"its next snapshot will be v{newest + 1:08d}"
+        )
+    if report.get("published_on_kafka"):
+        kafka = f"v{version:08d} republished on the model-updates topic: Kafka-only scorers serve it within seconds.\n"
+    elif report.get("forced_past_learner"):
+        kafka = (
+            "Not sent on Kafka: a learner that takes no rollback requests is running (--force), and its "
+            "next snapshot supersedes this rollback.\n"
+        )
+    else:
+        kafka = "Not sent on Kafka (no --bootstrap-servers): Kafka-only scorers follow when a learner next starts.\n"
     return (
-        f"latest: {prev} -> v{version:08d} (checksums verified). Scorers follow within their reload interval.\n"
-        f"A learner started now resumes from v{version:08d}'s weights and Kafka offsets; "
-        f"its next snapshot will be v{newest + 1:08d} (versions above {version} are kept, not overwritten)."
+        f"latest: {prev} -> v{version:08d} (checksums verified). Scorers on this disk follow within their "
+        f"reload interval.\n{kafka}{learner} (versions above {version} are kept, not overwritten)."
     )

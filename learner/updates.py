@@ -12,6 +12,12 @@ a blob split into messages of at most ``learner.update_chunk_bytes``, each with 
   snapshot the update builds on is (the learner is the topic's only writer and its producer is
   idempotent, so its messages are contiguous), so a new scorer reads the last message, jumps
   there and follows on. Nothing waits for the broker: a full snapshot is queued like a delta.
+* ``livectr.rollback`` (``1``, on full snapshots only, optional) — the chain restarts here:
+  scorers install this snapshot even when they serve a newer version, and deltas of the chains
+  before it no longer follow. Sent by a rollback (``livectr snapshots rollback V`` republishes V,
+  by the running learner or by the CLI) and by each learner process's first full snapshot (a
+  restarted learner resumes from its last snapshot, so deltas its predecessor sent after that
+  snapshot are not in its model and must not stay in the scorers').
 
 Why full snapshots are rarer on Kafka than on disk (``learner.update_full_every_s``): a full
 snapshot is tens of megabytes (the hashed tables are allocated whole) and the embedded broker
@@ -85,6 +91,7 @@ class UpdateHeader:
     chunks: int
     sha256: str
     since_base: int
+    rollback: bool = False
 
     @classmethod
     def of(cls, msg: Message) -> UpdateHeader:
@@ -103,12 +110,13 @@ class UpdateHeader:
                 chunks,
                 h["livectr.sha256"],
                 int(h["livectr.since_base"]),
+                h.get("livectr.rollback") == "1",
             )
         except (KeyError, ValueError) as exc:
             raise UpdateError(f"model update at offset {msg.offset()} has bad headers ({exc!r})") from exc
 
     def headers(self) -> list[tuple[str, bytes]]:
-        return [
+        out = [
             ("livectr.kind", self.kind.encode()),
             ("livectr.version", str(self.version).encode()),
             ("livectr.seq", str(self.seq).encode()),
@@ -116,6 +124,9 @@ class UpdateHeader:
             ("livectr.sha256", self.sha256.encode()),
             ("livectr.since_base", str(self.since_base).encode()),
         ]
+        if self.rollback:
+            out.append(("livectr.rollback", b"1"))
+        return out
 
 
 class UpdatePublisher:
@@ -138,6 +149,8 @@ class UpdatePublisher:
         self.full_bytes = 0
         self.delta_bytes = 0
         self.delta_bytes_total = 0
+        #: Full snapshots sent with the rollback marker (a rollback, or this publisher's first).
+        self.rollbacks = 0
 
     @property
     def chain(self) -> tuple[int, int] | None:
@@ -157,17 +170,29 @@ class UpdatePublisher:
             self.base = None
         return self.base is None or time.monotonic() - self.last_full_t >= self.cfg.learner.update_full_every_s
 
-    def publish_full(self, data_dir: Path, version: int) -> int:
-        """Send snapshot ``version``'s serving files; deltas from now on build on it. Returns bytes."""
+    def publish_full(self, data_dir: Path, version: int, rollback: bool = False) -> int:
+        """Send snapshot ``version``'s serving files; deltas from now on build on it. Returns bytes.
+
+        ``rollback`` (and always on this publisher's first full snapshot) marks it as the start
+        of a new chain: scorers install it even over a newer version (see the module docstring).
+        """
         blob = pack_files(read_serving_files(data_dir, version))
+        rollback = rollback or self.fulls == 0
         self.since_base = 0
-        self.send(blob, "full", version, 0)
+        self.send(blob, "full", version, 0, rollback)
+        self.rollbacks += int(rollback)
         self.base = version
         self.seq = 0
         self.fulls += 1
         self.full_bytes = len(blob)
         self.last_full_t = time.monotonic()
-        log.info("model update: full snapshot v%08d on %s (%d bytes)", version, self.topic, len(blob))
+        log.info(
+            "model update: full snapshot v%08d on %s (%d bytes%s)",
+            version,
+            self.topic,
+            len(blob),
+            ", rollback marker" if rollback else "",
+        )
         return len(blob)
 
     def publish_delta(self, learner: OnlineLearner, snapshot_version: int | None = None) -> dict[str, Any] | None:
@@ -187,14 +212,14 @@ class UpdatePublisher:
         self.delta_bytes_total += len(blob)
         return {"bytes": len(blob), "seq": self.seq, "examples": meta["examples"]}
 
-    def send(self, blob: bytes, kind: str, version: int, seq: int) -> None:
+    def send(self, blob: bytes, kind: str, version: int, seq: int, rollback: bool = False) -> None:
         """Queue ``blob`` in chunks; nothing waits for the broker (the learner's loop polls the
         delivery reports, and a failure makes the next snapshot a full one on Kafka)."""
         digest = hashlib.sha256(blob).hexdigest()
         n = max(1, -(-len(blob) // self.chunk_bytes))
         key = f"{kind}:{version}:{seq}".encode()
         for i in range(n):
-            header = UpdateHeader(kind, version, seq, i, n, digest, self.since_base)
+            header = UpdateHeader(kind, version, seq, i, n, digest, self.since_base, rollback)
             chunk = blob[i * self.chunk_bytes : (i + 1) * self.chunk_bytes]
             bus.produce(
                 self.prod,
@@ -337,7 +362,7 @@ class UpdateFollower:
             self.scorer.refuse(f"model update at {where} of unknown kind {h.kind!r}")
 
     def _install_full(self, h: UpdateHeader, blob: bytes, where: str) -> None:
-        if h.version <= self.highest_full:
+        if h.version <= self.highest_full and not h.rollback:
             return
         try:
             manifest, state = state_from_files(Path(f"kafka:{where}/v{h.version:08d}"), unpack_files(blob), False)
@@ -346,6 +371,22 @@ class UpdateFollower:
             return
         self.highest_full = h.version
         loaded = Loaded(manifest, Predictor.for_serving(self.scorer.cfg, state), chain=(h.version, 0))
-        if self.scorer.install(loaded):
+        if self.scorer.install(loaded, rollback=h.rollback):
             self.fulls_loaded += 1
-            log.info("scorer loaded snapshot v%08d from %s", h.version, where)
+            log.info("scorer loaded snapshot v%08d from %s%s", h.version, where, " (rollback)" if h.rollback else "")
+
+
+def publish_rollback(cfg: Config, version: int, timeout_s: float = bus.FLUSH_S) -> int:
+    """Republish snapshot ``version`` (under ``cfg.data_dir``) on the model-updates topic with the
+    rollback marker, and wait for the broker to have it; returns the bytes sent.
+
+    For ``livectr snapshots rollback`` when no learner runs (a running learner does this itself,
+    :mod:`livectr.learner.loop`): Kafka-only scorers then serve ``version`` within seconds, and a
+    learner started later resumes from it and publishes its chain from there.
+    """
+    bus.ensure_topic(cfg.kafka, cfg.topics.model_updates, 1, config=bus.model_updates_topic_config(cfg))
+    prod = bus.producer(cfg.kafka)
+    pub = UpdatePublisher(cfg, prod)
+    sent = pub.publish_full(cfg.data_dir, version, rollback=True)
+    bus.flush_or_raise(prod, pub.tracker, timeout_s)
+    return sent

@@ -237,6 +237,35 @@ class GrowingVocab:
         if generation is not None:
             self.generation[row] = generation
 
+    def unbind(self, row: int, generation: int | None = None) -> str | None:
+        """Free ``row`` as the learner's expiry did (a replica following deltas); the id it held.
+
+        Why: a replica only binds, so without this an id the learner expired would keep its row
+        (and its old weights) on the replica until the row was reused. Its id now maps to the
+        unknown row, its count is 0 (it weighs nothing in the unknown row's mean) and it takes
+        the learner's ``generation``. A row the replica never saw is recorded as free.
+        """
+        if row <= UNKNOWN_ROW:
+            raise ValueError(f"cannot free row {row}")
+        while len(self._ids) <= row:
+            self._ids.append(None)
+        self._ensure_capacity(len(self._ids))
+        key = self._ids[row]
+        if key is not None and self._row_of.get(key) == row:
+            del self._row_of[key]
+        self._ids[row] = None
+        self.counts[row] = 0
+        if generation is not None:
+            self.generation[row] = generation
+        return key
+
+    def live(self, rows: np.ndarray) -> np.ndarray:
+        """Which of ``rows`` hold an id now (row 0, the shared unknown row, does not)."""
+        ids, n = self._ids, len(self._ids)
+        return np.fromiter(
+            (UNKNOWN_ROW < r < n and ids[r] is not None for r in rows.tolist()), dtype=bool, count=len(rows)
+        )
+
     def _admitted(self, keys: list[str], countable: np.ndarray | None, at: np.ndarray) -> np.ndarray:
         """Which of the unknown ``keys`` (positions ``at`` of the lookup) get a row now."""
         if self.admission is None:

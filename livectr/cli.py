@@ -33,7 +33,7 @@ from livectr.learner.loop import run_learner
 from livectr.learner.online import real_negative_share
 from livectr.learner.scorer import Scorer
 from livectr.learner.serve import serve
-from livectr.learner.snapshot import LearnerLock, LearnerLockError, RollbackRefused, SnapshotError, rollback
+from livectr.learner.snapshot import LearnerLock, LearnerLockError, RollbackRefused, SnapshotError
 from livectr.pipeline import DataDirInUse, run_pipeline
 from livectr.report import NoMetrics, write_report
 from livectr.semantic_cache.client import SemanticCacheClient
@@ -102,6 +102,12 @@ CONFIG_FLAGS: dict[str, tuple[str, type, str]] = {
         "join.repartition",
         str,
         "on (default) | off: re-key impressions and clicks by impression id, whatever the producers' partitioner",
+    ),
+    "--caught-up-clock": (
+        "join.caught_up_clock",
+        str,
+        "a join source at the end of its partition runs on with the wall clock: unbounded (default: "
+        "live runs) | always (paced bounded runs too) | off",
     ),
     "--user-profile-ttl-s": (
         "semantic.user_profile_ttl_s",
@@ -530,9 +536,13 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
             report = snapshots_cli.diff_report(data_dir, args.v1, args.v2)
             text = snapshots_cli.format_diff(report)
         else:
-            before = rollback(data_dir, args.version, force=args.force)
-            report = {"version": args.version, "previous": before}
-            text = snapshots_cli.rollback_message(data_dir, args.version, before)
+            cfg = build_config(args)
+            data_dir = args.data_dir if args.data_dir is not None else cfg.data_dir  # --config-json's too
+            cfg.data_dir = Path(data_dir)
+            if cfg.kafka.bootstrap_servers:
+                bus.check_options(cfg.kafka)
+            report = snapshots_cli.rollback_report(cfg, args.version, force=args.force, wait_s=args.wait_s)
+            text = snapshots_cli.rollback_message(data_dir, report)
     except (RollbackRefused, SnapshotError, FileNotFoundError) as exc:
         print(f"livectr snapshots {action}: {exc}", file=sys.stderr)
         return 2
@@ -572,9 +582,23 @@ def _add_snapshots_parser(sub: Any) -> None:
     diff = action("diff", "what changed between two versions: examples, metrics, config, tensors, vocabulary")
     diff.add_argument("v1", type=int)
     diff.add_argument("v2", type=int)
-    rb = action("rollback", "point latest at VERSION (verified); scorers and the next learner follow", json_flag=False)
+    rb = action(
+        "rollback",
+        "point latest at VERSION (verified); scorers and the learner (running or next) follow; with "
+        "--bootstrap-servers Kafka-only scorers too, within seconds",
+    )
     rb.add_argument("version", type=int)
-    rb.add_argument("--force", action="store_true", help="even while a learner holds the data dir's lock")
+    rb.add_argument(
+        "--force",
+        action="store_true",
+        help="move latest even while a learner that takes no rollback requests holds the data dir's lock",
+    )
+    rb.add_argument(
+        "--wait-s", type=float, default=30.0, help="wait this long for a running learner to roll back (default 30)"
+    )
+    _add_config_flags(rb, list(KAFKA_FLAGS))
+    rb.add_argument("--kafka-option", action="append", default=[], metavar="KEY=VALUE", help="a librdkafka property")
+    rb.add_argument("--config-json", type=Path, default=None, help="start from a config written by `livectr run`")
 
 
 def _add_chaos_parser(sub: Any) -> None:
@@ -683,6 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--repartition",
             "--score-sample",
             "--user-profile-ttl-s",
+            "--caught-up-clock",
             "--metrics-port",
         ],
     )

@@ -444,6 +444,45 @@ class StageFailed(RuntimeError):
         self.stage = stage
 
 
+#: ``livectr run`` starts the traffic once the consumers are in place, or at most this long after.
+CONSUMERS_READY_S = 60.0
+
+
+def _fresh_status(stage: Stage) -> dict[str, Any]:
+    """The stage's status file if this life of the stage wrote it (not one left by an earlier run)."""
+    try:
+        if not stage.started_at or stage.status_path.stat().st_mtime < stage.started_at:
+            return {}
+    except OSError:
+        return {}
+    return stage.status()
+
+
+def _wait_for_consumers(stages: dict[str, Stage], cfg: Config, timeout_s: float = CONSUMERS_READY_S) -> None:
+    """Hold the producer until every impressions partition has a join worker and the learner runs.
+
+    Why: a join worker's first consumer-group join takes seconds (about half the session
+    timeout), and the learner's start (torch) a few more. Traffic published meanwhile waits
+    for them, so in a paced run the first seconds' examples were the slowest of the whole run
+    (docs/benchmarks.md, "Rollback over Kafka, freshness with the caught-up clock"): a start-up
+    cost, not steady state. A stage that fails meanwhile, or the timeout, ends the wait (the
+    supervisor then reports or restarts the stage as usual).
+    """
+    joins = [st for name, st in stages.items() if name.startswith("join-")]
+    want = set(range(bus.partition_count(cfg.kafka, cfg.topics.impressions)))
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if any(st.poll() not in (None, 0) for st in stages.values()):
+            return  # failed: the supervisor takes it from here
+        owned: set[int] = set()
+        for st in joins:
+            owned.update(int(p) for p in _fresh_status(st).get("partitions") or [])
+        if owned >= want and ("learn" not in stages or _fresh_status(stages["learn"])):
+            return
+        time.sleep(0.1)
+    log.warning("starting the traffic: the join workers or the learner were not ready within %.0f s", timeout_s)
+
+
 def _warm_catalogue(
     stages: dict[str, Stage],
     produce_args: list[str],
@@ -634,6 +673,8 @@ def _run(
                 if warm_catalogue:
                     _warm_catalogue(stages, plan["produce"], run_dir, config_path, quiet)
             for name, args in plan.items():
+                if name == "produce":
+                    _wait_for_consumers(stages, cfg)
                 stages[name] = _start(Stage(name, args, run_dir, env=env), config_path)
             bounded = [n for n in stages if n != "refresh"]
             if drill is not None:

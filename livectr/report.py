@@ -3,7 +3,8 @@
 The stages append samples to ``DATA_DIR/metrics/<stage>.jsonl`` as they run
 (:mod:`livectr.core.metrics_log`); this page plots them: serving AUC and log loss over event
 time, throughput per stage, freshness, the semantic cache's miss rate, snapshot versions,
-consumer lag, dead letters and the teacher's throughput. Everything is inline (CSS and SVG, no
+consumer lag, dead letters, the teacher's throughput and the scorers' request latency
+(``livectr serve`` on the same data dir records ``serve-PORT``). Everything is inline (CSS and SVG, no
 script, no network), so the file can be mailed or opened offline. The layout is fixed-size
 (:func:`chart_boxes`), which is what lets a test find every plot in a screenshot.
 """
@@ -57,7 +58,7 @@ class Run:
 
 def stage_kind(name: str) -> str:
     """``join-0`` → ``join``; stage names without a worker suffix are their own kind."""
-    for kind in ("join", "learn", "refresh", "produce", "catalogue"):
+    for kind in ("join", "learn", "refresh", "produce", "catalogue", "serve"):
         if name == kind or name.startswith(kind + "-") or name.startswith(kind + "_"):
             return kind
     return name
@@ -179,7 +180,11 @@ def chart_consumer_lag(run: Run) -> str:
 
 
 def chart_dead_letters(run: Run) -> str:
-    series = [_wall(run, s, "dead_letters", n) for n, s in sorted(run.stages.items()) if stage_kind(n) != "catalogue"]
+    series = [
+        _wall(run, s, "dead_letters", n)
+        for n, s in sorted(run.stages.items())
+        if stage_kind(n) not in ("catalogue", "serve")
+    ]
     return _chart("Dead letters (cumulative, per stage)", series, x_label=WALL, x_format=format_duration, y_floor=0)
 
 
@@ -195,6 +200,22 @@ def chart_teacher(run: Run) -> str:
         x_format=format_duration,
         y_floor=0,
         empty_text="no refresher ran (semantics off?)",
+    )
+
+
+def chart_served_latency(run: Run) -> str:
+    """``/score`` latency of each scorer (``livectr serve``), p50 and p99 per recording interval."""
+    series = []
+    for name, samples in run.of_kind("serve").items():
+        series.append(_wall(run, samples, "latency_p50_ms", f"{name}: p50"))
+        series.append(_wall(run, samples, "latency_p99_ms", "p99"))
+    return _chart(
+        "Served latency, POST /score (ms)",
+        series,
+        x_label=WALL,
+        x_format=format_duration,
+        y_floor=0,
+        empty_text="no scorer recorded (livectr serve --data-dir on this data dir)",
     )
 
 
@@ -214,6 +235,7 @@ CHARTS: tuple[Callable[[Run], str], ...] = (
     chart_consumer_lag,
     chart_dead_letters,
     chart_teacher,
+    chart_served_latency,
 )
 
 
@@ -243,6 +265,7 @@ def headline(run: Run) -> list[tuple[str, Any]]:
     learn = next(iter(run.of_kind("learn").values()), [])
     joins = run.of_kind("join")
     producers = run.of_kind("produce")
+    serve = next(iter(run.of_kind("serve").values()), [])
     lookups = sum(_last(s, "semantic_lookups") or 0 for s in joins.values())
     misses = sum(_last(s, "semantic_misses") or 0 for s in joins.values())
     return [
@@ -254,6 +277,7 @@ def headline(run: Run) -> list[tuple[str, Any]]:
         ("events published", sum(_last(s, "events_published") or 0 for s in producers.values()) if producers else None),
         ("semantic cache miss rate", misses / lookups if lookups else None),
         ("dead letters", sum(_last(s, "dead_letters") or 0 for s in run.stages.values())),
+        ("served p99 latency (ms, last interval)", _last(serve, "latency_p99_ms")),
     ]
 
 
@@ -264,7 +288,7 @@ def _stage_rows(run: Run) -> str:
         rate = next(
             (
                 _last(samples, k)
-                for k in ("examples_rate", "events_rate", "texts_rate")
+                for k in ("examples_rate", "events_rate", "texts_rate", "requests_rate")
                 if _last(samples, k) is not None
             ),
             None,

@@ -224,6 +224,9 @@ class PartitionJoin:
         self.watermark = -_INF
         self.watermark_published = 0.0
         self.clocks = [SourceClock(), SourceClock()]
+        #: Per source: at the end of its partition (set by the worker; never checkpointed). A
+        #: caught-up source's clock runs on with the wall clock (:meth:`current_watermark`).
+        self.caught_up = [False, False]
         self.pending: dict[str, Impression] = {}
         self._queue: deque[Impression] = deque()
         self._queue_offsets: deque[int] = deque()
@@ -410,6 +413,7 @@ class PartitionJoin:
     def reopen(self) -> None:
         """A finished partition receives data again (unbounded runs): start a new event-time epoch."""
         self.clocks = [SourceClock(), SourceClock()]
+        self.caught_up = [False, False]
         self.watermark = -_INF
         self.watermark_published = 0.0
         self._last_queued_ts = -_INF
@@ -451,17 +455,29 @@ class PartitionJoin:
 
         ``now`` (wall seconds, unbounded runs): when every live source is idle, event time goes
         on with the wall clock from each source's newest record (see :meth:`idle_watermark`).
+        A source marked :attr:`caught_up` (it has delivered everything published so far) counts
+        as its newest event time plus the wall time since that record was published: sparse
+        clicks then no longer hold fake negatives (and windows) until the next click comes. The
+        same assumption as :meth:`idle_watermark` — event time runs with the wall clock — made
+        per source and at once, since the source has nothing more to deliver. A caught-up source
+        that never delivered a record (no click yet at a stream's start) holds nothing.
         """
         best, published = _INF, 0.0
         live = 0
-        for clock in self.clocks:
+        for i, clock in enumerate(self.clocks):
             if clock.done:
                 continue
             if clock.idle:
                 continue
+            ts, at = clock.max_ts, clock.max_published
+            if now is not None and self.caught_up[i]:
+                if ts == -_INF:
+                    continue  # caught up without a record yet (no click so far): holds nothing
+                if now > at:
+                    ts, at = ts + (now - at), now
             live += 1
-            if clock.max_ts < best:
-                best, published = clock.max_ts, clock.max_published
+            if ts < best:
+                best, published = ts, at
         if live == 0:
             if all(c.done for c in self.clocks):
                 return _INF, max(c.done_published for c in self.clocks)

@@ -21,7 +21,7 @@ from typing import Any
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from livectr.core import bus
-from livectr.core.config import Config
+from livectr.core.config import CAUGHT_UP_MODES, Config, ConfigError
 from livectr.core.events import (
     Click,
     DecodeError,
@@ -153,8 +153,17 @@ class JoinWorker:
             ensure_repartition_topics(cfg)
         self.n_in = bus.partition_count(cfg.kafka, self.imp_topic)
         self.track_idle = not bounded and cfg.join.idle_timeout_s > 0
+        #: A source at the end of its partition runs on with the wall clock (PartitionJoin.caught_up);
+        #: ``join.caught_up_clock`` is checked with the config (livectr.core.config.validate) and here.
+        mode = cfg.join.caught_up_clock
+        if mode not in CAUGHT_UP_MODES:
+            raise ConfigError(
+                f"join.caught_up_clock must be one of {', '.join(CAUGHT_UP_MODES)}, not {mode!r} "
+                "(--caught-up-clock, LIVECTR_JOIN__CAUGHT_UP_CLOCK)"
+            )
+        self.track_caught_up = mode == "always" or (mode == "unbounded" and not bounded)
         # Partition ends are also what a deferred end of stream waits for (``_on_end``, re-keyed).
-        eof = self.track_idle or self.rekeyed
+        eof = self.track_idle or self.rekeyed or self.track_caught_up
         extra: dict[str, object] = {"enable.partition.eof": True} if eof else {}
         #: (source, partition) read to the end of what the topic holds (until the next record).
         self.eof: set[tuple[int, int]] = set()
@@ -485,6 +494,7 @@ class JoinWorker:
                 handler = join.on_impression if src == IMPRESSIONS else join.on_click
                 after_end = (src, p) in self.ended
                 self.eof.discard((src, p))
+                join.caught_up[src] = False
                 next_origin = join.input_next[src]
                 origin_ts = join.origin_ts[src]
                 idle_origins = join.origins_idle[src]
@@ -615,9 +625,14 @@ class JoinWorker:
             self.events_in -= 1  # an event of the client, not a record
             topic, p = msg.topic(), msg.partition()
             assert topic is not None and p is not None  # a partition-EOF event names its partition
-            self.eof.add((self._source_of(topic), p))
+            src = self._source_of(topic)
+            self.eof.add((src, p))
             if self.track_idle:
-                self.at_end.setdefault((self._source_of(topic), p), time.monotonic())
+                self.at_end.setdefault((src, p), time.monotonic())
+            if self.track_caught_up:
+                join = self.joins.get(p)
+                if join is not None:
+                    join.caught_up[src] = True
             return
         if err.fatal():
             raise KafkaException(err)
@@ -655,7 +670,7 @@ class JoinWorker:
     def _after_batch(self) -> None:
         if self.deferred_end:
             self._apply_deferred_ends()
-        now = time.time() if self.track_idle else None
+        now = time.time() if self.track_idle or self.track_caught_up else None
         for p, join in list(self.joins.items()):
             if join.finished:
                 continue

@@ -68,6 +68,8 @@ def test_cli_refuses_bad_values_in_one_line(
     assert code == 2 and "learner.batch_size must be ≥ 1" in out
     code, out = _cli(["join", "--bootstrap-servers", "127.0.0.1:1", "--window-s", "-5"], capsys)
     assert code == 2 and "join.window_s must be > 0" in out
+    code, out = _cli(["join", "--bootstrap-servers", "127.0.0.1:1", "--caught-up-clock", "sometimes"], capsys)
+    assert code == 2 and "join.caught_up_clock must be one of off, unbounded, always, not 'sometimes'" in out
     monkeypatch.setenv("LIVECTR_JOIN__WINDOW_S", "ten minutes")  # used to be a ValueError traceback
     code, out = _cli(BASE, capsys)
     assert code == 2 and "join.window_s" in out

@@ -345,6 +345,54 @@ def test_every_source_idle_lets_event_time_run_with_the_wall_clock() -> None:
     assert join.watermark == T0 + 755
 
 
+def test_a_caught_up_source_runs_on_with_the_wall_clock() -> None:
+    """Sparse clicks (issue 15's freshness): a clicks partition with nothing more to deliver no
+    longer holds fake negatives until the next click; its clock runs on from its newest record."""
+    join = PartitionJoin(0, W, policy=POLICY_FAKE_NEGATIVE)
+    f = Feeder(join)
+    f.click(clk("x", 0), published=1000.0)  # the last click so far (an orphan for now)
+    for k in range(1, 6):
+        f.imp(imp(f"i{k}", k), published=1000.0 + k)
+    join.advance(now=1005.0)
+    f.drain()
+    assert join.watermark == T0 + 0 and f.examples == []  # held by the clicks' clock
+    join.caught_up[CLICKS] = True  # the worker saw the end of the clicks partition
+    join.advance(now=1003.5)  # clicks: 0 + 3.5 s of wall time
+    f.drain()
+    assert join.watermark == T0 + 3.5
+    assert sorted(ex.impression_id for ex in f.examples) == ["i1", "i2", "i3"]
+    assert {ex.kind for ex in f.examples} == {KIND_FAKE_NEGATIVE}
+    assert [ex.decided_at for ex in f.examples] == [1001.0, 1002.0, 1003.0]  # their impressions' publish times
+    join.advance(now=1100.0)  # never past the impressions' own clock (5): the minimum still holds
+    assert join.watermark == T0 + 5
+    join.advance()  # without a wall clock nothing is guessed, and the watermark never goes back
+    assert join.watermark == T0 + 5
+    join.caught_up[CLICKS] = False  # a click arrives: the clicks' own clock again
+    f.click(clk("i5", 6), published=1106.0)
+    f.imp(imp("i6", 7), published=1107.0)
+    join.advance(now=1107.0)
+    f.drain()
+    assert join.watermark == T0 + 6 and {ex.impression_id for ex in f.examples if ex.label == 1} == {"i5"}
+
+
+def test_a_caught_up_source_without_records_holds_nothing() -> None:
+    """At a stream's start the first click comes a click delay after the first impressions: a
+    clicks partition at its end with no record yet does not hold the fake negatives until then."""
+    join = PartitionJoin(0, W, policy=POLICY_FAKE_NEGATIVE)
+    f = Feeder(join)
+    f.imp(imp("a", 0), published=1000.0)
+    f.imp(imp("b", 1), published=1001.0)
+    join.advance(now=1001.0)
+    assert join.watermark == -math.inf
+    join.caught_up[CLICKS] = True
+    join.advance(now=1001.0)
+    f.drain()
+    assert join.watermark == T0 + 1 and labels(f.examples) == {"a": 0, "b": 0}
+    join.caught_up[IMPRESSIONS] = True  # both at their end: the impressions' clock runs on alone
+    join.advance(now=1003.0)
+    assert join.watermark == T0 + 3
+
+
 def test_end_of_stream_flush_closes_everything() -> None:
     f = Feeder(PartitionJoin(0, W))
     f.imp(imp("a", 0))

@@ -92,7 +92,7 @@ def test_live_stream_from_an_outside_producer_is_learned(kafka_config: Config) -
     bus.ensure_topics(cfg)
     events = planted_stream(impressions=24_000, span_s=4_800.0)  # 80 min of event time, W = 10 min
 
-    stop = threading.Event()
+    stop, stop_learner = threading.Event(), threading.Event()
     join_status: dict[str, Any] = {}
     learn_status: dict[str, Any] = {}
     results: dict[str, dict[str, Any]] = {}
@@ -105,7 +105,7 @@ def test_live_stream_from_an_outside_producer_is_learned(kafka_config: Config) -
         ),
         threading.Thread(
             target=lambda: results.update(
-                learn=run_learner(cfg, on_status=learn_status.update, stop=stop, bounded=False)
+                learn=run_learner(cfg, on_status=learn_status.update, stop=stop_learner, bounded=False)
             ),
             daemon=True,
         ),
@@ -128,8 +128,20 @@ def test_live_stream_from_an_outside_producer_is_learned(kafka_config: Config) -
             handled = learn_status.get("examples_trained", -1) + learn_status.get("real_negatives_left_out", 0)
             done = join_status.get("events_in", 0) >= len(events) and handled == join_status.get("examples_out")
             settled = settled + 1 if done else 0
+        # The join may still emit after that (the watermark runs on with the wall clock once the
+        # sources are caught up: clicks after the last impression leave as it passes them), so it
+        # stops first and the learner gets what it wrote until then.
+        stop.set()
+        threads[0].join(60)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            handled = learn_status.get("examples_trained", -1) + learn_status.get("real_negatives_left_out", 0)
+            if handled == results.get("join", {}).get("examples_out"):
+                break
+            time.sleep(0.2)
     finally:
         stop.set()
+        stop_learner.set()
         for t in threads:
             t.join(60)
     join, learn = results["join"], results["learn"]

@@ -11,10 +11,13 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -78,6 +81,24 @@ class RecordedRun:
     data_dir: Path
     summary_path: Path
     scrapes: dict[str, list[dict[str, dict[tuple[tuple[str, str], ...], float]]]] = field(default_factory=dict)
+    serve_port: int = 0
+    scored: list[int] = field(default_factory=list)
+
+
+def _score_steadily(port: int, stop: threading.Event, statuses: list[int]) -> None:
+    """POST /score (50 candidates) about 20 times a second until ``stop``; the statuses seen."""
+    body = json.dumps({"user_id": "u1", "items": [f"i{k}" for k in range(50)]}).encode()
+    while not stop.wait(0.05):
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/score", data=body, headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                statuses.append(resp.status)
+        except urllib.error.HTTPError as exc:
+            statuses.append(exc.code)
+        except OSError:
+            statuses.append(0)  # not listening yet
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +110,8 @@ def recorded_run(broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactor
     cfg.kafka.topic_prefix = f"report-{os.getpid()}."
     cfg.kafka.partitions = 2
     cfg.data_dir = tmp / "data"
-    base = _free_base()
-    run = RecordedRun(cfg.data_dir, tmp / "summary.json", {s: [] for s in STAGES})
+    base = _free_base(4)
+    run = RecordedRun(cfg.data_dir, tmp / "summary.json", {s: [] for s in STAGES}, serve_port=base + 3)
     cmd = livectr_run_command(
         cfg,
         run.summary_path,
@@ -99,6 +120,17 @@ def recorded_run(broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactor
     )
     log = open(tmp / "run.log", "w+")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    # A scorer on the run's data dir, scored steadily: it records its latency for the report.
+    serve_cmd = [
+        sys.executable, "-m", "livectr", "serve", "--data-dir", str(cfg.data_dir),
+        "--bootstrap-servers", cfg.kafka.bootstrap_servers, "--topic-prefix", cfg.kafka.topic_prefix,
+        "--port", str(run.serve_port),
+    ]  # fmt: skip
+    serve_log = open(tmp / "serve.log", "w+")
+    server = subprocess.Popen(serve_cmd, stdout=serve_log, stderr=subprocess.STDOUT, cwd=REPO)
+    stop_client = threading.Event()
+    client = threading.Thread(target=_score_steadily, args=(run.serve_port, stop_client, run.scored), daemon=True)
+    client.start()
     try:
         deadline = time.monotonic() + 300
         while proc.poll() is None and time.monotonic() < deadline:
@@ -108,10 +140,17 @@ def recorded_run(broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactor
                     run.scrapes[stage].append(scrape)
             time.sleep(0.5)
         assert proc.wait(timeout=30) == 0, (log.seek(0), log.read()[-4000:])[1]
+        stop_client.set()
+        client.join(timeout=10)
+        server.send_signal(signal.SIGINT)  # a clean stop writes the scorer's last sample
+        assert server.wait(timeout=30) == 0, (serve_log.seek(0), serve_log.read()[-4000:])[1]
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        stop_client.set()
+        for p in (proc, server):
+            if p.poll() is None:
+                p.kill()
         log.close()
+        serve_log.close()
     yield run
 
 
@@ -178,6 +217,11 @@ def test_run_records_samples_for_the_report(recorded_run: RecordedRun) -> None:
     # The last sample is the stage's final state (written at close, whatever the interval).
     summary = json.loads((recorded_run.data_dir / "run" / "learn.summary.json").read_text())
     assert learn[-1]["examples_trained"] == summary["examples_trained"] > 0
+    # The scorer recorded its /score latency over time, and its request count at the end.
+    serve = stages[f"serve-{recorded_run.serve_port}"]
+    timed = [s for s in serve if "latency_p99_ms" in s]
+    assert len(timed) >= 5 and all(0 < s["latency_p50_ms"] <= s["latency_p99_ms"] <= s["latency_max_ms"] for s in timed)
+    assert serve[-1]["requests_served"] == recorded_run.scored.count(200) > 0
 
 
 def _chromium() -> str | None:

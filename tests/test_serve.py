@@ -175,6 +175,7 @@ def test_metrics_exposition(client: TestClient) -> None:
         "livectr_serve_snapshot_age_seconds",
         "livectr_serve_snapshot_loads_total 1.0",
         "livectr_serve_snapshot_load_failures_total 0.0",
+        "livectr_serve_rollbacks_total 0.0",
     ):
         assert name in text, name
     assert 'livectr_serve_requests_total{route="/score",status="200"} 1.0' in text
@@ -259,3 +260,30 @@ def test_serve_config_from_env_and_flags() -> None:
     args = build_parser().parse_args(["serve", "--max-candidates", "9", "--reload-ms", "100"])
     cfg = build_config(args)
     assert cfg.serve.max_candidates == 9 and cfg.learner.scorer_reload_ms == 100 and args.port == 8000
+
+
+def test_score_latency_is_recorded_over_time_for_the_report(
+    cfg: Config, trained: tuple[OnlineLearner, ToyWorld]
+) -> None:
+    from livectr.core.metrics_log import StageRecorder, read_all, samples_path
+    from livectr.report import build_report
+
+    recorder = StageRecorder("serve-8000", cfg.metrics, samples_path(cfg.data_dir, "serve-8000"))
+    app = make_app(Scorer(cfg.data_dir, reload_ms=50), recorder=recorder, record_interval_s=0.05)
+    recorder.cfg.interval_s = 0.0  # every sample reaches the file
+    body = {"user_id": "u1", "items": [f"i{k}" for k in range(20)]}
+    with TestClient(app) as c:
+        for _ in range(4):
+            for _ in range(10):
+                assert c.post("/score", json=body).status_code == 200
+            assert c.post("/score", content=b"{").status_code == 422
+            time.sleep(0.12)
+    samples = read_all(cfg.data_dir)["serve-8000"]
+    timed = [s for s in samples if "latency_p99_ms" in s]
+    assert len(timed) >= 3
+    assert all(0 < s["latency_p50_ms"] <= s["latency_p99_ms"] <= s["latency_max_ms"] for s in timed)
+    assert sum(s["interval_requests"] for s in timed) == 40  # each request in exactly one interval
+    last = samples[-1]  # written as the app stopped
+    assert last["requests_served"] == 40 and last["request_errors"] == 4 and last["snapshot_version"] == 1
+    html = build_report(cfg.data_dir)
+    assert "Served latency, POST /score (ms)" in html and "serve-8000: p50" in html

@@ -121,8 +121,9 @@ def test_rollback_refused_while_a_learner_runs_unless_forced(cfg: Config, capsys
         code, _, err = run(capsys, "rollback", "2", "--data-dir", str(cfg.data_dir))
         assert code == 2 and "a learner is running" in err and "--force" in err
         assert snap.latest_version(cfg.data_dir) == 3
-        code, _, _ = run(capsys, "rollback", "2", "--data-dir", str(cfg.data_dir), "--force")
+        code, out, _ = run(capsys, "rollback", "2", "--data-dir", str(cfg.data_dir), "--force")
         assert code == 0 and snap.latest_version(cfg.data_dir) == 2
+        assert "Not sent on Kafka: a learner that takes no rollback requests is running" in out
 
 
 def test_learner_resumes_from_the_rolled_back_version_and_numbers_above(cfg: Config) -> None:

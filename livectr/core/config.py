@@ -186,6 +186,13 @@ class JoinConfig:
     #: Unbounded runs: a source at the end of its partition this long (wall seconds) stops
     #: holding the watermark back (like Flink's ``withIdleness``); 0 disables.
     idle_timeout_s: float = 60.0
+    #: A source that has delivered everything published so far (at the end of its partition)
+    #: counts as its newest event time plus the wall time since that record was published, so
+    #: sparse clicks do not hold fake negatives and windows until the next click (docs/design.md,
+    #: "Freshness: the caught-up clock"): ``unbounded`` (live runs, ``--forever``), ``always``
+    #: (bounded runs too: a paced replay, the freshness bench) or ``off``. It assumes event time
+    #: runs with the wall clock, as live streams do; a replay slower than real time should keep it off.
+    caught_up_clock: str = "unbounded"
     #: Recently closed impression ids remembered (two generations of this size) so a late
     #: click is reported as late rather than as an orphan.
     closed_memory: int = 100_000
@@ -574,6 +581,12 @@ _BOUNDS: tuple[tuple[str, float, float, bool], ...] = (
 )
 
 
+#: Values of ``join.caught_up_clock`` (see :class:`JoinConfig`).
+CAUGHT_UP_MODES: tuple[str, ...] = ("off", "unbounded", "always")
+#: String settings with a fixed set of values, checked by :func:`validate`.
+_CHOICES: tuple[tuple[str, tuple[str, ...]], ...] = (("join.caught_up_clock", CAUGHT_UP_MODES),)
+
+
 def validate(cfg: Config, flags: Mapping[str, str] | None = None) -> Config:
     """Raise :class:`ConfigError` (naming the key, its flag from ``flags`` and its env variable)
     for a value outside :data:`_BOUNDS`; NaN is outside every bound."""
@@ -585,6 +598,12 @@ def validate(cfg: Config, flags: Mapping[str, str] | None = None) -> Config:
         rule = f"{'≥' if inclusive else '>'} {low:g}" + (f" and ≤ {high:g}" if high != math.inf else "")
         names = [n for n in ((flags or {}).get(dotted), f"{ENV_PREFIX}{section.upper()}__{name.upper()}") if n]
         raise ConfigError(f"{dotted} must be {rule}, not {value!r} ({', '.join(names)})")
+    for dotted, allowed in _CHOICES:
+        section, _, name = dotted.partition(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            names = [n for n in ((flags or {}).get(dotted), f"{ENV_PREFIX}{section.upper()}__{name.upper()}") if n]
+            raise ConfigError(f"{dotted} must be one of {', '.join(allowed)}, not {value!r} ({', '.join(names)})")
     return cfg
 
 

@@ -46,6 +46,7 @@ RATES: dict[str, str] = {
     "examples_out": "examples_rate",
     "examples_trained": "examples_rate",
     "texts_encoded": "texts_rate",
+    "requests_served": "requests_rate",
 }
 #: (numerator, denominator) counters → their ratio over the last interval.
 RECENT_RATIOS: dict[str, tuple[str, str]] = {
