@@ -48,10 +48,11 @@ def test_a_stage_that_keeps_dying_exhausts_its_budget(tmp_path: Path) -> None:
 
 @pytest.mark.integration
 @pytest.mark.slow
-@pytest.mark.parametrize("repartition", [False, True], ids=["direct", "rekeyed"])
-def test_run_survives_a_sigkilled_join_worker(kafka_config: Config, tmp_path: Path, repartition: bool) -> None:
+def test_run_survives_a_sigkilled_join_worker(kafka_config: Config, tmp_path: Path) -> None:
     """The join is killed right after its first examples, before its first periodic checkpoint:
-    the restarted worker must find where they stand (the checkpoint taken with the partitions)."""
+    the restarted worker must find where they stand (the checkpoint taken with the partitions).
+    Re-keyed inputs, the default; the direct join's case is in test_join_worker.py
+    (``test_sigkill_before_the_first_checkpoint_resends_nothing``)."""
     cfg = kafka_config
     cfg.simulator.events = 4_000
     cfg.simulator.users = 500
@@ -65,8 +66,7 @@ def test_run_survives_a_sigkilled_join_worker(kafka_config: Config, tmp_path: Pa
         # ~20 s of event time in ~12 s: the join is mid-stream when it is killed.
         "--speed", "1.7", "--restart-backoff-s", "0.5",
     )  # fmt: skip
-    env = {**os.environ, "LIVECTR_JOIN__REPARTITION": "true" if repartition else "false"}
-    run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
+    run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
     status = cfg.data_dir / "run" / "join-0.status.json"
     killed = None
     try:
