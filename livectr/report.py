@@ -189,34 +189,35 @@ def chart_dead_letters(run: Run) -> str:
 
 
 def chart_teacher(run: Run) -> str:
-    series = []
-    for name, samples in run.of_kind("refresh").items():
-        series.append(_wall(run, samples, "texts_rate", f"{name} texts encoded/s"))
-        series.append(_wall(run, samples, "queue_depth", "texts waiting"))
-    return _chart(
+    return _per_stage_chart(
+        run,
+        "refresh",
+        (("texts_rate", "{name} texts encoded/s"), ("queue_depth", "texts waiting")),
         "Semantic refresher (teacher)",
-        series,
-        x_label=WALL,
-        x_format=format_duration,
-        y_floor=0,
-        empty_text="no refresher ran (semantics off?)",
+        "no refresher ran (semantics off?)",
     )
 
 
 def chart_served_latency(run: Run) -> str:
     """``/score`` latency of each scorer (``livectr serve``), p50 and p99 per recording interval."""
-    series = []
-    for name, samples in run.of_kind("serve").items():
-        series.append(_wall(run, samples, "latency_p50_ms", f"{name}: p50"))
-        series.append(_wall(run, samples, "latency_p99_ms", "p99"))
-    return _chart(
+    return _per_stage_chart(
+        run,
+        "serve",
+        (("latency_p50_ms", "{name}: p50"), ("latency_p99_ms", "p99")),
         "Served latency, POST /score (ms)",
-        series,
-        x_label=WALL,
-        x_format=format_duration,
-        y_floor=0,
-        empty_text="no scorer recorded (livectr serve --data-dir on this data dir)",
+        "no scorer recorded (livectr serve --data-dir on this data dir)",
     )
+
+
+def _per_stage_chart(run: Run, kind: str, fields: tuple[tuple[str, str], ...], title: str, empty_text: str) -> str:
+    """One chart over wall time of ``fields`` (sample key, label; ``{name}``: the stage) of every
+    stage of ``kind``."""
+    series = [
+        _wall(run, samples, key, label.format(name=name))
+        for name, samples in run.of_kind(kind).items()
+        for key, label in fields
+    ]
+    return _chart(title, series, x_label=WALL, x_format=format_duration, y_floor=0, empty_text=empty_text)
 
 
 def _chart(title: str, series: list[Series], **options: Any) -> str:
