@@ -16,6 +16,7 @@ import pytest
 
 from livectr.core.broker import EmbeddedBroker
 from livectr.core.config import Config
+from livectr.learner.scorer import Scorer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -104,3 +105,12 @@ def chat_server() -> Iterator[ThreadingHTTPServer]:
     yield server
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture
+def followers() -> Iterator[list[Scorer]]:
+    """Scorers a test starts following the model; their watchers are stopped at the end."""
+    started: list[Scorer] = []
+    yield started
+    for scorer in started:
+        scorer.stop_watcher()

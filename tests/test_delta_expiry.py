@@ -11,6 +11,7 @@ from __future__ import annotations
 import msgspec
 import numpy as np
 import pytest
+from test_vocab_bounds import make_cfg  # the same bounded-vocabulary learner (TTL 100 s)
 from toyworld import ToyWorld
 
 from livectr.core.config import Config
@@ -21,19 +22,6 @@ from livectr.learner.predictor import Predictor
 from livectr.learner.vocab import UNKNOWN_ROW
 
 TTL = 100.0
-
-
-def make_cfg(admit: int = 1, semantic: bool = False) -> Config:
-    cfg = Config()
-    cfg.semantic.enabled = semantic
-    cfg.learner.device = "cpu"
-    cfg.learner.batch_size = 256
-    cfg.learner.context_buckets = 1 << 10
-    cfg.learner.pair_buckets = 1 << 12
-    cfg.learner.user_ttl_s = TTL
-    cfg.learner.item_ttl_s = TTL
-    cfg.learner.admit_min_count = admit
-    return cfg
 
 
 def renamed(examples: list[Example], ts: float, prefix: str) -> list[Example]:

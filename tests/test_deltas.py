@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -46,14 +46,6 @@ def kafka_only(cfg: Config, tmp_path: Path) -> Config:
     other.semantic = cfg.semantic
     other.data_dir = tmp_path / "empty"
     return other
-
-
-@pytest.fixture
-def followers() -> Iterator[list[Scorer]]:
-    started: list[Scorer] = []
-    yield started
-    for scorer in started:
-        scorer.stop_watcher()
 
 
 def follow(cfg: Config, followers: list[Scorer]) -> Scorer:

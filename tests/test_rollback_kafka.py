@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -37,14 +36,6 @@ def cfg(kafka_config: Config) -> Config:
     c.learner.update_chunk_bytes = 64 * 1024
     bus.ensure_topics(c)
     return c
-
-
-@pytest.fixture
-def followers() -> Iterator[list[Scorer]]:
-    started: list[Scorer] = []
-    yield started
-    for scorer in started:
-        scorer.stop_watcher()
 
 
 def kafka_flags(cfg: Config) -> list[str]:
