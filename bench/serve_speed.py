@@ -338,8 +338,9 @@ def live(args: argparse.Namespace) -> None:
         feeder = threading.Thread(target=paced_examples, args=(cfg, world, args.examples_per_s, stop), daemon=True)
         feeder.start()
         port = free_port()
+        nice = ["--nice", str(args.learner_nice)] if args.learner_nice else []
         learner = subprocess.Popen(
-            [sys.executable, "-m", "livectr", "learn", "--forever", *common],
+            [sys.executable, "-m", "livectr", "learn", "--forever", *common, *nice],
             env=env,
             stderr=(tmp / "learn.log").open("w"),
         )
@@ -389,7 +390,8 @@ def live(args: argparse.Namespace) -> None:
     head = results[0]
     print(
         f"live: {args.rate:g} requests/s of {args.candidates} candidates for {args.seconds:g} s; learner on "
-        f"{args.examples_per_s:g} examples/s, a snapshot every 5 s, deltas every 2 s; {os.cpu_count()} cores"
+        f"{args.examples_per_s:g} examples/s (niceness {args.learner_nice}), a snapshot every 5 s, deltas every 2 s; "
+        f"{os.cpu_count()} cores"
     )
     print(
         f"p50 {head['p50_ms']} ms  p99 {head['p99_ms']} ms  max {head['max_ms']} ms  errors {head['errors']}  "
@@ -427,6 +429,9 @@ def main() -> None:
     parser.add_argument("--step-rates", default="100,200,300,600", help="--live: rates tried after")
     parser.add_argument("--baseline-seconds", type=float, default=30.0, help="--live: seconds with the learner stopped")
     parser.add_argument("--step-seconds", type=float, default=15.0, help="--live: seconds per step rate")
+    parser.add_argument(
+        "--learner-nice", type=int, default=0, help="--live: the learner's --nice (0: default priority)"
+    )
     parser.add_argument("--examples-per-s", type=float, default=1000.0, help="--live: examples/s for the learner")
     parser.add_argument("--requests", type=int, default=3000, help="measured requests per target and concurrency")
     parser.add_argument("--candidates", type=int, default=100)

@@ -7,8 +7,11 @@ uvloop when installed) parses HTTP/1.1 with keep-alive in C, where the stdlib
 reconnected on every request; Starlette is a thin routing layer without a validation framework
 of its own, so request bodies are still decoded and validated by msgspec at C speed with the
 event types every other stage uses (``bench/serve_speed.py`` measures the old and new servers).
-The scoring itself runs in a worker thread, so ``/healthz``, ``/readyz`` and ``/metrics`` answer
-while a large batch is being scored.
+A request of up to ``serve.inline_candidates`` candidates is scored on the event loop itself
+(half a millisecond for 100): handing it to a worker thread cost more than the scoring, and
+concurrent requests in worker threads queued on the model's lock, each hand-off waiting for the
+GIL (``docs/design.md``, "Serving under a live learner"). Larger batches run in a worker thread,
+so ``/healthz``, ``/readyz`` and ``/metrics`` answer while they score.
 
 Routes:
 
@@ -38,6 +41,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -337,7 +341,10 @@ def make_app(
         body = await read_body(request, cfg.max_body_bytes)
         impressions, original_form = decode_score_request(body, cfg, next(requests_seen))
         try:
-            scores, version = await run_in_threadpool(scorer.score_versioned, impressions)
+            if len(impressions) <= cfg.inline_candidates:
+                scores, version = scorer.score_versioned(impressions)
+            else:
+                scores, version = await run_in_threadpool(scorer.score_versioned, impressions)
         except NoSnapshotError as exc:
             raise Rejected(503, str(exc)) from None
         reply: dict[str, Any] = {"model_version": version, "scores": scores.tolist()}
@@ -405,6 +412,9 @@ def make_scorer(cfg: Config) -> Scorer:
 
 def serve(cfg: Config, host: str, port: int) -> None:
     """Serve the scorer on ``host:port`` until interrupted; the first snapshot loads in the background."""
+    # Background threads (the Kafka follower applying a delta, the snapshot watcher) hand the GIL
+    # back to the request loop after this long instead of CPython's 5 ms.
+    sys.setswitchinterval(cfg.serve.switch_interval_s)
     scorer = make_scorer(cfg)
     stage = f"serve-{port}"
     recorder = StageRecorder(stage, cfg.metrics, samples_path(cfg.data_dir, stage)) if cfg.metrics.record else None

@@ -123,6 +123,11 @@ CONFIG_FLAGS: dict[str, tuple[str, type, str]] = {
         "policy defer: real negatives trained on — score (by the model's click probability) | all | a share 0-1",
     ),
     "--threads": ("learner.threads", int, "torch threads of the learner"),
+    "--nice": (
+        "learner.nice",
+        int,
+        "run the learner at this CPU niceness, 0-19 (on a host shared with `livectr serve`: requests first)",
+    ),
     "--snapshot-every-s": ("learner.snapshot_every_s", float, "publish a snapshot every N seconds"),
     "--snapshot-every-examples": ("learner.snapshot_every_examples", int, "… or every M examples"),
     "--enrich": ("semantic.enrich", str, "LLM enrichment back-end: '' | openai | hf"),
@@ -151,6 +156,11 @@ CONFIG_FLAGS: dict[str, tuple[str, type, str]] = {
     "--reload-ms": ("learner.scorer_reload_ms", int, "check the latest snapshot pointer every N ms (default 500)"),
     "--max-body-bytes": ("serve.max_body_bytes", int, "refuse larger request bodies with 413 (default 8 MiB)"),
     "--max-candidates": ("serve.max_candidates", int, "refuse requests with more candidates with 413 (default 10000)"),
+    "--inline-candidates": (
+        "serve.inline_candidates",
+        int,
+        "score requests of up to N candidates on the event loop, larger ones in a worker thread (default 512; 0: always a thread)",
+    ),
     "--metrics-port": (
         "metrics.port",
         int,
@@ -169,7 +179,7 @@ CONFIG_FLAGS: dict[str, tuple[str, type, str]] = {
 }
 
 #: Flags of `livectr serve` only (`livectr run` starts no scorer).
-SERVE_FLAGS = ("--reload-ms", "--max-body-bytes", "--max-candidates")
+SERVE_FLAGS = ("--reload-ms", "--max-body-bytes", "--max-candidates", "--inline-candidates")
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
@@ -390,6 +400,8 @@ def cmd_learn(args: argparse.Namespace) -> int:
 
     def body(cfg: Config, status: StatusCallback, stop: threading.Event) -> dict[str, Any]:
         LearnerLock(cfg.data_dir).acquire().release()  # fail at once, before any broker call
+        if cfg.learner.nice:
+            os.nice(cfg.learner.nice)  # this stage's process only (never a test's, which calls run_learner)
         bus.ensure_topics(cfg)
         return run_learner(cfg, on_status=status, stop=stop, bounded=not args.forever)
 
@@ -729,6 +741,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--lr",
             "--device",
             "--threads",
+            "--nice",
             "--snapshot-every-s",
             "--snapshot-every-examples",
             "--delta-every-s",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import numpy as np
@@ -16,6 +17,7 @@ from toyworld import ToyWorld
 from livectr.core import config as config_mod
 from livectr.core.config import Config, ServeConfig
 from livectr.core.events import Impression
+from livectr.learner import serve as serve_mod
 from livectr.learner import snapshot as snap
 from livectr.learner.online import OnlineLearner
 from livectr.learner.predictor import Predictor
@@ -64,6 +66,31 @@ def test_new_form_scores_each_item_in_order(
     )
     np.testing.assert_allclose(body["scores"], expected, rtol=1e-4, atol=1e-5)
     assert all(0 < s < 1 for s in body["scores"])
+
+
+def test_inline_and_worker_thread_scoring_agree(
+    cfg: Config, trained: tuple[OnlineLearner, ToyWorld], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Up to ``serve.inline_candidates`` a request scores on the event loop, above in a worker
+    thread; both give the same response."""
+    threaded: list[int] = []
+    real = serve_mod.run_in_threadpool
+
+    async def counting(fn: Any, *args: Any) -> Any:
+        threaded.append(len(args[0]))
+        return await real(fn, *args)
+
+    monkeypatch.setattr(serve_mod, "run_in_threadpool", counting)
+    body = {"user_id": "u3", "items": ["i1", "i7", "i2", "never-seen-item"], "context": {"device": "mobile"}}
+    replies = []
+    for inline in (4, 3, 0):
+        app = make_app(Scorer(cfg.data_dir, reload_ms=50), ServeConfig(inline_candidates=inline))
+        with TestClient(app) as c:
+            r = c.post("/score", json=body)
+            assert r.status_code == 200, r.text
+            replies.append(r.json())
+    assert threaded == [4, 4]  # inline_candidates 3 and 0: a worker thread; 4: the event loop
+    assert replies[0] == replies[1] == replies[2]
 
 
 def test_unknown_ids_still_score(client: TestClient) -> None:
@@ -257,9 +284,13 @@ def test_serve_config_from_env_and_flags() -> None:
     assert cfg.serve.max_candidates == 7 and cfg.serve.max_body_bytes == 1024
     from livectr.cli import build_config, build_parser
 
-    args = build_parser().parse_args(["serve", "--max-candidates", "9", "--reload-ms", "100"])
+    args = build_parser().parse_args(
+        ["serve", "--max-candidates", "9", "--reload-ms", "100", "--inline-candidates", "0"]
+    )
     cfg = build_config(args)
     assert cfg.serve.max_candidates == 9 and cfg.learner.scorer_reload_ms == 100 and args.port == 8000
+    assert cfg.serve.inline_candidates == 0
+    assert build_config(build_parser().parse_args(["learn", "--nice", "7"])).learner.nice == 7
 
 
 def test_score_latency_is_recorded_over_time_for_the_report(

@@ -226,6 +226,11 @@ class LearnerConfig:
     #: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
     device: str = "auto"
     threads: int = 1
+    #: CPU niceness the ``learn`` stage runs at (0-19). On a host shared with ``livectr serve``,
+    #: a higher value lets requests take the CPU first while the learner writes a snapshot (a
+    #: burst of about 150 ms every ``snapshot_every_s``); it costs the learner nothing when the
+    #: CPU is free.
+    nice: int = 0
     #: Seed of the model's initial weights and of the gate's training samples: two runs over the
     #: same examples give the same model (the benchmarks average several seeds).
     seed: int = 0
@@ -369,6 +374,13 @@ class ServeConfig:
     max_body_bytes: int = 8 * 1024 * 1024
     #: Requests with more candidates (items or impressions) are refused with 413.
     max_candidates: int = 10_000
+    #: Requests with at most this many candidates are scored on the event loop itself (about
+    #: 1 µs of model time per candidate); larger ones go to a worker thread so that ``/healthz``,
+    #: ``/readyz`` and ``/metrics`` still answer while they score. 0: always a worker thread.
+    inline_candidates: int = 512
+    #: The process's GIL switch interval (seconds; CPython's default is 0.005). A background
+    #: thread applying a delta holds the GIL for up to this long before a request may run.
+    switch_interval_s: float = 0.0005
 
 
 @dataclass
@@ -563,6 +575,7 @@ _BOUNDS: tuple[tuple[str, float, float, bool], ...] = (
     ("learner.batch_size", 1, math.inf, True),
     ("learner.lr", 0, math.inf, False),
     ("learner.threads", 1, 1 << 10, True),
+    ("learner.nice", 0, 19, True),
     ("learner.snapshot_every_s", 0, math.inf, False),
     ("learner.snapshot_every_examples", 1, math.inf, True),
     ("learner.keep_snapshots", 1, math.inf, True),
@@ -575,6 +588,8 @@ _BOUNDS: tuple[tuple[str, float, float, bool], ...] = (
     ("semantic.user_profile_ttl_s", 0, math.inf, True),
     ("serve.max_body_bytes", 1, math.inf, True),
     ("serve.max_candidates", 1, math.inf, True),
+    ("serve.inline_candidates", 0, math.inf, True),
+    ("serve.switch_interval_s", 1e-6, 0.1, True),
     ("metrics.port", 0, 65535, True),
     ("metrics.interval_s", 0, math.inf, False),
     ("metrics.max_bytes", 1, math.inf, True),
