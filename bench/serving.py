@@ -26,6 +26,7 @@ import argparse
 import copy
 import json
 import math
+import shutil
 import sys
 import time
 import zlib
@@ -91,13 +92,19 @@ def load_examples(name: str, events: int, workdir: Path) -> tuple[list[Example],
         log, items = generate(workdir / "suits")
     else:
         log, items = convert_ml100k(SHARED, workdir / "ml-100k")
+    data_dir = workdir / f"serving-{name}"
+    # A fresh broker each build: a data dir left by an earlier build holds join checkpoints of
+    # topics that no longer exist, and a join resuming from them would skip the new ones.
+    shutil.rmtree(data_dir, ignore_errors=True)
     with EmbeddedBroker() as broker:
-        cfg = base_config(broker, f"serving-{name}.", workdir / f"serving-{name}")
+        cfg = base_config(broker, f"serving-{name}.", data_dir)
         cfg.simulator.events = events
         source = open_source(cfg, log=log, items=items)
         source_events = list(source.events)
         titles: dict[str, str] = {ev.item_id: ev.text for ev in source_events if type(ev) is Item}
         examples, _ = joined_with_semantics(cfg, source_events, {})
+    if not examples:
+        raise SystemExit(f"building the {name} examples produced none (see the log above); nothing cached")
     examples = impression_order(examples)
     oracle = None
     if source.truth is not None:
