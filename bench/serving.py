@@ -353,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-vw", action="store_true", help="livectr only")
     ap.add_argument("--before-batch", action="store_true", help="score before each batch instead of inside it")
     ap.add_argument("--set", action="append", default=[], help="config override section.field=value (repeatable)")
+    ap.add_argument("--attach-words", action="store_true", help="prototype: item words from the titles map")
     ap.add_argument("--out", type=Path, default=OUT / "serving.json")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/livectr-serving-bench"))
     args = ap.parse_args(argv)
@@ -364,6 +365,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skipping ml-100k: {SHARED} not found")
             continue
         examples, titles, oracle = load_examples(name, args.events, args.workdir)
+        if args.attach_words:  # prototype side channel: the item's words from the titles map
+            from livectr.core.words import pack_words
+
+            packed = {k: pack_words(v, 16) for k, v in titles.items()}
+            examples = [msgspec.structs.replace(ex, item_words=packed.get(ex.item_id)) for ex in examples]
         cfg = Config()
         cfg.learner.device = "cpu"
         apply_overrides(cfg, dict(kv.split("=", 1) for kv in args.set))

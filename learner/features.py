@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from livectr.core.events import COPY_KINDS
+from livectr.core.words import unpack_words
 from livectr.learner.model import ModelInputs
 from livectr.learner.vocab import UNKNOWN_ROW, ContextHasher, GrowingVocab
 from livectr.semantic_cache.codec import dequantize_many
@@ -27,6 +28,12 @@ _PAIR_MULT_USER = 2_654_435_761
 _PAIR_MULT_ITEM = 2_246_822_519
 _PAIR_MULT_GEN_USER = 3_266_489_917
 _PAIR_MULT_GEN_ITEM = 668_265_263
+#: Odd 64-bit multipliers mixing (user row, generation, word hash) into user × word buckets.
+_WORD_MULT_USER = np.uint64(0x9E3779B97F4A7C15)
+_WORD_MULT_GEN = np.uint64(0xC2B2AE3D27D4EB4F)
+_WORD_MULT_MIX = np.uint64(0xFF51AFD7ED558CCD)
+#: Key of the uncrossed (plain) word buckets: that of user row 2**40, which no user has.
+_PLAIN_WORD_KEY = np.uint64(((1 << 40) * 0x9E3779B97F4A7C15) & 0xFFFF_FFFF_FFFF_FFFF)
 
 
 @dataclass
@@ -38,6 +45,10 @@ class EncodedBatch:
     item: np.ndarray
     context: np.ndarray
     pair: np.ndarray
+    #: [n, W] user × word buckets (and plain word buckets); padding is the table's last row.
+    words: np.ndarray
+    #: [n, W] float32: 1 for a real word, 0 for padding.
+    words_mask: np.ndarray
     item_count: np.ndarray
     item_sem: np.ndarray
     item_sem_mask: np.ndarray
@@ -66,6 +77,8 @@ class EncodedBatch:
             t(self.item_sem_mask),
             t(self.user_sem),
             t(self.user_sem_mask),
+            t(self.words),
+            t(self.words_mask),
         )
 
 
@@ -73,13 +86,30 @@ class Featurizer:
     """The learner's vocabularies and the one place records become arrays."""
 
     def __init__(
-        self, users: GrowingVocab, items: GrowingVocab, context: ContextHasher, sem_dim: int, pair_buckets: int = 0
+        self,
+        users: GrowingVocab,
+        items: GrowingVocab,
+        context: ContextHasher,
+        sem_dim: int,
+        pair_buckets: int = 0,
+        word_buckets: int = 0,
+        max_item_words: int = 16,
+        plain_words: bool = False,
+        item_words: np.ndarray | None = None,
     ) -> None:
         self.users = users
         self.items = items
         self.context = context
         self.sem_dim = sem_dim
         self.pair_buckets = pair_buckets
+        self.word_buckets = word_buckets
+        self.max_item_words = max_item_words
+        self.plain_words = plain_words
+        #: Per item row, the item's word hashes (uint32, 0 = padding): the scorer, which sees
+        #: impressions and not examples, reads an item's words here.
+        self.item_words = np.zeros((0, max_item_words), dtype=np.uint32)
+        if item_words is not None:
+            self.item_words = np.ascontiguousarray(item_words, dtype=np.uint32)
 
     @classmethod
     def new(
@@ -89,6 +119,9 @@ class Featurizer:
         sem_dim: int,
         initial_capacity: int = 1024,
         pair_buckets: int = 0,
+        word_buckets: int = 0,
+        max_item_words: int = 16,
+        plain_words: bool = False,
     ) -> Featurizer:
         return cls(
             GrowingVocab("user_id", initial_capacity),
@@ -96,7 +129,77 @@ class Featurizer:
             ContextHasher(context_fields, context_buckets),
             sem_dim,
             pair_buckets,
+            word_buckets,
+            max_item_words,
+            plain_words,
         )
+
+    @property
+    def word_columns(self) -> int:
+        """Word lookups per example: the item's words, twice with plain words."""
+        return self.max_item_words * (2 if self.plain_words else 1) if self.word_buckets else 0
+
+    def _words_capacity(self, rows: int) -> None:
+        if self.item_words.shape[0] < rows:
+            grown = np.zeros((max(rows, 2 * self.item_words.shape[0]), self.max_item_words), dtype=np.uint32)
+            grown[: self.item_words.shape[0]] = self.item_words
+            self.item_words = grown
+
+    def store_words(self, items: np.ndarray, records: Sequence[Any]) -> None:
+        """Keep the words of records that carry them (``item_words``) on their item rows.
+
+        The unknown row keeps none: it stands for many items. A malformed word field raises
+        ``ValueError`` (the learner dead-letters the batch's bad example like any other).
+        """
+        if not self.word_buckets:
+            return
+        k = self.max_item_words
+        for at, r in enumerate(records):
+            data = getattr(r, "item_words", None)
+            row = int(items[at])
+            if data is None or row == UNKNOWN_ROW:
+                continue
+            hashes = unpack_words(data)[:k]
+            self._words_capacity(row + 1)
+            line = self.item_words[row]
+            line[: hashes.size] = hashes
+            line[hashes.size :] = 0
+
+    def clear_words(self, rows: np.ndarray) -> None:
+        """Forget the words of item rows freed by expiry (the next id on the row brings its own)."""
+        rows = rows[rows < self.item_words.shape[0]]
+        self.item_words[rows] = 0
+
+    def words(self, users: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """User × word buckets ``[n, W]`` of each (user row, item row) and their mask.
+
+        The bucket mixes the user's row, its :attr:`~GrowingVocab.generation` (an id inheriting
+        a freed row does not inherit its predecessor's word weights) and the word hash, in
+        wrapping uint64 arithmetic (deterministic everywhere). Padding maps to the table's
+        last row (``word_buckets``) with mask 0: it adds nothing and learns nothing.
+        """
+        n, w = len(users), self.word_columns
+        if not w:
+            return np.zeros((n, 0), dtype=np.int64), np.zeros((n, 0), dtype=np.float32)
+        self._words_capacity(self.items.capacity)
+        hashes = self.item_words[items].astype(np.uint64)  # [n, K]
+        present = hashes != 0
+        user_key = users.astype(np.uint64) * _WORD_MULT_USER
+        gen = self.users.generation[users]
+        if gen.any():
+            user_key = user_key + gen.astype(np.uint64) * _WORD_MULT_GEN
+        keys = [user_key[:, None] ^ hashes]
+        if self.plain_words:
+            keys.append(np.broadcast_to(_PLAIN_WORD_KEY, (n, 1)) ^ hashes)
+        h = np.concatenate(keys, axis=1) * _WORD_MULT_MIX
+        h ^= h >> np.uint64(31)
+        buckets = (h % np.uint64(self.word_buckets)).astype(np.int64)
+        mask = np.concatenate([present] * len(keys), axis=1)
+        buckets[~mask] = self.word_buckets
+        value = mask.astype(np.float32)
+        count = value.sum(axis=1, keepdims=True)
+        value /= np.sqrt(np.maximum(count, 1.0))
+        return buckets, value
 
     def pairs(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         """Bucket of each (user row, item row) pair.
@@ -127,6 +230,9 @@ class Featurizer:
         users, _ = self.users.lookup([r.user_id for r in records], grow=grow, ts=ts, countable=countable)
         items, new_items = self.items.lookup([r.item_id for r in records], grow=grow, ts=ts, countable=countable)
         context = self.context.encode([r.context for r in records], grow=grow)
+        if labelled:
+            self.store_words(items, records)
+        words, words_mask = self.words(users, items)
         if s and labelled:
             item_sem, item_mask = dequantize_many([r.item_sem for r in records], s)
             user_sem, user_mask = dequantize_many([r.user_sem for r in records], s)
@@ -144,6 +250,8 @@ class Featurizer:
             items,
             context,
             self.pairs(users, items),
+            words,
+            words_mask,
             self.items.counts[items].astype(np.float32),  # 0 on the unknown row (never counted)
             item_sem,
             item_mask,
@@ -199,6 +307,9 @@ class Featurizer:
             "context": self.context.state(),
             "sem_dim": self.sem_dim,
             "pair_buckets": self.pair_buckets,
+            "word_buckets": self.word_buckets,
+            "max_item_words": self.max_item_words,
+            "plain_words": self.plain_words,
         }
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -206,6 +317,8 @@ class Featurizer:
         out: dict[str, np.ndarray] = {}
         for prefix, vocab in (("user", self.users), ("item", self.items)):
             out.update({f"{prefix}_{k}": v for k, v in vocab.arrays().items()})
+        if self.word_buckets:
+            out["words.items"] = self.item_words[: self.items.capacity].copy()
         return out
 
     @classmethod
@@ -222,4 +335,8 @@ class Featurizer:
             ContextHasher.from_state(state["context"]),
             int(state["sem_dim"]),
             int(state.get("pair_buckets", 0)),
+            int(state.get("word_buckets", 0)),
+            int(state.get("max_item_words", 16)),
+            bool(state.get("plain_words", False)),
+            arrays.get("words.items"),
         )

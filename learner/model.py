@@ -51,6 +51,9 @@ class ModelConfig:
     context_buckets: int = 1 << 18
     #: Hashed user×item first-order weights (VW's ``-q ui``); 0 = none.
     pair_buckets: int = 1 << 20
+    #: Hashed user × item-word first-order weights (VW's ``-q ut``); 0 = none (and in snapshots
+    #: written before they existed).
+    word_buckets: int = 0
     cross_layers: int = 2
     hidden: tuple[int, ...] = (64, 32)
     #: Reduced teacher dimension; 0 = no semantic part (pure id model).
@@ -69,6 +72,7 @@ class ModelConfig:
             context_fields=lc.context_fields,
             context_buckets=lc.context_buckets,
             pair_buckets=lc.pair_buckets,
+            word_buckets=lc.word_buckets,
             cross_layers=lc.cross_layers,
             hidden=hidden,
             sem_dim=cfg.semantic.reduced_dim if cfg.semantic.enabled else 0,
@@ -103,6 +107,8 @@ class ModelInputs(NamedTuple):
     item_sem_mask: torch.Tensor  # bool [B]
     user_sem: torch.Tensor
     user_sem_mask: torch.Tensor
+    words: torch.Tensor  # int64 [B, W], hashed (user row, item word); padding = the last bucket
+    words_mask: torch.Tensor  # float32 [B, W], 0 on padding
 
 
 class ModelOutputs(NamedTuple):
@@ -205,6 +211,10 @@ class StudentCTR(nn.Module):
         # A first-order weight per hashed (user, item) pair: memorises repeated pairs, the one
         # signal a per-example linear learner with -q ui (VW) has that embeddings only approximate.
         self.pair_w = SparseTable(mc.pair_buckets, 0) if mc.pair_buckets else None
+        # A first-order weight per hashed (user, item word) (VW's -q ut): a user's clicks on items
+        # with a word reach every item with that word, new items included, from the first click.
+        # One extra row takes the padding lookups (masked to 0: it never moves).
+        self.word_w = SparseTable(mc.word_buckets + 1, 0) if mc.word_buckets else None
         self.cross = CrossNetV2(mc.input_dim, mc.cross_layers)
         self.deep = mlp([mc.input_dim, *mc.hidden])
         self.deep.append(nn.ReLU())
@@ -216,6 +226,8 @@ class StudentCTR(nn.Module):
         tables = {"user": self.user_emb, "item": self.item_emb, "context": self.context_emb}
         if self.pair_w is not None:
             tables["pair"] = self.pair_w
+        if self.word_w is not None:
+            tables["words"] = self.word_w
         return tables
 
     def dense_parameters(self) -> list[nn.Parameter]:
@@ -229,6 +241,8 @@ class StudentCTR(nn.Module):
         wide = user[:, d] + item[:, d] + ctx[..., d].sum(dim=1)
         if self.pair_w is not None:
             wide = wide + self.pair_w(inp.pair)[:, 0]
+        if self.word_w is not None and inp.words.shape[1]:
+            wide = wide + (self.word_w(inp.words)[..., 0] * inp.words_mask).sum(dim=1)
         x0 = torch.cat([u, i, c], dim=1)
         logit = self.out(torch.cat([self.cross(x0), self.deep(x0)], dim=1)).squeeze(1) + _fm(x0, d) + wide
         if self.semantic is None:

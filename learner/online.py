@@ -382,9 +382,12 @@ class OnlineLearner(Predictor):
         p = torch.sigmoid(logit)
         w = loss_weights(p, labels, kinds, share, rate, dropped)
         grad, curvature = w * (p - labels), w * p * (1 - p)
-        return self.sparse_opt.in_batch_wide_shift(
+        shift = self.sparse_opt.in_batch_wide_shift(
             "user", inp.user, grad, curvature
         ) + self.sparse_opt.in_batch_wide_shift("item", inp.item, grad, curvature)
+        if self.model.word_w is not None:
+            shift = shift + self.sparse_opt.in_batch_multi_shift("words", inp.words, inp.words_mask, grad, curvature)
+        return shift
 
     def _dropped_real_negatives(
         self, examples: Sequence[Example], kinds: np.ndarray, labels: np.ndarray, rate: float | torch.Tensor
@@ -514,6 +517,8 @@ class OnlineLearner(Predictor):
             self.sparse_opt.reset_rows(name, t[t < table.num_embeddings])
             if name == "user" and self.experts is not None:
                 self.experts.reset_rows(rows)
+            if name == "item":
+                self.featurizer.clear_words(rows)
             if name == "item" and self.cold_start is not None:
                 self.cold_start.forget(rows, ids)
             freed += int(rows.size)

@@ -56,6 +56,9 @@ class Predictor:
                 mc.sem_dim,
                 initial_capacity=min(mc.user_capacity, mc.item_capacity),
                 pair_buckets=mc.pair_buckets,
+                word_buckets=mc.word_buckets,
+                max_item_words=lc.max_item_words,
+                plain_words=lc.plain_words,
             )
         else:
             mc = ModelConfig.from_dict(state.model_config)

@@ -194,6 +194,25 @@ class RowOptimizer:
         return shift
 
     @torch.no_grad()
+    def in_batch_multi_shift(
+        self, name: str, rows: torch.Tensor, values: torch.Tensor, grad: torch.Tensor, curvature: torch.Tensor
+    ) -> torch.Tensor:
+        """:meth:`in_batch_wide_shift` for a table looked up several times per example.
+
+        ``rows``/``values``: ``[B, W]`` buckets and feature values (0 on padding); each example's
+        shift is ``Σ_w value · (Newton step of bucket w from earlier examples)``, each lookup
+        carrying the gradient ``g · value`` (as autograd gives the table) and the example's
+        curvature (as :meth:`step` accumulates it).
+        """
+        width = rows.shape[1]
+        if not width:
+            return torch.zeros_like(grad)
+        flat_g = (grad.unsqueeze(1) * values).reshape(-1)
+        flat_h = torch.where(values != 0, curvature.unsqueeze(1).expand_as(values), torch.zeros_like(values))
+        step = self.in_batch_wide_shift(name, rows.reshape(-1), flat_g, flat_h.reshape(-1))
+        return (step.view(-1, width) * values).sum(dim=1)
+
+    @torch.no_grad()
     def reset_rows(self, name: str, rows: torch.Tensor) -> None:
         """Restore the starting state (accumulators, prior precision) of ``rows`` of table ``name``."""
         if rows.numel():

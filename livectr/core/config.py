@@ -242,6 +242,13 @@ class LearnerConfig:
     context_buckets: int = 1 << 18
     #: Buckets of the hashed user×item first-order weights (0 = none).
     pair_buckets: int = 1 << 20
+    #: Buckets of the hashed user × item-word first-order weights (VW's ``-q ut``; 0 = none): the
+    #: item's words (from its text, livectr.core.words) crossed with the user's row.
+    word_buckets: int = 1 << 20
+    #: Words kept per item (the first distinct ones of its text).
+    max_item_words: int = 16
+    #: Also an uncrossed first-order weight per word, in the same table (a word's own click rate).
+    plain_words: bool = False
     #: Weight of the item-level distillation loss beside the CTR loss (docs/design.md, "Semantics").
     distill_weight: float = 2.0
     #: Weight of the user-level distillation loss, relative to the item level's. 0: a click
@@ -582,6 +589,8 @@ _BOUNDS: tuple[tuple[str, float, float, bool], ...] = (
     ("learner.embedding_dim", 1, 1 << 12, True),
     ("learner.context_buckets", 1, math.inf, True),
     ("learner.pair_buckets", 0, math.inf, True),
+    ("learner.word_buckets", 0, math.inf, True),
+    ("learner.max_item_words", 1, 1 << 10, True),
     ("learner.wide_max_step", 0, math.inf, True),
     ("learner.scorer_reload_ms", 1, math.inf, True),
     ("semantic.reduced_dim", 1, 1 << 12, True),

@@ -96,7 +96,8 @@ class Example(msgspec.Struct, tag="ex", array_like=True, frozen=True, gc=False):
 
     ``item_sem``/``user_sem`` are the teacher's reduced vectors (int8, raw bytes) when the
     semantic cache had them; ``sem_flags`` records misses (see ``SEM_*``) so the learner can
-    tell a fallback from a real vector.
+    tell a fallback from a real vector. ``item_words`` are the item's word hashes, likewise from
+    the cache.
     """
 
     impression_id: str
@@ -112,6 +113,9 @@ class Example(msgspec.Struct, tag="ex", array_like=True, frozen=True, gc=False):
     user_sem: bytes | None = None
     sem_flags: int = 0
     sem_version: str = ""
+    #: The item's words (:func:`livectr.core.words.pack_words`: uint32 hashes) when the
+    #: semantic cache had them; the learner keeps them per item row for its user × word weights.
+    item_words: bytes | None = None
 
 
 class ExampleBatch(msgspec.Struct, tag="batch", array_like=True, frozen=True):
