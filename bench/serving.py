@@ -61,6 +61,9 @@ from livectr.learner.online import OnlineLearner, real_negative_share  # noqa: E
 from livectr.simulators.sources import open_source  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
+#: Version of the cached examples' content: a cache of another version is rebuilt. 2: examples
+#: carry their item's words (``Example.item_words``, from the refresher through the join).
+EXAMPLE_FORMAT = 2
 POLICIES = ("wait", "delayed", "fake-negative", "defer", "defer-all", "defer-hold")
 #: One entry of a schedule: (event time, 0 = score / 1 = train, impression index, example to train on).
 Entry = tuple[float, int, int, Example | None]
@@ -72,14 +75,15 @@ Entry = tuple[float, int, int, Example | None]
 def load_examples(name: str, events: int, workdir: Path) -> tuple[list[Example], dict[str, str], np.ndarray | None]:
     """The joined examples of ``name`` in impression order, the item texts, and (synthetic) the oracle.
 
-    Built once through the real pipeline, then read from ``bench/out``.
+    Built once through the real pipeline, then read from ``bench/out`` — rebuilt when the
+    cache is of another :data:`EXAMPLE_FORMAT` (what the pipeline puts on an example changed).
     """
     OUT.mkdir(parents=True, exist_ok=True)
     tag = f"{name}-{events}" if name == "synthetic" else name
     cache, meta = OUT / f"examples-{tag}.msgpack", OUT / f"examples-{tag}.json"
-    if cache.exists() and meta.exists():
+    info = json.loads(meta.read_text()) if meta.exists() else {}
+    if cache.exists() and info.get("format") == EXAMPLE_FORMAT:
         examples = decode_example(cache.read_bytes()).examples
-        info = json.loads(meta.read_text())
         oracle = np.asarray(info["oracle"]) if info.get("oracle") is not None else None
         return examples, info["titles"], oracle
     from livectr.simulators.ml100k import convert_ml100k
@@ -110,7 +114,8 @@ def load_examples(name: str, events: int, workdir: Path) -> tuple[list[Example],
     if source.truth is not None:
         oracle = np.asarray([source.truth.oracle(ex.impression_id) for ex in examples])
     cache.write_bytes(encode_example(ExampleBatch(examples)))
-    meta.write_text(json.dumps({"titles": titles, "oracle": None if oracle is None else oracle.tolist()}))
+    info = {"format": EXAMPLE_FORMAT, "titles": titles, "oracle": None if oracle is None else oracle.tolist()}
+    meta.write_text(json.dumps(info))
     return examples, titles, oracle
 
 
@@ -353,7 +358,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-vw", action="store_true", help="livectr only")
     ap.add_argument("--before-batch", action="store_true", help="score before each batch instead of inside it")
     ap.add_argument("--set", action="append", default=[], help="config override section.field=value (repeatable)")
-    ap.add_argument("--attach-words", action="store_true", help="prototype: item words from the titles map")
     ap.add_argument("--out", type=Path, default=OUT / "serving.json")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/livectr-serving-bench"))
     args = ap.parse_args(argv)
@@ -365,11 +369,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skipping ml-100k: {SHARED} not found")
             continue
         examples, titles, oracle = load_examples(name, args.events, args.workdir)
-        if args.attach_words:  # prototype side channel: the item's words from the titles map
-            from livectr.core.words import pack_words
-
-            packed = {k: pack_words(v, 16) for k, v in titles.items()}
-            examples = [msgspec.structs.replace(ex, item_words=packed.get(ex.item_id)) for ex in examples]
         cfg = Config()
         cfg.learner.device = "cpu"
         apply_overrides(cfg, dict(kv.split("=", 1) for kv in args.set))

@@ -50,7 +50,16 @@ EXPERT_USER_ARRAYS = ("user_w", "user_ts", "slope_w", "taste_w")
 #: Global arrays of the fast experts that scoring reads, sent whole.
 EXPERT_GLOBAL_ARRAYS = ("taste_w0", "mix", "serving_feedback")
 #: Model config keys that must agree between a delta and the model it is applied to.
-SHAPE_KEYS = ("embedding_dim", "context_fields", "context_buckets", "pair_buckets", "hidden", "sem_dim", "sem_hidden")
+SHAPE_KEYS = (
+    "embedding_dim",
+    "context_fields",
+    "context_buckets",
+    "pair_buckets",
+    "word_buckets",
+    "hidden",
+    "sem_dim",
+    "sem_hidden",
+)
 
 
 class DeltaError(ValueError):
@@ -75,6 +84,7 @@ class TouchedRows:
             ("item", batch.item),
             ("context", batch.context),
             ("pair", batch.pair),
+            ("words", batch.words),
         ):
             self.tables.setdefault(name, []).append(np.asarray(rows).reshape(-1))
         trained = (batch.kinds != KIND_SCORE_REQUEST) & (batch.decided_at > 0)
@@ -156,6 +166,10 @@ def build_delta(
         arrays[f"{name}.expired"] = freed[name]
         arrays[f"{name}.expired_generation"] = vocab.generation[freed[name]].astype(np.int64)
         meta[f"{name}_expired"] = int(freed[name].size)
+    if feat.word_buckets:  # the words of the items sent: the scorer reads an item's words from its row
+        items = arrays["item.rows"]
+        feat.words_capacity(feat.items.capacity)
+        arrays["item.words"] = feat.item_words[items]
     for key, value in state.items():
         if key not in keys.values():
             arrays[f"dense.{key}"] = value.detach().cpu().contiguous().numpy()
@@ -253,6 +267,9 @@ def apply_delta(predictor: Predictor, delta: Delta) -> None:
             raise DeltaError(f"delta's {name} rows do not fit the table")
         if name not in ("user", "item") and rows.size and int(rows.max()) >= table.num_embeddings:
             raise DeltaError(f"delta's {name} rows are beyond the table ({int(rows.max())} >= {table.num_embeddings})")
+    words = a.get("item.words")
+    if words is not None and words.shape != (len(a["item.rows"]), feat.max_item_words):
+        raise DeltaError(f"delta's item words do not fit ({words.shape}, {feat.max_item_words} per item)")
     slots = list(delta.meta.get("context_slots", []))
     if slots != feat.context.slots:
         feat.context = ContextHasher.from_state({**feat.context.state(), "slots": slots})
@@ -262,6 +279,8 @@ def apply_delta(predictor: Predictor, delta: Delta) -> None:
             if freed is not None:  # first: a row freed then reused since is in the rows below
                 for row, gen in zip(freed.tolist(), a[f"{name}.expired_generation"].tolist(), strict=True):
                     vocab.unbind(row, gen)
+            if freed is not None and name == "item":
+                feat.clear_words(freed)
             rows = a[f"{name}.rows"]
             generations = a.get(f"{name}.generation")
             gens = generations.tolist() if generations is not None else [None] * len(rows)
@@ -269,6 +288,10 @@ def apply_delta(predictor: Predictor, delta: Delta) -> None:
                 if row > UNKNOWN_ROW:  # row 0 (unknown ids) has values but no id
                     vocab.bind(key, row, gen)
             vocab.counts[rows] = a[f"{name}.counts"]
+        words = a.get("item.words")
+        if words is not None and feat.word_buckets:
+            feat.words_capacity(feat.items.capacity)
+            feat.item_words[a["item.rows"]] = words
         tables = model.sparse_tables()
         tables["user"].grow(feat.users.capacity)
         tables["item"].grow(feat.items.capacity)

@@ -156,6 +156,7 @@ class OnlineLearner(Predictor):
             wide_prior=lc.wide_prior,
             wide_lr=lc.wide_lr,
             wide_max_step=lc.wide_max_step,
+            wide_priors={"words": lc.word_prior or lc.wide_prior},
         )
         self.dense_opt = torch.optim.Adam(self.model.dense_parameters(), lr=lc.lr, fused=True)
         self.metrics = LearnerMetrics()

@@ -59,6 +59,7 @@ class Predictor:
                 word_buckets=mc.word_buckets,
                 max_item_words=lc.max_item_words,
                 plain_words=lc.plain_words,
+                max_word_share=lc.max_word_share,
             )
         else:
             mc = ModelConfig.from_dict(state.model_config)

@@ -104,6 +104,7 @@ class RowOptimizer:
         wide_prior: float,
         wide_lr: float = 1.0,
         wide_max_step: float = 0.0,
+        wide_priors: dict[str, float] | None = None,
     ) -> None:
         self.tables = tables
         self.wide_lr = wide_lr
@@ -111,7 +112,9 @@ class RowOptimizer:
         #: logits in one step (0: no limit). See :meth:`step`.
         self.wide_max_step = wide_max_step
         self.lr = lr
-        self._init = {name: self._initial_row(t, initial_accumulator, wide_prior) for name, t in tables.items()}
+        #: Per table, the first-order prior precision (``wide_priors`` overrides ``wide_prior``).
+        priors = {name: (wide_priors or {}).get(name, wide_prior) for name in tables}
+        self._init = {name: self._initial_row(t, initial_accumulator, priors[name]) for name, t in tables.items()}
         self.accum = {name: self._init[name].expand_as(t.weight).clone() for name, t in tables.items()}
 
     @staticmethod

@@ -21,6 +21,7 @@ from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message, TopicPartition
 from livectr.core import bus
 from livectr.core.config import Config
 from livectr.core.events import DecodeError
+from livectr.core.words import pack_words
 from livectr.semantic_cache import wire
 from livectr.semantic_cache.codec import dequantize, to_bytes
 from livectr.semantic_cache.profiles import ClickProfiles
@@ -55,8 +56,9 @@ def _percentile(samples: Any, q: float) -> float:
     return float(np.percentile(values, q)) if values.size else float("nan")
 
 
-def _warm_rows(cfg: Config) -> tuple[str, dict[str, tuple[bytes, float]]]:
-    """Reduced item vectors from the persisted store: the newest (version, dim) group, if any."""
+def _warm_rows(cfg: Config) -> tuple[str, dict[str, tuple[bytes, float, str]]]:
+    """Reduced item vectors (with their stamp and text) from the persisted store: the newest
+    (version, dim) group, if any."""
     directory = Path(cfg.data_dir) / "semantic"
     if not (directory / VectorStore.FILE).exists():
         return "", {}
@@ -72,7 +74,7 @@ def _warm_rows(cfg: Config) -> tuple[str, dict[str, tuple[bytes, float]]]:
         return "", {}
     (teacher_version, reducer), rows = max(groups.items(), key=lambda kv: max(r.updated_at for r in kv[1]))
     version = f"{teacher_version}/pca{cfg.semantic.reduced_dim}-{reducer}"
-    return version, {r.id: (r.reduced, r.updated_at) for r in rows}
+    return version, {r.id: (r.reduced, r.updated_at, r.text) for r in rows}
 
 
 #: Consumer-thread failures in a row before the client gives up (see ``SemanticCacheClient._run``).
@@ -107,6 +109,8 @@ class SemanticCacheClient:
         #: Version of the vectors held; a newer version on the topic replaces them all.
         self.version = ""
         self._items: dict[str, bytes] = {}
+        #: Each item's words as the refresher sent them with its vector (not tied to a version).
+        self._words: dict[str, bytes] = {}
         self._computed_at: dict[str, float] = {}
         #: Each user's current vector (every click, newest summary) and its stamp (see COMPLETE):
         #: the answer for lookups after the user's newest click, i.e. almost all of them live.
@@ -178,6 +182,10 @@ class SemanticCacheClient:
             self.item_misses += 1
             self._miss_queue.append(item_id)
         return vec
+
+    def item_words(self, item_id: str) -> bytes | None:
+        """The item's words as sent with its vector, or ``None`` (no miss counted: see :meth:`item`)."""
+        return self._words.get(item_id)
 
     def user(self, user_id: str, at: float | None = None) -> bytes | None:
         """The user's vector as of event time ``at`` (now when None), or ``None`` before any click.
@@ -323,8 +331,11 @@ class SemanticCacheClient:
         if not rows:
             return
         self.version = version
-        self._items = {item_id: blob for item_id, (blob, _) in rows.items()}
-        self._computed_at = {item_id: at for item_id, (_, at) in rows.items()}
+        self._items = {item_id: blob for item_id, (blob, _, _) in rows.items()}
+        self._computed_at = {item_id: at for item_id, (_, at, _) in rows.items()}
+        if cfg.learner.word_buckets:  # as the refresher would send them (livectr.core.words)
+            k = cfg.learner.max_item_words
+            self._words = {item_id: pack_words(text, k) for item_id, (_, _, text) in rows.items()}
         self._version_computed = max(self._computed_at.values())
         self.warmed = len(rows)
 
@@ -448,6 +459,8 @@ class SemanticCacheClient:
             return
         new = record.id not in self._items
         self._items[record.id] = record.reduced
+        if record.words is not None:
+            self._words[record.id] = record.words
         self._computed_at[record.id] = record.computed_at
         if new:
             self._arrivals += 1  # after storing: an answer stamped with the new count has folded it

@@ -21,6 +21,7 @@ from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message, Producer
 from livectr.core import bus
 from livectr.core.config import Config
 from livectr.core.events import DecodeError, EndOfStream, Item, decode_event
+from livectr.core.words import pack_words
 from livectr.semantic_cache import wire
 from livectr.semantic_cache.enrich import Enricher, make_enricher
 from livectr.semantic_cache.reducer import PCAReducer, bytes_per_example, load_reducer, reducer_path
@@ -161,6 +162,8 @@ class Refresher:
             self.semantic_dir, self.teacher_version, cfg.semantic.reduced_dim
         )
         self.queue = WorkQueue()
+        #: Words sent with each item vector (0: none, when the learner has no word weights).
+        self.max_words = cfg.learner.max_item_words if cfg.learner.word_buckets else 0
         self.counters = RefresherCounters()
         self.delivery = bus.DeliveryTracker()
         self._lock = threading.Lock()
@@ -429,6 +432,7 @@ class Refresher:
                 computed_at=row.updated_at,
                 source_ts=row.source_ts,
                 requested_at=requested_at.get(row.id, now),
+                words=pack_words(row.text, self.max_words) if row.kind == "item" and self.max_words else None,
             )
             bus.produce(
                 self.producer,

@@ -37,11 +37,16 @@ class SemanticVector(msgspec.Struct, frozen=True, tag="vec", array_like=True):
     computed_at: float
     source_ts: float
     requested_at: float
+    #: The item's words (:func:`livectr.core.words.pack_words`), computed once from its text
+    #: here; None for users, and in records written before words existed.
+    words: bytes | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("item", "user"):
             raise ValueError(f"kind must be item or user, not {self.kind[:20]!r}")
         _finite(self.computed_at, self.source_ts, self.requested_at)
+        if self.words is not None and len(self.words) % 4:
+            raise ValueError(f"words of {len(self.words)} bytes: not a multiple of 4")
 
 
 class MissReport(msgspec.Struct, frozen=True, tag="miss", array_like=True):

@@ -390,6 +390,7 @@ class PartitionJoin:
                 user_vec,
                 flags,
                 sem.version,
+                sem.item_words(imp.item_id),
             )
         self.out.append(ex)
         if request:

@@ -16,6 +16,9 @@ class ClickSetLookup:
     def item(self, item_id: str) -> bytes | None:
         return item_id.encode()
 
+    def item_words(self, item_id: str) -> bytes | None:
+        return None
+
     def user(self, user_id: str, at: float | None = None) -> bytes | None:
         before = sorted(c for c in self.clicks.get(user_id, ()) if at is None or c[0] < at)
         return repr(before).encode() if before else None

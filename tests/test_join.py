@@ -28,6 +28,7 @@ from livectr.core.events import (
     decision_time,
     encode_event,
 )
+from livectr.core.words import pack_words
 from livectr.streams.join import (
     CLICKS,
     IMPRESSIONS,
@@ -442,13 +443,17 @@ class DictLookup:
 
     version = "v-test"
 
-    def __init__(self, items: dict[str, bytes]) -> None:
+    def __init__(self, items: dict[str, bytes], words: dict[str, bytes] | None = None) -> None:
         self.items = items
+        self.words = words or {}
         self.users: dict[str, list[tuple[float, bytes]]] = {}
         self.clicks: list[tuple[str, str]] = []
 
     def item(self, item_id: str) -> bytes | None:
         return self.items.get(item_id)
+
+    def item_words(self, item_id: str) -> bytes | None:
+        return self.words.get(item_id)
 
     def user(self, user_id: str, at: float | None = None) -> bytes | None:
         before = [blob for ts, blob in sorted(self.users.get(user_id, [])) if at is None or ts < at]
@@ -466,7 +471,8 @@ class DictLookup:
 
 
 def test_semantic_vectors_and_miss_flags_are_attached() -> None:
-    sem = DictLookup({"i1": b"\x01\x02"})
+    words = pack_words("The Usual Suspects (1995)", 16)
+    sem = DictLookup({"i1": b"\x01\x02"}, {"i1": words})
     f = Feeder(PartitionJoin(0, W, semantics=sem))
     f.imp(imp("a", 0, user="u1", item="i1"))
     f.imp(imp("b", 1, user="u2", item="i9"))
@@ -475,6 +481,7 @@ def test_semantic_vectors_and_miss_flags_are_attached() -> None:
     by_id = {e.impression_id: e for e in f.examples}
     assert (by_id["a"].item_sem, by_id["a"].user_sem, by_id["a"].sem_flags) == (b"\x01\x02", None, SEM_USER_MISS)
     assert by_id["b"].sem_flags == SEM_ITEM_MISS | SEM_USER_MISS and by_id["b"].sem_version == "v-test"
+    assert by_id["a"].item_words == words and by_id["b"].item_words is None  # the item's words ride along
     assert sem.clicks == [("u1", "i1")]
 
 

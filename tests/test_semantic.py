@@ -21,6 +21,7 @@ from livectr.core import bus
 from livectr.core.config import Config
 from livectr.core.events import EndOfStream, Impression, Item, encode_event
 from livectr.core.lookup import SemanticLookup
+from livectr.core.words import pack_words
 from livectr.semantic_cache import client as client_mod
 from livectr.semantic_cache import wire
 from livectr.semantic_cache.client import SemanticCacheClient, SemanticClientFailed
@@ -391,6 +392,8 @@ def test_refresher_end_to_end_then_restart_without_recompute(cfg: Config, teache
         late = Item("late", 1.7e9 + 100, "organic strawberry ice cream, pack 9")
         _produce(cfg, cfg.topics.items, [(b"late", encode_event(late))])
         assert client.wait_for(["late"], 30)
+        k = cfg.learner.max_item_words
+        assert client.item_words("late") == pack_words(late.text, k) != b"", "an item's words come with its vector"
         # A changed text is re-encoded and re-published under the same id.
         before = client.item("i0")
         _produce(cfg, cfg.topics.items, [(b"i0", encode_event(Item("i0", 1.7e9 + 200, "cast-iron garden bench")))])
@@ -398,6 +401,7 @@ def test_refresher_end_to_end_then_restart_without_recompute(cfg: Config, teache
         while client.item("i0") == before and time.monotonic() < deadline:
             time.sleep(0.05)
         assert client.item("i0") != before
+        assert client.item_words("i0") == pack_words("cast-iron garden bench", k)
         stats = client.stats()
     finally:
         client.close()
@@ -439,6 +443,7 @@ def test_refresher_end_to_end_then_restart_without_recompute(cfg: Config, teache
     try:
         assert warm.version == summary["version"] and warm.stats()["warmed_from_store"] == 49
         assert warm.item("late") is not None and warm.stats()["misses"] == 0
+        assert warm.item_words("late") == pack_words(late.text, k)  # words from the stored text
     finally:
         warm.close()
 

@@ -14,6 +14,7 @@ import time
 import numpy as np
 
 from livectr.core.events import KIND_FINAL, Example
+from livectr.core.words import pack_words
 from livectr.semantic_cache.codec import quantize
 
 
@@ -38,6 +39,10 @@ class ToyWorld:
         proj = rng.normal(size=(latent, sem_dim))
         self.item_vectors = quantize(self.item_latent @ proj + 0.1 * rng.normal(size=(items, sem_dim)))
         self.user_vectors = quantize(self.user_latent @ proj)
+        # Item texts of 8 words from a 500-word vocabulary (their own generator: the examples'
+        # draws stay as they were), attached with ``examples(words=True)``.
+        word_rng = np.random.default_rng(seed + 1)
+        self.item_texts = [" ".join(f"w{w}" for w in word_rng.integers(0, 500, 8)) for _ in range(items)]
 
     def ctr(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         z = self.bias + self.scale * np.einsum("ij,ij->i", self.user_latent[users], self.item_latent[items])
@@ -50,8 +55,10 @@ class ToyWorld:
         with_sem: bool = True,
         kind: int = KIND_FINAL,
         decided_at: float | None = None,
+        words: bool = False,
     ) -> list[Example]:
-        """``n`` labelled examples; ``items`` restricts the items drawn (e.g. only new ones)."""
+        """``n`` labelled examples; ``items`` restricts the items drawn (e.g. only new ones);
+        ``words``: with the item's words (:func:`livectr.core.words.pack_words` of its text)."""
         rng = self.rng
         u = rng.integers(0, len(self.user_latent), n)
         pool = np.arange(len(self.item_latent)) if items is None else np.asarray(items)
@@ -71,6 +78,7 @@ class ToyWorld:
                 decided_at=now,
                 item_sem=self.item_vectors[i[k]].tobytes() if with_sem else None,
                 user_sem=self.user_vectors[u[k]].tobytes() if with_sem else None,
+                item_words=pack_words(self.item_texts[i[k]], 16) if words else None,
             )
             for k in range(n)
         ]

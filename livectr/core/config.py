@@ -247,8 +247,12 @@ class LearnerConfig:
     word_buckets: int = 1 << 20
     #: Words kept per item (the first distinct ones of its text).
     max_item_words: int = 16
+    #: Prior precision of the word weights (0: ``wide_prior``): larger shrinks them harder.
+    word_prior: float = 0.0
     #: Also an uncrossed first-order weight per word, in the same table (a word's own click rate).
-    plain_words: bool = False
+    plain_words: bool = True
+    #: Words on more than this share of the items seen are left out (a vectoriser's max_df; 1 = keep all).
+    max_word_share: float = 0.5
     #: Weight of the item-level distillation loss beside the CTR loss (docs/design.md, "Semantics").
     distill_weight: float = 2.0
     #: Weight of the user-level distillation loss, relative to the item level's. 0: a click
@@ -591,6 +595,8 @@ _BOUNDS: tuple[tuple[str, float, float, bool], ...] = (
     ("learner.pair_buckets", 0, math.inf, True),
     ("learner.word_buckets", 0, math.inf, True),
     ("learner.max_item_words", 1, 1 << 10, True),
+    ("learner.word_prior", 0, math.inf, True),
+    ("learner.max_word_share", 0, 1, False),
     ("learner.wide_max_step", 0, math.inf, True),
     ("learner.scorer_reload_ms", 1, math.inf, True),
     ("semantic.reduced_dim", 1, 1 << 12, True),

@@ -22,6 +22,11 @@ class SemanticLookup(Protocol):
         """The item's reduced vector, or ``None`` on a miss (which is recorded and queued)."""
         ...
 
+    def item_words(self, item_id: str) -> bytes | None:
+        """The item's words (:func:`livectr.core.words.pack_words`), or ``None`` when unknown
+        (no miss is counted: :meth:`item` already did)."""
+        ...
+
     def user(self, user_id: str, at: float | None = None) -> bytes | None:
         """The user's reduced vector (decayed mean of the items clicked up to event time ``at``;
         all clicks when None), or ``None``."""
