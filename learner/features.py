@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from livectr.core.events import COPY_KINDS
-from livectr.core.words import unpack_words
+from livectr.core.words import WORD_DTYPE
 from livectr.learner.model import ModelInputs
 from livectr.learner.vocab import UNKNOWN_ROW, ContextHasher, GrowingVocab
 from livectr.semantic_cache.codec import dequantize_many
@@ -168,40 +168,56 @@ class Featurizer:
     def store_words(self, items: np.ndarray, records: Sequence[Any]) -> None:
         """Keep the words of records that carry them (``item_words``) on their item rows.
 
-        Words on more than ``max_word_share`` of the items seen so far (once
-        :data:`WORD_SHARE_MIN_ITEMS` have been) are left out, like a vectoriser's ``max_df``: a
-        word on every item ("a", "and" in templated texts) crossed with the user is one more copy
-        of the user's bias, which then takes two Newton steps per example (it cost the synthetic
-        stream 0.0014 AUC). An item is counted once, when its row first gets words.
+        Words on more than ``max_word_share`` of the items counted so far (once
+        :data:`WORD_SHARE_MIN_ITEMS` have been; a batch's new items are counted first) are left
+        out, like a vectoriser's ``max_df``: a word on every item ("a", "and" in templated texts)
+        crossed with the user is one more copy of the user's bias, which then takes two Newton
+        steps per example (it cost the synthetic stream 0.0014 AUC). An item is counted once,
+        when its row first gets words. Left-out words leave a 0 (padding) in place.
 
-        The unknown row keeps none: it stands for many items. A malformed word field raises
-        ``ValueError`` (the learner dead-letters the batch's bad example like any other).
+        The unknown row keeps none: it stands for many items. Word fields whose length is not
+        a multiple of 4 are ignored here (the learner loop dead-letters such examples first).
+        In bulk (one ``frombuffer`` per batch): this runs on every training batch.
         """
         if not self.word_buckets:
             return
+        datas = [getattr(r, "item_words", None) for r in records]
+        at = [k for k, d in enumerate(datas) if d and not len(d) % 4 and items[k] != UNKNOWN_ROW]
+        if not at:
+            return
         k = self.max_item_words
-        filtering = self.max_word_share < 1.0
-        if filtering and not self.word_counts.size:
+        # The last record of each row wins (its item's newest words).
+        rows_all = items[at]
+        rev_rows, rev_first = np.unique(rows_all[::-1], return_index=True)
+        last = np.asarray(at)[len(at) - 1 - rev_first]
+        chunks = [datas[j] for j in last.tolist()]
+        lengths = np.fromiter((len(c) // 4 for c in chunks), dtype=np.int64, count=len(chunks))
+        flat = np.frombuffer(b"".join(chunks), dtype=WORD_DTYPE)
+        owner = np.repeat(np.arange(len(chunks)), lengths)
+        position = np.arange(flat.size) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        keep = position < k
+        words = np.zeros((len(chunks), k), dtype=np.uint32)
+        words[owner[keep], position[keep]] = flat[keep]
+        self.words_capacity(int(rev_rows.max()) + 1)
+        if self.max_word_share < 1.0:
+            words = self._common_words_left_out(rev_rows, words)
+        self.item_words[rev_rows] = words
+
+    def _common_words_left_out(self, rows: np.ndarray, words: np.ndarray) -> np.ndarray:
+        """Count the words of rows not counted yet, then zero words on too many items (see :meth:`store_words`)."""
+        if not self.word_counts.size:
             self.word_counts = np.zeros(WORD_COUNT_SLOTS + 1, dtype=np.int64)
         counts = self.word_counts
-        for at, r in enumerate(records):
-            data = getattr(r, "item_words", None)
-            row = int(items[at])
-            if data is None or row == UNKNOWN_ROW:
-                continue
-            hashes = unpack_words(data)[:k]
-            self.words_capacity(row + 1)
-            line = self.item_words[row]
-            if filtering:
-                slots = hashes % WORD_COUNT_SLOTS
-                if not self._counted[row]:  # the row's item is new: count its words once
-                    self._counted[row] = True
-                    np.add.at(counts, slots, 1)
-                    counts[-1] += 1
-                if counts[-1] >= WORD_SHARE_MIN_ITEMS:
-                    hashes = hashes[counts[slots] <= self.max_word_share * counts[-1]]
-            line[: hashes.size] = hashes
-            line[hashes.size :] = 0
+        slots = (words % WORD_COUNT_SLOTS).astype(np.int64)
+        new = ~self._counted[rows]
+        if new.any():
+            self._counted[rows[new]] = True
+            present = words[new] != 0
+            np.add.at(counts, slots[new][present], 1)
+            counts[-1] += int(new.sum())
+        if counts[-1] < WORD_SHARE_MIN_ITEMS:
+            return words
+        return np.where(counts[slots] > self.max_word_share * counts[-1], np.uint32(0), words)
 
     def clear_words(self, rows: np.ndarray) -> None:
         """Forget the words of item rows freed by expiry (the next id on the row brings its own)."""
@@ -221,8 +237,17 @@ class Featurizer:
         if not w:
             return np.zeros((n, 0), dtype=np.int64), np.zeros((n, 0), dtype=np.float32)
         self.words_capacity(self.items.capacity)
-        hashes = self.item_words[items].astype(np.uint64)  # [n, K]
+        hashes = self.item_words[items]  # [n, K]
         present = hashes != 0
+        # Only as many columns as the batch's wordiest item needs (words first in each row):
+        # every lookup, padding included, costs in the optimiser and the in-batch replay.
+        width = int(present.sum(axis=1).max()) if n else 0
+        if width < hashes.shape[1]:
+            if not _left_aligned(present):  # words left out by max_word_share leave gaps
+                hashes = np.take_along_axis(hashes, np.argsort(~present, axis=1, kind="stable"), axis=1)
+            hashes = hashes[:, :width]
+            present = hashes != 0
+        hashes = hashes.astype(np.uint64)
         user_key = users.astype(np.uint64) * _WORD_MULT_USER
         gen = self.users.generation[users]
         if gen.any():
@@ -384,3 +409,8 @@ class Featurizer:
             float(state.get("max_word_share", 1.0)),
             arrays.get("words.counts"),
         )
+
+
+def _left_aligned(present: np.ndarray) -> bool:
+    """Whether every row's True entries come before its False ones."""
+    return bool((present[:, 1:] <= present[:, :-1]).all())

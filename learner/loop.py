@@ -120,6 +120,8 @@ def example_problem(ex: Example) -> str | None:
         return f"invalid example: unknown kind {ex.kind!r}"
     if not (math.isfinite(ex.ts) and math.isfinite(ex.decided_at)):
         return "invalid example: non-finite ts or decided_at"
+    if ex.item_words is not None and len(ex.item_words) % 4:
+        return f"invalid example: item_words of {len(ex.item_words)} bytes, not a multiple of 4"
     return None
 
 
