@@ -51,7 +51,7 @@ class EncodedBatch:
     pair: np.ndarray
     #: [n, W] user × word buckets (and plain word buckets); padding is the table's last row.
     words: np.ndarray
-    #: [n, W] float32: 1 for a real word, 0 for padding.
+    #: [n, W] float32 feature values: 1/√(the example's word lookups) for a word, 0 for padding.
     words_mask: np.ndarray
     item_count: np.ndarray
     item_sem: np.ndarray
@@ -226,12 +226,14 @@ class Featurizer:
         self._counted[rows[rows < self._counted.size]] = False
 
     def words(self, users: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """User × word buckets ``[n, W]`` of each (user row, item row) and their mask.
+        """User × word buckets ``[n, W]`` of each (user row, item row) and their feature values.
 
         The bucket mixes the user's row, its :attr:`~GrowingVocab.generation` (an id inheriting
         a freed row does not inherit its predecessor's word weights) and the word hash, in
         wrapping uint64 arithmetic (deterministic everywhere). Padding maps to the table's
-        last row (``word_buckets``) with mask 0: it adds nothing and learns nothing.
+        last row (``word_buckets``) with value 0: it adds nothing and learns nothing. A word's
+        value is 1/√n for the example's n word lookups: the optimiser gives each lookup the
+        example's curvature, so the n Newton steps move the logit by one (docs/design.md).
         """
         n, w = len(users), self.word_columns
         if not w:

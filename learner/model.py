@@ -108,7 +108,7 @@ class ModelInputs(NamedTuple):
     user_sem: torch.Tensor
     user_sem_mask: torch.Tensor
     words: torch.Tensor  # int64 [B, W], hashed (user row, item word); padding = the last bucket
-    words_mask: torch.Tensor  # float32 [B, W], 0 on padding
+    words_mask: torch.Tensor  # float32 [B, W], each word's feature value (1/√W'), 0 on padding
 
 
 class ModelOutputs(NamedTuple):
