@@ -123,6 +123,11 @@ CONFIG_FLAGS: dict[str, tuple[str, type, str]] = {
         "policy defer: real negatives trained on — score (by the model's click probability) | all | a share 0-1",
     ),
     "--threads": ("learner.threads", int, "torch threads of the learner"),
+    "--word-buckets": (
+        "learner.word_buckets",
+        int,
+        "user × item-word weights from item texts, hashed into N buckets (0 = off, the default; e.g. 1048576)",
+    ),
     "--nice": (
         "learner.nice",
         int,
@@ -742,6 +747,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--device",
             "--threads",
             "--nice",
+            "--word-buckets",
             "--snapshot-every-s",
             "--snapshot-every-examples",
             "--delta-every-s",
