@@ -369,6 +369,7 @@ def test_client_lookup_latency(cfg: Config) -> None:
 
 @pytest.mark.integration
 def test_refresher_end_to_end_then_restart_without_recompute(cfg: Config, teacher: Teacher) -> None:
+    cfg.learner.word_buckets = 1 << 12  # the learner uses item words: the refresher sends them
     catalogue = _catalogue(48)
     records = [(e.item_id.encode(), encode_event(e)) for e in catalogue]
     records += [
