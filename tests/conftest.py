@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from livectr.core import bus
 from livectr.core.broker import EmbeddedBroker
 from livectr.core.config import Config
 from livectr.learner.scorer import Scorer
@@ -45,6 +46,19 @@ def kafka_config(broker: EmbeddedBroker, tmp_path: Path) -> Config:
     # Most broker tests check exact labels, one example per impression: the wait policy's.
     cfg.join.policy = "wait"
     return cfg
+
+
+@pytest.fixture
+def updates_config(kafka_config: Config) -> Config:
+    """A small CPU model on the real broker, topics created; full snapshots span several
+    messages of the model-updates topic (the delta and rollback tests)."""
+    c = kafka_config
+    c.learner.device = "cpu"
+    c.learner.context_buckets = 1 << 12
+    c.learner.pair_buckets = 1 << 12
+    c.learner.update_chunk_bytes = 64 * 1024
+    bus.ensure_topics(c)
+    return c
 
 
 @pytest.fixture

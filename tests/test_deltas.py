@@ -28,14 +28,8 @@ from livectr.learner.updates import UpdateFollower, UpdateHeader, UpdatePublishe
 
 
 @pytest.fixture
-def cfg(kafka_config: Config) -> Config:
-    c = kafka_config
-    c.learner.device = "cpu"
-    c.learner.context_buckets = 1 << 12
-    c.learner.pair_buckets = 1 << 12
-    c.learner.update_chunk_bytes = 64 * 1024  # a full snapshot spans several messages
-    bus.ensure_topics(c)
-    return c
+def cfg(updates_config: Config) -> Config:
+    return updates_config
 
 
 def kafka_only(cfg: Config, tmp_path: Path) -> Config:

@@ -15,7 +15,6 @@ from test_learner_loop import produce
 from toyworld import ToyWorld
 
 from livectr import cli
-from livectr.core import bus
 from livectr.core.config import Config
 from livectr.learner import snapshot as snap
 from livectr.learner.loop import run_learner
@@ -28,14 +27,8 @@ WITHIN_S = 5.0
 
 
 @pytest.fixture
-def cfg(kafka_config: Config) -> Config:
-    c = kafka_config
-    c.learner.device = "cpu"
-    c.learner.context_buckets = 1 << 12
-    c.learner.pair_buckets = 1 << 12
-    c.learner.update_chunk_bytes = 64 * 1024
-    bus.ensure_topics(c)
-    return c
+def cfg(updates_config: Config) -> Config:
+    return updates_config
 
 
 def kafka_flags(cfg: Config) -> list[str]:
