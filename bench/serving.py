@@ -18,6 +18,8 @@ Policies: ``wait`` (label at the click or when the window closes), ``delayed`` (
 copy at the click; Ktena et al. 2019), ``defer`` (the label observed after a short waiting
 window, and the true label again later; Gu et al. 2021), with livectr's default choice of real
 negatives (``learner.real_negatives``), and ``defer-all`` (the paper's: every real negative).
+``instant`` is a reference, not a policy: every label known right after its own impression (the
+impression order of the README's reference figures, on the same schedule machinery).
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ OUT = Path(__file__).resolve().parent / "out"
 #: Version of the cached examples' content: a cache of another version is rebuilt. 2: examples
 #: carry their item's words (``Example.item_words``, from the refresher through the join).
 EXAMPLE_FORMAT = 2
-POLICIES = ("wait", "delayed", "fake-negative", "defer", "defer-all", "defer-hold")
+POLICIES = ("wait", "delayed", "fake-negative", "defer", "defer-all", "defer-hold", "instant")
 #: One entry of a schedule: (event time, 0 = score / 1 = train, impression index, example to train on).
 Entry = tuple[float, int, int, Example | None]
 
@@ -134,6 +136,8 @@ def schedule(examples: list[Example], policy: str, window_s: float, wait_s: floa
         final = msgspec.structs.replace(ex, kind=KIND_FINAL)
         if policy == "wait":
             add((click if ex.label else ex.ts + window_s, 1, k, final))
+        elif policy == "instant":  # reference: every label known right after its impression
+            add((ex.ts, 1, k, final))
         elif policy == "delayed":
             add((ex.ts + window_s, 1, k, final))
         elif policy == "fake-negative":
