@@ -199,12 +199,16 @@ def livectr_serving(cfg: Config, examples: list[Example], plan: list[Entry], inl
         train.append(ex)
         if len(train) >= size:
             if pending:
-                scores[pending] = learner.predict_batch([examples[j] for j in pending])
+                scores[pending] = learner.predict_batch(
+                    [msgspec.structs.replace(examples[j], kind=KIND_SCORE_REQUEST, label=0) for j in pending]
+                )
                 pending = []
             learner.learn_batch(train)
             train = []
     if pending:
-        scores[pending] = learner.predict_batch([examples[j] for j in pending])
+        scores[pending] = learner.predict_batch(
+            [msgspec.structs.replace(examples[j], kind=KIND_SCORE_REQUEST, label=0) for j in pending]
+        )
     return scores
 
 

@@ -38,6 +38,7 @@ from safetensors.numpy import load as load_numpy
 from safetensors.numpy import save as save_numpy
 
 from livectr.core.events import KIND_SCORE_REQUEST
+from livectr.learner import item_vectors
 from livectr.learner.features import EncodedBatch
 from livectr.learner.predictor import Predictor
 from livectr.learner.vocab import UNKNOWN_ROW, ContextHasher
@@ -170,6 +171,8 @@ def build_delta(
         items = arrays["item.rows"]
         feat.words_capacity(feat.items.capacity)
         arrays["item.words"] = feat.item_words[items]
+    if feat.sem_dim:  # and their teacher vectors, which every score reads from the row
+        arrays.update(feat.item_vectors.rows(arrays["item.rows"]))
     for key, value in state.items():
         if key not in keys.values():
             arrays[f"dense.{key}"] = value.detach().cpu().contiguous().numpy()
@@ -270,6 +273,14 @@ def apply_delta(predictor: Predictor, delta: Delta) -> None:
     words = a.get("item.words")
     if words is not None and words.shape != (len(a["item.rows"]), feat.max_item_words):
         raise DeltaError(f"delta's item words do not fit ({words.shape}, {feat.max_item_words} per item)")
+    vectors = a.get(item_vectors.DATA_KEY)
+    present = a.get(item_vectors.PRESENT_KEY)
+    if vectors is not None and (
+        present is None
+        or vectors.shape != (len(a["item.rows"]), feat.sem_dim)
+        or present.shape != (len(a["item.rows"]),)
+    ):
+        raise DeltaError(f"delta's item vectors do not fit ({vectors.shape}, {feat.sem_dim} per item)")
     slots = list(delta.meta.get("context_slots", []))
     if slots != feat.context.slots:
         feat.context = ContextHasher.from_state({**feat.context.state(), "slots": slots})
@@ -280,7 +291,7 @@ def apply_delta(predictor: Predictor, delta: Delta) -> None:
                 for row, gen in zip(freed.tolist(), a[f"{name}.expired_generation"].tolist(), strict=True):
                     vocab.unbind(row, gen)
             if freed is not None and name == "item":
-                feat.clear_words(freed)
+                feat.clear_items(freed)
             rows = a[f"{name}.rows"]
             generations = a.get(f"{name}.generation")
             gens = generations.tolist() if generations is not None else [None] * len(rows)
@@ -292,6 +303,8 @@ def apply_delta(predictor: Predictor, delta: Delta) -> None:
         if words is not None and feat.word_buckets:
             feat.words_capacity(feat.items.capacity)
             feat.item_words[a["item.rows"]] = words
+        if vectors is not None and feat.sem_dim:
+            feat.item_vectors.apply_rows(a["item.rows"], a)
         tables = model.sparse_tables()
         tables["user"].grow(feat.users.capacity)
         tables["item"].grow(feat.items.capacity)

@@ -15,13 +15,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from livectr.core.events import COPY_KINDS
+from livectr.core.events import COPY_KINDS, KIND_DEFER_OBSERVED, KIND_FAKE_NEGATIVE, KIND_SCORE_REQUEST
 from livectr.core.words import WORD_DTYPE
+from livectr.learner.item_vectors import DATA_KEY, PRESENT_KEY, ItemVectors
 from livectr.learner.model import ModelInputs
 from livectr.learner.vocab import UNKNOWN_ROW, ContextHasher, GrowingVocab
 from livectr.semantic_cache.codec import dequantize_many
 
 _COPY_KINDS = np.asarray(sorted(COPY_KINDS))
+#: Kinds scored at their impression's time — what a scorer serves: their semantic inputs are
+#: what the scorer has (the item row's stored vector, no user profile), see :meth:`Featurizer.encode`.
+_SERVED_KINDS = np.asarray(sorted((KIND_SCORE_REQUEST, KIND_FAKE_NEGATIVE, KIND_DEFER_OBSERVED)))
 
 #: Odd 32-bit multipliers (Knuth's and MurmurHash3's) that spread (user, item) rows over the pair buckets.
 _PAIR_MULT_USER = 2_654_435_761
@@ -125,6 +129,8 @@ class Featurizer:
         self.word_counts = np.zeros(0, dtype=np.int64)
         if word_counts is not None and word_counts.size == WORD_COUNT_SLOTS + 1:
             self.word_counts = word_counts.astype(np.int64)
+        #: Per item row, the teacher's vector as last trained (livectr.learner.item_vectors).
+        self.item_vectors = ItemVectors(sem_dim)
 
     @classmethod
     def new(
@@ -219,8 +225,10 @@ class Featurizer:
             return words
         return np.where(counts[slots] > self.max_word_share * counts[-1], np.uint32(0), words)
 
-    def clear_words(self, rows: np.ndarray) -> None:
-        """Forget the words of item rows freed by expiry (the next id on the row brings its own)."""
+    def clear_items(self, rows: np.ndarray) -> None:
+        """Forget the words (and teacher vectors) of item rows freed by expiry (the next id on the
+        row brings its own)."""
+        self.item_vectors.clear(rows)
         rows = rows[rows < self.item_words.shape[0]]
         self.item_words[rows] = 0
         self._counted[rows[rows < self._counted.size]] = False
@@ -300,8 +308,21 @@ class Featurizer:
             self.store_words(items, records)
         words, words_mask = self.words(users, items)
         if s and labelled:
-            item_sem, item_mask = dequantize_many([r.item_sem for r in records], s)
+            assert kinds is not None
+            blobs = [r.item_sem for r in records]
+            item_sem, item_mask = dequantize_many(blobs, s)
             user_sem, user_mask = dequantize_many([r.user_sem for r in records], s)
+            served = np.isin(kinds, _SERVED_KINDS)
+            if served.any():
+                # Scored as the scorer scores them: the item row's vector as it stood before this
+                # batch, and no user profile (profiles live in the join, not in the scorer).
+                item_sem[served], item_mask[served] = self.item_vectors.lookup(items[served])
+                user_sem[served], user_mask[served] = 0.0, False
+            if grow:  # training: scoring alone changes nothing
+                self.item_vectors.store(items, blobs)
+        elif s:
+            item_sem, item_mask = self.item_vectors.lookup(items)
+            user_sem, user_mask = np.zeros((n, s), dtype=np.float32), np.zeros(n, dtype=bool)
         else:
             item_sem = user_sem = np.zeros((n, s), dtype=np.float32)
             item_mask = user_mask = np.zeros(n, dtype=bool)
@@ -388,6 +409,8 @@ class Featurizer:
             out["words.items"] = self.item_words[: self.items.capacity].copy()
         if self.word_counts.size:
             out["words.counts"] = self.word_counts.copy()
+        if self.sem_dim:
+            out.update(self.item_vectors.arrays(self.items.capacity))
         return out
 
     @classmethod
@@ -398,7 +421,7 @@ class Featurizer:
         def of(prefix: str) -> dict[str, np.ndarray]:
             return {k[len(prefix) + 1 :]: v for k, v in arrays.items() if k.startswith(f"{prefix}_")}
 
-        return cls(
+        feat = cls(
             GrowingVocab.from_state(state["users"], arrays=of("user")),
             GrowingVocab.from_state(state["items"], arrays=of("item")),
             ContextHasher.from_state(state["context"]),
@@ -411,6 +434,8 @@ class Featurizer:
             float(state.get("max_word_share", 1.0)),
             arrays.get("words.counts"),
         )
+        feat.item_vectors = ItemVectors(feat.sem_dim, arrays.get(DATA_KEY), arrays.get(PRESENT_KEY))
+        return feat
 
 
 def _left_aligned(present: np.ndarray) -> bool:

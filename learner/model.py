@@ -60,6 +60,11 @@ class ModelConfig:
     sem_dim: int = 32
     sem_hidden: int = 32
     gate_hidden: int = 16
+    #: Whether the semantic branch reads the user's click profile (the join's teacher vector of
+    #: the user) where an example carries one. Off: a scorer has no profiles, so a branch trained
+    #: on them serves from the distilled user vector it was not trained with (docs/benchmarks.md,
+    #: "What the scorer serves"). Snapshots written before the field existed load it as off.
+    user_sem_input: bool = False
     user_capacity: int = 1024
     item_capacity: int = 1024
 
@@ -77,6 +82,7 @@ class ModelConfig:
             hidden=hidden,
             sem_dim=cfg.semantic.reduced_dim if cfg.semantic.enabled else 0,
             sem_hidden=lc.sem_hidden,
+            user_sem_input=lc.user_profile_input,
             user_capacity=user_capacity,
             item_capacity=item_capacity,
         )
@@ -161,6 +167,7 @@ class SemanticPart(nn.Module):
         d, s = mc.embedding_dim, mc.sem_dim
         self.item_head = mlp([d, 2 * d, s])
         self.user_head = mlp([d, 2 * d, s])
+        self.user_sem_input = mc.user_sem_input
         self.branch = mlp([4 * s, mc.sem_hidden, 1])
         # The user's taste in the teacher's space, learned from the user's id embedding: the
         # bilinear term uᵀA·item_vec is what lets a user's clicks on some texts reach items the
@@ -186,6 +193,8 @@ class SemanticPart(nn.Module):
             u, i = u[rows], i[rows]
             item_sem, item_mask, user_sem, user_mask = item_sem[rows], item_mask[rows], user_sem[rows], user_mask[rows]
         item_hat, user_hat = self.item_head(i), self.user_head(u)
+        if not self.user_sem_input:
+            user_mask = torch.zeros_like(user_mask)
         iv = torch.where(item_mask.unsqueeze(1), item_sem, F.normalize(item_hat, dim=1))
         uv = torch.where(user_mask.unsqueeze(1), user_sem, F.normalize(user_hat, dim=1))
         taste = self.taste(u) * iv

@@ -519,7 +519,7 @@ class OnlineLearner(Predictor):
             if name == "user" and self.experts is not None:
                 self.experts.reset_rows(rows)
             if name == "item":
-                self.featurizer.clear_words(rows)
+                self.featurizer.clear_items(rows)
             if name == "item" and self.cold_start is not None:
                 self.cold_start.forget(rows, ids)
             freed += int(rows.size)

@@ -257,6 +257,10 @@ class LearnerConfig:
     max_word_share: float = 0.5
     #: Weight of the item-level distillation loss beside the CTR loss (docs/design.md, "Semantics").
     distill_weight: float = 2.0
+    #: The semantic branch reads the user's click profile where an example carries one. Off by
+    #: default: a scorer has no profiles (they live in the join), and a branch trained on them
+    #: served worse than one never given them (docs/benchmarks.md, "What the scorer serves").
+    user_profile_input: bool = False
     #: Weight of the user-level distillation loss, relative to the item level's. 0: a click
     #: profile moves with every click, and a head tied to it lost AUC (docs/design.md).
     user_distill_weight: float = 0.0
