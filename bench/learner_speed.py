@@ -1,6 +1,7 @@
 """Learner throughput: decode → tensorise → forward/backward/step, without Kafka.
 
-``python bench/learner_speed.py [--examples N] [--batch-size B] [--semantics on|off]`` encodes a
+``python bench/learner_speed.py [--examples N] [--batch-size B] [--semantics on|off]
+[--word-buckets N]`` encodes a
 synthetic stream as ``ExampleBatch`` records (as the join writes them) and times the learner
 consuming them, reporting wall-clock and process-CPU examples/s (CPU time is the fairer figure
 on a shared machine).
@@ -19,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from toyworld import ToyWorld  # noqa: E402
 
-from livectr.core.config import Config
+from livectr.core.config import Config, from_env
 from livectr.core.events import ExampleBatch, decode_example, encode_example
 from livectr.learner.online import OnlineLearner
 
@@ -66,9 +67,14 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=80_000)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--semantics", choices=["on", "off"], default="on")
+    parser.add_argument(
+        "--word-buckets", type=int, default=None, help="learner.word_buckets (default: the config's, env included)"
+    )
     parser.add_argument("--no-baseline", action="store_true", help="skip the same-run run without word weights")
     args = parser.parse_args()
-    cfg = Config()
+    cfg = from_env()
+    if args.word_buckets is not None:
+        cfg.learner.word_buckets = args.word_buckets
     cfg.semantic.enabled = args.semantics == "on"
     if args.batch_size:
         cfg.learner.batch_size = args.batch_size

@@ -214,7 +214,7 @@ class StudentCTR(nn.Module):
         # A first-order weight per hashed (user, item word) (VW's -q ut): a user's clicks on items
         # with a word reach every item with that word, new items included, from the first click.
         # One extra row takes the padding lookups (masked to 0: it never moves).
-        self.word_w = SparseTable(mc.word_buckets + 1, 0) if mc.word_buckets else None
+        self.word_w = SparseTable(mc.word_buckets + 1, 0, padding_row=mc.word_buckets) if mc.word_buckets else None
         self.cross = CrossNetV2(mc.input_dim, mc.cross_layers)
         self.deep = mlp([mc.input_dim, *mc.hidden])
         self.deep.append(nn.ReLU())
