@@ -181,17 +181,17 @@ class Featurizer:
         """
         if not self.word_buckets:
             return
-        datas = [getattr(r, "item_words", None) for r in records]
-        at = [k for k, d in enumerate(datas) if d and not len(d) % 4 and items[k] != UNKNOWN_ROW]
-        if not at:
+        datas = [getattr(r, "item_words", None) or b"" for r in records]
+        sizes = np.fromiter(map(len, datas), dtype=np.int64, count=len(datas))
+        at = np.flatnonzero((sizes > 0) & (sizes % 4 == 0) & (items != UNKNOWN_ROW))
+        if not at.size:
             return
         k = self.max_item_words
         # The last record of each row wins (its item's newest words).
-        rows_all = items[at]
-        rev_rows, rev_first = np.unique(rows_all[::-1], return_index=True)
-        last = np.asarray(at)[len(at) - 1 - rev_first]
+        rev_rows, rev_first = np.unique(items[at][::-1], return_index=True)
+        last = at[at.size - 1 - rev_first]
         chunks = [datas[j] for j in last.tolist()]
-        lengths = np.fromiter((len(c) // 4 for c in chunks), dtype=np.int64, count=len(chunks))
+        lengths = sizes[last] // 4
         flat = np.frombuffer(b"".join(chunks), dtype=WORD_DTYPE)
         owner = np.repeat(np.arange(len(chunks)), lengths)
         position = np.arange(flat.size) - np.repeat(np.cumsum(lengths) - lengths, lengths)
@@ -256,10 +256,14 @@ class Featurizer:
             user_key = user_key + gen.astype(np.uint64) * _WORD_MULT_GEN
         keys = [user_key[:, None] ^ hashes]
         if self.plain_words:
-            keys.append(np.broadcast_to(_PLAIN_WORD_KEY, (n, 1)) ^ hashes)
+            keys.append(hashes ^ _PLAIN_WORD_KEY)
         h = np.concatenate(keys, axis=1) * _WORD_MULT_MIX
         h ^= h >> np.uint64(31)
-        buckets = (h % np.uint64(self.word_buckets)).astype(np.int64)
+        if self.word_buckets & (self.word_buckets - 1):
+            h %= np.uint64(self.word_buckets)
+        else:  # a power of two (the default): the same buckets without a 64-bit division
+            h &= np.uint64(self.word_buckets - 1)
+        buckets = h.astype(np.int64)
         mask = np.concatenate([present] * len(keys), axis=1)
         buckets[~mask] = self.word_buckets
         value = mask.astype(np.float32)

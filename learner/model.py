@@ -242,7 +242,7 @@ class StudentCTR(nn.Module):
         if self.pair_w is not None:
             wide = wide + self.pair_w(inp.pair)[:, 0]
         if self.word_w is not None and inp.words.shape[1]:
-            wide = wide + (self.word_w(inp.words)[..., 0] * inp.words_mask).sum(dim=1)
+            wide = wide + self.word_w.weighted_sum(inp.words, inp.words_mask)
         x0 = torch.cat([u, i, c], dim=1)
         logit = self.out(torch.cat([self.cross(x0), self.deep(x0)], dim=1)).squeeze(1) + _fm(x0, d) + wide
         if self.semantic is None:

@@ -54,7 +54,7 @@ class SparseTable(nn.Module):
 
     The weight is a parameter without autograd (so it lives in ``state_dict`` and moves with
     ``.to()``); in training, each lookup's output becomes a leaf that collects the per-example
-    gradient, and is handed to the optimiser by :meth:`take_lookups`.
+    gradient, and is handed to the optimiser by :meth:`take_gradients`.
     """
 
     def __init__(self, rows: int, dim: int, padding_row: int | None = None) -> None:
@@ -65,6 +65,7 @@ class SparseTable(nn.Module):
         self.padding_row = padding_row
         self.weight = nn.Parameter(fresh_rows(rows, dim), requires_grad=False)
         self._lookups: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._sums: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     @property
     def num_embeddings(self) -> int:
@@ -77,10 +78,33 @@ class SparseTable(nn.Module):
             self._lookups.append((idx, out))
         return out
 
-    def take_lookups(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The training lookups since the last call (indices and their gradient-carrying outputs)."""
+    def weighted_sum(self, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """``Σ_w values[:, w] · weight[idx[:, w]]`` per row of ``idx`` (``[B, W]``), for a table of
+        first-order weights only (``dim`` 0).
+
+        The same as summing :meth:`forward`'s lookups times ``values``, but autograd sees one
+        ``[B]`` leaf instead of ``B × W`` lookups: each lookup's gradient is the sum's gradient
+        times its value, which :meth:`take_gradients` hands out (exactly what autograd computes).
+        """
+        flat = self.weight.view(-1).index_select(0, idx.reshape(-1)).view(values.shape)
+        out = (flat * values).sum(dim=1)
+        if self.training and torch.is_grad_enabled():
+            out.requires_grad_(True)
+            self._sums.append((idx, values, out))
+        return out
+
+    def take_gradients(self) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]:
+        """The training lookups since the last call that got a gradient, as (indices, values,
+        gradient): a :meth:`forward` lookup has values ``None`` and its output's gradient (one per
+        lookup); a :meth:`weighted_sum` has its values and its sum's gradient (one per row of
+        indices: lookup ``[b, w]``'s gradient is ``grad[b] · values[b, w]``)."""
         lookups, self._lookups = self._lookups, []
-        return lookups
+        sums, self._sums = self._sums, []
+        used: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = [
+            (idx, None, out.grad) for idx, out in lookups if out.grad is not None
+        ]
+        used += [(idx, values, out.grad) for idx, values, out in sums if out.grad is not None]
+        return used
 
     @torch.no_grad()
     def reset_rows(self, rows: torch.Tensor) -> None:
@@ -132,7 +156,8 @@ class RowOptimizer:
         cached = self._groups.get(name)
         if cached is not None and cached[0] is idx:
             return cached[1]
-        groups = group_lookups(idx, self.tables[name].padding_row)
+        table = self.tables[name]
+        groups = group_lookups(idx, table.padding_row, table.num_embeddings)
         self._groups[name] = (idx, groups)
         return groups
 
@@ -159,7 +184,7 @@ class RowOptimizer:
         per-example losses (the batch size, for a mean loss): the accumulators are in those units.
         """
         for name, table in self.tables.items():
-            used = [(i, out.grad) for i, out in table.take_lookups() if out.grad is not None]
+            used = table.take_gradients()
             if not used:
                 self._groups.pop(name, None)
                 continue
@@ -168,10 +193,10 @@ class RowOptimizer:
             if d == 0:
                 self._step_first_order(name, used, curvature, loss_scale)
                 continue
-            idx = torch.cat([i.reshape(-1) for i, _ in used])
-            grads = torch.cat([g.reshape(-1, d + 1) for _, g in used]) * loss_scale
+            idx = torch.cat([i.reshape(-1) for i, _, _ in used])
+            grads = torch.cat([g.reshape(-1, d + 1) for _, _, g in used]) * loss_scale
             # The wide column accumulates curvature, the embedding columns squared gradients.
-            h = torch.cat([curvature.view(-1, *([1] * (i.dim() - 1))).expand_as(i).reshape(-1) for i, _ in used])
+            h = torch.cat([curvature.view(-1, *([1] * (i.dim() - 1))).expand_as(i).reshape(-1) for i, _, _ in used])
             second = grads * grads
             second[:, d] = h
             rows, inverse = torch.unique(idx, return_inverse=True)
@@ -191,7 +216,7 @@ class RowOptimizer:
     def _step_first_order(
         self,
         name: str,
-        used: list[tuple[torch.Tensor, torch.Tensor]],
+        used: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]],
         curvature: torch.Tensor,
         loss_scale: float,
     ) -> None:
@@ -200,15 +225,23 @@ class RowOptimizer:
         out), without the embedding columns' ``[N, d + 1]`` work."""
         table, acc = self.tables[name], self.accum[name]
         if len(used) == 1:
-            groups = self.groups(name, used[0][0])
+            idx, values, grad = used[0]
+            groups = self.groups(name, idx)
+            example = groups.example
+            if values is None:
+                g = grad.reshape(-1).index_select(0, groups.order) * loss_scale
+            else:
+                g = grad.index_select(0, example) * values.reshape(-1).index_select(0, groups.order) * loss_scale
+            h = curvature.index_select(0, example)
         else:
-            groups = group_lookups(torch.cat([i.reshape(-1) for i, _ in used]), table.padding_row)
+            groups = group_lookups(torch.cat([i.reshape(-1) for i, _, _ in used]), table.padding_row)
+            per_lookup = [g.reshape(-1) if v is None else (g.unsqueeze(1) * v).reshape(-1) for _, v, g in used]
+            g = torch.cat(per_lookup)[groups.order] * loss_scale
+            h = torch.cat([curvature.view(-1, *([1] * (i.dim() - 1))).expand_as(i).reshape(-1) for i, _, _ in used])
+            h = h[groups.order]
         self._groups.pop(name, None)
         if not groups.order.numel():
             return
-        g = torch.cat([g.reshape(-1) for _, g in used]) * loss_scale
-        h = torch.cat([curvature.view(-1, *([1] * (i.dim() - 1))).expand_as(i).reshape(-1) for i, _ in used])
-        g, h = g[groups.order], h[groups.order]
         rows = groups.unique
         total = torch.zeros(rows.numel(), dtype=g.dtype, device=g.device).index_add_(0, groups.segment, g)
         precision = acc[:, 0].index_select(0, rows).index_add_(0, groups.segment, h)
@@ -268,21 +301,20 @@ class RowOptimizer:
             flat_h = torch.where(values != 0, curvature.unsqueeze(1).expand_as(values), torch.zeros_like(values))
             step = self.in_batch_wide_shift(name, rows.reshape(-1), flat_g, flat_h.reshape(-1))
             return (step.view(-1, width) * values).sum(dim=1)
-        # First-order table: the lookups grouped once (padding left out), the sort kept for the step.
+        # First-order table: the lookups grouped once (padding left out), the sort kept for the
+        # step; index_select rather than indexing with a tensor (several times faster on CPU).
         groups = self.groups(name, rows)
         flat_values = values.reshape(-1)
-        v = flat_values[groups.order]
-        example = groups.order // width
-        g = grad[example] * v
-        h = torch.where(v != 0, curvature[example], torch.zeros_like(v))
-        r = groups.rows
+        v = flat_values.index_select(0, groups.order)
+        g = grad.index_select(0, groups.example) * v
+        h = curvature.index_select(0, groups.example) * (v != 0)
         before_g = _segment_cumsum(g, groups.start) - g
         before_h = _segment_cumsum(h, groups.start) - h
-        shift = -self.wide_lr * before_g / (self._sync_rows(name)[:, 0][r] + before_h)
+        precision = self._sync_rows(name)[:, 0].index_select(0, groups.rows)
+        shift = -self.wide_lr * before_g / (precision + before_h)
         if self.wide_max_step > 0:
             shift.clamp_(-self.wide_max_step, self.wide_max_step)
-        step = torch.zeros_like(flat_values)
-        step[groups.order] = shift
+        step = torch.zeros_like(flat_values).index_copy_(0, groups.order, shift)
         return (step.view(-1, width) * values).sum(dim=1)
 
     @torch.no_grad()
@@ -306,18 +338,21 @@ class RowOptimizer:
 class LookupGroups(NamedTuple):
     """A table's lookups (flattened) grouped by row, padding left out: ``order`` lists the
     positions of the other lookups sorted by (row, position) — a stable sort — and ``rows`` their
-    rows in that order; ``unique`` is each group's row, ``segment`` each sorted lookup's group and
-    ``start`` the sorted position where its group starts."""
+    rows in that order; ``example`` is each sorted lookup's index along the lookups' first
+    dimension, ``unique`` each group's row, ``segment`` each sorted lookup's group and ``start``
+    the sorted position where its group starts."""
 
     order: torch.Tensor
     rows: torch.Tensor
+    example: torch.Tensor
     unique: torch.Tensor
     segment: torch.Tensor
     start: torch.Tensor
 
 
-def group_lookups(idx: torch.Tensor, padding_row: int | None = None) -> LookupGroups:
-    """Group ``idx``'s lookups by row (see :class:`LookupGroups`), leaving ``padding_row`` out.
+def group_lookups(idx: torch.Tensor, padding_row: int | None = None, bound: int | None = None) -> LookupGroups:
+    """Group ``idx``'s lookups by row (see :class:`LookupGroups`), leaving ``padding_row`` out;
+    ``bound``, if known, is above every row (the table's size).
 
     Why numpy: a batch's word lookups are ~10,000 and sorted every batch; numpy sorts int64
     keys with SIMD (about 10 × faster than ``torch.argsort`` here). Each key packs (row,
@@ -325,10 +360,13 @@ def group_lookups(idx: torch.Tensor, padding_row: int | None = None) -> LookupGr
     """
     flat = idx.detach().reshape(-1).cpu().numpy()
     n = flat.size
+    per_example = n // idx.shape[0] if idx.dim() and idx.shape[0] else 1
     positions = np.flatnonzero(flat != padding_row) if padding_row is not None else np.arange(n, dtype=np.int64)
     rows = flat[positions]
     bits = max(int(n).bit_length(), 1)
-    if rows.size and int(rows.min()) >= 0 and int(rows.max()) < 1 << (62 - bits):
+    if bound is None and rows.size:
+        bound = int(rows.max()) + 1 if int(rows.min()) >= 0 else None
+    if bound is not None and bound <= 1 << (62 - bits):
         keys = np.sort((rows << bits) | positions)
         order, rows = keys & ((1 << bits) - 1), keys >> bits
     else:
@@ -339,14 +377,15 @@ def group_lookups(idx: torch.Tensor, padding_row: int | None = None) -> LookupGr
     first[1:] = rows[1:] != rows[:-1]
     segment = np.cumsum(first) - 1
     starts = np.flatnonzero(first)
+    example = order // per_example if per_example > 1 else order
 
     def t(a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(idx.device)
+        return torch.from_numpy(a).to(idx.device)
 
-    return LookupGroups(t(order), t(rows), t(rows[first]), t(segment), t(starts[segment]))
+    return LookupGroups(t(order), t(rows), t(example), t(rows[first]), t(segment), t(starts[segment]))
 
 
 def _segment_cumsum(x: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
     """Inclusive cumulative sum restarting at each segment; ``start[k]`` = first index of k's segment."""
     total = torch.cumsum(x, 0)
-    return total - (total - x)[start]
+    return total - (total - x).index_select(0, start)
