@@ -181,7 +181,10 @@ class Featurizer:
         """
         if not self.word_buckets:
             return
-        datas = [getattr(r, "item_words", None) or b"" for r in records]
+        try:
+            datas = [r.item_words or b"" for r in records]
+        except AttributeError:  # records of another type
+            datas = [getattr(r, "item_words", None) or b"" for r in records]
         sizes = np.fromiter(map(len, datas), dtype=np.int64, count=len(datas))
         at = np.flatnonzero((sizes > 0) & (sizes % 4 == 0) & (items != UNKNOWN_ROW))
         if not at.size:
@@ -190,7 +193,7 @@ class Featurizer:
         # The last record of each row wins (its item's newest words).
         rev_rows, rev_first = np.unique(items[at][::-1], return_index=True)
         last = at[at.size - 1 - rev_first]
-        chunks = [datas[j] for j in last.tolist()]
+        chunks = list(map(datas.__getitem__, last.tolist()))
         lengths = sizes[last] // 4
         flat = np.frombuffer(b"".join(chunks), dtype=WORD_DTYPE)
         owner = np.repeat(np.arange(len(chunks)), lengths)
@@ -208,7 +211,7 @@ class Featurizer:
         if not self.word_counts.size:
             self.word_counts = np.zeros(WORD_COUNT_SLOTS + 1, dtype=np.int64)
         counts = self.word_counts
-        slots = (words % WORD_COUNT_SLOTS).astype(np.int64)
+        slots = (words & np.uint32(WORD_COUNT_SLOTS - 1)).astype(np.intp)  # words % the slots (a power of two)
         new = ~self._counted[rows]
         if new.any():
             self._counted[rows[new]] = True
@@ -243,7 +246,8 @@ class Featurizer:
         present = hashes != 0
         # Only as many columns as the batch's wordiest item needs (words first in each row):
         # every lookup, padding included, costs in the optimiser and the in-batch replay.
-        width = int(present.sum(axis=1).max()) if n else 0
+        n_words = present.sum(axis=1)
+        width = int(n_words.max()) if n else 0
         if width < hashes.shape[1]:
             if not _left_aligned(present):  # words left out by max_word_share leave gaps
                 hashes = np.take_along_axis(hashes, np.argsort(~present, axis=1, kind="stable"), axis=1)
@@ -267,7 +271,7 @@ class Featurizer:
         mask = np.concatenate([present] * len(keys), axis=1)
         buckets[~mask] = self.word_buckets
         value = mask.astype(np.float32)
-        count = value.sum(axis=1, keepdims=True)
+        count = (n_words * len(keys)).astype(np.float32)[:, None]  # the lookups per example
         value /= np.sqrt(np.maximum(count, 1.0))
         return buckets, value
 
