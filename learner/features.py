@@ -191,8 +191,7 @@ class Featurizer:
             return
         k = self.max_item_words
         # The last record of each row wins (its item's newest words).
-        rev_rows, rev_first = np.unique(items[at][::-1], return_index=True)
-        last = at[at.size - 1 - rev_first]
+        rev_rows, last = _last_of_each(items[at], at)
         chunks = list(map(datas.__getitem__, last.tolist()))
         lengths = sizes[last] // 4
         flat = np.frombuffer(b"".join(chunks), dtype=WORD_DTYPE)
@@ -419,6 +418,19 @@ class Featurizer:
             float(state.get("max_word_share", 1.0)),
             arrays.get("words.counts"),
         )
+
+
+def _last_of_each(rows: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct ``rows`` (sorted) and, for each, the ``positions`` entry of its last
+    occurrence: ``np.unique(rows[::-1], return_index=True)`` in one sort of packed
+    (row, index) keys (rows are non-negative and far below 2**40)."""
+    bits = max(int(rows.size).bit_length(), 1)
+    keys = np.sort((rows.astype(np.int64) << bits) | np.arange(rows.size))
+    sorted_rows = keys >> bits
+    last = np.empty(rows.size, dtype=bool)
+    last[-1:] = True
+    last[:-1] = sorted_rows[1:] != sorted_rows[:-1]
+    return sorted_rows[last], positions[keys[last] & ((1 << bits) - 1)]
 
 
 def _left_aligned(present: np.ndarray) -> bool:
