@@ -190,7 +190,10 @@ class RowOptimizer:
                 continue
             acc = self._sync_rows(name)
             d = table.dim
-            if d == 0:
+            if d == 0 and any(values is not None for _, values, _ in used):
+                # Looked up several times per example (the word weights): the grouped fast path.
+                # A table looked up once per example (pair weights, ~500 lookups) is faster
+                # through ``torch.unique`` than through numpy's overheads.
                 self._step_first_order(name, used, curvature, loss_scale)
                 continue
             idx = torch.cat([i.reshape(-1) for i, _, _ in used])
