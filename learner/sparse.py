@@ -310,7 +310,9 @@ class RowOptimizer:
         flat_values = values.reshape(-1)
         v = flat_values.index_select(0, groups.order)
         g = grad.index_select(0, groups.example) * v
-        h = curvature.index_select(0, groups.example)  # no padding here: every value is > 0
+        h = curvature.index_select(0, groups.example)
+        if self.tables[name].padding_row is None:  # (with one, the lookups of value 0 are left out)
+            h = h * (v != 0)
         before_g = _segment_cumsum(g, groups.start) - g
         before_h = _segment_cumsum(h, groups.start) - h
         precision = self._sync_rows(name)[:, 0].index_select(0, groups.rows)
@@ -361,7 +363,7 @@ def group_lookups(idx: torch.Tensor, padding_row: int | None = None, bound: int 
     keys with SIMD (about 10 × faster than ``torch.argsort`` here). Each key packs (row,
     position), so an unstable sort of the keys is the stable sort of the rows.
     """
-    flat = idx.detach().reshape(-1).cpu().numpy()
+    flat = idx.detach().reshape(-1).cpu().numpy().astype(np.int64, copy=False)
     n = flat.size
     per_example = n // idx.shape[0] if idx.dim() and idx.shape[0] else 1
     positions = np.flatnonzero(flat != padding_row) if padding_row is not None else np.arange(n, dtype=np.int64)
