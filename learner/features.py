@@ -187,17 +187,19 @@ class Featurizer:
         """
         if not self.word_buckets:
             return
-        datas = [getattr(r, "item_words", None) for r in records]
-        at = [k for k, d in enumerate(datas) if d and not len(d) % 4 and items[k] != UNKNOWN_ROW]
-        if not at:
+        try:
+            datas = [r.item_words or b"" for r in records]
+        except AttributeError:  # records of another type
+            datas = [getattr(r, "item_words", None) or b"" for r in records]
+        sizes = np.fromiter(map(len, datas), dtype=np.int64, count=len(datas))
+        at = np.flatnonzero((sizes > 0) & (sizes % 4 == 0) & (items != UNKNOWN_ROW))
+        if not at.size:
             return
         k = self.max_item_words
         # The last record of each row wins (its item's newest words).
-        rows_all = items[at]
-        rev_rows, rev_first = np.unique(rows_all[::-1], return_index=True)
-        last = np.asarray(at)[len(at) - 1 - rev_first]
-        chunks = [datas[j] for j in last.tolist()]
-        lengths = np.fromiter((len(c) // 4 for c in chunks), dtype=np.int64, count=len(chunks))
+        rev_rows, last = _last_of_each(items[at], at)
+        chunks = list(map(datas.__getitem__, last.tolist()))
+        lengths = sizes[last] // 4
         flat = np.frombuffer(b"".join(chunks), dtype=WORD_DTYPE)
         owner = np.repeat(np.arange(len(chunks)), lengths)
         position = np.arange(flat.size) - np.repeat(np.cumsum(lengths) - lengths, lengths)
@@ -214,7 +216,7 @@ class Featurizer:
         if not self.word_counts.size:
             self.word_counts = np.zeros(WORD_COUNT_SLOTS + 1, dtype=np.int64)
         counts = self.word_counts
-        slots = (words % WORD_COUNT_SLOTS).astype(np.int64)
+        slots = (words & np.uint32(WORD_COUNT_SLOTS - 1)).astype(np.intp)  # words % the slots (a power of two)
         new = ~self._counted[rows]
         if new.any():
             self._counted[rows[new]] = True
@@ -251,7 +253,8 @@ class Featurizer:
         present = hashes != 0
         # Only as many columns as the batch's wordiest item needs (words first in each row):
         # every lookup, padding included, costs in the optimiser and the in-batch replay.
-        width = int(present.sum(axis=1).max()) if n else 0
+        n_words = present.sum(axis=1)
+        width = int(n_words.max()) if n else 0
         if width < hashes.shape[1]:
             if not _left_aligned(present):  # words left out by max_word_share leave gaps
                 hashes = np.take_along_axis(hashes, np.argsort(~present, axis=1, kind="stable"), axis=1)
@@ -264,14 +267,18 @@ class Featurizer:
             user_key = user_key + gen.astype(np.uint64) * _WORD_MULT_GEN
         keys = [user_key[:, None] ^ hashes]
         if self.plain_words:
-            keys.append(np.broadcast_to(_PLAIN_WORD_KEY, (n, 1)) ^ hashes)
+            keys.append(hashes ^ _PLAIN_WORD_KEY)
         h = np.concatenate(keys, axis=1) * _WORD_MULT_MIX
         h ^= h >> np.uint64(31)
-        buckets = (h % np.uint64(self.word_buckets)).astype(np.int64)
+        if self.word_buckets & (self.word_buckets - 1):
+            h %= np.uint64(self.word_buckets)
+        else:  # a power of two (the default): the same buckets without a 64-bit division
+            h &= np.uint64(self.word_buckets - 1)
+        buckets = h.astype(np.int64)
         mask = np.concatenate([present] * len(keys), axis=1)
         buckets[~mask] = self.word_buckets
         value = mask.astype(np.float32)
-        count = value.sum(axis=1, keepdims=True)
+        count = (n_words * len(keys)).astype(np.float32)[:, None]  # the lookups per example
         value /= np.sqrt(np.maximum(count, 1.0))
         return buckets, value
 
@@ -436,6 +443,19 @@ class Featurizer:
         )
         feat.item_vectors = ItemVectors(feat.sem_dim, arrays.get(DATA_KEY), arrays.get(PRESENT_KEY))
         return feat
+
+
+def _last_of_each(rows: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct ``rows`` (sorted) and, for each, the ``positions`` entry of its last
+    occurrence: ``np.unique(rows[::-1], return_index=True)`` in one sort of packed
+    (row, index) keys (rows are non-negative and far below 2**40)."""
+    bits = max(int(rows.size).bit_length(), 1)
+    keys = np.sort((rows.astype(np.int64) << bits) | np.arange(rows.size))
+    sorted_rows = keys >> bits
+    last = np.empty(rows.size, dtype=bool)
+    last[-1:] = True
+    last[:-1] = sorted_rows[1:] != sorted_rows[:-1]
+    return sorted_rows[last], positions[keys[last] & ((1 << bits) - 1)]
 
 
 def _left_aligned(present: np.ndarray) -> bool:

@@ -223,7 +223,7 @@ class StudentCTR(nn.Module):
         # A first-order weight per hashed (user, item word) (VW's -q ut): a user's clicks on items
         # with a word reach every item with that word, new items included, from the first click.
         # One extra row takes the padding lookups (masked to 0: it never moves).
-        self.word_w = SparseTable(mc.word_buckets + 1, 0) if mc.word_buckets else None
+        self.word_w = SparseTable(mc.word_buckets + 1, 0, padding_row=mc.word_buckets) if mc.word_buckets else None
         self.cross = CrossNetV2(mc.input_dim, mc.cross_layers)
         self.deep = mlp([mc.input_dim, *mc.hidden])
         self.deep.append(nn.ReLU())
@@ -251,7 +251,7 @@ class StudentCTR(nn.Module):
         if self.pair_w is not None:
             wide = wide + self.pair_w(inp.pair)[:, 0]
         if self.word_w is not None and inp.words.shape[1]:
-            wide = wide + (self.word_w(inp.words)[..., 0] * inp.words_mask).sum(dim=1)
+            wide = wide + self.word_w.weighted_sum(inp.words, inp.words_mask)
         x0 = torch.cat([u, i, c], dim=1)
         logit = self.out(torch.cat([self.cross(x0), self.deep(x0)], dim=1)).squeeze(1) + _fm(x0, d) + wide
         if self.semantic is None:
