@@ -104,7 +104,7 @@ def load_examples(name: str, events: int, workdir: Path) -> tuple[list[Example],
     shutil.rmtree(data_dir, ignore_errors=True)
     with EmbeddedBroker() as broker:
         cfg = base_config(broker, f"serving-{name}.", data_dir)
-        cfg.learner.word_buckets = 1 << 20  # examples carry item words: `--set learner.word_buckets=…` can use them
+        cfg.learner.word_buckets = 1 << 20  # examples carry item words (whatever the run's --set says)
         cfg.simulator.events = events
         source = open_source(cfg, log=log, items=items)
         source_events = list(source.events)

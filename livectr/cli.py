@@ -126,7 +126,7 @@ CONFIG_FLAGS: dict[str, tuple[str, type, str]] = {
     "--word-buckets": (
         "learner.word_buckets",
         int,
-        "user × item-word weights from item texts, hashed into N buckets (0 = off, the default; e.g. 1048576)",
+        "user × item-word weights from item texts, hashed into N buckets (default 1048576; 0 = off)",
     ),
     "--nice": (
         "learner.nice",
