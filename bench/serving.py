@@ -299,7 +299,8 @@ def evaluate(
 ) -> dict[str, Any]:
     y = np.asarray([ex.label for ex in examples], dtype=np.float64)
     cold = cold_mask(examples)
-    plain = [msgspec.structs.replace(ex, item_sem=None, user_sem=None) for ex in examples]
+    # Semantics off as `--semantics off` runs: no refresher, so neither teacher vectors nor item words.
+    plain = [msgspec.structs.replace(ex, item_sem=None, user_sem=None, item_words=None) for ex in examples]
     res: dict[str, Any] = {"examples": len(examples), "positives": int(y.sum())}
     if oracle is not None:
         res["oracle"] = figures(y, oracle, cold)
