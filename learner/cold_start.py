@@ -12,7 +12,6 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from livectr.core.events import Example
 from livectr.learner.features import EncodedBatch, Featurizer
 from livectr.semantic_cache.index import ItemIndex
 
@@ -33,26 +32,24 @@ class ColdStart:
         return len(self.index)
 
     @torch.no_grad()
-    def initialise(
-        self, featurizer: Featurizer, weight: torch.Tensor, batch: EncodedBatch, examples: Sequence[Example]
-    ) -> int:
+    def initialise(self, featurizer: Featurizer, weight: torch.Tensor, batch: EncodedBatch) -> int:
         """Initialise ``batch``'s new item rows of ``weight``; returns how many were.
 
-        Uses the teacher vector carried by the item's first example in the batch; neighbours
-        need ``min_count`` impressions (a barely trained row is noise).
+        Uses the teacher vector the item's row holds once the batch is encoded (its examples'
+        own vectors, :class:`~livectr.learner.item_vectors.ItemVectors`), whatever kind of
+        example brought it: under ``defer`` an item's first example is a served copy, which is
+        scored from the row as it stood before (without a vector). Neighbours need
+        ``min_count`` impressions (a barely trained row is noise).
         """
         if batch.new_items.size == 0 or len(self.index) == 0:
             return 0
-        first_pos: dict[int, int] = {}
-        for i in np.flatnonzero(batch.item_sem_mask):
-            first_pos.setdefault(int(batch.item[i]), int(i))
+        vectors, present = featurizer.item_vectors.lookup(batch.new_items)
         k = self.neighbours
         done = 0
-        for row in batch.new_items.tolist():
-            pos = first_pos.get(row)
-            if pos is None:
+        for row, vector, ok in zip(batch.new_items.tolist(), vectors, present.tolist(), strict=True):
+            if not ok:
                 continue
-            hits = self.index.search(batch.item_sem[pos], k * 2, exclude=examples[pos].item_id)
+            hits = self.index.search(vector, k * 2, exclude=featurizer.items.id_of(row))
             rows, sims = [], []
             for item_id, sim in hits:
                 r = featurizer.items.row(item_id)
@@ -70,17 +67,20 @@ class ColdStart:
         return done
 
     def add(self, featurizer: Featurizer, batch: EncodedBatch) -> None:
-        """Index the items whose teacher vector ``batch`` shows for the first time."""
+        """Index the batch's items whose row holds a teacher vector for the first time."""
         self._grow(featurizer.items.capacity)
-        fresh = np.flatnonzero(batch.item_sem_mask & ~self._indexed_rows[batch.item])
-        if fresh.size == 0:
+        rows = np.unique(batch.item)
+        rows = rows[~self._indexed_rows[rows]]
+        if rows.size == 0:
             return
-        rows, first = np.unique(batch.item[fresh], return_index=True)
+        vectors, present = featurizer.item_vectors.lookup(rows)
+        rows, vectors = rows[present], vectors[present]
+        if rows.size == 0:
+            return
         ids = [featurizer.items.id_of(int(r)) for r in rows]
         self._indexed_rows[rows] = True
-        if ids:
-            self.index.add(ids, batch.item_sem[fresh[first]])
-            self.ids.update(dict.fromkeys(ids))
+        self.index.add(ids, vectors)
+        self.ids.update(dict.fromkeys(ids))
 
     def forget(self, rows: np.ndarray, ids: Sequence[str]) -> None:
         """Drop expired items (``ids``, which held ``rows``) from the index: a reused row starts unindexed."""

@@ -268,7 +268,7 @@ class OnlineLearner(Predictor):
             self._init_base_rate(batch.labels[~requests])
         self._sync_capacity()
         cold_started = (
-            self.cold_start.initialise(self.featurizer, self.model.item_emb.weight, batch, examples)
+            self.cold_start.initialise(self.featurizer, self.model.item_emb.weight, batch)
             if self.cold_start is not None
             else 0
         )

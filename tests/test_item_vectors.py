@@ -119,3 +119,20 @@ def test_item_vectors_survive_a_snapshot_and_travel_in_deltas_with_expiry() -> N
     assert not feat.item_vectors.present[1:n].any()  # expired rows, reused by items without vectors
     want, got = r.served([ex.user_id for ex in new[:40]], [ex.item_id for ex in new[:40]])
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_an_item_first_seen_in_a_served_copy_is_still_cold_started() -> None:
+    """Under ``defer`` an item's first example is the served (observed) copy, scored from the row
+    as it stood — without a vector; the cold-start initialisation still finds the vector it
+    brought (it fails if it reads the served inputs)."""
+    cfg = make_cfg(semantic=True, ttl=0.0)
+    cfg.learner.cold_start_min_count = 3
+    learner = OnlineLearner(cfg)
+    world = ToyWorld(users=50, items=12, seed=2)
+    for _ in range(10):
+        learner.learn_batch(world.examples(256, items=np.arange(10)))
+    before = learner.items_cold_started
+    new = Example("n", 0.0, "u1", "brand-new", {}, 0, KIND_DEFER_OBSERVED, 0.0, -1.0, world.item_vectors[3].tobytes())
+    learner.learn_batch([new])
+    assert learner.items_cold_started == before + 1
+    assert learner.cold_start is not None and "brand-new" in learner.cold_start.ids  # and it is indexed

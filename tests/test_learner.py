@@ -358,7 +358,7 @@ def test_cold_start_copies_neighbour_embeddings() -> None:
     W = learner.model.item_emb.weight.detach()
     expected = torch.tensor(sims / sims.sum(), dtype=W.dtype) @ W[rows]
     assert learner.cold_start is not None
-    assert learner.cold_start.initialise(learner.featurizer, learner.model.item_emb.weight, batch, [new]) == 1
+    assert learner.cold_start.initialise(learner.featurizer, learner.model.item_emb.weight, batch) == 1
     row = learner.featurizer.items.row("brand-new")
     torch.testing.assert_close(learner.model.item_emb.weight.detach()[row], expected)
     assert rows[0] == learner.featurizer.items.row("i3")  # the best neighbour is the item with the same vector
