@@ -17,7 +17,7 @@ import torch
 
 from livectr.core.events import COPY_KINDS, KIND_DEFER_OBSERVED, KIND_FAKE_NEGATIVE, KIND_SCORE_REQUEST
 from livectr.core.words import WORD_DTYPE
-from livectr.learner.item_vectors import DATA_KEY, PRESENT_KEY, ItemVectors
+from livectr.learner.item_vectors import DATA_KEY, PRESENT_KEY, ItemVectors, last_of_each
 from livectr.learner.model import ModelInputs
 from livectr.learner.vocab import UNKNOWN_ROW, ContextHasher, GrowingVocab
 from livectr.semantic_cache.codec import dequantize_many
@@ -197,7 +197,7 @@ class Featurizer:
             return
         k = self.max_item_words
         # The last record of each row wins (its item's newest words).
-        rev_rows, last = _last_of_each(items[at], at)
+        rev_rows, last = last_of_each(items[at], at)
         chunks = list(map(datas.__getitem__, last.tolist()))
         lengths = sizes[last] // 4
         flat = np.frombuffer(b"".join(chunks), dtype=WORD_DTYPE)
@@ -443,19 +443,6 @@ class Featurizer:
         )
         feat.item_vectors = ItemVectors(feat.sem_dim, arrays.get(DATA_KEY), arrays.get(PRESENT_KEY))
         return feat
-
-
-def _last_of_each(rows: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The distinct ``rows`` (sorted) and, for each, the ``positions`` entry of its last
-    occurrence: ``np.unique(rows[::-1], return_index=True)`` in one sort of packed
-    (row, index) keys (rows are non-negative and far below 2**40)."""
-    bits = max(int(rows.size).bit_length(), 1)
-    keys = np.sort((rows.astype(np.int64) << bits) | np.arange(rows.size))
-    sorted_rows = keys >> bits
-    last = np.empty(rows.size, dtype=bool)
-    last[-1:] = True
-    last[:-1] = sorted_rows[1:] != sorted_rows[:-1]
-    return sorted_rows[last], positions[keys[last] & ((1 << bits) - 1)]
 
 
 def _left_aligned(present: np.ndarray) -> bool:

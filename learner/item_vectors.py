@@ -59,8 +59,7 @@ class ItemVectors:
         at = np.flatnonzero(ok)
         if not at.size:
             return
-        rows_rev, first_rev = np.unique(items[at][::-1], return_index=True)
-        last = at[len(at) - 1 - first_rev]
+        rows_rev, last = last_of_each(items[at], at)
         q = np.frombuffer(b"".join([blobs[k] for k in last.tolist()]), dtype=np.int8)
         self.grow(int(rows_rev.max()) + 1)
         self.data[rows_rev] = q.reshape(len(last), self.dim)
@@ -98,3 +97,16 @@ class ItemVectors:
         """The first ``rows`` rows, for a snapshot."""
         self.grow(rows)
         return {DATA_KEY: self.data[:rows].copy(), PRESENT_KEY: self.present[:rows].copy()}
+
+
+def last_of_each(rows: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct ``rows`` (sorted) and, for each, the ``positions`` entry of its last
+    occurrence: ``np.unique(rows[::-1], return_index=True)`` in one sort of packed
+    (row, index) keys (rows are non-negative and far below 2**40)."""
+    bits = max(int(rows.size).bit_length(), 1)
+    keys = np.sort((rows.astype(np.int64) << bits) | np.arange(rows.size))
+    sorted_rows = keys >> bits
+    last = np.empty(rows.size, dtype=bool)
+    last[-1:] = True
+    last[:-1] = sorted_rows[1:] != sorted_rows[:-1]
+    return sorted_rows[last], positions[keys[last] & ((1 << bits) - 1)]
