@@ -59,6 +59,7 @@ from livectr.core.events import (  # noqa: E402
     decode_example,
     encode_example,
 )
+from livectr.learner.defer_hold import ClickDelays  # noqa: E402
 from livectr.learner.online import OnlineLearner, real_negative_share  # noqa: E402
 from livectr.simulators.sources import open_source  # noqa: E402
 
@@ -331,8 +332,28 @@ def evaluate(
             row["vw"] = figures(y, vw_serving(examples, plan, wait, None, rate), cold)
             row["vw_title_words"] = figures(y, vw_serving(examples, plan, wait, titles, rate), cold)
             log(f"  {policy:<14} VW {row['vw']['auc']:.4f}, VW + title words {row['vw_title_words']['auc']:.4f}")
+            hold = learner_wait(cfg, examples) if timing == "defer" and not wait else 0.0
+            if hold:
+                # livectr's learner waits ``hold`` before it trains an observed negative
+                # (learner.defer_hold): VW fed the join's labels with that waiting window too.
+                held_plan = schedule(examples, "defer", cfg.join.window_s, hold)
+                row["hold_wait_s"] = hold
+                row["vw_held"] = figures(y, vw_serving(examples, held_plan, hold, None, rate), cold)
+                row["vw_title_words_held"] = figures(y, vw_serving(examples, held_plan, hold, titles, rate), cold)
+                log(
+                    f"  {policy:<14} with a {hold:.0f} s wait: VW {row['vw_held']['auc']:.4f}, "
+                    f"VW + title words {row['vw_title_words_held']['auc']:.4f}"
+                )
         res[policy] = row
     return res
+
+
+def learner_wait(cfg: Config, examples: list[Example]) -> float:
+    """The waiting window livectr's learner settles on for this stream (learner.defer_hold)."""
+    delays = ClickDelays(cfg.join.window_s)
+    delays.observe([msgspec.structs.replace(ex, kind=KIND_DEFER_TRUE) for ex in examples if ex.label])
+    delays.impressions = float(len(examples))
+    return delays.wait(cfg.learner.defer_hold_error, cfg.learner.defer_hold_max_s)
 
 
 def print_table(name: str, res: dict[str, Any]) -> None:
@@ -346,6 +367,8 @@ def print_table(name: str, res: dict[str, Any]) -> None:
             ("livectr_off", "livectr, semantics off"),
             ("vw", "VW"),
             ("vw_title_words", "VW + title words"),
+            ("vw_held", "VW, livectr's wait"),
+            ("vw_title_words_held", "VW + words, livectr's wait"),
         ):
             if key not in res[policy]:
                 continue

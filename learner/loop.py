@@ -490,6 +490,9 @@ class _Run:
             "examples_trained": self.trained,
             "positives": self.positives,
             "real_negatives_left_out": self.learner.real_negatives_left_out,
+            # ``defer``: the learner's own waiting window now, and the observed negatives it held.
+            "defer_hold_s": s["defer_hold_s"],
+            "defer_negatives_held": s["defer_negatives_held"],
             "label_order_auc": s["label_order_auc"],
             "label_order_logloss": s["label_order_logloss"],
             "progressive_auc": s["progressive_auc"],

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from livectr.core.config import Config
 from livectr.core.events import (
+    KIND_DEFER_HELD,
     KIND_DEFER_OBSERVED,
     KIND_DEFER_TRUE,
     KIND_FAKE_NEGATIVE,
@@ -28,8 +29,10 @@ from livectr.core.events import (
     KIND_POSITIVE_COPY,
     KIND_SCORE_REQUEST,
     Example,
+    decision_time,
 )
 from livectr.learner.cold_start import ColdStart
+from livectr.learner.defer_hold import ClickDelays, HeldNegatives, merge_released
 from livectr.learner.deltas import TouchedRows
 from livectr.learner.features import EncodedBatch
 from livectr.learner.metrics import DelayedLabelEvaluator, LearnerMetrics, ServingEvaluator
@@ -80,7 +83,7 @@ def loss_weights(
     """
     p = p.detach()
     w = fake_negative_weights(p, labels, kinds)
-    defer = (kinds == KIND_DEFER_OBSERVED) | (kinds == KIND_DEFER_TRUE)
+    defer = (kinds == KIND_DEFER_OBSERVED) | (kinds == KIND_DEFER_TRUE) | (kinds == KIND_DEFER_HELD)
     r, s = real_negative_rate, delayed_share
     z = 1 + p + r * (1 - p)
     negative_mass = (1 - p + p * s + r * (1 - p)).clamp(min=1e-12)  # 0 only where p = 1 and s = 0
@@ -110,24 +113,6 @@ def real_negative_share(spec: str) -> float | None:
     if not 0.0 <= share <= 1.0:
         raise ValueError(f"real negatives must be 'score', 'all' or a share in [0, 1], not {spec!r}")
     return share
-
-
-class DelayedShare:
-    """Share of true clicks that came after the ``defer`` waiting window (a Beta(1, 3) prior)."""
-
-    def __init__(self, wait_s: float) -> None:
-        self.wait_s = wait_s
-        self.late = 1.0
-        self.total = 4.0
-
-    @property
-    def value(self) -> float:
-        return self.late / self.total
-
-    def observe(self, delays: np.ndarray) -> None:
-        """Click delays (event-time seconds) of true positives."""
-        self.late += float((delays > self.wait_s).sum())
-        self.total += float(delays.size)
 
 
 def cosine_distill_loss(pred: torch.Tensor, teacher: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
@@ -162,7 +147,11 @@ class OnlineLearner(Predictor):
         self.metrics = LearnerMetrics()
         self.delayed = DelayedLabelEvaluator(cfg.join.window_s)
         self.serving_eval = ServingEvaluator()
-        self.delayed_share = DelayedShare(cfg.join.defer_wait_s)
+        #: ``defer``: the true labels' click rate and delays, and the observed negatives the learner
+        #: holds for its own waiting window (learner.defer_hold; ``hold_wait``: the window now).
+        self.click_delays = ClickDelays(cfg.join.window_s)
+        self.held = HeldNegatives()
+        self.hold_wait = 0.0
         #: ``defer``: the fixed share of real negatives trained on (None: by the model's score).
         self.real_negative_share = real_negative_share(lc.real_negatives)
         #: Real negatives left out before the model (counted, not trained; see learn_batch).
@@ -221,17 +210,48 @@ class OnlineLearner(Predictor):
         """
         if not examples:
             return {"predictions": np.zeros(0, dtype=np.float32), "loss": math.nan}
+        self.click_delays.observe(examples)
+        lc = self.cfg.learner
+        if lc.defer_hold_error <= 0 or self.cfg.join.defer_wait_s > 0:
+            return self._learn_batch(examples, None)
+        self.hold_wait = wait = self.click_delays.wait(lc.defer_hold_error, lc.defer_hold_max_s)
+        if wait <= 0 and not len(self.held):
+            return self._learn_batch(examples, None)
+        held_now = np.zeros(len(examples), dtype=bool)
+        for k, ex in enumerate(examples):
+            if ex.kind == KIND_DEFER_OBSERVED and not ex.label and wait > 0:
+                self.held.hold(ex, ex.ts + wait)
+                held_now[k] = True
+            elif ex.kind == KIND_DEFER_TRUE and ex.label and len(self.held):
+                self.held.click(ex.impression_id, ex.ts + max(ex.click_delay, 0.0))
+        window = self.cfg.join.window_s
+        decided = np.maximum.accumulate(np.fromiter((decision_time(ex, window) for ex in examples), np.float64))
+        released = self.held.release(float(decided[-1]))
+        merged, own = merge_released(examples, decided, released)
+        held_back = np.zeros(len(merged), dtype=bool)
+        held_back[own] = held_now
+        result = self._learn_batch(merged, held_back)
+        result["predictions"] = result["predictions"][own]
+        return result
+
+    def _learn_batch(self, examples: Sequence[Example], held_back: np.ndarray | None) -> dict[str, Any]:
+        """:meth:`learn_batch` once the held negatives are in place; ``held_back`` marks the observed
+        copies held now: scored where they are, trained on release."""
+        if not examples:
+            return {"predictions": np.zeros(0, dtype=np.float32), "loss": math.nan}
         skipped = self._skipped_real_negatives(examples) if self.real_negative_share is None else {}
         if not skipped:
-            return self._learn(examples)
-        kept = [ex for k, ex in enumerate(examples) if k not in skipped]
-        result: dict[str, Any] = (
-            self._learn(kept) if kept else {"predictions": np.zeros(0, dtype=np.float32), "loss": math.nan}
-        )
-        predictions = np.empty(len(examples), dtype=np.float32)
+            return self._learn(examples, held_back)
         at = np.fromiter(sorted(skipped), np.int64, len(skipped))
         keep = np.ones(len(examples), dtype=bool)
         keep[at] = False
+        kept = [ex for k, ex in enumerate(examples) if k not in skipped]
+        result: dict[str, Any] = (
+            self._learn(kept, None if held_back is None else held_back[keep])
+            if kept
+            else {"predictions": np.zeros(0, dtype=np.float32), "loss": math.nan}
+        )
+        predictions = np.empty(len(examples), dtype=np.float32)
         predictions[keep] = result["predictions"]
         predictions[at] = [skipped[k] for k in at.tolist()]
         result["predictions"] = predictions
@@ -259,13 +279,15 @@ class OnlineLearner(Predictor):
                 out[k] = p
         return out
 
-    def _learn(self, examples: Sequence[Example]) -> dict[str, Any]:
+    def _learn(self, examples: Sequence[Example], held_back: np.ndarray | None = None) -> dict[str, Any]:
         self.expire_rows(float(np.median(np.fromiter((ex.ts for ex in examples), np.float64, len(examples)))))
         batch = self.featurizer.encode(examples, grow=True, labelled=True)
-        requests = batch.kinds == KIND_SCORE_REQUEST
-        trained = int(len(examples) - requests.sum())
+        idle = batch.kinds == KIND_SCORE_REQUEST
+        if held_back is not None:
+            idle = idle | held_back
+        trained = int(len(examples) - idle.sum())
         if self.examples_seen == 0 and trained:
-            self._init_base_rate(batch.labels[~requests])
+            self._init_base_rate(batch.labels[~idle])
         self._sync_capacity()
         cold_started = (
             self.cold_start.initialise(self.featurizer, self.model.item_emb.weight, batch)
@@ -275,7 +297,7 @@ class OnlineLearner(Predictor):
         inp = batch.to_inputs(self.device)
         labels = torch.from_numpy(batch.labels).to(self.device)
         kinds = torch.from_numpy(batch.kinds).to(self.device)
-        share = self._delayed_share(examples, batch.kinds, batch.labels)
+        share = self.click_delays.share_after(self.cfg.join.defer_wait_s or self.hold_wait)
 
         if not self.model.training:
             self.model.train()
@@ -287,6 +309,9 @@ class OnlineLearner(Predictor):
         elif ((batch.kinds == KIND_DEFER_OBSERVED) | (batch.kinds == KIND_DEFER_TRUE)).any():
             rate = self._keep_rates(examples, out.logit)
         dropped = self._dropped_real_negatives(examples, batch.kinds, batch.labels, rate)
+        if held_back is not None and held_back.any():  # scored here, trained on release
+            held = torch.from_numpy(held_back).to(self.device)
+            dropped = held if dropped is None else dropped | held
         shift = self._in_batch_shift(inp, out.logit, labels, kinds, share, rate, dropped)
         logit = out.logit + shift
         p = torch.sigmoid(logit)
@@ -298,7 +323,7 @@ class OnlineLearner(Predictor):
         gate_used = 0.0
         if self.semantic:
             if batch.item_sem_mask.any() or batch.user_sem_mask.any():
-                taught = torch.from_numpy(~requests).to(self.device)  # a request teaches nothing, not even semantics
+                taught = torch.from_numpy(~idle).to(self.device)  # a request teaches nothing, not even semantics
                 distill = cosine_distill_loss(out.item_hat, inp.item_sem, inp.item_sem_mask & taught)
                 user_weight = self.cfg.learner.user_distill_weight
                 if user_weight:
@@ -307,7 +332,7 @@ class OnlineLearner(Predictor):
                     )
                 loss = loss + self.cfg.learner.distill_weight * distill
                 distill_value = float(distill.detach())
-                self.item_head_distilled = self.item_head_distilled or bool((batch.item_sem_mask & ~requests).any())
+                self.item_head_distilled = self.item_head_distilled or bool((batch.item_sem_mask & ~idle).any())
             # The branch learns on every example, from the id part's logit (held fixed), not only
             # where the gate is open: a closed gate would otherwise starve the branch, which then
             # never becomes worth opening for (DynMM trains its experts before its gate for this).
@@ -351,15 +376,6 @@ class OnlineLearner(Predictor):
             "gate_usage": gate_used / len(examples) if self.semantic else None,
             "cold_started": cold_started,
         }
-
-    def _delayed_share(self, examples: Sequence[Example], kinds: np.ndarray, labels: np.ndarray) -> float:
-        """The share of late clicks that weighs this batch, counting the batch's own true clicks
-        first: their delays are known as they arrive, and the stream's first batch would
-        otherwise weigh its clicks by the prior alone (see :class:`DelayedShare`)."""
-        true_positives = np.flatnonzero((kinds == KIND_DEFER_TRUE) & (labels > 0))
-        if true_positives.size:
-            self.delayed_share.observe(np.fromiter((examples[k].click_delay for k in true_positives.tolist()), float))
-        return self.delayed_share.value
 
     @torch.no_grad()
     def _in_batch_shift(
@@ -452,7 +468,7 @@ class OnlineLearner(Predictor):
         cold = self.featurizer.cold_mask_and_count(batch, self.cfg.learner.cold_start_impressions)
         self.featurizer.count_users(batch)
         requests = kinds == KIND_SCORE_REQUEST
-        if self.delayed_share.wait_s <= 0:
+        if self.cfg.join.defer_wait_s <= 0:
             # ``defer`` without a waiting window: the observed copy is scored at its impression's
             # place, so it is the served score (the join sends no separate request, see its docs).
             requests = requests | (kinds == KIND_DEFER_OBSERVED)
@@ -549,6 +565,8 @@ class OnlineLearner(Predictor):
             items_expired=self.featurizer.items.expired_total,
             context_fields=list(self.featurizer.context.slots),
             context_fields_dropped=self.featurizer.context.dropped,
+            defer_hold_s=self.hold_wait,
+            defer_negatives_held=self.held.holds,
         )
         if self.experts is not None:
             out.update(
@@ -585,7 +603,7 @@ class OnlineLearner(Predictor):
         }
         arrays = self.featurizer.arrays()
         arrays.update({f"metrics.{k}": np.asarray(v).copy() for k, v in self.metrics.state().items()})
-        arrays["defer.delayed_share"] = np.asarray([self.delayed_share.late, self.delayed_share.total])
+        arrays.update({f"defer.delays.{k}": v for k, v in self.click_delays.state().items()})
         if self.experts is not None:
             arrays.update({f"experts.{k}": v for k, v in self.experts.state().items()})
         index_ids = list(self.cold_start.ids) if self.cold_start is not None else []
@@ -616,8 +634,9 @@ class OnlineLearner(Predictor):
             st = {key.rsplit("/", 1)[1]: t for key, t in state.optimizer.items() if key.startswith(f"dense/{name}/")}
             if st:
                 self.dense_opt.state[p] = {k: (v.to(self.device) if v.dim() else v) for k, v in st.items()}
-        if "defer.delayed_share" in state.arrays:
-            self.delayed_share.late, self.delayed_share.total = (float(x) for x in state.arrays["defer.delayed_share"])
+        delays = {k.split(".", 2)[2]: v for k, v in state.arrays.items() if k.startswith("defer.delays.")}
+        if delays:
+            self.click_delays.load(delays)
         metrics = {k.split(".", 1)[1]: v for k, v in state.arrays.items() if k.startswith("metrics.")}
         if metrics:
             self.metrics.load(metrics)

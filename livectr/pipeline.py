@@ -554,6 +554,8 @@ def merge_summaries(stages: dict[str, Stage], cfg: Config, started: float) -> di
         "examples_trained": learn.get("examples_trained", 0),
         "positives": learn.get("positives", 0),
         "real_negatives_left_out": learn.get("real_negatives_left_out", 0),
+        "defer_hold_s": learn.get("defer_hold_s", 0.0),
+        "defer_negatives_held": learn.get("defer_negatives_held", 0),
         "label_order_auc": learn.get("label_order_auc"),
         "label_order_logloss": learn.get("label_order_logloss"),
         "progressive_auc": learn.get("progressive_auc"),

@@ -760,22 +760,6 @@ def test_score_requests_in_a_batch_are_scored_in_place_and_never_trained_on(sema
     assert len(with_requests.serving_eval) == 5
 
 
-def test_defer_true_positives_teach_the_delayed_share() -> None:
-    cfg = make_cfg(False)
-    cfg.join.defer_wait_s = 60.0
-    learner = OnlineLearner(cfg)
-    world = ToyWorld(users=10, items=5, seed=1)
-    examples = world.examples(200)
-    delays = [5.0 if k % 4 else 300.0 for k in range(len(examples))]
-    batch = [
-        msgspec.structs.replace(ex, kind=KIND_DEFER_TRUE, label=1, click_delay=d) for ex, d in zip(examples, delays)
-    ]
-    learner.learn_batch(batch)
-    assert learner.delayed_share.value == pytest.approx((1 + 50) / (4 + 200))
-    back = OnlineLearner(cfg, state=learner.state())
-    assert back.delayed_share.value == learner.delayed_share.value
-
-
 def test_a_batch_is_weighed_with_the_delays_of_its_own_clicks() -> None:
     """The stream's first batch of ``defer`` clicks must not be weighed by the prior share alone
     (Beta(1, 3): 0.25 late, when without a waiting window every click is late): its positives
@@ -784,13 +768,13 @@ def test_a_batch_is_weighed_with_the_delays_of_its_own_clicks() -> None:
     learner = OnlineLearner(cfg)
     world = ToyWorld(users=10, items=5, seed=1)
     seen: list[float] = []
-    real = learner._delayed_share
+    real = learner.click_delays.share_after
 
-    def spy(*args: object) -> float:
-        seen.append(real(*args))  # type: ignore[arg-type]
+    def spy(wait_s: float) -> float:
+        seen.append(real(wait_s))
         return seen[-1]
 
-    learner._delayed_share = spy  # type: ignore[method-assign]
+    learner.click_delays.share_after = spy  # type: ignore[method-assign]
     batch = [msgspec.structs.replace(ex, kind=KIND_DEFER_TRUE, label=1, click_delay=10.0) for ex in world.examples(100)]
     learner.learn_batch(batch)
     assert seen == [pytest.approx((1 + 100) / (4 + 100))]

@@ -298,6 +298,11 @@ class LearnerConfig:
     #: click the model gives it (the informative ones); ``all`` (the paper); or a fixed share
     #: such as ``0.25``. The importance weights account for the rest (README, "Labelling policies").
     real_negatives: str = "score"
+    #: ``defer`` without a waiting window in the join: the learner holds each observed negative
+    #: until an unclicked impression is a click with at most this probability, from the stream's
+    #: click rate and delays (learner.defer_hold; 0: never held), and at most ``defer_hold_max_s``.
+    defer_hold_error: float = 0.08
+    defer_hold_max_s: float = 300.0
     shuffle_buffer: int = 4096
     #: Context fields that get their own embedding slot (first seen, first served; extra fields are
     #: counted and ignored so an unbounded set of field names cannot grow the model).
@@ -604,6 +609,8 @@ _BOUNDS: tuple[tuple[str, float, float, bool], ...] = (
     ("learner.word_prior", 0, math.inf, True),
     ("learner.max_word_share", 0, 1, False),
     ("learner.wide_max_step", 0, math.inf, True),
+    ("learner.defer_hold_error", 0, 1, True),
+    ("learner.defer_hold_max_s", 0, math.inf, True),
     ("learner.scorer_reload_ms", 1, math.inf, True),
     ("semantic.reduced_dim", 1, 1 << 12, True),
     ("semantic.user_profile_ttl_s", 0, math.inf, True),

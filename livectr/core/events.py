@@ -169,10 +169,16 @@ KIND_DEFER_OBSERVED: Final[int] = 4
 #: for a click within the waiting window), 0 when the attribution window closes (a real negative).
 #: It is the impression's final label.
 KIND_DEFER_TRUE: Final[int] = 5
+#: ``Example.kind``, policy ``defer``, inside the learner only (never on a topic): an observed
+#: negative the learner held for its own waiting window and trains on release
+#: (:mod:`livectr.learner.defer_hold`); its label is 1 if the click came within that window.
+KIND_DEFER_HELD: Final[int] = 6
 #: Kinds that carry an impression's final label (what evaluation pairs scores with).
 FINAL_KINDS: Final[frozenset[int]] = frozenset({KIND_FINAL, KIND_DEFER_TRUE})
 #: Kinds that are a second copy of an impression already counted (not a new impression).
-COPY_KINDS: Final[frozenset[int]] = frozenset({KIND_POSITIVE_COPY, KIND_DEFER_TRUE, KIND_SCORE_REQUEST})
+COPY_KINDS: Final[frozenset[int]] = frozenset(
+    {KIND_POSITIVE_COPY, KIND_DEFER_TRUE, KIND_SCORE_REQUEST, KIND_DEFER_HELD}
+)
 
 
 def decision_time(ex: Example, window_s: float, wait_s: float = 0.0) -> float:
