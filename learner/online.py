@@ -282,6 +282,9 @@ class OnlineLearner(Predictor):
     def _learn(self, examples: Sequence[Example], held_back: np.ndarray | None = None) -> dict[str, Any]:
         self.expire_rows(float(np.median(np.fromiter((ex.ts for ex in examples), np.float64, len(examples)))))
         batch = self.featurizer.encode(examples, grow=True, labelled=True)
+        observed = batch.kinds == KIND_DEFER_OBSERVED
+        if observed.any():
+            self.click_delays.observe_users(batch.user[observed], batch.ts[observed])
         idle = batch.kinds == KIND_SCORE_REQUEST
         if held_back is not None:
             idle = idle | held_back
@@ -532,6 +535,8 @@ class OnlineLearner(Predictor):
             t = torch.from_numpy(rows)
             table.reset_rows(t[t < table.num_embeddings])
             self.sparse_opt.reset_rows(name, t[t < table.num_embeddings])
+            if name == "user":
+                self.click_delays.forget_users(rows)
             if name == "user" and self.experts is not None:
                 self.experts.reset_rows(rows)
             if name == "item":

@@ -140,3 +140,18 @@ def test_a_learner_on_a_much_clicked_stream_holds_its_observed_negatives() -> No
     assert 100.0 < holding.hold_wait <= 120.0 and holding.held.holds > 4000 and len(holding.held) == 0
     for learner in (holding, plain):
         assert learner.metrics.summary()["serving_auc_impressions"] == 6000
+
+
+def test_no_wait_where_users_rarely_come_back_within_a_click_delay() -> None:
+    """A wrong fake negative harms only the scores served while it stands: where a user's next
+    impression rarely comes within a click delay, holding costs more freshness than it saves."""
+    delays = list(np.random.default_rng(0).uniform(2, 120, 1000))  # median ~61 s
+    users = np.arange(1, 101).repeat(10)
+    for gap, waits in ((600.0, False), (5.0, True)):  # each user's impressions `gap` seconds apart
+        clicks = _clicks(delays, impressions=1800)  # 55 % clicked
+        clicks.observe_users(users, np.tile(np.arange(10) * gap, 100))
+        assert clicks.return_share == (900 + 1) / (1000 + 1) if waits else clicks.return_share < 0.01
+        assert (clicks.wait(0.05, 300.0) > 100.0) == waits
+    clicks.forget_users(np.asarray([1]))
+    clicks.observe_users(np.asarray([1]), np.asarray([50.0]))  # a new user in a freed row: no return
+    assert clicks.returns == 900

@@ -299,9 +299,10 @@ class LearnerConfig:
     #: such as ``0.25``. The importance weights account for the rest (README, "Labelling policies").
     real_negatives: str = "score"
     #: ``defer`` without a waiting window in the join: the learner holds each observed negative
-    #: until an unclicked impression is a click with at most this probability, from the stream's
-    #: click rate and delays (learner.defer_hold; 0: never held), and at most ``defer_hold_max_s``.
-    defer_hold_error: float = 0.08
+    #: until a score served within a click delay of its user's last impression stands on a wrong
+    #: fake negative at most this often, from the stream's click rate, click delays and how soon
+    #: users come back (learner.defer_hold; 0: never held), and at most ``defer_hold_max_s``.
+    defer_hold_error: float = 0.05
     defer_hold_max_s: float = 300.0
     shuffle_buffer: int = 4096
     #: Context fields that get their own embedding slot (first seen, first served; extra fields are
