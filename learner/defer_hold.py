@@ -171,10 +171,12 @@ class HeldNegatives:
         if entry is not None and clicked_at <= entry[1]:
             self._clicked.add(impression_id)
 
-    def release(self, now: float) -> list[tuple[float, Example]]:
-        """The held copies due by ``now``, as ``(due, example)`` in due order, labelled."""
+    def release(self, now: float, keep_at_most: int | None = None) -> list[tuple[float, Example]]:
+        """The held copies due by ``now``, as ``(due, example)`` in due order, labelled; then, while
+        more than ``keep_at_most`` are held, the earliest due ones too (a fast stream with a long
+        wait would otherwise hold more than memory allows: their wait is cut short)."""
         out: list[tuple[float, Example]] = []
-        while self._due and self._due[0][0] <= now:
+        while self._due and (self._due[0][0] <= now or (keep_at_most is not None and len(self._held) > keep_at_most)):
             due, _, iid = heapq.heappop(self._due)
             example, _ = self._held.pop(iid)
             label = int(iid in self._clicked)

@@ -470,6 +470,7 @@ class _Run:
             "buffered": len(self.buffer) + len(self.merge) + len(self.held),
             "warming_up": self.warming,
             "real_negatives_left_out": self.learner.real_negatives_left_out,
+            "defer_hold_s": self.learner.hold_wait,
             # For `livectr chaos`: the model's total, and where this process resumed it from.
             "examples_seen_total": self.learner.examples_seen,
             "resumed_examples_seen": (self.manifest or {}).get("examples_seen", 0),

@@ -226,7 +226,7 @@ class OnlineLearner(Predictor):
                 self.held.click(ex.impression_id, ex.ts + max(ex.click_delay, 0.0))
         window = self.cfg.join.window_s
         decided = np.maximum.accumulate(np.fromiter((decision_time(ex, window) for ex in examples), np.float64))
-        released = self.held.release(float(decided[-1]))
+        released = self.held.release(float(decided[-1]), lc.defer_hold_max_examples)
         merged, own = merge_released(examples, decided, released)
         held_back = np.zeros(len(merged), dtype=bool)
         held_back[own] = held_now

@@ -95,6 +95,10 @@ def test_held_negatives_are_released_in_due_order_labelled_by_their_clicks() -> 
         (152.0, "i2", 0, KIND_DEFER_HELD),
     ]
     assert len(held) == 1 and [e.impression_id for _, e in held.release(1e9)] == ["i3"]
+    for k in range(4):
+        held.hold(msgspec.structs.replace(ex[k], impression_id=f"j{k}"), 1000.0 + k)
+    # More held than allowed: the earliest due go early, labelled as seen so far.
+    assert [e.impression_id for _, e in held.release(0.0, keep_at_most=1)] == ["j0", "j1", "j2"]
 
 
 def test_released_copies_are_merged_at_their_due_times() -> None:

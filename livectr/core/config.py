@@ -304,6 +304,8 @@ class LearnerConfig:
     #: users come back (learner.defer_hold; 0: never held), and at most ``defer_hold_max_s``.
     defer_hold_error: float = 0.05
     defer_hold_max_s: float = 300.0
+    #: ...and while at most this many are held (~0.7 KB each); beyond, the earliest are released early.
+    defer_hold_max_examples: int = 200_000
     shuffle_buffer: int = 4096
     #: Context fields that get their own embedding slot (first seen, first served; extra fields are
     #: counted and ignored so an unbounded set of field names cannot grow the model).
@@ -612,6 +614,7 @@ _BOUNDS: tuple[tuple[str, float, float, bool], ...] = (
     ("learner.wide_max_step", 0, math.inf, True),
     ("learner.defer_hold_error", 0, 1, True),
     ("learner.defer_hold_max_s", 0, math.inf, True),
+    ("learner.defer_hold_max_examples", 0, math.inf, True),
     ("learner.scorer_reload_ms", 1, math.inf, True),
     ("semantic.reduced_dim", 1, 1 << 12, True),
     ("semantic.user_profile_ttl_s", 0, math.inf, True),
