@@ -62,7 +62,7 @@ def test_the_wait_is_the_shortest_that_meets_the_error(
     assert clicks.wait(error * 1.5, cap) <= wait  # a looser error never waits longer
 
 
-def test_share_after_counts_the_clicks_beyond_the_wait_and_survives_a_snapshot() -> None:
+def test_the_click_counts_behind_the_wait_survive_a_snapshot() -> None:
     cfg = Config()
     cfg.learner.device, cfg.semantic.enabled, cfg.join.defer_wait_s = "cpu", False, 60.0
     learner = OnlineLearner(cfg)
@@ -74,8 +74,14 @@ def test_share_after_counts_the_clicks_beyond_the_wait_and_survives_a_snapshot()
     ]
     learner.learn_batch(batch)
     assert learner.click_delays.share_after(60.0) == (1 + 50) / (4 + 200)
+    learner.learn_batch([msgspec.structs.replace(ex, kind=KIND_DEFER_OBSERVED, label=0) for ex in batch])
+    assert learner.click_delays.visits == 200 and learner.click_delays.returns > 0
     back = OnlineLearner(cfg, state=learner.state())
-    assert back.click_delays.share_after(60.0) == learner.click_delays.share_after(60.0)
+    for name in ("share_after", "wait"):
+        args = (60.0,) if name == "share_after" else (0.05, 300.0)
+        assert getattr(back.click_delays, name)(*args) == getattr(learner.click_delays, name)(*args)
+    assert back.click_delays.return_share == learner.click_delays.return_share
+    assert back.click_delays.impressions == learner.click_delays.impressions == 200
 
 
 def test_held_negatives_are_released_in_due_order_labelled_by_their_clicks() -> None:
