@@ -211,12 +211,25 @@ class OnlineLearner(Predictor):
         if not examples:
             return {"predictions": np.zeros(0, dtype=np.float32), "loss": math.nan}
         self.click_delays.observe(examples)
+        placed = self._place_held(examples)
+        if placed is None:
+            return self._learn_batch(examples, None)
+        merged, own, held_back = placed
+        result = self._learn_batch(merged, held_back)
+        result["predictions"] = result["predictions"][own]
+        return result
+
+    def _place_held(self, examples: Sequence[Example]) -> tuple[list[Example], np.ndarray, np.ndarray] | None:
+        """``defer``'s hold (:mod:`livectr.learner.defer_hold`): hold this batch's observed
+        negatives, note its clicks, and place the copies due by its end at their due times.
+        Returns the merged examples, the positions of ``examples`` in them and the mask of the
+        copies held now; None when nothing is or was held."""
         lc = self.cfg.learner
         if lc.defer_hold_error <= 0 or self.cfg.join.defer_wait_s > 0:
-            return self._learn_batch(examples, None)
+            return None
         self.hold_wait = wait = self.click_delays.wait(lc.defer_hold_error, lc.defer_hold_max_s)
         if wait <= 0 and not len(self.held):
-            return self._learn_batch(examples, None)
+            return None
         held_now = np.zeros(len(examples), dtype=bool)
         for k, ex in enumerate(examples):
             if ex.kind == KIND_DEFER_OBSERVED and not ex.label and wait > 0:
@@ -230,9 +243,7 @@ class OnlineLearner(Predictor):
         merged, own = merge_released(examples, decided, released)
         held_back = np.zeros(len(merged), dtype=bool)
         held_back[own] = held_now
-        result = self._learn_batch(merged, held_back)
-        result["predictions"] = result["predictions"][own]
-        return result
+        return merged, own, held_back
 
     def _learn_batch(self, examples: Sequence[Example], held_back: np.ndarray | None) -> dict[str, Any]:
         """:meth:`learn_batch` once the held negatives are in place; ``held_back`` marks the observed
