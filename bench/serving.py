@@ -349,10 +349,14 @@ def evaluate(
 
 
 def learner_wait(cfg: Config, examples: list[Example]) -> float:
-    """The waiting window livectr's learner settles on for this stream (learner.defer_hold)."""
+    """The waiting window livectr's learner settles on for this stream (learner.defer_hold),
+    from all of its clicks and impressions (``examples`` in impression order)."""
     delays = ClickDelays(cfg.join.window_s)
     delays.observe([msgspec.structs.replace(ex, kind=KIND_DEFER_TRUE) for ex in examples if ex.label])
     delays.impressions = float(len(examples))
+    rows: dict[str, int] = {}
+    users = np.fromiter((rows.setdefault(ex.user_id, len(rows) + 1) for ex in examples), np.int64, len(examples))
+    delays.observe_users(users, np.fromiter((ex.ts for ex in examples), np.float64, len(examples)))
     return delays.wait(cfg.learner.defer_hold_error, cfg.learner.defer_hold_max_s)
 
 
