@@ -60,8 +60,12 @@ class ClickDelays:
 
     def observe(self, examples: Sequence[Example]) -> None:
         """Count the impressions (observed copies) and the clicks (true positives) among ``examples``."""
-        delays = [ex.click_delay for ex in examples if ex.kind == KIND_DEFER_TRUE and ex.label]
-        self.impressions += sum(1 for ex in examples if ex.kind == KIND_DEFER_OBSERVED)
+        delays: list[float] = []
+        for ex in examples:
+            if ex.kind == KIND_DEFER_OBSERVED:
+                self.impressions += 1.0
+            elif ex.kind == KIND_DEFER_TRUE and ex.label:
+                delays.append(ex.click_delay)
         if delays:
             at = np.searchsorted(self.edges, np.maximum(np.asarray(delays, np.float64), 0.0), side="left")
             np.add.at(self.counts, at, 1.0)

@@ -152,6 +152,8 @@ class OnlineLearner(Predictor):
         self.click_delays = ClickDelays(cfg.join.window_s)
         self.held = HeldNegatives()
         self.hold_wait = 0.0
+        #: The hold is on: ``defer`` without a waiting window in the join, and an error above 0.
+        self._holding = lc.defer_hold_error > 0 and cfg.join.defer_wait_s <= 0
         #: ``defer``: the fixed share of real negatives trained on (None: by the model's score).
         self.real_negative_share = real_negative_share(lc.real_negatives)
         #: Real negatives left out before the model (counted, not trained; see learn_batch).
@@ -225,7 +227,7 @@ class OnlineLearner(Predictor):
         Returns the merged examples, the positions of ``examples`` in them and the mask of the
         copies held now; None when nothing is or was held."""
         lc = self.cfg.learner
-        if lc.defer_hold_error <= 0 or self.cfg.join.defer_wait_s > 0:
+        if not self._holding:
             return None
         self.hold_wait = wait = self.click_delays.wait(lc.defer_hold_error, lc.defer_hold_max_s)
         if wait <= 0 and not len(self.held):
