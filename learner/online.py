@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from livectr.core.config import Config
+from livectr.core.config import PRIOR_TABLES, Config
 from livectr.core.events import (
     KIND_DEFER_HELD,
     KIND_DEFER_OBSERVED,
@@ -39,7 +39,7 @@ from livectr.learner.metrics import DelayedLabelEvaluator, LearnerMetrics, Servi
 from livectr.learner.model import ModelInputs
 from livectr.learner.predictor import Predictor, sigmoid
 from livectr.learner.snapshot import LearnerState
-from livectr.learner.sparse import RowOptimizer
+from livectr.learner.sparse import PriorTuner, RowOptimizer
 from livectr.semantic_cache.index import ItemIndex
 
 
@@ -144,6 +144,12 @@ class OnlineLearner(Predictor):
             wide_priors={"words": lc.word_prior or lc.wide_prior},
         )
         self.dense_opt = torch.optim.Adam(self.model.dense_parameters(), lr=lc.lr, fused=True)
+        tuned = [n.strip() for n in lc.wide_prior_tune.split(",") if n.strip() in PRIOR_TABLES]
+        self.prior_tuner = (
+            PriorTuner(self.sparse_opt, tuned, lc.wide_prior_tune_rate, lc.wide_prior, lc.wide_prior_max)
+            if tuned and lc.wide_prior_tune_rate > 0
+            else None
+        )
         self.metrics = LearnerMetrics()
         self.delayed = DelayedLabelEvaluator(cfg.join.window_s)
         self.serving_eval = ServingEvaluator()
@@ -328,7 +334,8 @@ class OnlineLearner(Predictor):
         if held_back is not None and held_back.any():  # scored here, trained on release
             held = torch.from_numpy(held_back).to(self.device)
             dropped = held if dropped is None else dropped | held
-        shift = self._in_batch_shift(inp, out.logit, labels, kinds, share, rate, dropped)
+        shifts = self._in_batch_shifts(inp, out.logit, labels, kinds, share, rate, dropped)
+        shift = sum(shifts.values(), torch.zeros_like(out.logit))
         logit = out.logit + shift
         p = torch.sigmoid(logit)
         weights = loss_weights(p, labels, kinds, share, rate, dropped)
@@ -362,6 +369,9 @@ class OnlineLearner(Predictor):
             gate_used = float(out.gate.detach().sum())
         self.dense_opt.zero_grad(set_to_none=True)
         loss.backward()
+        if self.prior_tuner is not None:  # before the step: the gradient of the out-of-sample loss
+            sensitivities = self.prior_tuner.sensitivities({"user": inp.user, "item": inp.item}, shifts)
+            self.prior_tuner.step(sensitivities, (weights * (p - labels)).detach(), trained)
         self.sparse_opt.step((weights * p * (1 - p)).detach(), loss_scale=max(trained, 1))
         self.dense_opt.step()
         components = None
@@ -394,7 +404,7 @@ class OnlineLearner(Predictor):
         }
 
     @torch.no_grad()
-    def _in_batch_shift(
+    def _in_batch_shifts(
         self,
         inp: ModelInputs,
         logit: torch.Tensor,
@@ -403,24 +413,26 @@ class OnlineLearner(Predictor):
         share: float,
         rate: float | torch.Tensor = 1.0,
         dropped: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Per-example first-order updates of the user and item within the batch (see RowOptimizer).
+    ) -> dict[str, torch.Tensor]:
+        """Per-example first-order updates of the user, item and words within the batch (see
+        RowOptimizer), by table (none when ``in_batch_wide`` is off).
 
         Why: with mini-batches, every example of a user in one batch is scored before anything
         is learned from any of them; per-example learners (VW, FTRL) learn a bursty user's bias
         from their first few examples. The residuals are taken at the batch-start prediction.
         """
         if not self.cfg.learner.in_batch_wide:
-            return torch.zeros_like(logit)
+            return {}
         p = torch.sigmoid(logit)
         w = loss_weights(p, labels, kinds, share, rate, dropped)
         grad, curvature = w * (p - labels), w * p * (1 - p)
-        shift = self.sparse_opt.in_batch_wide_shift(
-            "user", inp.user, grad, curvature
-        ) + self.sparse_opt.in_batch_wide_shift("item", inp.item, grad, curvature)
+        shifts = {
+            name: self.sparse_opt.in_batch_wide_shift(name, rows, grad, curvature)
+            for name, rows in (("user", inp.user), ("item", inp.item))
+        }
         if self.model.word_w is not None:
-            shift = shift + self.sparse_opt.in_batch_multi_shift("words", inp.words, inp.words_mask, grad, curvature)
-        return shift
+            shifts["words"] = self.sparse_opt.in_batch_multi_shift("words", inp.words, inp.words_mask, grad, curvature)
+        return shifts
 
     def _dropped_real_negatives(
         self, examples: Sequence[Example], kinds: np.ndarray, labels: np.ndarray, rate: float | torch.Tensor
@@ -609,6 +621,8 @@ class OnlineLearner(Predictor):
     def state(self) -> LearnerState:
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
         optimizer = {f"sparse/{name}/accum": acc.cpu() for name, acc in self.sparse_opt.state().items()}
+        if self.prior_tuner is not None:
+            optimizer.update({f"sparse/{name}/prior": t for name, t in self.prior_tuner.state().items()})
         names = {id(p): n for n, p in self.model.named_parameters()}
         for p, st in self.dense_opt.state.items():
             for key, value in st.items():
@@ -648,6 +662,14 @@ class OnlineLearner(Predictor):
                 if key.startswith("sparse/") and key.endswith("/accum")
             }
         )
+        if self.prior_tuner is not None:
+            self.prior_tuner.load(
+                {
+                    key.split("/")[1]: t
+                    for key, t in state.optimizer.items()
+                    if key.startswith("sparse/") and key.endswith("/prior")
+                }
+            )
         for name, p in self.model.named_parameters():
             st = {key.rsplit("/", 1)[1]: t for key, t in state.optimizer.items() if key.startswith(f"dense/{name}/")}
             if st:

@@ -271,6 +271,12 @@ class LearnerConfig:
     #: First-order weights (online Newton): prior precision (shrinkage of rare ids) and step scale.
     wide_prior: float = 2.5
     wide_lr: float = 1.0
+    #: Tables whose first-order prior is tuned on the stream's progressive loss
+    #: (learner.sparse.PriorTuner; empty: fixed at ``wide_prior``), its step in log units per
+    #: batch, and its ceiling; never below ``wide_prior``.
+    wide_prior_tune: str = "user,item"
+    wide_prior_tune_rate: float = 0.02
+    wide_prior_max: float = 50.0
     #: Trust region of a first-order weight's Newton step, in logits per step (0: none). A row
     #: seen hundreds of times in one batch while the model is far off (the first minutes of a
     #: stream) would otherwise take a step several logits too long (docs/design.md).
@@ -612,6 +618,8 @@ _BOUNDS: tuple[tuple[str, float, float, bool], ...] = (
     ("learner.word_prior", 0, math.inf, True),
     ("learner.max_word_share", 0, 1, False),
     ("learner.wide_max_step", 0, math.inf, True),
+    ("learner.wide_prior_tune_rate", 0, math.inf, True),
+    ("learner.wide_prior_max", 0, math.inf, False),
     ("learner.defer_hold_error", 0, 1, True),
     ("learner.defer_hold_max_s", 0, math.inf, True),
     ("learner.defer_hold_max_examples", 0, math.inf, True),
@@ -630,6 +638,8 @@ _BOUNDS: tuple[tuple[str, float, float, bool], ...] = (
 
 #: Values of ``join.caught_up_clock`` (see :class:`JoinConfig`).
 CAUGHT_UP_MODES: tuple[str, ...] = ("off", "unbounded", "always")
+#: Tables whose first-order prior ``learner.wide_prior_tune`` may name.
+PRIOR_TABLES: tuple[str, ...] = ("user", "item")
 #: String settings with a fixed set of values, checked by :func:`validate`.
 _CHOICES: tuple[tuple[str, tuple[str, ...]], ...] = (("join.caught_up_clock", CAUGHT_UP_MODES),)
 
@@ -651,6 +661,15 @@ def validate(cfg: Config, flags: Mapping[str, str] | None = None) -> Config:
         if value not in allowed:
             names = [n for n in ((flags or {}).get(dotted), f"{ENV_PREFIX}{section.upper()}__{name.upper()}") if n]
             raise ConfigError(f"{dotted} must be one of {', '.join(allowed)}, not {value!r} ({', '.join(names)})")
+    tuned = [n.strip() for n in cfg.learner.wide_prior_tune.split(",") if n.strip()]
+    unknown = [n for n in tuned if n not in PRIOR_TABLES]
+    if unknown:
+        names = [
+            n for n in ((flags or {}).get("learner.wide_prior_tune"), f"{ENV_PREFIX}LEARNER__WIDE_PRIOR_TUNE") if n
+        ]
+        raise ConfigError(
+            f"learner.wide_prior_tune lists tables among {', '.join(PRIOR_TABLES)}, not {', '.join(unknown)} ({', '.join(names)})"
+        )
     return cfg
 
 
