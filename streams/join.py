@@ -150,6 +150,8 @@ class PartitionState(msgspec.Struct):
     #: Re-keyed inputs, per source: newest event time per raw partition, and raw partitions idle.
     origin_ts: list[dict[int, float]] = msgspec.field(default_factory=list)
     origins_idle: list[list[int]] = msgspec.field(default_factory=list)
+    #: ...and when the record that set each raw partition's newest event time was published.
+    origin_published: list[dict[int, float]] = msgspec.field(default_factory=list)
     #: Examples (impression id, kind) a previous owner delivered after the checkpoint it restored
     #: from and this state has not produced again yet: still to be dropped when they come.
     suppress: list[tuple[str, int]] = msgspec.field(default_factory=list)
@@ -264,6 +266,8 @@ class PartitionJoin:
         #: and raw partitions declared idle; see :meth:`merge_origins`.
         self.origin_ts: tuple[dict[int, float], dict[int, float]] = ({}, {})
         self.origins_idle: tuple[set[int], set[int]] = (set(), set())
+        #: ...and the publish time of the record (or progress marker) that set each ``origin_ts``.
+        self.origin_published: tuple[dict[int, float], dict[int, float]] = ({}, {})
         self.counters = JoinCounters()
         self.out: list[Example] = []
         self.rejected: list[Rejection] = []
@@ -421,7 +425,7 @@ class PartitionJoin:
         self.finished = False
         for ended in self.inputs_ended:
             ended.clear()
-        for seen in self.origin_ts:
+        for seen in (*self.origin_ts, *self.origin_published):
             seen.clear()  # event time restarts; idleness (``origins_idle``) is about liveness and stays
 
     def merge_origins(self, raw_partitions: tuple[int, int]) -> None:
@@ -433,6 +437,13 @@ class PartitionJoin:
         the source's clock is the minimum over raw partitions not ended and not idle (an ended one
         has nothing more, an idle one holds nothing back); the repartitioner sends progress
         markers so that raw partitions with no record for this partition still advance it.
+
+        The clock's publish time goes with it: a caught-up source runs on with the wall clock
+        from it (:meth:`current_watermark`), and each raw partition's event time runs from its
+        own newest record's publish time. The publish time is set so that the clock's estimate
+        is the smallest over those raw partitions (``now + min(ts − published)``); the newest
+        record's publish time with the slowest partition's event time held fake negatives and
+        windows back by the gap between raw partitions (sparse clicks: ~2 s at p99).
         """
         inf = _INF
         for src in (IMPRESSIONS, CLICKS):
@@ -440,14 +451,21 @@ class PartitionJoin:
             if clock.done:
                 continue
             seen, ended, idle = self.origin_ts[src], self.inputs_ended[src], self.origins_idle[src]
+            published = self.origin_published[src]
             slowest = inf
+            lead = inf  # smallest event time − publish time over the live raw partitions
             for q in range(raw_partitions[src]):
                 if q not in ended and q not in idle:
                     t = seen.get(q, -inf)
                     if t < slowest:
                         slowest = t
+                    at = published.get(q)
+                    if at is not None and t - at < lead:
+                        lead = t - at
             if slowest < inf:
                 clock.max_ts = slowest
+                if slowest > -inf and lead < inf:
+                    clock.max_published = slowest - lead
             elif seen:
                 clock.max_ts = max(seen.values())
 
@@ -740,6 +758,7 @@ class PartitionJoin:
             inputs_ended=[sorted(e) for e in self.inputs_ended],
             origin_ts=[dict(d) for d in self.origin_ts],
             origins_idle=[sorted(e) for e in self.origins_idle],
+            origin_published=[dict(d) for d in self.origin_published],
             suppress=sorted(self.suppress),
         )
 
@@ -861,6 +880,8 @@ class PartitionJoin:
             join.origin_ts[src].update(seen)
         for src, idle in enumerate(state.origins_idle[:2]):
             join.origins_idle[src].update(idle)
+        for src, times in enumerate(state.origin_published[:2]):
+            join.origin_published[src].update(times)
         join.suppress_delivered((str(iid), int(kind)) for iid, kind in state.suppress)
         return join
 

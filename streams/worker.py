@@ -59,6 +59,11 @@ log = logging.getLogger(__name__)
 
 #: Records per ``consume()`` call: large batches amortise the Python overhead per call.
 CONSUME_BATCH = 10_000
+#: Seconds the join's consumer waits when nothing came: with re-keying, raw records that arrive
+#: meanwhile wait for the repartitioner in the same loop, so the wait is short there (a 0.2 s wait
+#: put 0.3 s on the median event → example in real time; bench/freshness.py).
+IDLE_WAIT_S = 0.2
+IDLE_WAIT_REKEYED_S = 0.02
 #: Examples per ExampleBatch record (≈150 B each without vectors): stays far below 1 MB.
 MAX_BATCH_EXAMPLES = 2_000
 REASON_AFTER_END = "record after end of stream"
@@ -474,6 +479,7 @@ class JoinWorker:
         unpack = ORIGIN.unpack
         next_origin: dict[int, int] = {}
         origin_ts: dict[int, float] = {}
+        origin_published: dict[int, float] = {}
         idle_origins: set[int] = set()
         q = 0
         for msg in msgs:
@@ -497,6 +503,7 @@ class JoinWorker:
                 join.caught_up[src] = False
                 next_origin = join.input_next[src]
                 origin_ts = join.origin_ts[src]
+                origin_published = join.origin_published[src]
                 idle_origins = join.origins_idle[src]
                 if self.track_idle and self.at_end.pop((src, p), None) is not None:
                     join.set_idle(src, False)
@@ -532,9 +539,11 @@ class JoinWorker:
                     if not self._reopen(join, src, p, raw, msg):
                         continue
                 ms = msg.timestamp()[1]
-                handler(event, msg.offset(), ms * 0.001 if ms > 0 else time.time(), raw)
+                published = ms * 0.001 if ms > 0 else time.time()
+                handler(event, msg.offset(), published, raw)
                 if rekeyed and event.ts > origin_ts.get(q, -math.inf):
                     origin_ts[q] = event.ts
+                    origin_published[q] = published
             elif type(event) is EndOfStream:
                 self._on_end(join, src, event, msg)
                 last_p = -1
@@ -558,6 +567,8 @@ class JoinWorker:
         join.origins_idle[src].discard(q)
         if ts > join.origin_ts[src].get(q, -math.inf):
             join.origin_ts[src][q] = ts
+            ms = msg.timestamp()[1]
+            join.origin_published[src][q] = ms * 0.001 if ms > 0 else time.time()
 
     def _reopen(self, join: PartitionJoin, src: int, p: int, raw: bytes | None, msg: Message) -> bool:
         """A data record after its source's end marker: dead letter (bounded) or new epoch."""
@@ -978,6 +989,7 @@ class JoinWorker:
         if rep is not None:
             rep.subscribe()
         interval = self.cfg.join.commit_interval_s
+        idle_wait = IDLE_WAIT_REKEYED_S if rep is not None else IDLE_WAIT_S
         last_commit = last_status = last_finish_check = time.monotonic()
         try:
             while not self.stop.is_set():
@@ -986,7 +998,7 @@ class JoinWorker:
                 if self.seek_pending:
                     self._seek_restored()
                 moved = rep.step(0.0) if rep is not None else 0
-                msgs = cons.consume(CONSUME_BATCH, 0.0 if moved else 0.2)
+                msgs = cons.consume(CONSUME_BATCH, 0.0 if moved else idle_wait)
                 if msgs:
                     if not self.first_event_at:
                         self.first_event_at = time.monotonic()
