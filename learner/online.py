@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from livectr.core.config import PRIOR_TABLES, Config
+from livectr.core.config import PRIOR_TABLES, Config, names_of
 from livectr.core.events import (
     KIND_DEFER_HELD,
     KIND_DEFER_OBSERVED,
@@ -144,7 +144,7 @@ class OnlineLearner(Predictor):
             wide_priors={"words": lc.word_prior or lc.wide_prior},
         )
         self.dense_opt = torch.optim.Adam(self.model.dense_parameters(), lr=lc.lr, fused=True)
-        tuned = [n.strip() for n in lc.wide_prior_tune.split(",") if n.strip() in PRIOR_TABLES]
+        tuned = [name for name in names_of(lc.wide_prior_tune) if name in PRIOR_TABLES]
         self.prior_tuner = (
             PriorTuner(self.sparse_opt, tuned, lc.wide_prior_tune_rate, lc.wide_prior, lc.wide_prior_max)
             if tuned and lc.wide_prior_tune_rate > 0

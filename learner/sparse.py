@@ -179,8 +179,11 @@ class RowOptimizer:
         ``rows_follow``, every row's precision (prior plus its examples' curvature) moves with it
         (without: the rows already hold it, as when a snapshot is loaded)."""
         d = self.tables[name].dim
+        shift = precision - self.prior(name)
+        if not shift:  # at a bound, the tuner asks for the same prior every batch: no pass over the rows
+            return
         if rows_follow:
-            self._sync_rows(name)[:, d] += precision - self.prior(name)
+            self._sync_rows(name)[:, d] += shift
         self._init[name][0, d] = precision
 
     @torch.no_grad()

@@ -638,6 +638,13 @@ _BOUNDS: tuple[tuple[str, float, float, bool], ...] = (
 
 #: Values of ``join.caught_up_clock`` (see :class:`JoinConfig`).
 CAUGHT_UP_MODES: tuple[str, ...] = ("off", "unbounded", "always")
+
+
+def names_of(spec: str) -> list[str]:
+    """The names in a comma-separated setting (blanks dropped)."""
+    return [name.strip() for name in spec.split(",") if name.strip()]
+
+
 #: Tables whose first-order prior ``learner.wide_prior_tune`` may name.
 PRIOR_TABLES: tuple[str, ...] = ("user", "item")
 #: String settings with a fixed set of values, checked by :func:`validate`.
@@ -661,8 +668,7 @@ def validate(cfg: Config, flags: Mapping[str, str] | None = None) -> Config:
         if value not in allowed:
             names = [n for n in ((flags or {}).get(dotted), f"{ENV_PREFIX}{section.upper()}__{name.upper()}") if n]
             raise ConfigError(f"{dotted} must be one of {', '.join(allowed)}, not {value!r} ({', '.join(names)})")
-    tuned = [n.strip() for n in cfg.learner.wide_prior_tune.split(",") if n.strip()]
-    unknown = [n for n in tuned if n not in PRIOR_TABLES]
+    unknown = [n for n in names_of(cfg.learner.wide_prior_tune) if n not in PRIOR_TABLES]
     if unknown:
         names = [
             n for n in ((flags or {}).get("learner.wide_prior_tune"), f"{ENV_PREFIX}LEARNER__WIDE_PRIOR_TUNE") if n
